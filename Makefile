@@ -1,0 +1,51 @@
+# adaptive-transfer: one-command setup, tests and demo.
+#
+#   make test            set up .venv (first time) and run the tests
+#   make demo            set up .venv and run the whole pipeline on generated data
+#   make install         only set up .venv (idempotent; a stamp file skips it when
+#                        setup.py and this Makefile are unchanged)
+#
+# Variables:
+#   PYTHON=python3       interpreter that creates the venv (>= 3.10)
+#   VENV=.venv           where the environment lives
+#   TORCH=torch==2.13.0  torch requirement installed first. The default is the
+#                        CPU build these machines hold on disk. On a GPU machine
+#                        choose your own, e.g. TORCH="torch==2.5.1"; TORCH= keeps
+#                        whatever torch the venv already has.
+#   PYTEST_ARGS=         extra arguments for pytest (e.g. -k resample -x)
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PYTEST_ARGS ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+DEMO_OUT ?= demo_out
+
+.PHONY: install test demo bench clean distclean
+
+install: $(STAMP)
+
+$(STAMP): setup.py Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet setuptools wheel packaging $(if $(strip $(TORCH)),"$(TORCH)")
+	@# DeepSpeed builds against the torch installed above: no build isolation,
+	@# or pip would fetch a second (CUDA) torch into a build environment.
+	$(BIN)/python -m pip install --quiet --no-build-isolation -e ".[test]"
+	$(BIN)/python -c "import schemas, beam_pipelines, spark_jobs, trainer"
+	@touch $@
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: install
+	$(BIN)/python -m schemas.synthetic source --out $(DEMO_OUT)/source
+	$(BIN)/python -m schemas.synthetic target --out $(DEMO_OUT)/target --layout food101 --branch food
+	@echo "demo: generated source and target under $(DEMO_OUT)/; the pipeline stages are not built yet"
+
+clean:
+	rm -rf $(DEMO_OUT) .pytest_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

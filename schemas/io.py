@@ -1,0 +1,175 @@
+"""Filesystem layer shared by every stage: local paths, gs://, s3://, hdfs://.
+
+All paths go through fsspec, so the same code reads a test's temporary
+directory and a bucket. Writes of small result files are atomic: a reader
+sees the old file or the complete new one, never a partial one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from typing import Iterator, Sequence
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = [
+    "filesystem",
+    "expand_paths",
+    "read_parquet",
+    "iter_parquet_batches",
+    "write_parquet_atomic",
+    "write_bytes_atomic",
+    "read_bytes",
+    "exists",
+    "join",
+    "file_sha256",
+    "fingerprint_paths",
+]
+
+_GLOB_CHARS = set("*?[")
+
+
+def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return ``(fs, path_within_fs)`` for a local path or URL."""
+    fs, _, paths = fsspec.get_fs_token_paths(path)
+    return fs, paths[0] if paths else path
+
+
+def _unstrip(fs: fsspec.AbstractFileSystem, original: str, p: str) -> str:
+    """Give a listed path back the protocol of ``original`` (gs://...)."""
+    if "://" in original and "://" not in p:
+        return fs.unstrip_protocol(p)
+    return p
+
+
+def expand_paths(path: str, suffix: str = ".parquet") -> list[str]:
+    """Expand a file, a directory (recursively) or a glob into sorted files.
+
+    Files whose name starts with ``_`` or ``.`` (``_SUCCESS``, ``.crc``,
+    temporary files) are skipped; in a directory, so are those not ending in
+    ``suffix``.
+    Raises ``FileNotFoundError`` naming ``path`` when nothing matches.
+    """
+    if any(c in path for c in _GLOB_CHARS):
+        fs, _, found = fsspec.get_fs_token_paths(path)
+        files = [p for p in found if fs.isfile(p)
+                 and not p.rsplit("/", 1)[-1].startswith(("_", "."))]
+    else:
+        fs, p = filesystem(path)
+        if fs.isdir(p):
+            files = [f for f in fs.find(p)
+                     if f.endswith(suffix)
+                     and not any(part.startswith(("_", ".")) for part in f[len(p):].split("/") if part)]
+        elif fs.exists(p):
+            files = [p]
+        else:
+            files = []
+    if not files:
+        raise FileNotFoundError(f"no {suffix or ''} files found at {path}")
+    return sorted(_unstrip(fs, path, f) for f in files)
+
+
+def read_parquet(path: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """Read one Parquet file, a directory of them, or a glob, into one table."""
+    tables = []
+    for f in expand_paths(path):
+        fs, p = filesystem(f)
+        with fs.open(p, "rb") as fh:
+            tables.append(pq.read_table(fh, columns=list(columns) if columns else None))
+    return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+
+
+def iter_parquet_batches(paths: Sequence[str], columns: Sequence[str] | None = None,
+                         batch_size: int = 65536) -> Iterator[tuple[str, int, pa.RecordBatch]]:
+    """Yield ``(file, first_row_in_file, batch)`` over the given Parquet files."""
+    for f in paths:
+        fs, p = filesystem(f)
+        with fs.open(p, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            offset = 0
+            for batch in pf.iter_batches(batch_size=batch_size,
+                                         columns=list(columns) if columns else None):
+                yield f, offset, batch
+                offset += batch.num_rows
+
+
+def exists(path: str) -> bool:
+    fs, p = filesystem(path)
+    return fs.exists(p)
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path components with ``/`` (works for local paths and URLs)."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def read_bytes(path: str) -> bytes:
+    fs, p = filesystem(path)
+    with fs.open(p, "rb") as fh:
+        return fh.read()
+
+
+def write_bytes_atomic(path: str, data: bytes | str) -> None:
+    """Write ``data`` so that ``path`` is either absent/old or complete.
+
+    Local files: write a unique temporary file beside it, fsync, rename.
+    Object stores: a single PUT is already atomic.
+    """
+    if isinstance(data, str):
+        data = data.encode()
+    fs, p = filesystem(path)
+    parent = p.rsplit("/", 1)[0] if "/" in p else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if isinstance(fs, LocalFileSystem):
+        tmp = f"{p}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    else:
+        with fs.open(p, "wb") as fh:
+            fh.write(data)
+
+
+def write_parquet_atomic(table: pa.Table, path: str) -> None:
+    """Write ``table`` as one Parquet file, atomically (see :func:`write_bytes_atomic`)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_bytes_atomic(path, sink.getvalue().to_pybytes())
+
+
+def file_sha256(path: str, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file's content, streamed in 4 MiB chunks."""
+    h = hashlib.sha256()
+    fs, p = filesystem(path)
+    with fs.open(p, "rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint_paths(path: str, suffix: str = "") -> str:
+    """Content fingerprint of a file, directory or glob (names relative to it).
+
+    Changes when any file's content, name or the set of files changes.
+    """
+    files = expand_paths(path, suffix=suffix)
+    base = path.rstrip("/")
+    h = hashlib.sha256()
+    for f in files:
+        rel = f[len(base):] if f.startswith(base) else os.path.basename(f)
+        h.update(rel.encode() + b"\0" + file_sha256(f).encode() + b"\n")
+    return h.hexdigest()

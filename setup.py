@@ -1,0 +1,38 @@
+"""adaptive-transfer: domain adaptive transfer learning with specialist models
+(Ngiam et al., 2018) as Beam, Spark and DeepSpeed stages."""
+
+from setuptools import find_packages, setup
+
+PACKAGES = ["schemas", "beam_pipelines", "spark_jobs", "trainer"]
+
+setup(
+    name="adaptive-transfer",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.10",
+    packages=find_packages(include=[p for name in PACKAGES for p in (name, f"{name}.*")]),
+    include_package_data=True,
+    install_requires=[
+        "apache-beam>=2.60",
+        "pyspark>=3.5",
+        "pyarrow>=14",
+        "numpy>=1.24",
+        # The Makefile installs torch first (TORCH=, default torch==2.13.0, a CPU
+        # build); any release in this range then satisfies it without a download.
+        "torch>=2.1",
+        "deepspeed>=0.14",
+        "webdataset>=0.2.86",
+        "pillow>=10",
+        "fsspec>=2023.6",
+        "matplotlib>=3.7",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "pytest-benchmark>=4"],
+        "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "pytest-benchmark>=4", "ruff"],
+        "vision": ["torchvision"],
+        "gcs": ["gcsfs", "apache-beam[gcp]"],
+        "s3": ["s3fs"],
+    },
+)

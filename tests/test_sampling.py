@@ -1,0 +1,258 @@
+"""The sampling mathematics (spark_jobs.sampling) on its own: exact small
+cases by hand, properties over grids, and statistical checks."""
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from spark_jobs import sampling as S
+
+
+def lw_for(weights):
+    ids = np.arange(len(weights))
+    return S.quantize_label_weights(ids, np.asarray(weights, float))
+
+
+def lists(rows):
+    offsets = np.cumsum([0] + [len(r) for r in rows])
+    values = np.array([v for r in rows for v in r], np.int64)
+    return offsets, values
+
+
+# -- label and example weights -------------------------------------------------
+
+def test_quantize_maps_largest_weight_to_full_scale():
+    lw = S.quantize_label_weights(np.array([0, 3, 5]), np.array([1.0, 4.0, 0.0]))
+    assert lw.q[3] == 2 ** 52 and lw.q[0] == 2 ** 50 and lw.q[5] == 0
+    assert lw.present.tolist() == [True, False, False, True, False, True]
+
+
+@pytest.mark.parametrize("weights,message", [
+    ([1.0, float("nan")], "weight of label 1 is nan"),
+    ([1.0, -2.0], "weight of label 1 is -2.0"),
+    ([0.0, 0.0], "every label weight is 0"),
+])
+def test_quantize_rejects_bad_weights(weights, message):
+    with pytest.raises(ValueError, match=message):
+        S.quantize_label_weights(np.arange(len(weights)), np.array(weights))
+
+
+@pytest.mark.parametrize("aggregate,expected", [
+    ("mean", [1.0, 2.5, 4.0]), ("max", [1.0, 4.0, 4.0]), ("sum", [1.0, 5.0, 4.0]),
+])
+def test_example_weights_aggregate(aggregate, expected):
+    lw = lw_for([1.0, 0.0, 4.0])  # label 1 has weight 0
+    offsets, values = lists([[0], [0, 2], [2, 1, 2]])
+    w, q, bad = S.example_weights(offsets, values, lw, aggregate)
+    if aggregate == "mean":
+        expected = [1.0, 2.5, 8.0 / 3]
+    if aggregate == "sum":
+        expected = [1.0, 5.0, 8.0]
+    assert bad == -1
+    np.testing.assert_allclose(w, expected)
+    np.testing.assert_allclose(q / lw.scale, expected, rtol=1e-15)
+
+
+def test_example_weights_flags_unknown_and_empty():
+    lw = S.quantize_label_weights(np.array([0, 2]), np.array([1.0, 2.0]))
+    offsets, values = lists([[0], [2, 1], [7]])
+    w, q, bad = S.example_weights(offsets, values, lw)
+    assert bad == 1  # label 1 is not in the table (ids 0 and 2 are)
+    assert q[1] == 0 and q[2] == 0 and w[0] == 1.0
+    offsets, values = lists([[0], []])
+    assert S.example_weights(offsets, values, lw)[2] == 1
+
+
+# -- water-filling ---------------------------------------------------------------
+
+def test_water_fill_by_hand():
+    # Three classes of 10 examples, weights 4, 2, 1.
+    plan = S.water_fill([4, 2, 1], [10, 10, 10], 15)
+    assert plan.threshold is None and plan.c == Fraction(15, 70) and plan.saturated == 0
+    # N = 25: take all of class 4 (desired 14.3 > 10), then of the remaining
+    # 15 from classes 2 and 1, class 2 wants 15*20/30 = 10 = all of it, so it
+    # saturates too; the last 5 come from class 1 at rate 1/2.
+    plan = S.water_fill([4, 2, 1], [10, 10, 10], 25)
+    assert plan.threshold == 2 and plan.saturated == 20 and plan.c == Fraction(1, 2)
+    plan = S.water_fill([4, 2, 1], [10, 10, 10], 30)
+    assert plan.saturated == 30 and plan.c is None
+
+
+def test_water_fill_rejects_size_above_nonzero_examples():
+    with pytest.raises(ValueError, match="size 31 is larger than the 30 examples with non-zero weight"):
+        S.water_fill([4, 2, 1], [10, 10, 10], 31)
+
+
+def paper_recursion(sizes, weights, n):
+    """The paper's §4.3 procedure, literally: expected examples per class."""
+    classes = sorted(range(len(sizes)), key=lambda i: -weights[i])
+    take = {}
+    remaining, pool = Fraction(n), list(classes)
+    while pool:
+        top = pool[0]
+        mass = sum(Fraction(weights[i]) * sizes[i] for i in pool)
+        want = remaining * Fraction(weights[top]) * sizes[top] / mass
+        if want >= sizes[top]:
+            take[top] = Fraction(sizes[top])
+            remaining -= sizes[top]
+            pool.pop(0)
+        else:
+            for i in pool:
+                take[i] = remaining * Fraction(weights[i]) * sizes[i] / mass
+            break
+    return take
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_water_fill_equals_paper_recursion_on_single_label_data(seed):
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(2, 12))
+    sizes = rng.integers(1, 50, k).tolist()
+    weights = rng.integers(1, 1000, k).tolist()
+    weights = list(dict.fromkeys(weights))  # distinct class weights
+    sizes = sizes[:len(weights)]
+    n = int(rng.integers(1, sum(sizes) + 1))
+    plan = S.water_fill(weights, sizes, n)
+    ref = paper_recursion(sizes, weights, n)
+    for i, (s, w) in enumerate(zip(sizes, weights)):
+        pi = Fraction(1) if plan.threshold is not None and w >= plan.threshold else plan.c * w
+        assert pi * s == ref[i]
+
+
+# -- the plan and the draws -------------------------------------------------------
+
+def synthetic_records(n, seed=0, buckets=7, distinct=None):
+    rng = np.random.default_rng(seed)
+    keys = [f"k{i:06d}" for i in range(n)]
+    q = rng.integers(1, 2 ** 40, n) if distinct is None else rng.choice(distinct, n)
+    return keys, rng.integers(0, buckets, n), rng.integers(-2 ** 63, 2 ** 63 - 1, n, dtype=np.int64), q
+
+
+@pytest.mark.parametrize("matcher,draw", [("same", "multinomial"), ("same", "systematic"),
+                                          ("elastic", "systematic")])
+@pytest.mark.parametrize("size", [1, 17, 500, 2000])
+def test_exact_size(matcher, draw, size):
+    keys, bucket, order, q = synthetic_records(1000, seed=size)
+    if matcher == "elastic" and size > 1000:
+        with pytest.raises(ValueError, match="size 2000 is larger than the 1000 examples"):
+            S.sample_in_memory(keys, bucket, order, q, size, matcher, draw)
+        return
+    copies, _ = S.sample_in_memory(keys, bucket, order, q, size, matcher, draw)
+    assert copies.sum() == size and (copies >= 0).all()
+    if matcher == "elastic":
+        assert copies.max() == 1
+
+
+@pytest.mark.parametrize("size", [10, 999, 5000, 12345])
+def test_systematic_gives_floor_or_ceil(size):
+    keys, bucket, order, q = synthetic_records(1000, seed=3)
+    copies, _ = S.sample_in_memory(keys, bucket, order, q, size, "same", "systematic", seed=1)
+    e = size * q.astype(float) / q.astype(object).sum()
+    assert ((copies == np.floor(e)) | (copies == np.ceil(e))).all()
+    assert copies.sum() == size
+
+
+def test_systematic_integer_expectations_are_exact():
+    keys, bucket, order, _ = synthetic_records(300, seed=4)
+    q = np.full(300, 5, np.int64)
+    copies, _ = S.sample_in_memory(keys, bucket, order, q, 900, "same", "systematic", seed=2)
+    assert (copies == 3).all()
+
+
+def test_elastic_takes_saturated_classes_whole():
+    keys, bucket, order, q = synthetic_records(600, seed=5, distinct=[400, 200, 1])
+    n_top, n_mid = int((q == 400).sum()), int((q == 200).sum())
+    size = n_top + n_mid + 10
+    copies, plan = S.sample_in_memory(keys, bucket, order, q, size, "elastic")
+    assert plan.threshold == 200
+    assert copies[q == 400].sum() == n_top and copies[q == 200].sum() == n_mid
+    assert copies[q == 1].sum() == 10 and copies.sum() == size
+
+
+def test_elastic_whole_index_when_size_equals_nonzero_count():
+    keys, bucket, order, q = synthetic_records(200, seed=6, distinct=[3, 2, 1])
+    q[:5] = 0
+    copies, _ = S.sample_in_memory(keys, bucket, order, q, 195, "elastic")
+    assert (copies[5:] == 1).all() and (copies[:5] == 0).all()
+
+
+@pytest.mark.parametrize("matcher,draw", [("same", "multinomial"), ("same", "systematic"),
+                                          ("elastic", "systematic")])
+def test_unbiased_over_seeds(matcher, draw):
+    """Mean copies over many seeds approach e(x) (OpenCLIP-style rate check)."""
+    keys, bucket, order, _ = synthetic_records(50, seed=8, buckets=5)
+    q = np.random.default_rng(9).integers(1, 20, 50)
+    size = 30
+    runs = 600
+    total = np.zeros(50)
+    for seed in range(runs):
+        total += S.sample_in_memory(keys, bucket, order, q, size, matcher, draw, seed=seed)[0]
+    mean = total / runs
+    if matcher == "same":
+        expected = size * q / q.sum()
+    else:
+        plan = S.water_fill(*np.unique(q, return_counts=True), size)
+        expected = np.array([1.0 if plan.threshold is not None and v >= plan.threshold
+                             else float(plan.c * int(v)) for v in q])
+    # Standard error of a mean of `runs` draws with variance <= e(1+e) ...
+    se = np.sqrt(np.maximum(expected, 0.05) * (1 + expected) / runs)
+    assert np.all(np.abs(mean - expected) < 5 * se), np.max(np.abs(mean - expected) / se)
+
+
+def test_multinomial_chi_square():
+    """Pooled multinomial counts against expected frequencies: chi-square test."""
+    keys, bucket, order, _ = synthetic_records(20, seed=10, buckets=3)
+    q = np.arange(1, 21, dtype=np.int64)
+    size = 20000
+    copies, _ = S.sample_in_memory(keys, bucket, order, q, size, "same", "multinomial", seed=4)
+    expected = size * q / q.sum()
+    chi2 = float(((copies - expected) ** 2 / expected).sum())
+    # 19 degrees of freedom: P(chi2 > 43.8) = 0.001.
+    assert chi2 < 43.8, chi2
+
+
+def test_deterministic_and_independent_of_input_order():
+    keys, bucket, order, q = synthetic_records(800, seed=11)
+    perm = np.random.default_rng(0).permutation(800)
+    for matcher, draw in (("same", "multinomial"), ("same", "systematic"), ("elastic", "systematic")):
+        a, _ = S.sample_in_memory(keys, bucket, order, q, 300, matcher, draw, seed=7)
+        b, _ = S.sample_in_memory([keys[i] for i in perm], bucket[perm], order[perm], q[perm], 300,
+                                  matcher, draw, seed=7)
+        assert (a[perm] == b).all()
+        c, _ = S.sample_in_memory(keys, bucket, order, q, 300, matcher, draw, seed=8)
+        assert not (a == c).all()
+
+
+def test_sort_bucket_breaks_ties_by_key_and_finds_duplicates():
+    order = np.array([5, 1, 5, 3])
+    perm = S.sort_bucket(order, ["b", "x", "a", "y"])
+    assert perm.tolist() == [1, 3, 2, 0]
+    with pytest.raises(ValueError, match="duplicate key 'a' in the source index"):
+        S.sort_bucket(np.array([5, 5]), ["a", "a"])
+
+
+def test_draw_systematic_spreads_residual_without_touching_fixed():
+    plan = S.BucketTicks(ticks=3 * 16, start=5, count=3)
+    expected = np.array([16.0, 15.6, 15.6, 0.4])
+    fixed = np.array([True, False, False, False])
+    copies = S.draw_systematic(expected, plan, bits=4, fixed=fixed, capped=~fixed)
+    assert copies.sum() == 3 and copies[0] == 1 and copies.max() == 1
+
+
+# -- schemes ------------------------------------------------------------------------
+
+def test_scheme_weights():
+    ids = np.array([0, 1, 2, 3, 4])
+    w = np.array([0.5, 4.0, 0.0, 2.0, 1.0])
+    counts = np.array([10, 20, 0, 40, 50])
+    assert S.scheme_label_weights("entire", ids, None).tolist() == [1, 1, 1, 1, 1]
+    assert S.scheme_label_weights("subset", ids, None, subset_ids=np.array([1, 4])).tolist() == [0, 1, 0, 0, 1]
+    assert S.scheme_label_weights("adaptive", ids, w).tolist() == w.tolist()
+    assert S.scheme_label_weights("adaptive", ids, w, top_k=2).tolist() == [0, 4.0, 0, 2.0, 0]
+    # top-3 labels by weight: 1 (4.0), 3 (2.0), 4 (1.0)
+    assert S.scheme_label_weights("reversed", ids, w, top_k=3).tolist() == [0, 1.0, 0, 2.0, 4.0]
+    np.testing.assert_allclose(S.scheme_label_weights("topk-uniform", ids, w, counts, top_k=3),
+                               [0, 1 / 20, 0, 1 / 40, 1 / 50])
+    with pytest.raises(ValueError, match="top_k 5 exceeds the 4 labels with non-zero weight"):
+        S.scheme_label_weights("reversed", ids, w, top_k=5)

@@ -15,6 +15,7 @@ setup(
     install_requires=[
         "apache-beam>=2.60",
         "pyspark>=3.5",
+        "pandas>=2.2,<3",  # pyspark needs it for mapInArrow; warns on 3.x
         "pyarrow>=14",
         "numpy>=1.24",
         # The Makefile installs torch first (TORCH=, default torch==2.13.0, a CPU

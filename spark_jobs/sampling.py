@@ -108,13 +108,13 @@ def quantize_label_weights(label_ids: np.ndarray, weights: np.ndarray) -> LabelW
 
 
 def example_weights(offsets: np.ndarray, values: np.ndarray, lw: LabelWeights,
-                    aggregate: str = "mean") -> tuple[np.ndarray, np.ndarray, int]:
+                    aggregate: str = "mean") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-example weights from label lists in Arrow layout.
 
     ``offsets`` (n+1) and ``values`` are a list array's offsets and flat
     label ids. Returns ``(w, q, bad)``: float weights (mean/max/sum of the
-    label weights), their integer form, and the index of the first example
-    that has an empty list or a label outside the table (``-1`` if none).
+    label weights), their integer form, and a mask of the examples that have
+    an empty list or a label outside the table (their weight is 0).
     Units: ``w`` as in the weights table; ``q`` in ``1/scale`` of it.
     """
     offsets = np.asarray(offsets, dtype=np.int64)
@@ -128,7 +128,6 @@ def example_weights(offsets: np.ndarray, values: np.ndarray, lw: LabelWeights,
     if not ok_value.all():
         owner = np.repeat(np.arange(n), lengths)
         bad_rows[owner[~ok_value]] = True
-    bad = int(np.flatnonzero(bad_rows)[0]) if bad_rows.any() else -1
     safe = np.where(ok_value, values, 0)
     lw_vals = np.where(ok_value, lw.weight[safe], 0.0)
     lq_vals = np.where(ok_value, lw.q[safe], 0)
@@ -158,7 +157,7 @@ def example_weights(offsets: np.ndarray, values: np.ndarray, lw: LabelWeights,
             raise ValueError(f"aggregate must be mean, max or sum, got {aggregate!r}")
     w[bad_rows] = 0.0
     q[bad_rows] = 0
-    return w, q, bad
+    return w, q, bad_rows
 
 
 @dataclass(frozen=True)

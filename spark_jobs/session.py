@@ -1,0 +1,82 @@
+"""SparkSession for the jobs: local mode sized to the machine, or whatever
+``spark-submit`` configured on a cluster."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+__all__ = ["get_session", "local_driver_memory", "inject_failure"]
+
+#: Environment variable that makes the first attempt of each task fail (tests
+#: of retries): a comma-separated list of stage names, or ``all``.
+FAIL_FIRST_ATTEMPT_ENV = "ADAPTIVE_TRANSFER_FAIL_FIRST_ATTEMPT"
+
+
+def local_driver_memory(fraction: float = 0.5, cap_gb: int = 32) -> str:
+    """Driver heap for local mode: ``fraction`` of physical memory, 2..cap GiB.
+
+    In local mode the executors live in the driver JVM, so this is the memory
+    the whole job gets (a 100M-record index needs ~8 GiB here).
+    """
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 8 << 30
+    gb = max(2, min(cap_gb, int(total * fraction) >> 30))
+    return f"{gb}g"
+
+
+def get_session(app_name: str, master: str | None = None, *, driver_memory: str | None = None,
+                shuffle_partitions: int | None = None, extra: dict | None = None):
+    """Return a SparkSession.
+
+    ``master``: ``local[*]`` by default when not launched by ``spark-submit``
+    (which sets ``spark.master`` itself); ``driver_memory`` defaults to
+    :func:`local_driver_memory` in local mode only.
+    """
+    from pyspark import SparkConf
+    from pyspark.sql import SparkSession
+
+    # Python workers must run the interpreter that has this project's
+    # dependencies (on a cluster, spark-submit's environment decides).
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    conf = SparkConf()
+    builder = SparkSession.builder.appName(app_name)
+    if master is None and not conf.contains("spark.master"):
+        master = "local[*]"
+    if master is not None:
+        builder = builder.master(master)
+    effective = master or conf.get("spark.master", "")
+    if effective.startswith("local") and not conf.contains("spark.driver.memory"):
+        builder = builder.config("spark.driver.memory", driver_memory or local_driver_memory())
+    elif driver_memory:
+        builder = builder.config("spark.driver.memory", driver_memory)
+    settings = {
+        "spark.sql.execution.arrow.maxRecordsPerBatch": "65536",
+        "spark.ui.showConsoleProgress": "false",
+        "spark.sql.session.timeZone": "UTC",
+    }
+    if shuffle_partitions:
+        settings["spark.sql.shuffle.partitions"] = str(shuffle_partitions)
+    settings.update(extra or {})
+    for k, v in settings.items():
+        if not conf.contains(k):
+            builder = builder.config(k, v)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    return spark
+
+
+def inject_failure(stage: str) -> None:
+    """Raise in the first attempt of a task when tests ask for it (see module doc)."""
+    wanted = os.environ.get(FAIL_FIRST_ATTEMPT_ENV, "")
+    if not wanted:
+        return
+    if wanted != "all" and stage not in wanted.split(","):
+        return
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    if ctx is not None and ctx.attemptNumber() == 0:
+        raise RuntimeError(f"injected failure in stage {stage!r}, partition {ctx.partitionId()}")

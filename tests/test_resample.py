@@ -1,0 +1,367 @@
+"""spark_jobs.resample: exact small cases, agreement with the numpy oracle,
+statistics, schemes, determinism (partitioning, files, retries) and errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from schemas import WEIGHTS_SCHEMA, SchemaError
+from schemas import io as sio
+from schemas.synthetic import SourceSpec, generate_source
+from spark_jobs import resample as R
+from spark_jobs import sampling as S
+from tests.helpers import reference_weights, run_module, write_weights
+
+LABELS = pa.list_(pa.int32())
+
+
+def selection_of(output: str) -> dict[str, int]:
+    t = sio.read_parquet(os.path.join(output, "selection"))
+    keys = t.column("key").to_pylist()
+    assert len(keys) == len(set(keys)), "a key appears in two selection rows"
+    return dict(zip(keys, t.column("copies").to_pylist()))
+
+
+def write_index(path, keys, labels, nfiles=1):
+    os.makedirs(path, exist_ok=True)
+    t = pa.table({"key": pa.array(keys, pa.string()), "labels": pa.array(labels, LABELS),
+                  "image": pa.array([b"\xff\xd8" + k.encode() for k in keys], pa.binary())})
+    bounds = np.linspace(0, t.num_rows, nfiles + 1).astype(int)
+    for f in range(nfiles):
+        pq.write_table(t.slice(bounds[f], bounds[f + 1] - bounds[f]), os.path.join(path, f"part-{f}.parquet"))
+    return path
+
+
+def write_table_weights(path, ids, weights, counts=None):
+    n = len(ids)
+    counts = counts if counts is not None else [1] * n
+    t = pa.table({"label_id": pa.array(ids, pa.int32()), "count": pa.array(counts, pa.int64()),
+                  "p_source": [0.1] * n, "p_target": [0.1] * n,
+                  "weight": pa.array(weights, pa.float64())}, schema=WEIGHTS_SCHEMA)
+    pq.write_table(t, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def multi_label(tmp_path_factory, source_data):
+    """The generated multi-label source plus reference adaptive weights."""
+    root = tmp_path_factory.mktemp("resample")
+    weights = write_weights(str(root / "weights.parquet"),
+                            reference_weights(source_data.index_path, source_data.labels_path, seed=1))
+    return source_data, weights, root
+
+
+# -- exact small cases -----------------------------------------------------------------
+
+def test_systematic_exact_by_hand(spark, tmp_path):
+    # Labels 0 and 1 with weights 1 and 3; 4 examples each. N = 16:
+    # e = 16 * w / 16 -> label-0 examples get exactly 1 copy, label-1 exactly 3.
+    keys = [f"a/{i}.JPEG" for i in range(4)] + [f"b/{i}.JPEG" for i in range(4)]
+    index = write_index(str(tmp_path / "idx"), keys, [[0]] * 4 + [[1]] * 4)
+    weights = write_table_weights(str(tmp_path / "w.parquet"), [0, 1], [1.0, 3.0])
+    job = R.ResampleJob(index=index, weights=weights, size=16, draw="systematic",
+                        output=str(tmp_path / "out"), buckets=3)
+    stats = R.run(spark, job)
+    sel = selection_of(job.output)
+    assert sel == {**{k: 1 for k in keys[:4]}, **{k: 3 for k in keys[4:]}}
+    assert stats["total_copies"] == 16 and stats["unique_examples"] == 8
+    assert stats["copies_histogram"] == {"1": 4, "3": 4}
+    assert stats["total_variation"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_elastic_exact_by_hand(spark, tmp_path):
+    # Classes with weights 4, 2, 1 and 10 examples each; N = 25 takes both
+    # upper classes whole and 5 of the lowest (see test_sampling).
+    keys = [f"c{c}/{i}" for c in range(3) for i in range(10)]
+    index = write_index(str(tmp_path / "idx"), keys, [[c] for c in range(3) for _ in range(10)])
+    weights = write_table_weights(str(tmp_path / "w.parquet"), [0, 1, 2], [4.0, 2.0, 1.0])
+    job = R.ResampleJob(index=index, weights=weights, size=25, matcher="elastic",
+                        output=str(tmp_path / "out"), buckets=5)
+    stats = R.run(spark, job)
+    sel = selection_of(job.output)
+    assert all(v == 1 for v in sel.values()) and len(sel) == 25
+    assert sum(k.startswith("c0/") for k in sel) == 10 and sum(k.startswith("c1/") for k in sel) == 10
+    assert stats["elastic"]["saturated_examples"] == 20
+    assert stats["elastic"]["saturated_labels"] == 2
+    assert stats["elastic"]["c"] == pytest.approx(0.5)
+    assert stats["elastic"]["threshold_weight"] == pytest.approx(2.0)
+
+
+# -- the Spark job equals the numpy oracle --------------------------------------------
+
+@pytest.mark.parametrize("matcher,draw,size", [("same", "multinomial", 3000), ("same", "systematic", 3000),
+                                               ("elastic", "systematic", 900)])
+def test_spark_equals_numpy_oracle(spark, multi_label, tmp_path, matcher, draw, size):
+    source, weights, _ = multi_label
+    job = R.ResampleJob(index=source.index_path, weights=weights, size=size, matcher=matcher,
+                        draw=draw, seed=3, output=str(tmp_path / "out"), buckets=16,
+                        rows_per_partition=300)
+    stats = R.run(spark, job)
+    assert stats["job"]["partitions"] > 1
+    got = selection_of(job.output)
+    lw, _ = R.label_weights_for(R.ResampleJob(index=source.index_path, weights=weights, size=size,
+                                              output="unused"))
+    weighed = R.weigh(spark.read.parquet(source.index_path), lw, "mean", 16, 3).toArrow()
+    keys = weighed.column("key").to_pylist()
+    copies, _ = S.sample_in_memory(keys, weighed.column("bucket").to_numpy(),
+                                   weighed.column("order").to_numpy(), weighed.column("q").to_numpy(),
+                                   size, matcher, draw, seed=3)
+    expected = {k: int(c) for k, c in zip(keys, copies) if c > 0}
+    assert got == expected
+    assert sum(got.values()) == size
+
+
+# -- statistics on a generated multi-label index ----------------------------------------
+
+def test_same_multinomial_label_distribution_chi_square(spark, multi_label, tmp_path):
+    source, weights, _ = multi_label
+    size = 20000
+    job = R.ResampleJob(index=source.index_path, weights=weights, size=size, seed=5,
+                        output=str(tmp_path / "out"))
+    R.run(spark, job)
+    sel = selection_of(job.output)
+    index = sio.read_parquet(source.index_path, columns=["key", "labels"])
+    table = pq.read_table(weights)
+    lw = S.quantize_label_weights(table.column("label_id").to_numpy(), table.column("weight").to_numpy())
+    labels = index.column("labels").to_pylist()
+    w = np.array([np.mean([lw.weight[l] for l in ls]) for ls in labels])
+    copies = np.array([sel.get(k, 0) for k in index.column("key").to_pylist()])
+    # Pool examples by their leaf label; compare realised with expected counts.
+    leaf = np.array([ls[0] for ls in labels])
+    expected = np.bincount(leaf, weights=size * w / w.sum())
+    realised = np.bincount(leaf, weights=copies)
+    keep = expected >= 5
+    chi2 = float(((realised[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+    dof = int(keep.sum()) - 1
+    # Wilson-Hilferty 0.999 quantile of chi-square with `dof` degrees of freedom.
+    quantile = dof * (1 - 2 / (9 * dof) + 3.09 * np.sqrt(2 / (9 * dof))) ** 3
+    assert chi2 < quantile, (chi2, quantile)
+
+
+def test_systematic_floor_ceil_and_fewer_duplicates(spark, multi_label, tmp_path):
+    source, weights, _ = multi_label
+    size = 5000
+    out = {}
+    for draw in ("systematic", "multinomial"):
+        job = R.ResampleJob(index=source.index_path, weights=weights, size=size, draw=draw, seed=2,
+                            output=str(tmp_path / draw))
+        out[draw] = R.run(spark, job)
+    sel = selection_of(str(tmp_path / "systematic"))
+    index = sio.read_parquet(source.index_path, columns=["key", "labels"])
+    table = pq.read_table(weights)
+    lw = S.quantize_label_weights(table.column("label_id").to_numpy(), table.column("weight").to_numpy())
+    offsets = index.column("labels").combine_chunks().offsets.to_numpy()
+    values = index.column("labels").combine_chunks().values.to_numpy()
+    _, q, _ = S.example_weights(offsets, values, lw)
+    e = size * q.astype(float) / float(q.astype(object).sum())
+    copies = np.array([sel.get(k, 0) for k in index.column("key").to_pylist()])
+    assert ((copies == np.floor(e)) | (copies == np.ceil(e))).all()
+    assert out["systematic"]["unique_examples"] >= out["multinomial"]["unique_examples"]
+    assert out["systematic"]["total_variation"] < out["multinomial"]["total_variation"]
+
+
+def test_elastic_sizes_and_saturation(spark, multi_label, tmp_path):
+    source, weights, _ = multi_label
+    uniques = []
+    for size in (200, 1000, 1900):
+        job = R.ResampleJob(index=source.index_path, weights=weights, size=size, matcher="elastic",
+                            output=str(tmp_path / f"e{size}"))
+        stats = R.run(spark, job)
+        assert stats["unique_examples"] == stats["total_copies"] == size
+        assert stats["max_copies"] == 1
+        uniques.append(stats["elastic"]["saturated_examples"])
+    assert uniques == sorted(uniques) and uniques[-1] > 0  # more size, more saturation
+    with pytest.raises(ValueError, match="size 2001 is larger than the 2000 examples with non-zero weight"):
+        R.run(spark, R.ResampleJob(index=source.index_path, weights=weights, size=2001, matcher="elastic",
+                                   output=str(tmp_path / "too_big")))
+
+
+# -- schemes and exclusions ------------------------------------------------------------
+
+def test_entire_scheme_is_uniform(spark, multi_label, tmp_path):
+    source, _, _ = multi_label
+    job = R.ResampleJob(index=source.index_path, scheme="entire", size=4000, draw="systematic",
+                        output=str(tmp_path / "out"))
+    R.run(spark, job)
+    sel = selection_of(job.output)
+    assert len(sel) == 2000 and set(sel.values()) == {2}
+
+
+def test_subset_scheme_takes_only_descendants(spark, multi_label, tmp_path):
+    source, _, _ = multi_label
+    job = R.ResampleJob(index=source.index_path, scheme="subset", labels=source.labels_path,
+                        subset_labels=("bird", "dessert"), size=200, matcher="elastic",
+                        output=str(tmp_path / "out"))
+    R.run(spark, job)
+    vocab = pq.read_table(source.labels_path)
+    name = dict(zip(vocab.column("label_id").to_pylist(), vocab.column("name").to_pylist()))
+    index = sio.read_parquet(source.index_path, columns=["key", "labels"])
+    labels = dict(zip(index.column("key").to_pylist(), index.column("labels").to_pylist()))
+    from schemas import Hierarchy
+    allowed = set(Hierarchy(vocab).descendants_of_names(["bird", "dessert"]).tolist())
+    sel = selection_of(job.output)
+    assert len(sel) == 200
+    assert all(set(labels[k]) & allowed for k in sel)
+    assert {name[labels[k][0]] for k in sel} <= {"sparrow", "eagle", "owl", "parrot",
+                                                  "cake", "ice_cream", "donut", "pie"}
+
+
+def test_unknown_subset_label(spark, multi_label, tmp_path):
+    source, _, _ = multi_label
+    job = R.ResampleJob(index=source.index_path, scheme="subset", labels=source.labels_path,
+                        subset_labels=("birds",), size=10, output=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="label name 'birds' is not in the vocabulary; did you mean 'bird'"):
+        R.run(spark, job)
+
+
+@pytest.mark.parametrize("scheme", ["topk-uniform", "reversed"])
+def test_topk_schemes_use_only_top_labels(spark, multi_label, tmp_path, scheme):
+    source, weights, _ = multi_label
+    table = pq.read_table(weights)
+    w = table.column("weight").to_numpy()
+    ids = table.column("label_id").to_numpy()
+    top = set(ids[np.lexsort((ids, -w))][:5].tolist())
+    job = R.ResampleJob(index=source.index_path, weights=weights, scheme=scheme, top_k=5, size=500,
+                        output=str(tmp_path / "out"))
+    R.run(spark, job)
+    index = sio.read_parquet(source.index_path, columns=["key", "labels"])
+    labels = dict(zip(index.column("key").to_pylist(), index.column("labels").to_pylist()))
+    sel = selection_of(job.output)
+    assert sum(sel.values()) == 500
+    assert all(set(labels[k]) & top for k in sel)
+
+
+def test_exclude_keys_are_never_selected(spark, multi_label, tmp_path):
+    source, weights, _ = multi_label
+    index = sio.read_parquet(source.index_path, columns=["key"])
+    excluded = index.column("key").to_pylist()[::3]
+    pq.write_table(pa.table({"key": excluded}), tmp_path / "exclude.parquet")
+    job = R.ResampleJob(index=source.index_path, weights=weights, size=1300, matcher="elastic",
+                        exclude=str(tmp_path / "exclude.parquet"), output=str(tmp_path / "out"))
+    stats = R.run(spark, job)
+    assert not set(selection_of(job.output)) & set(excluded)
+    assert stats["source_examples"] == 2000 - len(excluded)
+
+
+# -- outputs, reruns and atomicity ------------------------------------------------------
+
+def test_outputs_and_rerun(spark, multi_label, tmp_path):
+    source, weights, _ = multi_label
+    out = str(tmp_path / "out")
+    job = R.ResampleJob(index=source.index_path, weights=weights, size=800, labels=source.labels_path,
+                        matcher="elastic", output=out)
+    R.run(spark, job)
+    assert sorted(os.listdir(out)) == ["_SUCCESS", "label_stats.parquet", "label_stats.png", "selection",
+                                       "stats.json"]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".out.tmp")]
+    stats = json.loads(open(os.path.join(out, "stats.json")).read())
+    assert stats["config"]["size"] == 800 and stats["config"]["target"] == "test"
+    assert set(stats["inputs"]) == {"index", "weights", "labels"}
+    ls = pq.read_table(os.path.join(out, "label_stats.parquet"))
+    assert ls.schema.names == ["label_id", "desired", "realised"]
+    assert ls.column("desired").to_numpy().sum() == pytest.approx(1.0)
+    assert open(os.path.join(out, "label_stats.png"), "rb").read(4) == b"\x89PNG"
+    before = os.stat(os.path.join(out, "_SUCCESS")).st_mtime_ns
+    R.run(spark, job)  # complete: nothing to do
+    assert os.stat(os.path.join(out, "_SUCCESS")).st_mtime_ns == before
+    # An incomplete output (no _SUCCESS) is redone from scratch.
+    os.remove(os.path.join(out, "_SUCCESS"))
+    open(os.path.join(out, "selection", "part-stale.parquet"), "wb").write(b"junk")
+    R.run(spark, job)
+    assert os.path.exists(os.path.join(out, "_SUCCESS"))
+    assert not os.path.exists(os.path.join(out, "selection", "part-stale.parquet"))
+
+
+def test_index_in_one_file_or_many_gives_same_selection(spark, multi_label, tmp_path):
+    source, weights, _ = multi_label
+    table = sio.read_parquet(source.index_path)
+    one = tmp_path / "one"
+    one.mkdir()
+    pq.write_table(table, one / "all.parquet")
+    many = tmp_path / "many"
+    many.mkdir()
+    perm = np.random.default_rng(0).permutation(table.num_rows)
+    shuffled = table.take(pa.array(perm))
+    for i, chunk in enumerate(np.array_split(np.arange(table.num_rows), 7)):
+        pq.write_table(shuffled.slice(int(chunk[0]), len(chunk)), many / f"p{i}.parquet")
+    results = []
+    for path in (str(one), str(many), source.index_path):
+        for matcher in ("same", "elastic"):
+            job = R.ResampleJob(index=path, weights=weights, size=700, matcher=matcher, seed=9,
+                                output=str(tmp_path / f"out-{os.path.basename(path)}-{matcher}"))
+            R.run(spark, job)
+            results.append((matcher, selection_of(job.output)))
+    same = [r for m, r in results if m == "same"]
+    elastic = [r for m, r in results if m == "elastic"]
+    assert same[0] == same[1] == same[2] and elastic[0] == elastic[1] == elastic[2]
+
+
+@pytest.mark.slow
+def test_partitioning_and_task_retries_do_not_change_the_result(multi_label, tmp_path):
+    """local[1], local[4] and local[2,4] with every first task attempt failing."""
+    source, weights, _ = multi_label
+    outputs = {}
+    runs = [("local[1]", {}), ("local[4]", {}),
+            ("local[2,4]", {"ADAPTIVE_TRANSFER_FAIL_FIRST_ATTEMPT": "all"})]
+    for master, env in runs:
+        out = str(tmp_path / master.replace("[", "_").replace("]", "").replace(",", "_"))
+        proc = run_module("spark_jobs.resample", "--index", source.index_path, "--weights", weights,
+                          "--size", "1500", "--matcher", "same", "--seed", "4", "--output", out,
+                          "--master", master, "--driver-memory", "1g", "--rows-per-partition", "400",
+                          env=env)
+        assert "resample: 1500 samples" in proc.stdout
+        if env:  # the retries really happened
+            assert "injected failure" in proc.stderr
+        outputs[master] = selection_of(out)
+    first = outputs["local[1]"]
+    assert outputs["local[4]"] == first and outputs["local[2,4]"] == first
+
+
+# -- bad inputs ---------------------------------------------------------------------------
+
+def test_label_outside_weights_table(spark, tmp_path):
+    index = write_index(str(tmp_path / "idx"), ["a/1", "a/2", "b/1"], [[0], [0, 5], [1]], nfiles=1)
+    weights = write_table_weights(str(tmp_path / "w.parquet"), [0, 1], [1.0, 2.0])
+    job = R.ResampleJob(index=index, weights=weights, size=2, output=str(tmp_path / "out"))
+    with pytest.raises(SchemaError) as err:
+        R.run(spark, job)
+    message = str(err.value)
+    assert "part-0.parquet" in message and "key 'a/2'" in message
+    assert "labels [0, 5] include a label that is not in" in message and "w.parquet" in message
+
+
+def test_nan_weights(spark, tmp_path):
+    index = write_index(str(tmp_path / "idx"), ["a/1"], [[0]])
+    weights = write_table_weights(str(tmp_path / "w.parquet"), [0, 1], [1.0, float("nan")])
+    job = R.ResampleJob(index=index, weights=weights, size=1, output=str(tmp_path / "out"))
+    with pytest.raises(SchemaError, match=r"w.parquet, row 1: weight of label 1 is NaN \(nan\)"):
+        R.run(spark, job)
+
+
+def test_empty_index(spark, tmp_path):
+    index = write_index(str(tmp_path / "idx"), [], [])
+    weights = write_table_weights(str(tmp_path / "w.parquet"), [0], [1.0])
+    with pytest.raises(SchemaError, match="source index has no examples"):
+        R.run(spark, R.ResampleJob(index=index, weights=weights, size=1, output=str(tmp_path / "out")))
+
+
+def test_duplicate_keys_in_index(spark, tmp_path):
+    index = write_index(str(tmp_path / "idx"), ["a/1", "a/2", "a/1"], [[0], [0], [0]])
+    weights = write_table_weights(str(tmp_path / "w.parquet"), [0], [1.0])
+    with pytest.raises(Exception, match="duplicate key 'a/1' in the source index"):
+        R.run(spark, R.ResampleJob(index=index, weights=weights, size=2, output=str(tmp_path / "out")))
+
+
+@pytest.mark.parametrize("size,message", [("0", "size must be positive"),
+                                          ("eighty", "cannot parse size 'eighty'")])
+def test_bad_size_on_the_command_line(size, message, tmp_path):
+    proc = run_module("spark_jobs.resample", "--index", str(tmp_path), "--weights", "w.parquet",
+                      "--size", size, "--output", str(tmp_path / "out"), check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr

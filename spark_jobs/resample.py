@@ -45,7 +45,8 @@ from schemas import io as sio
 from . import sampling as S
 from .session import get_session, inject_failure
 
-__all__ = ["ResampleJob", "weigh", "bucket_totals", "draw", "run", "main", "DEFAULT_BUCKETS"]
+__all__ = ["ResampleJob", "weigh", "bucket_totals", "weight_histogram", "bucket_saturation", "draw",
+           "desired_label_mass", "drawn_totals", "run", "main", "DEFAULT_BUCKETS"]
 
 #: Fixed number of hash buckets. Part of the result's definition: changing it
 #: changes which examples are drawn (it is recorded in stats.json).
@@ -78,6 +79,7 @@ class ResampleJob:
     buckets: int = DEFAULT_BUCKETS
     rows_per_partition: int = DEFAULT_ROWS_PER_PARTITION
     overwrite: bool = False
+    cache: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -137,46 +139,15 @@ def label_weights_for(job: ResampleJob) -> tuple[S.LabelWeights | None, dict[str
 
 # -- Spark stages (thin: the arithmetic is in spark_jobs.sampling) -----------------
 
-WEIGHED_SCHEMA = ("key string, labels array<int>, bucket int, order long, q long, w double, "
-                  "bad boolean")
-
-
-def _label_arrays(labels: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Offsets (from 0) and flat values of a list array; null ids become -1."""
-    if isinstance(labels, pa.ChunkedArray):
-        labels = labels.combine_chunks()
-    offsets = labels.offsets.to_numpy().astype(np.int64)
-    values = labels.values.slice(offsets[0], offsets[-1] - offsets[0])
-    values = pc.fill_null(values, -1).to_numpy(zero_copy_only=False)
-    # A null list has equal offsets: it is empty, and flagged as bad.
-    return offsets - offsets[0], values
-
-
-def _weigh_batches(lw: S.LabelWeights | None, aggregate: str):
-    def weigh_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch in batches:
-            inject_failure("weigh")
-            offsets, values = _label_arrays(batch.column("labels"))
-            if lw is None:  # scheme 'entire': every example weighs 1
-                lengths = np.diff(offsets)
-                bad = lengths == 0
-                w = np.where(bad, 0.0, 1.0)
-                q = np.where(bad, 0, 1 << S.WEIGHT_BITS).astype(np.int64)
-            else:
-                w, q, bad = S.example_weights(offsets, values, lw, aggregate)
-            yield pa.RecordBatch.from_arrays(
-                [batch.column("key"), batch.column("labels"), batch.column("bucket"),
-                 batch.column("order"), pa.array(q, pa.int64()), pa.array(w, pa.float64()),
-                 pa.array(bad, pa.bool_())],
-                names=["key", "labels", "bucket", "order", "q", "w", "bad"])
-    return weigh_partition
-
-
 def weigh(index_df, lw: S.LabelWeights | None, aggregate: str, buckets: int, seed: int):
     """index (key, labels, ...) -> key, labels, bucket, order, q, w, bad.
 
-    ``bucket = xxhash64(key) mod buckets``; ``order = xxhash64(key, seed)``:
-    both native Spark expressions, pure functions of the key.
+    All native Spark expressions, no row goes through Python:
+    ``bucket = xxhash64(key) mod buckets`` and ``order = xxhash64(key, seed)``
+    are pure functions of the key; q, w and bad equal
+    :func:`spark_jobs.sampling.example_weights` (the label weights travel as
+    two array literals, null where a label id is not in the table, and are
+    aggregated over ``labels`` with higher-order functions).
     """
     from pyspark.sql import functions as F
 
@@ -186,11 +157,42 @@ def weigh(index_df, lw: S.LabelWeights | None, aggregate: str, buckets: int, see
         F.pmod(F.xxhash64("key"), F.lit(buckets)).cast("int").alias("bucket"),
         F.xxhash64(F.col("key"), F.lit(seed).cast("long")).alias("order"),
     )
-    return df.mapInArrow(_weigh_batches(lw, aggregate), WEIGHED_SCHEMA)
+    # Null or empty label lists are bad; size() is -1 or null for a null list.
+    empty = "coalesce(size(labels), -1) <= 0"
+    if lw is None:  # scheme 'entire': every example with labels weighs 1
+        return df.select("*", F.expr(f"CASE WHEN {empty} THEN 0L ELSE {1 << S.WEIGHT_BITS}L END").alias("q"),
+                         F.expr(f"CASE WHEN {empty} THEN 0D ELSE 1D END").alias("w"),
+                         F.expr(empty).alias("bad"))
+    n = len(lw.q)
+    q_lit = F.lit([int(v) if p else None for v, p in zip(lw.q.tolist(), lw.present.tolist())])
+    w_lit = F.lit([float(v) if p else None for v, p in zip(lw.weight.tolist(), lw.present.tolist())])
+    df = df.select("*", q_lit.cast("array<bigint>").alias("_q_table"),
+                   w_lit.cast("array<double>").alias("_w_table"))
+    lookup = "transform(labels, l -> CASE WHEN l >= 0 AND l < {n} THEN element_at({t}, l + 1) END)"
+    df = df.select("key", "labels", "bucket", "order",
+                   F.expr(lookup.format(n=n, t="_q_table")).alias("_qs"),
+                   F.expr(lookup.format(n=n, t="_w_table")).alias("_ws"))
+    bad = f"({empty} OR exists(_qs, v -> v IS NULL))"
+    if aggregate == "max":
+        q, w = "array_max(_qs)", "array_max(_ws)"
+    elif aggregate == "sum":
+        q, w = "aggregate(_qs, 0L, (a, v) -> a + v)", "aggregate(_ws, 0D, (a, v) -> a + v)"
+    elif aggregate == "mean":
+        # Round half up in integers: (Σq + k div 2) div k, as example_weights does.
+        q = "(aggregate(_qs, 0L, (a, v) -> a + v) + (size(labels) div 2)) div size(labels)"
+        w = "aggregate(_ws, 0D, (a, v) -> a + v) / size(labels)"
+    else:
+        raise ValueError(f"aggregate must be mean, max or sum, got {aggregate!r}")
+    return df.select("key", "labels", "bucket", "order",
+                     F.expr(f"CASE WHEN coalesce({bad}, true) THEN 0L ELSE {q} END").alias("q"),
+                     F.expr(f"CASE WHEN coalesce({bad}, true) THEN 0D ELSE {w} END").alias("w"),
+                     F.expr(f"coalesce({bad}, true)").alias("bad"))
 
 
-def bucket_totals(weighed) -> dict[int, dict[str, int]]:
-    """Per bucket: records, positive records and exact Σq (hi/lo 31-bit halves)."""
+def bucket_totals(weighed) -> dict[int, dict[str, Any]]:
+    """Per bucket: records, positive records (q > 0), exact Σq (summed as two
+    31-bit halves so no long overflows), bad records and the smallest bad key.
+    Integer sums are exact, so the result does not depend on partitioning."""
     from pyspark.sql import functions as F
 
     rows = (weighed.groupBy("bucket")
@@ -210,6 +212,20 @@ def weight_histogram(weighed) -> tuple[list[int], list[int]]:
     """Distinct positive q values and how many examples have each (exact)."""
     rows = weighed.where("q > 0").groupBy("q").count().collect()
     return [int(r["q"]) for r in rows], [int(r["count"]) for r in rows]
+
+
+def desired_label_mass(weighed) -> dict[int, int]:
+    """label id -> exact Σq over the examples carrying it (the label
+    distribution a perfect sampler would realise)."""
+    from pyspark.sql import functions as F
+
+    rows = (weighed.where("q > 0")
+            .select(F.explode("labels").alias("label_id"), "q")
+            .groupBy("label_id")
+            .agg(F.sum(F.shiftright("q", 31)).alias("hi"),
+                 F.sum(F.col("q").bitwiseAND(F.lit(_MASK31))).alias("lo"))
+            .collect())
+    return {r["label_id"]: (int(r["hi"]) << 31) + int(r["lo"]) for r in rows}
 
 
 def bucket_saturation(weighed, threshold: int | None) -> dict[int, tuple[int, int]]:
@@ -279,20 +295,32 @@ def draw(weighed, plan: S.SamplingPlan, partitions: int):
 
 # -- statistics ---------------------------------------------------------------------
 
-def label_distributions(weighed, selection) -> pa.Table:
-    """label_id, desired (share of Σq over examples carrying it), realised (share of copies)."""
+def drawn_totals(drawn) -> tuple[dict[int, int], dict[int, int], int, int]:
+    """From the drawn rows: realised copies per label, the histogram of
+    copies per example, total copies and unique examples (one aggregation)."""
     from pyspark.sql import functions as F
 
-    desired = (weighed.where("q > 0")
-               .select(F.explode("labels").alias("label_id"), "q")
-               .groupBy("label_id")
-               .agg(F.sum(F.shiftright("q", 31)).alias("hi"),
-                    F.sum(F.col("q").bitwiseAND(F.lit(_MASK31))).alias("lo"))
-               .collect())
-    realised = (selection.select(F.explode("labels").alias("label_id"), "copies")
-                .groupBy("label_id").agg(F.sum("copies").alias("n")).collect())
-    d = {r["label_id"]: (int(r["hi"]) << 31) + int(r["lo"]) for r in desired}
-    r = {row["label_id"]: int(row["n"]) for row in realised}
+    rows = (drawn.groupingSets([["labels"], ["copies"]], "labels", "copies")
+            .agg(F.grouping_id().alias("gid"), F.count(F.lit(1)).alias("n"),
+                 F.sum("copies").alias("copies_sum"))
+            .collect())
+    per_label: dict[int, int] = {}
+    histogram: dict[int, int] = {}
+    total = unique = 0
+    for r in rows:
+        if r["gid"] == 1:  # by labels
+            for label in r["labels"] or ():
+                per_label[label] = per_label.get(label, 0) + int(r["copies_sum"])
+        else:
+            histogram[int(r["copies"])] = int(r["n"])
+            total += int(r["copies_sum"])
+            unique += int(r["n"])
+    return per_label, dict(sorted(histogram.items())), total, unique
+
+
+def label_distributions(desired: dict[int, int], realised: dict[int, int]) -> pa.Table:
+    """label_id, desired (share of Σq over examples carrying it), realised (share of copies)."""
+    d, r = desired, realised
     ids = sorted(set(d) | set(r))
     d_total = sum(d.values()) or 1
     r_total = sum(r.values()) or 1
@@ -384,8 +412,19 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
         excluded = spark.read.parquet(job.exclude).select("key").distinct()
         index_df = index_df.join(excluded, on="key", how="left_anti")
     weighed = weigh(index_df, lw, job.aggregate, job.buckets, job.seed)
+    if job.cache:
+        weighed = weighed.persist()
+    timings: dict[str, float] = {}
+    tick = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal tick
+        now = time.perf_counter()
+        timings[name] = round(now - tick, 3)
+        tick = now
 
     totals = bucket_totals(weighed)
+    lap("bucket_totals")
     n_records = sum(t["n"] for t in totals.values())
     if n_records == 0:
         raise SchemaError("source index has no examples" + (" left after --exclude" if job.exclude else ""),
@@ -402,6 +441,7 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
         values, counts = weight_histogram(weighed)
         elastic = S.water_fill(values, counts, job.size)
         saturation = bucket_saturation(weighed, elastic.threshold)
+        lap("elastic_saturation")
     plan = S.make_plan(job.matcher, job.draw, job.size, job.seed, bucket_q, elastic, saturation)
     partitions = max(1, min(job.buckets, math.ceil(positive / job.rows_per_partition)))
 
@@ -419,18 +459,18 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
             if fs.exists(p):
                 fs.rm(p, recursive=True)
         drawn.select("key", "copies", "weight").write.mode("overwrite").parquet(sio.join(work, "selection"))
+        lap("draw_and_write")
 
-        from pyspark.sql import functions as F
-
-        agg = drawn.agg(F.sum("copies").alias("copies"), F.count(F.lit(1)).alias("unique")).first()
-        total_copies, unique = int(agg["copies"] or 0), int(agg["unique"])
+        realised, histogram, total_copies, unique = drawn_totals(drawn)
         if total_copies != job.size:
             raise ValueError(f"internal error: drew {total_copies} copies, expected {job.size}")
-        hist_rows = drawn.groupBy("copies").count().collect()
-        copies_hist = {str(r["copies"]): int(r["count"]) for r in sorted(hist_rows, key=lambda r: r["copies"])}
-        label_stats = label_distributions(weighed, drawn)
+        copies_hist = {str(k): v for k, v in histogram.items()}
+        label_stats = label_distributions(desired_label_mass(weighed), realised)
+        lap("statistics")
     finally:
         drawn.unpersist()
+        if job.cache:
+            weighed.unpersist()
 
     tv = total_variation(label_stats)
     vocab_names = {}
@@ -469,6 +509,7 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
     if "weights_metadata" in info:
         stats["weights_metadata"] = info["weights_metadata"]
     stats["seconds"] = round(time.time() - t0, 2)
+    stats["timings"] = timings
 
     sio.write_parquet_atomic(label_stats.drop(["realised_copies"]), sio.join(work, "label_stats.parquet"))
     plot_label_stats(label_stats, sio.join(work, "label_stats.png"), vocab_names)

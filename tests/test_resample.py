@@ -365,3 +365,24 @@ def test_bad_size_on_the_command_line(size, message, tmp_path):
                       "--size", size, "--output", str(tmp_path / "out"), check=False)
     assert proc.returncode == 2
     assert message in proc.stderr
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "max", "sum"])
+def test_native_weigh_equals_numpy_example_weights(spark, aggregate):
+    """The Spark expressions compute exactly sampling.example_weights."""
+    rng = np.random.default_rng(1)
+    lw = S.quantize_label_weights(np.array([0, 1, 2, 4, 7]), rng.random(5) * 100)
+    rows = [[int(v) for v in rng.choice([0, 1, 2, 4, 7], rng.integers(1, 4))] for _ in range(300)]
+    rows += [[], [3], [0, 9], [-1], None, [1, 1, 1]]
+    keys = [f"k{i}" for i in range(len(rows))]
+    df = spark.createDataFrame(list(zip(keys, rows)), "key string, labels array<int>")
+    got = R.weigh(df, lw, aggregate, 8, 0).orderBy("key").toArrow()
+    by_key = dict(zip(keys, rows))
+    ordered = [by_key[k] for k in got.column("key").to_pylist()]
+    offsets = np.cumsum([0] + [len(r or []) for r in ordered])
+    values = np.array([v for r in ordered for v in (r or [])], np.int64)
+    w, q, bad = S.example_weights(offsets, values, lw, aggregate)
+    assert got.column("q").to_numpy().tolist() == q.tolist()
+    assert got.column("bad").to_pylist() == bad.tolist()
+    np.testing.assert_allclose(got.column("w").to_numpy(), w, rtol=1e-15)
+    assert sum(bad) == 5

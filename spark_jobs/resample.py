@@ -45,8 +45,9 @@ from schemas import io as sio
 from . import sampling as S
 from .session import get_session, inject_failure
 
-__all__ = ["ResampleJob", "weigh", "bucket_totals", "weight_histogram", "bucket_saturation", "draw",
-           "desired_label_mass", "drawn_totals", "run", "main", "DEFAULT_BUCKETS"]
+__all__ = ["ResampleJob", "LabelSets", "keyed", "distinct_label_sets", "weigh_label_sets", "weigh",
+           "bucket_totals", "bucket_saturation",
+           "draw", "drawn_totals", "run", "main", "DEFAULT_BUCKETS"]
 
 #: Fixed number of hash buckets. Part of the result's definition: changing it
 #: changes which examples are drawn (it is recorded in stats.json).
@@ -79,7 +80,6 @@ class ResampleJob:
     buckets: int = DEFAULT_BUCKETS
     rows_per_partition: int = DEFAULT_ROWS_PER_PARTITION
     overwrite: bool = False
-    cache: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -139,93 +139,129 @@ def label_weights_for(job: ResampleJob) -> tuple[S.LabelWeights | None, dict[str
 
 # -- Spark stages (thin: the arithmetic is in spark_jobs.sampling) -----------------
 
-def weigh(index_df, lw: S.LabelWeights | None, aggregate: str, buckets: int, seed: int):
-    """index (key, labels, ...) -> key, labels, bucket, order, q, w, bad.
+def keyed(index_df, buckets: int, seed: int):
+    """index (key, labels, ...) -> key, labels, bucket, order, lsid, lsid_check.
 
-    All native Spark expressions, no row goes through Python:
-    ``bucket = xxhash64(key) mod buckets`` and ``order = xxhash64(key, seed)``
-    are pure functions of the key; q, w and bad equal
-    :func:`spark_jobs.sampling.example_weights` (the label weights travel as
-    two array literals, null where a label id is not in the table, and are
-    aggregated over ``labels`` with higher-order functions).
+    Native expressions, pure functions of the row: ``bucket = xxhash64(key)
+    mod buckets``; ``order = xxhash64(key, seed)``; ``lsid = xxhash64(labels)``
+    (the label-set id: an example's weight depends only on its label list);
+    ``lsid_check``, a second independent hash of the list, detects a
+    collision of ``lsid``.
     """
     from pyspark.sql import functions as F
 
-    df = index_df.select(
+    labels = F.col("labels").cast("array<int>")
+    return index_df.select(
         F.col("key").cast("string").alias("key"),
-        F.col("labels").cast("array<int>").alias("labels"),
+        labels.alias("labels"),
         F.pmod(F.xxhash64("key"), F.lit(buckets)).cast("int").alias("bucket"),
         F.xxhash64(F.col("key"), F.lit(seed).cast("long")).alias("order"),
+        F.xxhash64(labels).alias("lsid"),
+        F.hash(labels).alias("lsid_check"),
     )
-    # Null or empty label lists are bad; size() is -1 or null for a null list.
-    empty = "coalesce(size(labels), -1) <= 0"
+
+
+def distinct_label_sets(keyed_df) -> pa.Table:
+    """lsid, labels, n (records): one row per distinct label list, sorted by lsid."""
+    from pyspark.sql import functions as F
+
+    rows = (keyed_df.groupBy("lsid")
+            .agg(F.first("labels").alias("labels"), F.count(F.lit(1)).alias("n"),
+                 F.min("lsid_check").alias("c_min"), F.max("lsid_check").alias("c_max"))
+            .collect())
+    for r in rows:
+        if r["c_min"] != r["c_max"]:
+            raise ValueError(f"64-bit hash collision between label lists (one is {r['labels']}); "
+                             "please report it")
+    rows.sort(key=lambda r: r["lsid"])
+    return pa.table({"lsid": pa.array([r["lsid"] for r in rows], pa.int64()),
+                     "labels": pa.array([r["labels"] for r in rows], pa.list_(pa.int32())),
+                     "n": pa.array([r["n"] for r in rows], pa.int64())})
+
+
+def weigh_label_sets(sets: pa.Table, lw: S.LabelWeights | None, aggregate: str) -> pa.Table:
+    """Add q, w, bad to the label-set table with :func:`sampling.example_weights`:
+    on the driver, once per distinct label list rather than once per example."""
+    labels = sets.column("labels").combine_chunks()
+    raw = labels.offsets.to_numpy().astype(np.int64)
+    values = pc.fill_null(labels.values.slice(raw[0], raw[-1] - raw[0]), -1).to_numpy(zero_copy_only=False)
+    offsets = raw - raw[0]
     if lw is None:  # scheme 'entire': every example with labels weighs 1
-        return df.select("*", F.expr(f"CASE WHEN {empty} THEN 0L ELSE {1 << S.WEIGHT_BITS}L END").alias("q"),
-                         F.expr(f"CASE WHEN {empty} THEN 0D ELSE 1D END").alias("w"),
-                         F.expr(empty).alias("bad"))
-    n = len(lw.q)
-    q_lit = F.lit([int(v) if p else None for v, p in zip(lw.q.tolist(), lw.present.tolist())])
-    w_lit = F.lit([float(v) if p else None for v, p in zip(lw.weight.tolist(), lw.present.tolist())])
-    df = df.select("*", q_lit.cast("array<bigint>").alias("_q_table"),
-                   w_lit.cast("array<double>").alias("_w_table"))
-    lookup = "transform(labels, l -> CASE WHEN l >= 0 AND l < {n} THEN element_at({t}, l + 1) END)"
-    df = df.select("key", "labels", "bucket", "order",
-                   F.expr(lookup.format(n=n, t="_q_table")).alias("_qs"),
-                   F.expr(lookup.format(n=n, t="_w_table")).alias("_ws"))
-    bad = f"({empty} OR exists(_qs, v -> v IS NULL))"
-    if aggregate == "max":
-        q, w = "array_max(_qs)", "array_max(_ws)"
-    elif aggregate == "sum":
-        q, w = "aggregate(_qs, 0L, (a, v) -> a + v)", "aggregate(_ws, 0D, (a, v) -> a + v)"
-    elif aggregate == "mean":
-        # Round half up in integers: (Σq + k div 2) div k, as example_weights does.
-        q = "(aggregate(_qs, 0L, (a, v) -> a + v) + (size(labels) div 2)) div size(labels)"
-        w = "aggregate(_ws, 0D, (a, v) -> a + v) / size(labels)"
+        bad = np.diff(offsets) == 0
+        q = np.where(bad, 0, 1 << S.WEIGHT_BITS).astype(np.int64)
+        w = np.where(bad, 0.0, 1.0)
     else:
-        raise ValueError(f"aggregate must be mean, max or sum, got {aggregate!r}")
-    return df.select("key", "labels", "bucket", "order",
-                     F.expr(f"CASE WHEN coalesce({bad}, true) THEN 0L ELSE {q} END").alias("q"),
-                     F.expr(f"CASE WHEN coalesce({bad}, true) THEN 0D ELSE {w} END").alias("w"),
-                     F.expr(f"coalesce({bad}, true)").alias("bad"))
+        w, q, bad = S.example_weights(offsets, values, lw, aggregate)
+    return (sets.append_column("q", pa.array(q, pa.int64()))
+            .append_column("w", pa.array(w, pa.float64()))
+            .append_column("bad", pa.array(bad, pa.bool_())))
 
 
-def bucket_totals(weighed) -> dict[int, dict[str, Any]]:
-    """Per bucket: records, positive records (q > 0), exact Σq (summed as two
-    31-bit halves so no long overflows), bad records and the smallest bad key.
-    Integer sums are exact, so the result does not depend on partitioning."""
+def weigh(spark, keyed_df, weighted_sets: pa.Table):
+    """keyed index -> key, labels, bucket, order, lsid, q, w (a broadcast join
+    with the small label-set table; no row goes through Python)."""
+    from pyspark.sql import functions as F
+
+    small = spark.createDataFrame(weighted_sets.select(["lsid", "q", "w"]))
+    return keyed_df.drop("lsid_check").join(F.broadcast(small), on="lsid", how="inner")
+
+
+def bucket_totals(weighed) -> dict[int, dict[str, int]]:
+    """Per bucket: records, positive records (q > 0) and exact Σq (summed as two
+    31-bit halves so no long overflows). Integer sums are exact, so the result
+    does not depend on partitioning."""
     from pyspark.sql import functions as F
 
     rows = (weighed.groupBy("bucket")
             .agg(F.count(F.lit(1)).alias("n"),
                  F.sum(F.when(F.col("q") > 0, 1).otherwise(0)).alias("positive"),
                  F.sum(F.shiftright("q", 31)).alias("q_hi"),
-                 F.sum(F.col("q").bitwiseAND(F.lit(_MASK31))).alias("q_lo"),
-                 F.sum(F.col("bad").cast("int")).alias("bad"),
-                 F.min(F.when(F.col("bad"), F.col("key"))).alias("bad_key"))
+                 F.sum(F.col("q").bitwiseAND(F.lit(_MASK31))).alias("q_lo"))
             .collect())
     return {r["bucket"]: {"n": r["n"], "positive": r["positive"],
-                          "q": (int(r["q_hi"]) << 31) + int(r["q_lo"]),
-                          "bad": r["bad"], "bad_key": r["bad_key"]} for r in rows}
+                          "q": (int(r["q_hi"]) << 31) + int(r["q_lo"])} for r in rows}
 
 
-def weight_histogram(weighed) -> tuple[list[int], list[int]]:
-    """Distinct positive q values and how many examples have each (exact)."""
-    rows = weighed.where("q > 0").groupBy("q").count().collect()
-    return [int(r["q"]) for r in rows], [int(r["count"]) for r in rows]
+@dataclass
+class LabelSets:
+    """The distinct label lists of the index: ``lsid -> (labels, records, q)``.
 
+    q is a function of the label list, so this one small table gives the
+    histogram of distinct weights (elastic water-filling) and the desired
+    label distribution, exactly.
+    """
 
-def desired_label_mass(weighed) -> dict[int, int]:
-    """label id -> exact Σq over the examples carrying it (the label
-    distribution a perfect sampler would realise)."""
-    from pyspark.sql import functions as F
+    sets: dict[int, tuple[tuple[int, ...], int, int]]
 
-    rows = (weighed.where("q > 0")
-            .select(F.explode("labels").alias("label_id"), "q")
-            .groupBy("label_id")
-            .agg(F.sum(F.shiftright("q", 31)).alias("hi"),
-                 F.sum(F.col("q").bitwiseAND(F.lit(_MASK31))).alias("lo"))
-            .collect())
-    return {r["label_id"]: (int(r["hi"]) << 31) + int(r["lo"]) for r in rows}
+    @classmethod
+    def from_table(cls, weighted_sets: pa.Table) -> "LabelSets":
+        d = weighted_sets.to_pydict()
+        return cls({lsid: (tuple(labels or ()), n, q)
+                    for lsid, labels, n, q in zip(d["lsid"], d["labels"], d["n"], d["q"])})
+
+    def weight_histogram(self) -> tuple[list[int], list[int]]:
+        hist: dict[int, int] = {}
+        for _, n, q in self.sets.values():
+            if q > 0:
+                hist[q] = hist.get(q, 0) + n
+        return list(hist), list(hist.values())
+
+    def desired_label_mass(self) -> dict[int, int]:
+        """label id -> exact Σq over the examples carrying it."""
+        mass: dict[int, int] = {}
+        for labels, n, q in self.sets.values():
+            if q > 0:
+                for label in labels:
+                    mass[label] = mass.get(label, 0) + n * q
+        return mass
+
+    def per_label(self, per_set: dict[int, int]) -> dict[int, int]:
+        """Spread a per-label-set count over the labels of each set."""
+        out: dict[int, int] = {}
+        for lsid, n in per_set.items():
+            for label in self.sets[lsid][0]:
+                out[label] = out.get(label, 0) + n
+        return out
 
 
 def bucket_saturation(weighed, threshold: int | None) -> dict[int, tuple[int, int]]:
@@ -242,7 +278,7 @@ def bucket_saturation(weighed, threshold: int | None) -> dict[int, tuple[int, in
     return {r["bucket"]: (int(r["sat"]), (int(r["hi"]) << 31) + int(r["lo"])) for r in rows}
 
 
-DRAWN_SCHEMA = "key string, copies int, weight double, labels array<int>, bucket int, order long"
+DRAWN_SCHEMA = "key string, copies int, weight double, lsid long"
 
 
 def _draw_partition(plan: S.SamplingPlan):
@@ -280,15 +316,14 @@ def _draw_partition(plan: S.SamplingPlan):
             yield pa.RecordBatch.from_arrays(
                 [part.column("key").combine_chunks(),
                  pa.array(copies[copies > 0][start:start + step].astype(np.int32), pa.int32()),
-                 part.column("w").combine_chunks(), part.column("labels").combine_chunks(),
-                 part.column("bucket").combine_chunks(), part.column("order").combine_chunks()],
-                names=["key", "copies", "weight", "labels", "bucket", "order"])
+                 part.column("w").combine_chunks(), part.column("lsid").combine_chunks()],
+                names=["key", "copies", "weight", "lsid"])
     return draw_partition
 
 
 def draw(weighed, plan: S.SamplingPlan, partitions: int):
     """Group whole buckets into ``partitions`` tasks and draw each bucket."""
-    return (weighed.where("q > 0").select("key", "labels", "bucket", "order", "q", "w")
+    return (weighed.where("q > 0").select("key", "bucket", "order", "q", "w", "lsid")
             .repartition(partitions, "bucket")
             .mapInArrow(_draw_partition(plan), DRAWN_SCHEMA))
 
@@ -296,26 +331,25 @@ def draw(weighed, plan: S.SamplingPlan, partitions: int):
 # -- statistics ---------------------------------------------------------------------
 
 def drawn_totals(drawn) -> tuple[dict[int, int], dict[int, int], int, int]:
-    """From the drawn rows: realised copies per label, the histogram of
-    copies per example, total copies and unique examples (one aggregation)."""
+    """From the drawn rows: copies per label set, the histogram of copies per
+    example, total copies and unique examples (one aggregation)."""
     from pyspark.sql import functions as F
 
-    rows = (drawn.groupingSets([["labels"], ["copies"]], "labels", "copies")
+    rows = (drawn.groupingSets([["lsid"], ["copies"]], "lsid", "copies")
             .agg(F.grouping_id().alias("gid"), F.count(F.lit(1)).alias("n"),
                  F.sum("copies").alias("copies_sum"))
             .collect())
-    per_label: dict[int, int] = {}
+    per_set: dict[int, int] = {}
     histogram: dict[int, int] = {}
     total = unique = 0
     for r in rows:
-        if r["gid"] == 1:  # by labels
-            for label in r["labels"] or ():
-                per_label[label] = per_label.get(label, 0) + int(r["copies_sum"])
+        if r["gid"] == 1:  # by label set
+            per_set[int(r["lsid"])] = int(r["copies_sum"])
         else:
             histogram[int(r["copies"])] = int(r["n"])
             total += int(r["copies_sum"])
             unique += int(r["n"])
-    return per_label, dict(sorted(histogram.items())), total, unique
+    return per_set, dict(sorted(histogram.items())), total, unique
 
 
 def label_distributions(desired: dict[int, int], realised: dict[int, int]) -> pa.Table:
@@ -378,19 +412,21 @@ def _complete(output: str) -> bool:
     return sio.exists(sio.join(output, "_SUCCESS"))
 
 
-def _bad_label_error(spark, job: ResampleJob, totals: dict) -> SchemaError:
+def _bad_label_error(spark, job: ResampleJob, weighted_sets: pa.Table) -> SchemaError:
+    """Name the file and key of the first example (smallest key) whose label list is bad."""
     from pyspark.sql import functions as F
 
-    bad_keys = [t["bad_key"] for t in totals.values() if t["bad"]]
-    key = min(bad_keys)
-    n_bad = sum(t["bad"] for t in totals.values())
-    row = (spark.read.parquet(job.index).where(F.col("key") == key)
-           .select("_metadata.file_path", "labels").first())
+    bad = weighted_sets.filter(weighted_sets.column("bad"))
+    n_bad = int(pc.sum(bad.column("n")).as_py())
+    bad_ids = bad.column("lsid").to_pylist()
+    row = (keyed(spark.read.parquet(job.index), 1, 0).where(F.col("lsid").isin(bad_ids))
+           .select("key", "labels", "_metadata.file_path").orderBy("key").first())
     file = row["file_path"] if row else job.index
-    labels = row["labels"] if row else None
-    table = job.weights if job.scheme != "subset" else job.labels
-    return SchemaError(f"labels {labels} include a label that is not in {table} or is empty "
-                       f"({n_bad} example(s) affected)", file=file, key=key)
+    table = job.labels if job.scheme == "subset" else job.weights
+    what = (f"labels {row['labels']} include a label that is not in {table}"
+            if row and row["labels"] else "labels is empty or null")
+    return SchemaError(f"{what} ({n_bad} example(s) affected)", file=file,
+                       key=row["key"] if row else None)
 
 
 def run(spark, job: ResampleJob) -> dict[str, Any]:
@@ -411,9 +447,6 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
     if job.exclude:
         excluded = spark.read.parquet(job.exclude).select("key").distinct()
         index_df = index_df.join(excluded, on="key", how="left_anti")
-    weighed = weigh(index_df, lw, job.aggregate, job.buckets, job.seed)
-    if job.cache:
-        weighed = weighed.persist()
     timings: dict[str, float] = {}
     tick = time.perf_counter()
 
@@ -423,14 +456,19 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
         timings[name] = round(now - tick, 3)
         tick = now
 
-    totals = bucket_totals(weighed)
-    lap("bucket_totals")
-    n_records = sum(t["n"] for t in totals.values())
+    keyed_df = keyed(index_df, job.buckets, job.seed)
+    weighted_sets = weigh_label_sets(distinct_label_sets(keyed_df), lw, job.aggregate)
+    lap("label_sets")
+    n_records = int(pc.sum(weighted_sets.column("n")).as_py() or 0)
     if n_records == 0:
         raise SchemaError("source index has no examples" + (" left after --exclude" if job.exclude else ""),
                           file=job.index)
-    if any(t["bad"] for t in totals.values()):
-        raise _bad_label_error(spark, job, totals)
+    if pc.any(weighted_sets.column("bad")).as_py():
+        raise _bad_label_error(spark, job, weighted_sets)
+    sets = LabelSets.from_table(weighted_sets)
+    weighed = weigh(spark, keyed_df, weighted_sets)
+    totals = bucket_totals(weighed)
+    lap("bucket_totals")
     positive = sum(t["positive"] for t in totals.values())
     if positive == 0:
         raise ValueError(f"no example of {job.index} has a non-zero weight under scheme {job.scheme!r}")
@@ -438,7 +476,7 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
 
     elastic = saturation = None
     if job.matcher == "elastic":
-        values, counts = weight_histogram(weighed)
+        values, counts = sets.weight_histogram()
         elastic = S.water_fill(values, counts, job.size)
         saturation = bucket_saturation(weighed, elastic.threshold)
         lap("elastic_saturation")
@@ -461,16 +499,14 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
         drawn.select("key", "copies", "weight").write.mode("overwrite").parquet(sio.join(work, "selection"))
         lap("draw_and_write")
 
-        realised, histogram, total_copies, unique = drawn_totals(drawn)
+        per_set, histogram, total_copies, unique = drawn_totals(drawn)
         if total_copies != job.size:
             raise ValueError(f"internal error: drew {total_copies} copies, expected {job.size}")
         copies_hist = {str(k): v for k, v in histogram.items()}
-        label_stats = label_distributions(desired_label_mass(weighed), realised)
+        label_stats = label_distributions(sets.desired_label_mass(), sets.per_label(per_set))
         lap("statistics")
     finally:
         drawn.unpersist()
-        if job.cache:
-            weighed.unpersist()
 
     tv = total_variation(label_stats)
     vocab_names = {}

@@ -107,7 +107,9 @@ def test_spark_equals_numpy_oracle(spark, multi_label, tmp_path, matcher, draw, 
     got = selection_of(job.output)
     lw, _ = R.label_weights_for(R.ResampleJob(index=source.index_path, weights=weights, size=size,
                                               output="unused"))
-    weighed = R.weigh(spark.read.parquet(source.index_path), lw, "mean", 16, 3).toArrow()
+    keyed = R.keyed(spark.read.parquet(source.index_path), 16, 3)
+    weighted_sets = R.weigh_label_sets(R.distinct_label_sets(keyed), lw, "mean")
+    weighed = R.weigh(spark, keyed, weighted_sets).toArrow()
     keys = weighed.column("key").to_pylist()
     copies, _ = S.sample_in_memory(keys, weighed.column("bucket").to_numpy(),
                                    weighed.column("order").to_numpy(), weighed.column("q").to_numpy(),
@@ -368,21 +370,26 @@ def test_bad_size_on_the_command_line(size, message, tmp_path):
 
 
 @pytest.mark.parametrize("aggregate", ["mean", "max", "sum"])
-def test_native_weigh_equals_numpy_example_weights(spark, aggregate):
-    """The Spark expressions compute exactly sampling.example_weights."""
+def test_per_example_weights_equal_numpy_example_weights(spark, aggregate):
+    """Weights computed once per label set and joined back equal
+    sampling.example_weights applied to every example."""
     rng = np.random.default_rng(1)
     lw = S.quantize_label_weights(np.array([0, 1, 2, 4, 7]), rng.random(5) * 100)
     rows = [[int(v) for v in rng.choice([0, 1, 2, 4, 7], rng.integers(1, 4))] for _ in range(300)]
     rows += [[], [3], [0, 9], [-1], None, [1, 1, 1]]
     keys = [f"k{i}" for i in range(len(rows))]
     df = spark.createDataFrame(list(zip(keys, rows)), "key string, labels array<int>")
-    got = R.weigh(df, lw, aggregate, 8, 0).orderBy("key").toArrow()
+    keyed = R.keyed(df, 8, 0)
+    weighted_sets = R.weigh_label_sets(R.distinct_label_sets(keyed), lw, aggregate)
+    got = R.weigh(spark, keyed, weighted_sets).orderBy("key").toArrow()
+    assert got.num_rows == len(rows)
     by_key = dict(zip(keys, rows))
     ordered = [by_key[k] for k in got.column("key").to_pylist()]
     offsets = np.cumsum([0] + [len(r or []) for r in ordered])
     values = np.array([v for r in ordered for v in (r or [])], np.int64)
     w, q, bad = S.example_weights(offsets, values, lw, aggregate)
     assert got.column("q").to_numpy().tolist() == q.tolist()
-    assert got.column("bad").to_pylist() == bad.tolist()
     np.testing.assert_allclose(got.column("w").to_numpy(), w, rtol=1e-15)
     assert sum(bad) == 5
+    bad_sets = weighted_sets.filter(weighted_sets.column("bad"))
+    assert int(pa.compute.sum(bad_sets.column("n")).as_py()) == 5

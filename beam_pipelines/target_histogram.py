@@ -1,0 +1,171 @@
+"""Target soft-label histogram P_t as a Beam composite transform.
+
+paths -> read bytes (Beam filesystems) -> decode and preprocess exactly as
+the generalist expects -> ``RunInference`` with a PyTorch handler whose
+loader builds the model from the checkpoint -> ``softmax(logits / T)``
+reduced inside each batch to exact integer sums -> summed globally.
+
+Unreadable or corrupt images go to a side output: counted, named, skipped.
+Target *labels* are never read.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Sequence
+
+import apache_beam as beam
+import numpy as np
+import torch
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import PredictionResult, RunInference
+from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerTensor
+
+from trainer.models import build_model, load_generalist
+from trainer.transforms import PreprocessSpec, decode_image, eval_transform
+
+from .weights import quantize_probabilities, softmax
+
+__all__ = ["BAD_IMAGES", "ProbabilitySums", "softmax_sums_inference", "GeneralistModelHandler",
+           "ReadAndPreprocess", "SumProbabilities", "TargetHistogram"]
+
+#: Tag of the side output that carries ``(path, reason)`` of unreadable images.
+BAD_IMAGES = "bad_images"
+
+
+@dataclass
+class ProbabilitySums:
+    """Exact column sums of softmax vectors (two int64/Python-int limbs) and
+    the number of images they cover."""
+
+    hi: np.ndarray
+    lo: np.ndarray
+    count: int
+
+
+def softmax_sums_inference(batch: Sequence[torch.Tensor], model: torch.nn.Module, device: Any,
+                           inference_args: Optional[dict] = None, model_id: Optional[str] = None, *,
+                           temperature: float, batch_size: int) -> Iterable[PredictionResult]:
+    """One result per batch: the batch's exact softmax sums.
+
+    The batch is padded to ``batch_size`` so that every forward pass has the
+    same shape: per-image outputs then do not depend on how Beam grouped the
+    images, and P_t is identical for any number of workers.
+    """
+    n = len(batch)
+    out_hi = out_lo = None
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            chunk = list(batch[start:start + batch_size])
+            real = len(chunk)
+            x = torch.stack(chunk)
+            if real < batch_size:
+                x = torch.cat([x, x.new_zeros((batch_size - real, *x.shape[1:]))])
+            logits = model(x.to(device))[:real].float().cpu().numpy()
+            hi, lo = quantize_probabilities(softmax(logits, temperature))
+            out_hi = hi if out_hi is None else out_hi + hi
+            out_lo = lo if out_lo is None else out_lo + lo
+    return [PredictionResult(example=n, inference=ProbabilitySums(out_hi, out_lo, n), model_id=model_id)]
+
+
+class GeneralistModelHandler(PytorchModelHandlerTensor):
+    """PyTorch handler whose loader is :func:`trainer.models.load_generalist`
+    (``weights_only=True``): the model is built on the worker from the
+    checkpoint path, never captured in a closure."""
+
+    def __init__(self, checkpoint: str, temperature: float = 2.0, batch_size: int = 64,
+                 device: str = "CPU"):
+        super().__init__(
+            state_dict_path=checkpoint, model_class=build_model, device=device,
+            inference_fn=functools.partial(softmax_sums_inference, temperature=temperature,
+                                           batch_size=batch_size),
+            min_batch_size=batch_size, max_batch_size=batch_size)
+        self._checkpoint = checkpoint
+
+    def load_model(self) -> torch.nn.Module:
+        model, _ = load_generalist(self._checkpoint, device=str(self._device))
+        return model
+
+    def get_num_bytes(self, batch: Sequence[torch.Tensor]) -> int:
+        return sum(t.numel() * t.element_size() for t in batch)
+
+
+class ReadAndPreprocess(beam.DoFn):
+    """path -> CHW float tensor; ``(path, reason)`` to :data:`BAD_IMAGES` when the
+    file cannot be read or decoded."""
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self.read = Metrics.counter("target_histogram", "images_read")
+        self.bad = Metrics.counter("target_histogram", "images_unreadable")
+
+    def setup(self):
+        self._spec = PreprocessSpec(**self.spec)
+
+    def process(self, path: str):
+        try:
+            with FileSystems.open(path) as fh:
+                data = fh.read()
+            tensor = torch.from_numpy(eval_transform(decode_image(data), self._spec))
+        except Exception as e:  # noqa: BLE001 - any unreadable file is counted, not fatal
+            self.bad.inc()
+            yield beam.pvalue.TaggedOutput(BAD_IMAGES, (path, f"{type(e).__name__}: {e}"[:300]))
+            return
+        self.read.inc()
+        yield tensor
+
+
+class SumProbabilities(beam.CombineFn):
+    """Exact global sum of :class:`ProbabilitySums` (Python-int limbs)."""
+
+    def create_accumulator(self):
+        return None
+
+    def add_input(self, acc, element: ProbabilitySums):
+        return self.merge_accumulators([acc, element])
+
+    def merge_accumulators(self, accumulators):
+        hi = lo = None
+        count = 0
+        for acc in accumulators:
+            if acc is None:
+                continue
+            h, l = acc.hi.astype(object), acc.lo.astype(object)
+            hi = h if hi is None else hi + h
+            lo = l if lo is None else lo + l
+            count += acc.count
+        return None if hi is None else ProbabilitySums(hi, lo, count)
+
+    def extract_output(self, acc):
+        return acc
+
+
+class TargetHistogram(beam.PTransform):
+    """PCollection of image paths -> ``{"sums": ProbabilitySums (one element),
+    "bad": PCollection of (path, reason)}``.
+
+    ``spec`` is the checkpoint's preprocessing (a :class:`PreprocessSpec` dict).
+    """
+
+    def __init__(self, checkpoint: str, spec: dict, temperature: float = 2.0, batch_size: int = 64,
+                 device: str = "CPU"):
+        super().__init__()
+        self.checkpoint = checkpoint
+        self.spec = dict(spec)
+        self.temperature = temperature
+        self.batch_size = batch_size
+        self.device = device
+
+    def expand(self, paths):
+        decoded = (paths
+                   | "SpreadPaths" >> beam.Reshuffle()
+                   | "ReadAndPreprocess" >> beam.ParDo(ReadAndPreprocess(self.spec)).with_outputs(
+                       BAD_IMAGES, main="images"))
+        handler = GeneralistModelHandler(self.checkpoint, self.temperature, self.batch_size, self.device)
+        sums = (decoded.images
+                | "RunInference" >> RunInference(handler)
+                | "BatchSums" >> beam.Map(lambda r: r.inference)
+                | "SumBatches" >> beam.CombineGlobally(SumProbabilities()))
+        return {"sums": sums, "bad": decoded[BAD_IMAGES]}

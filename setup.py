@@ -30,7 +30,8 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "pytest-benchmark>=4"],
+        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "pytest-benchmark>=4", "moto[server]>=5",
+                 "s3fs>=2023.6"],
         "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "pytest-benchmark>=4", "ruff"],
         "vision": ["torchvision"],
         "gcs": ["gcsfs", "apache-beam[gcp]"],

@@ -30,6 +30,8 @@ __all__ = [
     "file_sha256",
     "fingerprint_paths",
     "listing_fingerprint",
+    "storage_config",
+    "apply_storage_config",
 ]
 
 _GLOB_CHARS = set("*?[")
@@ -191,3 +193,17 @@ def listing_fingerprint(path: str, suffix: str = ".parquet") -> str:
         rel = f[len(base):] if f.startswith(base) else os.path.basename(f)
         h.update(f"{rel}\0{fs.size(p)}\n".encode())
     return h.hexdigest()
+
+
+def storage_config() -> dict:
+    """fsspec's per-protocol options (``fsspec.config.conf``: endpoints,
+    credentials) as set on the driver, to ship to Spark tasks."""
+    import copy
+
+    return copy.deepcopy(dict(fsspec.config.conf))
+
+
+def apply_storage_config(conf: dict) -> None:
+    """Install options captured by :func:`storage_config` (in a worker)."""
+    for protocol, options in conf.items():
+        fsspec.config.conf.setdefault(protocol, {}).update(options)

@@ -1,0 +1,143 @@
+"""Check a directory of shards written by ``spark_jobs.write_shards``.
+
+::
+
+    python -m spark_jobs.verify DIR
+
+Checks ``_SUCCESS``, ``manifest.json``, that shard names are contiguous from
+0, and for every shard its size, sha256, sample count, and that each sample
+has exactly one image member of a known format and a ``.json`` whose key and
+copy match the sample key. Exits 0 when all is well; otherwise 1, naming the
+damaged shard(s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from schemas import Manifest
+from schemas import io as sio
+
+from .shards import SHARD_NAME_RE, image_extension, parse_sample_key, read_tar_samples, shard_name
+
+__all__ = ["VerifyReport", "verify", "main"]
+
+IMAGE_EXTS = {"jpg", "png", "webp", "gif", "bmp", "tiff"}
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify` found: problems (empty when the output is sound)."""
+
+    directory: str
+    shards: int = 0
+    samples: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class _HashingReader:
+    def __init__(self, fh):
+        self._fh = fh
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n=-1):
+        data = self._fh.read(n)
+        self.sha.update(data)
+        self.size += len(data)
+        return data
+
+
+def _check_shard(path: str, name: str, expected) -> tuple[int, list[str]]:
+    problems = []
+    fs, p = sio.filesystem(path)
+    if not fs.exists(p):
+        return 0, [f"{name}: missing"]
+    n = 0
+    with fs.open(p, "rb") as fh:
+        reader = _HashingReader(fh)
+        try:
+            for key, members in read_tar_samples(reader):
+                n += 1
+                images = [e for e in members if e in IMAGE_EXTS]
+                if len(images) != 1 or "json" not in members or len(members) != 2:
+                    problems.append(f"{name}: sample {key!r} has members {sorted(members)}")
+                    continue
+                if image_extension(members[images[0]]) != images[0]:
+                    problems.append(f"{name}: sample {key!r} .{images[0]} is not a {images[0]} image")
+                meta = json.loads(members["json"])
+                source, copy = parse_sample_key(key)
+                if meta.get("key") != source or meta.get("copy") != copy:
+                    problems.append(f"{name}: sample {key!r} json says key {meta.get('key')!r} copy "
+                                    f"{meta.get('copy')!r}")
+            while reader.read(1 << 20):  # hash the tar's trailing padding too
+                pass
+        except Exception as e:  # noqa: BLE001 - any unreadable tar is damage to report
+            return n, [f"{name}: unreadable tar ({type(e).__name__}: {e})"]
+    if reader.size != expected.bytes:
+        problems.append(f"{name}: {reader.size} bytes, manifest says {expected.bytes}")
+    if reader.sha.hexdigest() != expected.sha256:
+        problems.append(f"{name}: sha256 mismatch (damaged or replaced)")
+    if n != expected.samples:
+        problems.append(f"{name}: {n} samples, manifest says {expected.samples}")
+    return n, problems
+
+
+def verify(directory: str) -> VerifyReport:
+    """Verify ``directory``; never raises for damage, reports it."""
+    report = VerifyReport(directory)
+    if not sio.exists(sio.join(directory, "_SUCCESS")):
+        report.problems.append(f"{directory}: no _SUCCESS (the write did not finish)")
+    manifest_path = sio.join(directory, "manifest.json")
+    try:
+        manifest = Manifest.from_json(sio.read_bytes(manifest_path).decode(), manifest_path)
+    except FileNotFoundError:
+        report.problems.append(f"{manifest_path}: missing")
+        return report
+    except ValueError as e:
+        report.problems.append(str(e))
+        return report
+    prefix = manifest.extra.get("prefix", "shard")
+    for i, s in enumerate(manifest.shards):
+        if s.name != shard_name(prefix, i):
+            report.problems.append(f"manifest: shard {i} is named {s.name!r}, expected {shard_name(prefix, i)!r}")
+    fs, p = sio.filesystem(directory)
+    listed = {s.name for s in manifest.shards}
+    for f in fs.ls(p, detail=False):
+        base = f.rstrip("/").rsplit("/", 1)[-1]
+        if SHARD_NAME_RE.match(base) and base not in listed:
+            report.problems.append(f"{base}: a shard not in the manifest")
+    for s in manifest.shards:
+        n, problems = _check_shard(sio.join(directory, s.name), s.name, s)
+        report.shards += 1
+        report.samples += n
+        report.problems += problems
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m spark_jobs.verify", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("directory")
+    args = ap.parse_args(argv)
+    report = verify(args.directory)
+    if report.ok:
+        print(f"verify: ok: {report.shards} shards, {report.samples} samples in {args.directory}")
+        return 0
+    for problem in report.problems:
+        print(f"verify: {problem}", file=sys.stderr)
+    print(f"verify: FAILED: {len(report.problems)} problem(s) in {args.directory}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,423 @@
+"""Write WebDataset tar shards from a resampler selection (DESIGN.md §3).
+
+::
+
+    python -m spark_jobs.write_shards --selection DIR --index PATH --output DIR \\
+      [--samples-per-shard 10000] [--prefix shard] [--seed 0] [--overwrite] \\
+      [--max-bad-fraction 0.001] [--master local[*]]
+
+Stages (all deterministic for a given selection, index and seed):
+
+1. **locate**: join the selection with the index's keys and source
+   locations (file, row), never with its image bytes;
+2. **fetch**: read the selected images in source order (per file, by row;
+   per ``uri``, sorted), check their format from the bytes; missing or
+   unrecognisable images are counted, listed and skipped;
+3. **place**: every copy of every good example gets a global position by
+   sorting on ``xxhash64(key, copy, seed)`` (fixed hash ranges, exact counts,
+   so no sampling is involved); position // samples-per-shard is its shard;
+4. **write**: one task writes each shard's tar, in position order, with fixed
+   tar metadata, under an attempt-specific temporary name; the driver keeps
+   what successful attempts reported, renames, writes ``manifest.json`` and
+   then ``_SUCCESS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas import Manifest, ResampleConfig, SchemaError, ShardInfo
+from schemas import io as sio
+
+from .session import get_session, inject_failure
+from .shards import image_extension, sample_json, sample_key, shard_name, write_tar
+
+__all__ = ["ShardJob", "run", "main", "resolve_selection"]
+
+TEMPORARY = "_temporary"
+#: Arrow batch size while images travel through Python (bytes, not rows, matter).
+IMAGE_BATCH_ROWS = 256
+
+
+@dataclass
+class ShardJob:
+    """One shard-writing run (the command line, typed)."""
+
+    selection: str
+    index: str
+    output: str
+    samples_per_shard: int = 10000
+    prefix: str = "shard"
+    seed: int = 0
+    overwrite: bool = False
+    max_bad_fraction: float = 0.001
+
+    def __post_init__(self) -> None:
+        if self.samples_per_shard < 1:
+            raise ValueError(f"--samples-per-shard must be >= 1, got {self.samples_per_shard}")
+        if not self.prefix or "/" in self.prefix:
+            raise ValueError(f"--prefix must be a plain file name prefix, got {self.prefix!r}")
+
+
+def resolve_selection(path: str) -> tuple[str, str | None]:
+    """``(selection parquet dir, resampler output dir or None)`` for a path that
+    is either the resampler's output directory or its ``selection/``."""
+    inner = sio.join(path, "selection")
+    if sio.exists(inner):
+        return inner, path.rstrip("/")
+    parent = path.rstrip("/").rsplit("/", 1)[0] if "/" in path.rstrip("/") else "."
+    if path.rstrip("/").endswith("/selection") and sio.exists(sio.join(parent, "stats.json")):
+        return path, parent
+    return path, None
+
+
+# -- stage 2: fetch images in source order ------------------------------------------
+
+FETCHED_SCHEMA = "key string, image binary, ext string, reason string"
+
+
+def _fetch_partition(column: str, storage: dict):
+    """mapInArrow: rows (key, file, row, uri) sorted by (file, row) -> images."""
+
+    def fetch(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        sio.apply_storage_config(storage)
+        inject_failure("fetch")
+        pending: list[pa.RecordBatch] = list(batches)
+        if not pending:
+            return
+        table = pa.Table.from_batches(pending)
+        keys = table.column("key").to_pylist()
+        if column == "image":
+            files = table.column("file").to_pylist()
+            rows = table.column("row").to_numpy()
+            start = 0
+            while start < len(keys):
+                end = start
+                while end < len(keys) and files[end] == files[start]:
+                    end += 1
+                yield from _read_inline(files[start], keys[start:end], rows[start:end])
+                start = end
+        else:
+            uris = table.column("uri").to_pylist()
+            out_k, out_i, out_e, out_r = [], [], [], []
+            for k, u in sorted(zip(keys, uris), key=lambda t: (t[1] or "", t[0])):
+                data, reason = None, None
+                try:
+                    if not u:
+                        raise ValueError("no uri")
+                    data = sio.read_bytes(u)
+                except Exception as e:  # noqa: BLE001 - a missing image is counted, not fatal
+                    reason = f"unreadable uri {u!r}: {type(e).__name__}: {e}"[:300]
+                ext = image_extension(data) if data is not None else None
+                if data is not None and ext is None:
+                    reason = "unrecognised image format"
+                out_k.append(k)
+                out_i.append(data if ext else None)
+                out_e.append(ext)
+                out_r.append(reason)
+                if len(out_k) >= IMAGE_BATCH_ROWS:
+                    yield _fetched_batch(out_k, out_i, out_e, out_r)
+                    out_k, out_i, out_e, out_r = [], [], [], []
+            if out_k:
+                yield _fetched_batch(out_k, out_i, out_e, out_r)
+
+    return fetch
+
+
+def _fetched_batch(keys, images, exts, reasons) -> pa.RecordBatch:
+    return pa.RecordBatch.from_arrays(
+        [pa.array(keys, pa.string()), pa.array(images, pa.binary()), pa.array(exts, pa.string()),
+         pa.array(reasons, pa.string())], names=["key", "image", "ext", "reason"])
+
+
+def _read_inline(path: str, keys: list[str], rows: np.ndarray) -> Iterator[pa.RecordBatch]:
+    """Read the ``image`` cells of ``rows`` of one Parquet file, row group by
+    row group in file order (sequential reads, only the groups needed)."""
+    fs, p = sio.filesystem(path)
+    with fs.open(p, "rb") as fh:
+        pf = pq.ParquetFile(fh)
+        bounds = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
+        group_of = np.searchsorted(bounds, rows, side="right") - 1
+        order = np.argsort(rows, kind="stable")
+        for g in np.unique(group_of):
+            members = order[group_of[order] == g]
+            col = pf.read_row_group(int(g), columns=["image"]).column("image")
+            local = pa.array(rows[members] - bounds[g])
+            images = col.take(local).to_pylist()
+            exts, reasons, kept = [], [], []
+            for data in images:
+                ext = image_extension(data) if data is not None else None
+                exts.append(ext)
+                reasons.append(None if ext else ("no image bytes" if data is None
+                                                 else "unrecognised image format"))
+                kept.append(data if ext else None)
+            for s in range(0, len(members), IMAGE_BATCH_ROWS):
+                sl = slice(s, s + IMAGE_BATCH_ROWS)
+                yield _fetched_batch([keys[i] for i in members[sl]], kept[sl], exts[sl], reasons[sl])
+
+
+# -- stage 4: write shards --------------------------------------------------------------
+
+WRITTEN_SCHEMA = "shard int, temp string, samples long, bytes long, sha256 string, labels string"
+
+
+def _write_partition(output: str, prefix: str, samples_per_shard: int, total: int, storage: dict):
+    """mapInArrow: rows sorted by (shard, slot) -> one result row per shard written.
+
+    Each shard is streamed to ``output/_temporary/<name>.<attempt>.<random>``;
+    nothing is final until the driver renames what successful attempts reported.
+    """
+
+    def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from pyspark import TaskContext
+
+        sio.apply_storage_config(storage)
+        ctx = TaskContext.get()
+        attempt = f"{ctx.stageId()}-{ctx.partitionId()}-{ctx.attemptNumber()}" if ctx else "local"
+
+        def rows():
+            for batch in batches:
+                d = batch.to_pydict()
+                for i in range(batch.num_rows):
+                    yield {k: d[k][i] for k in d}
+
+        results = []
+        for shard, group in itertools.groupby(rows(), key=lambda r: r["shard"]):
+            labels: dict[int, int] = {}
+
+            def samples(group=group, labels=labels, shard=shard):
+                for expected, r in enumerate(group):
+                    if r["slot"] != expected:
+                        raise ValueError(f"internal error: shard {shard} slot {r['slot']}, expected {expected}")
+                    for label in r["labels"]:
+                        labels[label] = labels.get(label, 0) + 1
+                    yield (sample_key(r["key"], r["copy"]), r["ext"], r["image"],
+                           sample_json(r["key"], r["copy"], r["labels"], r["weight"]))
+                    if expected == 1:
+                        inject_failure("write")  # mid-write: a partial temporary file exists
+
+            temp = sio.join(output, TEMPORARY, f"{shard_name(prefix, shard)}.{attempt}.{uuid.uuid4().hex[:8]}")
+            fs, p = sio.filesystem(temp)
+            fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
+            with fs.open(p, "wb") as fh:
+                n, size, digest = write_tar(fh, samples())
+            want = min(samples_per_shard, total - shard * samples_per_shard)
+            if n != want:
+                raise ValueError(f"internal error: shard {shard} has {n} samples, expected {want}")
+            results.append((shard, temp, n, size, digest, json.dumps(labels, sort_keys=True)))
+        if results:
+            cols = list(zip(*results))
+            yield pa.RecordBatch.from_arrays(
+                [pa.array(cols[0], pa.int32()), pa.array(cols[1], pa.string()), pa.array(cols[2], pa.int64()),
+                 pa.array(cols[3], pa.int64()), pa.array(cols[4], pa.string()), pa.array(cols[5], pa.string())],
+                names=["shard", "temp", "samples", "bytes", "sha256", "labels"])
+
+    return write
+
+
+# -- the job --------------------------------------------------------------------------
+
+def _clean(output: str) -> None:
+    fs, p = sio.filesystem(output)
+    if fs.exists(p):
+        fs.rm(p, recursive=True)
+    fs.makedirs(p, exist_ok=True)
+
+
+def _config_from(resample_dir: str | None, total: int) -> tuple[ResampleConfig, dict]:
+    if resample_dir and sio.exists(sio.join(resample_dir, "stats.json")):
+        stats = json.loads(sio.read_bytes(sio.join(resample_dir, "stats.json")))
+        return ResampleConfig.from_dict(stats["config"]), stats.get("inputs", {})
+    return ResampleConfig(target="unknown", size=max(total, 1)), {}
+
+
+def run(spark, job: ShardJob) -> Manifest:
+    """Write the shards; return the manifest (also at ``output/manifest.json``)."""
+    from pyspark.sql import functions as F
+    from pyspark.sql import Window
+
+    t0 = time.time()
+    manifest_path = sio.join(job.output, "manifest.json")
+    if sio.exists(sio.join(job.output, "_SUCCESS")) and not job.overwrite:
+        print(f"write_shards: {job.output} is complete (_SUCCESS); nothing to do (--overwrite to redo)",
+              file=sys.stderr)
+        return Manifest.from_json(sio.read_bytes(manifest_path).decode(), manifest_path)
+    _clean(job.output)
+
+    selection_path, resample_dir = resolve_selection(job.selection)
+    selection = spark.read.parquet(selection_path)
+    for col in ("key", "copies"):
+        if col not in selection.columns:
+            raise SchemaError(f"selection has no '{col}' column", file=selection_path)
+    if "weight" not in selection.columns:
+        selection = selection.withColumn("weight", F.lit(0.0))
+    selection = selection.select(F.col("key").cast("string"), F.col("copies").cast("int"),
+                                 F.col("weight").cast("double"))
+    check = selection.agg(F.count(F.lit(1)).alias("n"), F.countDistinct("key").alias("distinct"),
+                          F.min("copies").alias("min_copies"), F.sum("copies").alias("total")).first()
+    if check["n"] == 0:
+        raise SchemaError("selection is empty", file=selection_path)
+    if check["min_copies"] is None or check["min_copies"] < 1:
+        raise SchemaError(f"copies must be > 0 (found {check['min_copies']})", file=selection_path)
+    if check["distinct"] != check["n"]:
+        raise SchemaError(f"{check['n'] - check['distinct']} keys appear in more than one row",
+                          file=selection_path)
+    requested_total = int(check["total"])
+
+    index = spark.read.parquet(job.index)
+    column = "image" if "image" in index.columns else "uri" if "uri" in index.columns else None
+    if column is None or "key" not in index.columns or "labels" not in index.columns:
+        raise SchemaError(f"source index needs key, labels and image or uri (has {index.columns})",
+                          file=job.index)
+    located = index.select(
+        F.col("key").cast("string").alias("key"), F.col("labels").cast("array<int>").alias("labels"),
+        F.col("_metadata.file_path").alias("file"), F.col("_metadata.row_index").alias("row"),
+        (F.col("uri") if column == "uri" else F.lit(None).cast("string")).alias("uri"))
+    located = located.join(selection, on="key", how="inner")
+
+    # Stage 2: fetch, in source order.
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(IMAGE_BATCH_ROWS))
+    n_files = max(1, located.select("file").distinct().count())
+    fetch_input = (located.select("key", "file", "row", "uri")
+                   .repartition(min(n_files, 4 * spark.sparkContext.defaultParallelism), "file")
+                   .sortWithinPartitions("file", "row"))
+    fetched = fetch_input.mapInArrow(_fetch_partition(column, sio.storage_config()), FETCHED_SCHEMA)
+    images = fetched.join(located.select("key", "labels", "copies", "weight"), on="key").persist()
+    try:
+        found = images.agg(F.count(F.lit(1)).alias("n"),
+                           F.sum(F.when(F.col("ext").isNull(), 1).otherwise(0)).alias("bad")).first()
+        missing = selection.join(index.select(F.col("key").cast("string")), on="key", how="left_anti")
+        missing_rows = missing.select("key").orderBy("key").limit(1000).collect()
+        n_missing = missing.count() if missing_rows else 0
+        bad_rows = (images.where(F.col("ext").isNull()).select("key", "reason").orderBy("key")
+                    .limit(1000).collect())
+        n_bad = int(found["bad"] or 0) + n_missing
+        unique = int(check["n"])
+        if n_bad / unique > job.max_bad_fraction:
+            first = [r["key"] for r in bad_rows[:3]] + [r["key"] for r in missing_rows[:3]]
+            raise ValueError(f"{n_bad} of {unique} selected examples have a missing or unrecognisable "
+                             f"image ({n_bad / unique:.3%} > --max-bad-fraction {job.max_bad_fraction:.3%}); "
+                             f"first: {first}")
+        bad_records = ([{"key": r["key"], "reason": "not in the source index"} for r in missing_rows]
+                       + [{"key": r["key"], "reason": r["reason"]} for r in bad_rows])[:1000]
+
+        # Stage 3: place every copy.
+        good = images.where(F.col("ext").isNotNull())
+        samples = good.select("key", F.explode(F.sequence(F.lit(0), F.col("copies") - 1)).alias("copy"))
+        samples = samples.withColumn("h", F.xxhash64(F.col("key"), F.col("copy"), F.lit(job.seed).cast("long")))
+        total = samples.count()
+        if total == 0:
+            raise ValueError("no selected example has a usable image")
+        range_bits = max(0, min(16, math.ceil(math.log2(max(1, total / 100_000)))))
+        samples = samples.withColumn(
+            "range", F.shiftrightunsigned(F.col("h"), 64 - range_bits).cast("int") if range_bits else F.lit(0))
+        counts = {r["range"]: r["count"] for r in samples.groupBy("range").count().collect()}
+        offsets, acc = [], 0
+        for r in range(1 << range_bits):
+            offsets.append(acc)
+            acc += counts.get(r, 0)
+        rank = F.row_number().over(Window.partitionBy("range").orderBy("h", "key", "copy"))
+        placed = samples.withColumn(
+            "position", F.element_at(F.lit(offsets).cast("array<long>"), F.col("range") + 1) + rank - 1)
+        num_shards = math.ceil(total / job.samples_per_shard)
+        placed = placed.select("key", "copy",
+                               (F.col("position") / job.samples_per_shard).cast("long").cast("int").alias("shard"),
+                               (F.col("position") % job.samples_per_shard).cast("int").alias("slot"))
+
+        # Stage 4: write.
+        rows = (placed.join(good.select("key", "labels", "weight", "image", "ext"), on="key")
+                .repartition(num_shards, "shard").sortWithinPartitions("shard", "slot")
+                .mapInArrow(_write_partition(job.output, job.prefix, job.samples_per_shard, total,
+                                             sio.storage_config()),
+                            WRITTEN_SCHEMA)
+                .collect())
+    finally:
+        images.unpersist()
+        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "65536")
+
+    by_shard = {}
+    for r in rows:
+        by_shard.setdefault(r["shard"], r)  # one successful attempt per shard
+    if sorted(by_shard) != list(range(num_shards)):
+        raise ValueError(f"internal error: shards written {sorted(by_shard)[:10]}..., expected 0..{num_shards - 1}")
+    shards, label_counts = [], {}
+    fs, _ = sio.filesystem(job.output)
+    for s in range(num_shards):
+        r = by_shard[s]
+        name = shard_name(job.prefix, s)
+        fs.mv(sio.filesystem(r["temp"])[1], sio.filesystem(sio.join(job.output, name))[1])
+        shards.append(ShardInfo(name=name, samples=int(r["samples"]), bytes=int(r["bytes"]), sha256=r["sha256"]))
+        for label, n in json.loads(r["labels"]).items():
+            label_counts[int(label)] = label_counts.get(int(label), 0) + n
+    tmp = sio.filesystem(sio.join(job.output, TEMPORARY))
+    if tmp[0].exists(tmp[1]):
+        tmp[0].rm(tmp[1], recursive=True)
+
+    config, resample_inputs = _config_from(resample_dir, requested_total)
+    manifest = Manifest(
+        config=config,
+        inputs={"selection": sio.listing_fingerprint(selection_path), "index": sio.listing_fingerprint(job.index),
+                **{f"resample.{k}": v for k, v in resample_inputs.items()}},
+        shards=shards, total_samples=total, unique_examples=unique - n_bad,
+        label_distribution=label_counts, bad_records=bad_records,
+        extra={"samples_per_shard": job.samples_per_shard, "prefix": job.prefix, "seed": job.seed,
+               "requested_samples": requested_total, "bad_examples": n_bad, "image_source": column,
+               "seconds": round(time.time() - t0, 2)})
+    sio.write_bytes_atomic(manifest_path, manifest.to_json())
+    sio.write_bytes_atomic(sio.join(job.output, "_SUCCESS"), "")
+    return manifest
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m spark_jobs.write_shards",
+                                description="Write WebDataset shards from a resampler selection.")
+    p.add_argument("--selection", required=True, help="resampler output dir or its selection/ dir")
+    p.add_argument("--index", required=True, help="the source index the resampler read")
+    p.add_argument("--output", required=True)
+    p.add_argument("--samples-per-shard", type=int, default=10000)
+    p.add_argument("--prefix", default="shard")
+    p.add_argument("--seed", type=int, default=0, help="placement of copies across shards")
+    p.add_argument("--overwrite", action="store_true", help="redo a complete output")
+    p.add_argument("--max-bad-fraction", type=float, default=0.001,
+                   help="fail when more selected examples than this have no usable image")
+    p.add_argument("--master", help="Spark master (default: local[*] unless run by spark-submit)")
+    p.add_argument("--driver-memory", help="local mode heap (default: half the machine's memory)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        job = ShardJob(selection=args.selection, index=args.index, output=args.output,
+                       samples_per_shard=args.samples_per_shard, prefix=args.prefix, seed=args.seed,
+                       overwrite=args.overwrite, max_bad_fraction=args.max_bad_fraction)
+    except ValueError as e:
+        print(f"write_shards: error: {e}", file=sys.stderr)
+        return 2
+    spark = get_session("adaptive-transfer write_shards", args.master, driver_memory=args.driver_memory)
+    try:
+        manifest = run(spark, job)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"write_shards: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        spark.stop()
+    print(f"write_shards: {manifest.total_samples} samples ({manifest.unique_examples} unique) in "
+          f"{len(manifest.shards)} shards -> {job.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

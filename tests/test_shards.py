@@ -1,0 +1,324 @@
+"""spark_jobs.write_shards and spark_jobs.verify: nothing lost, nothing extra,
+WebDataset-readable, deterministic, atomic under failures, object storage."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from schemas import SchemaError
+from schemas import io as sio
+from spark_jobs import resample as R
+from spark_jobs import shards as SH
+from spark_jobs import verify as V
+from spark_jobs import write_shards as W
+from tests.helpers import reference_weights, run_module, write_weights
+
+LABELS = pa.list_(pa.int32())
+
+
+# -- pure parts ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key", ["n01440764/n01440764_10026.JPEG", "a.b.c", "with space/and.dot.png",
+                                 "100%_sure", "üñí/çødé.jpg", "_c3", "a_c1", "plain"])
+def test_sample_keys_survive_webdataset_grouping(key):
+    for copy in (0, 1, 12):
+        k = SH.sample_key(key, copy)
+        assert "." not in k and "/" not in k and " " not in k
+        assert SH.parse_sample_key(k) == (key, copy)
+
+
+def test_sample_keys_are_unique():
+    keys = ["a", "a_c1", "a.1", "a%2E1", "a/1", "a 1", "a_c1_c0"]
+    made = [SH.sample_key(k, c) for k in keys for c in range(3)]
+    assert len(set(made)) == len(made)
+
+
+def test_image_extension_from_bytes():
+    from schemas.synthetic import encode_image
+    px = np.zeros((8, 8, 3), np.uint8)
+    assert SH.image_extension(encode_image(px, "JPEG")) == "jpg"
+    assert SH.image_extension(encode_image(px, "PNG")) == "png"
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(px).save(buf, format="WEBP")
+    assert SH.image_extension(buf.getvalue()) == "webp"
+    assert SH.image_extension(b"GIF89a....") == "gif"
+    assert SH.image_extension(b"not an image") is None
+
+
+def test_write_tar_is_deterministic_and_readable():
+    samples = [(SH.sample_key(f"k/{i}.JPEG", 0), "jpg", b"\xff\xd8\xff" + bytes([i]) * 50,
+                SH.sample_json(f"k/{i}.JPEG", 0, [i], 0.5)) for i in range(5)]
+    a, b = io.BytesIO(), io.BytesIO()
+    ra, rb = SH.write_tar(a, samples), SH.write_tar(b, samples)
+    assert a.getvalue() == b.getvalue() and ra == rb and ra[0] == 5 and ra[1] == len(a.getvalue())
+    with tarfile.open(fileobj=io.BytesIO(a.getvalue())) as tar:
+        assert all(m.mtime == 0 and m.uid == 0 and m.mode == 0o644 for m in tar.getmembers())
+    got = list(SH.read_tar_samples(io.BytesIO(a.getvalue())))
+    assert [k for k, _ in got] == [s[0] for s in samples]
+
+
+# -- end to end ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def resampled(spark, source_data, tmp_path_factory):
+    """A same/multinomial selection (many copies) over the generated source."""
+    root = tmp_path_factory.mktemp("shards")
+    weights = write_weights(str(root / "weights.parquet"),
+                            reference_weights(source_data.index_path, source_data.labels_path, seed=2))
+    out = str(root / "resampled")
+    R.run(spark, R.ResampleJob(index=source_data.index_path, weights=weights, size=2500, seed=1, output=out))
+    return source_data, out, root
+
+
+def read_back(directory):
+    """(source key, copy) -> (image bytes, json) read with webdataset, plus per-shard counts."""
+    manifest = json.loads(open(os.path.join(directory, "manifest.json")).read())
+    urls = [os.path.join(directory, s["name"]) for s in manifest["shards"]]
+    samples = {}
+    for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        meta = json.loads(s["json"])
+        image = [v for k, v in s.items() if k in ("jpg", "png", "webp")]
+        assert len(image) == 1
+        assert (meta["key"], meta["copy"]) not in samples
+        samples[(meta["key"], meta["copy"])] = (image[0], meta, s["__key__"])
+    return manifest, samples
+
+
+def test_shards_hold_every_copy_exactly(spark, resampled, tmp_path):
+    source, sel_dir, _ = resampled
+    out = str(tmp_path / "shards")
+    m = W.run(spark, W.ShardJob(selection=sel_dir, index=source.index_path, output=out, samples_per_shard=300))
+    selection = sio.read_parquet(os.path.join(sel_dir, "selection"))
+    want = dict(zip(selection.column("key").to_pylist(), selection.column("copies").to_pylist()))
+    manifest, samples = read_back(out)
+    got = Counter(k for k, _ in samples)
+    assert got == Counter(want)
+    assert sorted(c for k, c in samples if k == next(iter(want))) == list(range(want[next(iter(want))]))
+    # Image bytes unchanged from the index, json complete.
+    index = sio.read_parquet(source.index_path)
+    image_of = dict(zip(index.column("key").to_pylist(), index.column("image").to_pylist()))
+    labels_of = dict(zip(index.column("key").to_pylist(), index.column("labels").to_pylist()))
+    weight_of = dict(zip(selection.column("key").to_pylist(), selection.column("weight").to_pylist()))
+    for (key, copy), (image, meta, wkey) in samples.items():
+        assert image == image_of[key]
+        assert meta["labels"] == labels_of[key] and meta["weight"] == weight_of[key]
+        assert wkey == SH.sample_key(key, copy)
+    # Shard sizes and names.
+    sizes = [s["samples"] for s in manifest["shards"]]
+    assert sizes[:-1] == [300] * (len(sizes) - 1) and 0 < sizes[-1] <= 300 and sum(sizes) == 2500
+    assert [s["name"] for s in manifest["shards"]] == [f"shard-{i:06d}.tar" for i in range(len(sizes))]
+    assert sorted(os.listdir(out)) == sorted(["_SUCCESS", "manifest.json"] + [s["name"] for s in manifest["shards"]])
+    assert manifest["total_samples"] == 2500 and manifest["unique_examples"] == len(want)
+    assert manifest["config"]["matcher"] == "same" and manifest["config"]["size"] == 2500
+    assert set(manifest["inputs"]) >= {"selection", "index", "resample.weights"}
+    realised = Counter(l for (k, _), (_, meta, _) in samples.items() for l in meta["labels"])
+    assert {int(k): v for k, v in manifest["label_distribution"].items()} == dict(realised)
+    assert m.total_samples == 2500
+    # Plain tarfile agrees with webdataset.
+    with tarfile.open(os.path.join(out, "shard-000000.tar")) as tar:
+        names = tar.getnames()
+    assert len(names) == 600 and all(n.count(".") == 1 for n in names)
+    assert V.verify(out).ok
+
+
+def test_copies_are_spread_over_shards(spark, resampled, tmp_path):
+    source, sel_dir, _ = resampled
+    out = str(tmp_path / "shards")
+    W.run(spark, W.ShardJob(selection=sel_dir, index=source.index_path, output=out, samples_per_shard=250))
+    manifest = json.loads(open(os.path.join(out, "manifest.json")).read())
+    shard_of = {}
+    for s in manifest["shards"]:
+        with tarfile.open(os.path.join(out, s["name"])) as tar:
+            for name in tar.getnames():
+                if name.endswith(".json"):
+                    shard_of[name[:-5]] = s["name"]
+    by_key: dict[str, set] = {}
+    for k, shard in shard_of.items():
+        by_key.setdefault(SH.parse_sample_key(k)[0], set()).add(shard)
+    copies = Counter(SH.parse_sample_key(k)[0] for k in shard_of)
+    many = [k for k, c in copies.items() if c >= 4]
+    assert many, "the selection should repeat some examples"
+    # With 10 shards, 4+ copies all landing in one shard has probability < 1e-3 each.
+    assert sum(len(by_key[k]) == 1 for k in many) <= max(1, len(many) // 20)
+
+
+def test_keys_with_dots_spaces_and_bad_images(spark, tmp_path):
+    from schemas.synthetic import encode_image
+    px = np.full((16, 16, 3), 200, np.uint8)
+    keys = ["a.b.c.jpg", "dir with space/x.y.JPEG", "plain", "bad/one.JPEG", "png/as.jpg", "also.bad"]
+    images = [encode_image(px), encode_image(px), encode_image(px), b"garbage", encode_image(px, "PNG"), None]
+    pq.write_table(pa.table({"key": keys, "labels": pa.array([[1]] * 6, LABELS),
+                             "image": pa.array(images, pa.binary())}), tmp_path / "index.parquet")
+    pq.write_table(pa.table({"key": keys + ["not/in/index"], "copies": pa.array([2, 1, 1, 1, 1, 1, 3], pa.int32()),
+                             "weight": [1.0] * 7}), tmp_path / "selection.parquet")
+    out = str(tmp_path / "out")
+    with pytest.raises(ValueError, match=r"3 of 7 selected examples have a missing or unrecognisable image"):
+        W.run(spark, W.ShardJob(selection=str(tmp_path / "selection.parquet"), index=str(tmp_path / "index.parquet"),
+                                output=out, samples_per_shard=2))
+    assert not os.path.exists(os.path.join(out, "_SUCCESS"))
+    m = W.run(spark, W.ShardJob(selection=str(tmp_path / "selection.parquet"), index=str(tmp_path / "index.parquet"),
+                                output=out, samples_per_shard=2, max_bad_fraction=0.5))
+    assert m.total_samples == 5 and m.unique_examples == 4
+    assert {b["key"]: b["reason"] for b in m.bad_records} == {
+        "not/in/index": "not in the source index", "bad/one.JPEG": "unrecognised image format",
+        "also.bad": "no image bytes"}
+    _, samples = read_back(out)
+    assert Counter(k for k, _ in samples) == {"a.b.c.jpg": 2, "dir with space/x.y.JPEG": 1, "plain": 1,
+                                               "png/as.jpg": 1}
+    with tarfile.open(os.path.join(out, "shard-000000.tar")) as tar, \
+            tarfile.open(os.path.join(out, "shard-000001.tar")) as tar2, \
+            tarfile.open(os.path.join(out, "shard-000002.tar")) as tar3:
+        names = tar.getnames() + tar2.getnames() + tar3.getnames()
+    assert sum(n.endswith(".png") for n in names) == 1  # extension from the bytes, not the key
+    assert V.verify(out).ok
+
+
+def test_rerun_and_incomplete_output(spark, resampled, tmp_path):
+    source, sel_dir, _ = resampled
+    out = str(tmp_path / "shards")
+    job = W.ShardJob(selection=os.path.join(sel_dir, "selection"), index=source.index_path, output=out,
+                     samples_per_shard=1000)
+    W.run(spark, job)
+    before = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in os.listdir(out)}
+    W.run(spark, job)  # complete: no work
+    assert {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in os.listdir(out)} == before
+    os.remove(os.path.join(out, "_SUCCESS"))
+    os.makedirs(os.path.join(out, "_temporary"))
+    open(os.path.join(out, "_temporary", "shard-000000.tar.junk"), "wb").write(b"partial")
+    open(os.path.join(out, "shard-000009.tar"), "wb").write(b"stale")
+    W.run(spark, job)
+    assert sorted(os.listdir(out)) == ["_SUCCESS", "manifest.json", "shard-000000.tar", "shard-000001.tar",
+                                       "shard-000002.tar"]
+    assert V.verify(out).ok
+
+
+@pytest.mark.slow
+def test_byte_identical_across_parallelism_and_task_failures(resampled, tmp_path):
+    source, sel_dir, _ = resampled
+    # One task at a time, against three at a time with every first attempt of
+    # the fetch and write tasks failing (mid-write for the shards).
+    runs = {"local[1]": {}, "local[3,4]": {"ADAPTIVE_TRANSFER_FAIL_FIRST_ATTEMPT": "fetch,write"}}
+    digests = {}
+    for master, env in runs.items():
+        out = str(tmp_path / master.replace("[", "_").replace("]", "").replace(",", "_"))
+        proc = run_module("spark_jobs.write_shards", "--selection", sel_dir, "--index", source.index_path,
+                          "--output", out, "--samples-per-shard", "400", "--master", master,
+                          "--driver-memory", "1g", env=env)
+        if env:
+            assert "injected failure in stage 'write'" in proc.stderr
+            assert "injected failure in stage 'fetch'" in proc.stderr
+        files = sorted(f for f in os.listdir(out) if f.endswith(".tar"))
+        assert sorted(os.listdir(out)) == sorted(files + ["_SUCCESS", "manifest.json"])  # no partial file
+        digests[master] = {f: sio.file_sha256(os.path.join(out, f)) for f in files}
+        assert run_module("spark_jobs.verify", out).returncode == 0
+    assert digests["local[1]"] == digests["local[3,4]"]
+
+
+def test_verify_names_the_damaged_shard(spark, resampled, tmp_path):
+    source, sel_dir, _ = resampled
+    out = str(tmp_path / "shards")
+    W.run(spark, W.ShardJob(selection=sel_dir, index=source.index_path, output=out, samples_per_shard=900))
+    assert V.main([out]) == 0
+    good = str(tmp_path / "good")
+    shutil.copytree(out, good)
+    # Flip one byte inside shard 1.
+    path = os.path.join(out, "shard-000001.tar")
+    data = bytearray(open(path, "rb").read())
+    data[2000] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    report = V.verify(out)
+    assert not report.ok and all("shard-000001.tar" in p for p in report.problems)
+    proc = run_module("spark_jobs.verify", out, check=False)
+    assert proc.returncode == 1 and "shard-000001.tar: sha256 mismatch" in proc.stderr
+    # A missing shard, a missing _SUCCESS, a truncated shard.
+    os.remove(os.path.join(good, "shard-000002.tar"))
+    assert "shard-000002.tar: missing" in V.verify(good).problems
+    os.remove(os.path.join(good, "_SUCCESS"))
+    assert any("no _SUCCESS" in p for p in V.verify(good).problems)
+    t = os.path.join(good, "shard-000000.tar")
+    open(t, "r+b").truncate(5000)
+    assert any(p.startswith("shard-000000.tar") for p in V.verify(good).problems)
+
+
+def test_bad_selection_inputs(spark, source_data, tmp_path):
+    pq.write_table(pa.table({"key": ["a", "a"], "copies": pa.array([1, 2], pa.int32())}), tmp_path / "dup.parquet")
+    with pytest.raises(SchemaError, match="1 keys appear in more than one row"):
+        W.run(spark, W.ShardJob(selection=str(tmp_path / "dup.parquet"), index=source_data.index_path,
+                                output=str(tmp_path / "o1")))
+    pq.write_table(pa.table({"key": ["a"], "copies": pa.array([0], pa.int32())}), tmp_path / "zero.parquet")
+    with pytest.raises(SchemaError, match=r"copies must be > 0 \(found 0\)"):
+        W.run(spark, W.ShardJob(selection=str(tmp_path / "zero.parquet"), index=source_data.index_path,
+                                output=str(tmp_path / "o2")))
+    with pytest.raises(ValueError, match="--samples-per-shard must be >= 1"):
+        W.ShardJob(selection="x", index="y", output="z", samples_per_shard=0)
+
+
+# -- object storage -------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """A local S3-compatible server (moto) on loopback; fsspec's s3:// points at it."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3_ENDPOINT_URL": endpoint}.items():
+        monkeypatch.setenv(k, v)
+    import fsspec
+    # Options set on the driver travel to the Spark tasks (schemas.io.storage_config).
+    options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+    fsspec.config.conf["s3"] = dict(options)
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
+    fs.mkdir("bucket")
+    yield fs
+    fsspec.config.conf.pop("s3", None)
+    server.stop()
+
+
+def test_uri_images_and_shards_on_object_storage(spark, tmp_path, s3_server):
+    from schemas.synthetic import encode_image
+    fs = s3_server
+    keys, uris = [], []
+    for i in range(12):
+        data = encode_image(np.full((8, 8, 3), i * 20, np.uint8), "PNG" if i % 3 == 0 else "JPEG")
+        fs.pipe(f"bucket/images/{i}.img", data)
+        keys.append(f"s3img/{i}.JPEG")
+        uris.append(f"s3://bucket/images/{i}.img")
+    pq.write_table(pa.table({"key": keys, "labels": pa.array([[i % 4] for i in range(12)], LABELS), "uri": uris}),
+                   tmp_path / "index.parquet")
+    pq.write_table(pa.table({"key": keys, "copies": pa.array([1 + i % 2 for i in range(12)], pa.int32()),
+                             "weight": [1.0] * 12}), tmp_path / "selection.parquet")
+    out = "s3://bucket/shards/run1"
+    m = W.run(spark, W.ShardJob(selection=str(tmp_path / "selection.parquet"), index=str(tmp_path / "index.parquet"),
+                                output=out, samples_per_shard=5))
+    assert m.total_samples == 18 and len(m.shards) == 4
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("bucket/shards/run1")) == [
+        "_SUCCESS", "manifest.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar", "shard-000003.tar"]
+    report = V.verify(out)
+    assert report.ok, report.problems
+    assert report.samples == 18
+    with fs.open("bucket/shards/run1/shard-000000.tar", "rb") as fh:
+        names = [m.name for m in tarfile.open(fileobj=io.BytesIO(fh.read())).getmembers()]
+    assert any(n.endswith(".png") for n in names) or any(n.endswith(".jpg") for n in names)

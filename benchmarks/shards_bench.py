@@ -1,0 +1,131 @@
+"""Shard writing throughput against webdataset.TarWriter and a raw copy.
+
+::
+
+    .venv/bin/python -m benchmarks.shards_bench [--images 6000] [--master local[2]]
+
+On one generated index of ~25 KB JPEGs (inline bytes), every example
+selected once:
+
+* ``raw copy``: one process reads the image column and writes the bytes
+  back to back to one file (the I/O floor);
+* ``TarWriter``: one process reads the index and writes the same samples
+  (image + json) with ``webdataset.TarWriter`` into shards of the same size;
+* ``write_shards``: this project's Spark job (locate, fetch, place, write,
+  manifest) on ``--master``.
+
+Prints MB/s of image payload for each, and write_shards' throughput per
+core used against TarWriter's (goal: >= 0.8x). Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+from PIL import Image
+
+from spark_jobs import write_shards as W
+from spark_jobs.session import get_session
+from spark_jobs.shards import sample_json, sample_key
+
+
+def make_index(path: str, images: int, seed: int = 0) -> int:
+    """Noise JPEGs of ~25 KB (quality 90, 96x96 px) written inline; returns bytes."""
+    done = os.path.join(path, "_DONE")
+    if os.path.exists(done):
+        return int(open(done).read())
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    rng = np.random.default_rng(seed)
+    total = 0
+    per_file = 1000
+    for f in range(0, images, per_file):
+        keys, data = [], []
+        for i in range(f, min(images, f + per_file)):
+            px = rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(px).save(buf, format="JPEG", quality=90)
+            keys.append(f"n{i % 100:08d}/n{i % 100:08d}_{i}.JPEG")
+            data.append(buf.getvalue())
+            total += len(data[-1])
+        pq.write_table(pa.table({"key": keys, "labels": pa.array([[i % 100] for i in range(f, f + len(keys))],
+                                                                  pa.list_(pa.int32())),
+                                 "image": pa.array(data, pa.binary())}),
+                       os.path.join(path, f"part-{f // per_file:05d}.parquet"), row_group_size=256)
+    open(done, "w").write(str(total))
+    return total
+
+
+def raw_copy(index: str, out: str) -> float:
+    start = time.perf_counter()
+    with open(out, "wb") as fh:
+        for f in sorted(os.listdir(index)):
+            if f.endswith(".parquet"):
+                for b in pq.read_table(os.path.join(index, f), columns=["image"]).column("image").to_pylist():
+                    fh.write(b)
+    return time.perf_counter() - start
+
+
+def tar_writer(index: str, out: str, per_shard: int) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    start = time.perf_counter()
+    with wds.ShardWriter(os.path.join(out, "shard-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for f in sorted(os.listdir(index)):
+            if not f.endswith(".parquet"):
+                continue
+            t = pq.read_table(os.path.join(index, f)).to_pydict()
+            for key, labels, image in zip(t["key"], t["labels"], t["image"]):
+                sink.write({"__key__": sample_key(key, 0), "jpg": image, "json": sample_json(key, 0, labels, 1.0)})
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=6000)
+    ap.add_argument("--samples-per-shard", type=int, default=1000)
+    ap.add_argument("--master", default="local[2]")
+    ap.add_argument("--work", default="/tmp/shards-bench")
+    args = ap.parse_args(argv)
+    index = os.path.join(args.work, "index")
+    payload = make_index(index, args.images)
+    mb = payload / 1e6
+    print(f"index: {args.images} images, {mb:.0f} MB, {payload / args.images / 1e3:.1f} KB each", flush=True)
+    keys = pa.concat_tables([pq.read_table(os.path.join(index, f), columns=["key"])
+                             for f in sorted(os.listdir(index)) if f.endswith(".parquet")]).column("key")
+    selection = os.path.join(args.work, "selection.parquet")
+    pq.write_table(pa.table({"key": keys, "copies": pa.array(np.ones(len(keys), np.int32)),
+                             "weight": np.ones(len(keys))}), selection)
+    t_raw = raw_copy(index, os.path.join(args.work, "raw.bin"))
+    t_tar = tar_writer(index, os.path.join(args.work, "tarwriter"), args.samples_per_shard)
+    spark = get_session("shards-bench", args.master)
+    cores = spark.sparkContext.defaultParallelism
+    out = os.path.join(args.work, "ours")
+    W.run(spark, W.ShardJob(selection=selection, index=index, output=out + "-warm",
+                            samples_per_shard=args.samples_per_shard, overwrite=True))
+    start = time.perf_counter()
+    W.run(spark, W.ShardJob(selection=selection, index=index, output=out,
+                            samples_per_shard=args.samples_per_shard, overwrite=True))
+    t_ours = time.perf_counter() - start
+    spark.stop()
+    per_core = (mb / t_ours / cores) / (mb / t_tar)
+    print(f"raw copy      {t_raw:6.2f}s  {mb / t_raw:7.1f} MB/s")
+    print(f"TarWriter     {t_tar:6.2f}s  {mb / t_tar:7.1f} MB/s (1 process)")
+    print(f"write_shards  {t_ours:6.2f}s  {mb / t_ours:7.1f} MB/s ({cores} cores; per core "
+          f"{per_core:.2f}x TarWriter)")
+    print(json.dumps({"images": args.images, "mb": mb, "raw_s": t_raw, "tarwriter_s": t_tar,
+                      "write_shards_s": t_ours, "cores": cores, "per_core_vs_tarwriter": per_core}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,230 @@
+"""Data for the trainer: WebDataset shards for pre-training, target datasets
+for fine-tuning and evaluation.
+
+Pre-training stream (:class:`ShardStream`) is a deterministic function of
+(shards, seed, rank, world size, worker, number of workers):
+
+* epoch ``e`` permutes the shard list with ``(seed, e)``; rank ``r`` takes
+  every ``world``-th shard from position ``r`` and loader worker ``w`` every
+  ``num_workers``-th of those, so ranks and workers read disjoint shards;
+* samples are read with WebDataset's tar iterators, shuffled in a buffer
+  driven by ``(seed, e, r, w)`` *before* decoding, then decoded with PIL and
+  augmented with an RNG seeded by the sample's position in the stream;
+* the stream is endless (epoch after epoch), so the DataLoader's round-robin
+  over workers never goes out of step, and a resumed run skips exactly the
+  samples already consumed (without decoding them): no sample is skipped or
+  repeated across a restart.
+
+Nothing is unpickled: samples are image bytes and JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from schemas import Manifest
+from schemas import io as sio
+from schemas.targets import list_target
+
+from .transforms import PreprocessSpec, decode_image, eval_transform, train_transform
+
+__all__ = ["shard_urls", "ShardStream", "TargetDataset", "LoaderState", "soft_targets", "collate",
+           "IMAGE_KEYS"]
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff")
+_BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+def shard_urls(spec: str) -> list[str]:
+    """Shard list from a ``manifest.json`` path (checked to be complete) or a
+    brace pattern such as ``out/shard-{000000..000099}.tar``."""
+    if spec.endswith(".json"):
+        base = spec.rsplit("/", 1)[0] if "/" in spec else "."
+        if not sio.exists(sio.join(base, "_SUCCESS")):
+            raise FileNotFoundError(f"{base}: no _SUCCESS; these shards are not a finished result")
+        manifest = Manifest.from_json(sio.read_bytes(spec).decode(), spec)
+        return [sio.join(base, s.name) for s in manifest.shards]
+    m = _BRACE.search(spec)
+    if not m:
+        return [spec]
+    lo, hi = m.group(1), m.group(2)
+    width = len(lo)
+    return [spec[:m.start()] + f"{i:0{width}d}" + spec[m.end():] for i in range(int(lo), int(hi) + 1)]
+
+
+def soft_targets(label_lists: Sequence[Sequence[int]], index_of: dict[int, int], num_classes: int) -> torch.Tensor:
+    """The paper's multi-label targets: a multi-hot vector normalised to sum 1."""
+    out = torch.zeros(len(label_lists), num_classes)
+    for i, labels in enumerate(label_lists):
+        idx = [index_of[l] for l in labels if l in index_of]
+        if idx:
+            out[i, idx] = 1.0 / len(idx)
+    return out
+
+
+@dataclass
+class LoaderState:
+    """Where a rank's pre-training stream stands, for exact resumption.
+
+    ``positions[w]`` is the next raw sample (decoded or corrupt) of logical
+    worker ``w``'s stream; ``batches`` the batches consumed in all. A resumed
+    loader starts its round-robin at logical worker ``batches % workers``.
+    """
+
+    workers: int = 1
+    batches: int = 0
+    positions: list[int] | None = None
+    corrupt: int = 0
+
+    def __post_init__(self) -> None:
+        if self.positions is None:
+            self.positions = [0] * max(1, self.workers)
+
+    def update(self, worker: int, next_position: int, corrupt: int) -> None:
+        self.batches += 1
+        self.positions[worker] = next_position
+        self.corrupt += corrupt
+
+    def to_dict(self) -> dict:
+        return {"workers": self.workers, "batches": self.batches, "positions": list(self.positions),
+                "corrupt": self.corrupt}
+
+
+class ShardStream(IterableDataset):
+    """Endless, deterministic, resumable stream of WebDataset samples.
+
+    Yields ``(image tensor, label ids, logical worker, next raw position,
+    corrupt samples skipped just before)``. ``state`` says where each logical
+    worker's stream resumes; loader worker ``i`` serves logical worker
+    ``(i + state.batches) % num_workers`` so that a resumed DataLoader continues
+    the round-robin exactly where the interrupted one stopped.
+    """
+
+    def __init__(self, urls: Sequence[str], spec: PreprocessSpec, *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, shuffle_buffer: int = 1000, state: LoaderState | None = None,
+                 train: bool = True):
+        super().__init__()
+        self.urls = list(urls)
+        self.spec = spec
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle_buffer = max(1, shuffle_buffer)
+        self.state = state or LoaderState()
+        self.train = train
+
+    # -- which shards --------------------------------------------------------------
+    def shards_for(self, epoch: int, worker: int, num_workers: int) -> list[str]:
+        order = np.random.default_rng([self.seed, epoch, 0x5A]).permutation(len(self.urls))
+        mine = [self.urls[i] for i in order][self.rank::self.world_size]
+        return mine[worker::num_workers]
+
+    def check_split(self, num_workers: int) -> None:
+        need = self.world_size * max(1, num_workers)
+        if len(self.urls) < need:
+            raise ValueError(f"{len(self.urls)} shards cannot give each of {self.world_size} rank(s) x "
+                             f"{max(1, num_workers)} loader worker(s) its own shards; write smaller shards "
+                             "(--samples-per-shard) or use fewer workers")
+
+    # -- raw samples (bytes), shuffled before decoding ------------------------------------
+    def raw_samples(self, worker: int, num_workers: int) -> Iterator[dict]:
+        """Endless sample dicts for one logical worker, shuffled by a buffer."""
+        from webdataset import tariterators as T
+
+        epoch = 0
+        while True:
+            shards = self.shards_for(epoch, worker, num_workers)
+            if not shards:
+                raise ValueError(f"rank {self.rank} worker {worker} has no shards")
+            rng = np.random.default_rng([self.seed, epoch, self.rank, worker, 0xB0F])
+            buffer: list[dict] = []
+
+            def stream(shards=shards):
+                for url in shards:
+                    fs, p = sio.filesystem(url)
+                    with fs.open(p, "rb") as fh:
+                        yield from T.group_by_keys(T.tar_file_expander([{"url": url, "stream": fh}]))
+
+            for sample in stream():
+                if len(buffer) < self.shuffle_buffer:
+                    buffer.append(sample)
+                    continue
+                j = int(rng.integers(len(buffer)))
+                buffer[j], sample = sample, buffer[j]
+                yield sample
+            while buffer:
+                j = int(rng.integers(len(buffer)))
+                buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                yield buffer.pop()
+            epoch += 1
+
+    def __iter__(self):
+        info = get_worker_info()
+        loader_worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        if num_workers != self.state.workers:
+            raise ValueError(f"the stream was saved with {self.state.workers} loader workers; resume with "
+                             f"the same number (got {num_workers})")
+        worker = (loader_worker + self.state.batches) % num_workers
+        skip = self.state.positions[worker]
+        corrupt = 0
+        for position, sample in enumerate(self.raw_samples(worker, num_workers)):
+            if position < skip:
+                continue  # already consumed before a restart: skipped undecoded
+            rng = np.random.default_rng([self.seed, self.rank, worker, position, 0xA06])
+            try:
+                image_key = next(k for k in IMAGE_KEYS if k in sample)
+                meta = json.loads(sample["json"])
+                img = decode_image(sample[image_key])
+                x = train_transform(img, self.spec, rng) if self.train else eval_transform(img, self.spec)
+                labels = [int(l) for l in meta["labels"]]
+            except Exception:  # noqa: BLE001 - a corrupt sample is counted and skipped
+                corrupt += 1
+                continue
+            yield torch.from_numpy(x), labels, worker, position + 1, corrupt
+            corrupt = 0
+
+
+def collate(batch):
+    """Stack images; keep label lists; the batch's worker, next position and
+    corrupt samples skipped (a batch always comes from one worker)."""
+    xs, labels, workers, positions, corrupt = zip(*batch)
+    return torch.stack(xs), list(labels), workers[0], max(positions), sum(corrupt)
+
+
+class TargetDataset(Dataset):
+    """A target split in its real layout: ``(image tensor, class index)``.
+
+    Training items are augmented with an RNG seeded by ``(seed, epoch, index)``
+    (set ``epoch`` between passes), so runs are reproducible.
+    """
+
+    def __init__(self, root: str, layout: str, split: str, spec: PreprocessSpec, train: bool, seed: int = 0):
+        self.split = list_target(root, layout, split)
+        self.spec = spec
+        self.train = train
+        self.seed = seed
+        self.epoch = 0
+
+    @property
+    def classes(self) -> list[str]:
+        return self.split.classes
+
+    def __len__(self) -> int:
+        return len(self.split.items)
+
+    def __getitem__(self, i: int):
+        path, label = self.split.items[i]
+        img = decode_image(sio.read_bytes(path))
+        if self.train:
+            rng = np.random.default_rng([self.seed, self.epoch, i, 0x7A])
+            x = train_transform(img, self.spec, rng)
+        else:
+            x = eval_transform(img, self.spec)
+        return torch.from_numpy(x), label

@@ -1,0 +1,184 @@
+"""Pre-train a model on WebDataset shards with DeepSpeed.
+
+::
+
+    python -m trainer.pretrain --shards DIR/manifest.json --labels vocab.parquet \\
+      --model small|resnet50|inception_v3 --steps N --batch-size B [--lr ...] \\
+      [--warmup-steps ...] [--seed 0] [--resume] [--deepspeed-config ds.json] --output CKPT_DIR
+    deepspeed --num_gpus 8 --module trainer.pretrain ...            # one node
+    deepspeed --hostfile hosts --module trainer.pretrain ...        # many nodes
+
+Writes ``CKPT_DIR/checkpoints/step*/`` (DeepSpeed, every ``--save-every``
+steps and at the end), ``CKPT_DIR/train_log.jsonl``, ``CKPT_DIR/metrics.json``
+and, at the end, ``CKPT_DIR/generalist.pt`` (schemas.checkpoint format).
+
+``--batch-size`` is the global batch (the paper: 1024), split evenly over ranks.
+Targets are the paper's: softmax cross-entropy on the multi-hot label vector
+normalised to sum to one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from schemas import io as sio
+
+from . import runtime as RT
+from .data import LoaderState, ShardStream, collate, shard_urls, soft_targets
+from .models import DEFAULT_INPUT_SIZE, build_model, save_generalist
+from .optim import deepspeed_config, default_lr, default_warmup, make_optimizer, make_scheduler
+from .transforms import PreprocessSpec
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer.pretrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", required=True, help="DIR/manifest.json or a brace pattern of .tar files")
+    p.add_argument("--labels", required=True, help="label vocabulary Parquet (the output classes)")
+    p.add_argument("--model", default="small", help="small, resnet50 or inception_v3 (default small)")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--batch-size", type=int, required=True, help="global batch size")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 0.1 x batch / 256)")
+    p.add_argument("--warmup-steps", type=int, help="linear warmup (default 1%% of --steps, as the paper)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--input-size", type=int, help="model input side (default per architecture)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=2, help="loader worker processes per rank")
+    p.add_argument("--shuffle-buffer", type=int, default=2000)
+    p.add_argument("--save-every", type=int, help="checkpoint every K steps (default steps/10)")
+    p.add_argument("--keep-checkpoints", type=int, default=3, help="complete checkpoints kept (default 3)")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--stop-after", type=int, help="stop (after checkpointing) at this step; for preemptible runs")
+    p.add_argument("--deepspeed-config", help="a DeepSpeed JSON config instead of the generated one")
+    p.add_argument("--output", required=True)
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
+    return p
+
+
+def _loader(urls, spec, args, info, state):
+    stream = ShardStream(urls, spec, seed=args.seed, rank=info.rank, world_size=info.world_size,
+                         shuffle_buffer=args.shuffle_buffer, state=state)
+    stream.check_split(args.num_workers)
+    return torch.utils.data.DataLoader(
+        stream, batch_size=args.batch_size // info.world_size, num_workers=args.num_workers,
+        collate_fn=collate, persistent_workers=False,
+        prefetch_factor=2 if args.num_workers else None)
+
+
+def run(args: argparse.Namespace) -> dict:
+    info = RT.setup_distributed()
+    vocab = sio.read_parquet(args.labels)
+    label_ids = sorted(int(i) for i in vocab.column("label_id").to_pylist())
+    index_of = {lid: i for i, lid in enumerate(label_ids)}
+    urls = shard_urls(args.shards)
+    spec = PreprocessSpec(args.input_size or DEFAULT_INPUT_SIZE.get(args.model, 224))
+    lr = args.lr if args.lr is not None else default_lr(args.batch_size, "pretrain")
+    warmup = args.warmup_steps if args.warmup_steps is not None else default_warmup(args.steps, "pretrain")
+    save_every = args.save_every or max(1, args.steps // 10)
+    ckpt_dir = os.path.join(args.output, "checkpoints")
+
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    model = build_model(args.model, len(label_ids)).to(info.device)
+    optimizer = make_optimizer(model, lr, args.momentum, args.weight_decay)
+    scheduler = make_scheduler(optimizer, args.steps, warmup)
+    if args.deepspeed_config:
+        config = json.loads(sio.read_bytes(args.deepspeed_config))
+    else:
+        config = deepspeed_config(args.batch_size, info.world_size, bf16=info.device.type == "cuda",
+                                  log_every=args.log_every)
+    engine, optimizer, scheduler = RT.initialize(model, optimizer, scheduler, config)
+
+    workers = max(1, args.num_workers)
+    state = LoaderState(workers=workers)
+    start = 0
+    log_path = os.path.join(args.output, "train_log.jsonl")
+    if args.resume:
+        tag = RT.resume_tag(ckpt_dir)
+        if tag:
+            client = RT.load_checkpoint(engine, ckpt_dir, tag)
+            start = int(client["step"])
+            per_rank = client["loader"]
+            if len(per_rank) != info.world_size or client["loader_workers"] != workers:
+                raise ValueError(f"checkpoint {tag} was written by {len(per_rank)} rank(s) with "
+                                 f"{client['loader_workers']} loader worker(s); resume with the same")
+            mine = per_rank[info.rank]
+            state = LoaderState(workers=workers, batches=mine[0], corrupt=mine[1], positions=list(mine[2:]))
+            torch.set_rng_state(client["torch_rng"])
+            if info.is_main:
+                print(f"[resume] from {tag} (step {start})", flush=True)
+        elif info.is_main:
+            print(f"[resume] no complete checkpoint in {ckpt_dir}; starting from scratch", flush=True)
+    if info.is_main and start == 0:
+        os.makedirs(args.output, exist_ok=True)
+        open(log_path, "w").close()
+
+    end = min(args.steps, args.stop_after) if args.stop_after else args.steps
+    progress = RT.Progress(args.steps, start, args.batch_size, args.log_every, info.is_main)
+    loader = _loader(urls, spec, args, info, state)
+    it = iter(loader)
+    engine.train()
+    losses = []
+    for step in range(start, end):
+        x, labels, worker, next_position, corrupt = next(it)
+        y = soft_targets(labels, index_of, len(label_ids)).to(info.device)
+        logits = engine(x.to(info.device))
+        loss = -(y * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
+        engine.backward(loss)
+        engine.step()
+        state.update(worker, next_position, corrupt)
+        lr_now = optimizer.param_groups[0]["lr"]
+        value = float(loss.detach())
+        losses.append(value)
+        progress.update(step, value, lr_now)
+        if info.is_main:
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps({"step": step + 1, "loss": value, "lr": lr_now}) + "\n")
+        if (step + 1) % save_every == 0 or step + 1 == end:
+            gathered = RT.all_gather_longs([state.batches, state.corrupt, *state.positions])
+            RT.save_checkpoint(engine, ckpt_dir, step + 1, {
+                "step": step + 1, "loader": gathered, "loader_workers": workers,
+                "torch_rng": torch.get_rng_state(), "seed": args.seed}, keep=args.keep_checkpoints)
+    del it, loader
+
+    corrupt_total = sum(r[1] for r in RT.all_gather_longs([state.batches, state.corrupt]))
+    result = {"steps_done": end, "final_loss": losses[-1] if losses else None,
+              "mean_loss_last_10": float(np.mean(losses[-10:])) if losses else None,
+              "corrupt_samples_skipped": corrupt_total, "world_size": info.world_size,
+              "shards": len(urls), "lr": lr, "warmup_steps": warmup, "batch_size": args.batch_size}
+    if end == args.steps:
+        RT.average_buffers(engine.module)
+        if info.is_main:
+            save_generalist(os.path.join(args.output, "generalist.pt"), engine.module, args.model, label_ids,
+                            spec, vocab, extra={"steps": args.steps, "shards": args.shards, "seed": args.seed})
+    if info.is_main:
+        sio.write_bytes_atomic(os.path.join(args.output, "metrics.json"), json.dumps(result, indent=2) + "\n")
+    RT.barrier()
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"pretrain: error: {e}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"pretrain: {result['steps_done']} steps, final loss {result['final_loss']:.4f} -> {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -33,6 +33,8 @@ __all__ = [
     "REQUIRED_KEYS",
     "vocabulary_fingerprint",
     "validate_generalist",
+    "FINETUNED_FORMAT",
+    "validate_finetuned",
 ]
 
 GENERALIST_FORMAT = "adaptive-transfer/generalist"
@@ -76,3 +78,26 @@ def validate_generalist(ckpt: Mapping[str, Any], file: str | None = None,
         if fingerprint != ckpt["vocabulary_fingerprint"]:
             raise SchemaError("the model was trained on a different label vocabulary (fingerprint "
                               f"{ckpt['vocabulary_fingerprint'][:12]} != {fingerprint[:12]})", file=file)
+
+
+FINETUNED_FORMAT = "adaptive-transfer/finetuned"
+FINETUNED_REQUIRED_KEYS = ("format", "format_version", "architecture", "classes", "input_size", "resize",
+                           "mean", "std", "state_dict")
+
+
+def validate_finetuned(ckpt: Mapping[str, Any], file: str | None = None,
+                       classes: list[str] | None = None) -> None:
+    """Check a fine-tuned checkpoint dict; with ``classes``, that they match."""
+    if not isinstance(ckpt, Mapping) or ckpt.get("format") != FINETUNED_FORMAT:
+        raise SchemaError(f"not a fine-tuned checkpoint (format {getattr(ckpt, 'get', lambda k: None)('format')!r})",
+                          file=file)
+    if ckpt.get("format_version") != GENERALIST_FORMAT_VERSION:
+        raise SchemaError(f"fine-tuned checkpoint format_version is {ckpt.get('format_version')!r}; "
+                          f"this reader understands {GENERALIST_FORMAT_VERSION}", file=file)
+    missing = [k for k in FINETUNED_REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise SchemaError(f"fine-tuned checkpoint lacks {missing}", file=file)
+    if classes is not None and list(ckpt["classes"]) != list(classes):
+        raise SchemaError(f"the checkpoint was fine-tuned on {len(ckpt['classes'])} classes "
+                          f"({ckpt['classes'][:3]}...), the dataset has {len(classes)} ({classes[:3]}...)",
+                          file=file)

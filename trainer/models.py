@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from schemas import io as sio
-from schemas.checkpoint import (GENERALIST_FORMAT, GENERALIST_FORMAT_VERSION, validate_generalist,
-                                vocabulary_fingerprint)
+from schemas.checkpoint import (FINETUNED_FORMAT, GENERALIST_FORMAT, GENERALIST_FORMAT_VERSION,
+                                validate_finetuned, validate_generalist, vocabulary_fingerprint)
 
 from .transforms import PreprocessSpec, decode_image, eval_transform
 
@@ -37,6 +37,8 @@ __all__ = [
     "load_generalist",
     "preprocess_spec",
     "checkpoint_fingerprint",
+    "save_finetuned",
+    "load_finetuned",
 ]
 
 
@@ -181,3 +183,36 @@ def load_generalist(path: str, vocabulary: pa.Table | str | None = None, device:
 def checkpoint_fingerprint(path: str) -> str:
     """sha256 of the checkpoint file (the 'model fingerprint' in summaries)."""
     return sio.file_sha256(path)
+
+
+def save_finetuned(path: str, model: nn.Module, architecture: str, classes: list[str], spec: PreprocessSpec,
+                   extra: dict[str, Any] | None = None) -> None:
+    """Write a fine-tuned model (target classes, preprocessing, weights), atomically."""
+    ckpt = {
+        "format": FINETUNED_FORMAT, "format_version": GENERALIST_FORMAT_VERSION,
+        "architecture": architecture, "classes": list(classes),
+        "input_size": int(spec.input_size), "resize": int(spec.resize),
+        "mean": [float(m) for m in spec.mean], "std": [float(s) for s in spec.std],
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "extra": dict(extra or {}),
+    }
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    sio.write_bytes_atomic(path, buf.getvalue())
+
+
+def load_finetuned(path: str, classes: list[str] | None = None, device: str = "cpu"
+                   ) -> tuple[nn.Module, PreprocessSpec, dict[str, Any]]:
+    """``(model in eval mode, preprocessing, checkpoint dict)`` (``weights_only=True``)."""
+    fs, p = sio.filesystem(path)
+    with fs.open(p, "rb") as fh:
+        data = fh.read()
+    try:
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{path}: cannot read fine-tuned checkpoint: {e}") from None
+    validate_finetuned(ckpt, path, classes)
+    model = build_model(ckpt["architecture"], len(ckpt["classes"]))
+    model.load_state_dict(ckpt["state_dict"])
+    model.to(device).eval()
+    return model, preprocess_spec(ckpt), ckpt

@@ -20,6 +20,7 @@ normalised to sum to one.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -75,6 +76,20 @@ def _loader(urls, spec, args, info, state):
         stream, batch_size=args.batch_size // info.world_size, num_workers=args.num_workers,
         collate_fn=collate, persistent_workers=False,
         prefetch_factor=2 if args.num_workers else None)
+
+
+def _write_rank_report(args, info, urls, workers, module, state) -> None:
+    """ranks/rank<r>.json: the shards this rank read in epoch 0 and a digest of
+    its parameters (every rank must end with the same parameters)."""
+    stream = ShardStream(urls, PreprocessSpec(1), seed=args.seed, rank=info.rank, world_size=info.world_size)
+    shards = sorted(u for w in range(workers) for u in stream.shards_for(0, w, workers))
+    digest = hashlib.sha256()
+    for name, p in sorted(module.named_parameters()):
+        digest.update(name.encode() + p.detach().cpu().contiguous().numpy().tobytes())
+    report = {"rank": info.rank, "world_size": info.world_size, "epoch0_shards": shards,
+              "parameters_sha256": digest.hexdigest(), "loader": state.to_dict()}
+    sio.write_bytes_atomic(os.path.join(args.output, "ranks", f"rank{info.rank}.json"),
+                           json.dumps(report, indent=2) + "\n")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -135,10 +150,10 @@ def run(args: argparse.Namespace) -> dict:
         y = soft_targets(labels, index_of, len(label_ids)).to(info.device)
         logits = engine(x.to(info.device))
         loss = -(y * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
+        lr_now = optimizer.param_groups[0]["lr"]  # the rate this step uses
         engine.backward(loss)
         engine.step()
         state.update(worker, next_position, corrupt)
-        lr_now = optimizer.param_groups[0]["lr"]
         value = float(loss.detach())
         losses.append(value)
         progress.update(step, value, lr_now)
@@ -157,6 +172,7 @@ def run(args: argparse.Namespace) -> dict:
               "mean_loss_last_10": float(np.mean(losses[-10:])) if losses else None,
               "corrupt_samples_skipped": corrupt_total, "world_size": info.world_size,
               "shards": len(urls), "lr": lr, "warmup_steps": warmup, "batch_size": args.batch_size}
+    _write_rank_report(args, info, urls, workers, engine.module, state)
     if end == args.steps:
         RT.average_buffers(engine.module)
         if info.is_main:

@@ -1,0 +1,75 @@
+"""Evaluate a fine-tuned model on a target split.
+
+::
+
+    python -m trainer.evaluate --target food101|imagefolder|... --target-root PATH \\
+      --checkpoint FT_DIR/model.pt --output DIR [--split test] [--batch-size 256]
+
+Writes ``DIR/metrics.json``: top-1, mean per-class accuracy, per-class
+accuracy and counts. Runs as one process or under the DeepSpeed launcher
+(ranks evaluate disjoint slices; counts are summed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+from schemas import io as sio
+
+from . import runtime as RT
+from .data import TargetDataset
+from .evaluation import evaluate
+from .models import checkpoint_fingerprint, load_finetuned
+
+__all__ = ["build_parser", "run", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", required=True, help="target layout: food101, imagefolder, ...")
+    p.add_argument("--target-root", required=True)
+    p.add_argument("--checkpoint", required=True, help="a fine-tuned model.pt from trainer.finetune")
+    p.add_argument("--split", default="test")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--output", required=True)
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    info = RT.setup_distributed()
+    probe = TargetDataset(args.target_root, args.target, args.split, spec=None, train=False)
+    model, spec, ckpt = load_finetuned(args.checkpoint, probe.classes, device=str(info.device))
+    dataset = TargetDataset(args.target_root, args.target, args.split, spec, train=False)
+    metrics = evaluate(model, dataset, dataset.classes, info.device, args.batch_size, args.num_workers)
+    result = {"target": args.target, "target_root": args.target_root, "split": args.split,
+              "checkpoint": args.checkpoint, "checkpoint_fingerprint": checkpoint_fingerprint(args.checkpoint),
+              "architecture": ckpt["architecture"], **metrics}
+    if info.is_main:
+        os.makedirs(args.output, exist_ok=True)
+        sio.write_bytes_atomic(os.path.join(args.output, "metrics.json"), json.dumps(result, indent=2) + "\n")
+    RT.barrier()
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"evaluate: top-1 {result['top1']:.4f}, mean per-class {result['mean_per_class_accuracy']:.4f} "
+              f"on {result['examples']} images -> {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -13,6 +13,12 @@
 #                        choose your own, e.g. TORCH="torch==2.5.1"; TORCH= keeps
 #                        whatever torch the venv already has.
 #   PYTEST_ARGS=         extra arguments for pytest (e.g. -k resample -x)
+#
+#   make resample TARGET=food101 SIZE=80M [SOURCE=jft MATCHER=same|elastic
+#        DRAW=multinomial|systematic SEED=0 RUNNER=DirectRunner SPARK_MASTER=local[*]
+#        OUT=out TARGET_ROOT=... MODEL=generalist.pt SAMPLES_PER_SHARD=10000]
+#        weights (Beam) -> resample (Spark) -> shards (Spark) -> verify, reusing
+#        finished stages. TARGET=demo runs the same path on generated data.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -21,8 +27,20 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= demo_out
+TARGET ?= demo
+SIZE ?=
+SOURCE ?=
+MATCHER ?= same
+DRAW ?= multinomial
+SEED ?= 0
+RUNNER ?= DirectRunner
+SPARK_MASTER ?=
+OUT ?= out
+TARGET_ROOT ?=
+MODEL ?=
+SAMPLES_PER_SHARD ?= 10000
 
-.PHONY: install test demo bench clean distclean
+.PHONY: install test demo resample clean distclean
 
 install: $(STAMP)
 
@@ -39,12 +57,18 @@ test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: install
-	$(BIN)/python -m schemas.synthetic source --out $(DEMO_OUT)/source
-	$(BIN)/python -m schemas.synthetic target --out $(DEMO_OUT)/target --layout food101 --branch food
-	@echo "demo: generated source and target under $(DEMO_OUT)/; the pipeline stages are not built yet"
+	$(BIN)/python -m adaptive_transfer.demo --out $(DEMO_OUT)
+
+resample: install
+	@test -n "$(SIZE)" || { echo "make resample: set SIZE (e.g. SIZE=80M; SIZE=5000 for TARGET=demo)"; exit 2; }
+	$(BIN)/python -m adaptive_transfer.resample --target "$(TARGET)" --size "$(SIZE)" \
+	  $(if $(SOURCE),--source "$(SOURCE)") --matcher "$(MATCHER)" --draw "$(DRAW)" --seed "$(SEED)" \
+	  --runner "$(RUNNER)" $(if $(SPARK_MASTER),--spark-master "$(SPARK_MASTER)") --out "$(OUT)" \
+	  $(if $(TARGET_ROOT),--target-root "$(TARGET_ROOT)") $(if $(MODEL),--model "$(MODEL)") \
+	  --samples-per-shard "$(SAMPLES_PER_SHARD)"
 
 clean:
-	rm -rf $(DEMO_OUT) .pytest_cache build *.egg-info
+	rm -rf $(DEMO_OUT) $(OUT) .pytest_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean

@@ -3,7 +3,7 @@
 
 from setuptools import find_packages, setup
 
-PACKAGES = ["schemas", "beam_pipelines", "spark_jobs", "trainer"]
+PACKAGES = ["schemas", "beam_pipelines", "spark_jobs", "trainer", "adaptive_transfer"]
 
 setup(
     name="adaptive-transfer",
@@ -28,6 +28,7 @@ setup(
         "matplotlib>=3.7",
         "pyyaml>=6",
         "tqdm>=4.60",
+        "scipy>=1.10",  # MATLAB .mat annotation files of Stanford Cars and Flowers-102
     ],
     extras_require={
         "test": ["pytest>=7.4", "pytest-timeout>=2.2", "pytest-benchmark>=4", "moto[server]>=5",

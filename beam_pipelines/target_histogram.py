@@ -23,6 +23,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import PredictionResult, RunInference
 from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerTensor
 
+from schemas.targets import read_item_bytes
 from trainer.models import build_model, load_generalist
 from trainer.transforms import PreprocessSpec, decode_image, eval_transform
 
@@ -106,8 +107,7 @@ class ReadAndPreprocess(beam.DoFn):
 
     def process(self, path: str):
         try:
-            with FileSystems.open(path) as fh:
-                data = fh.read()
+            data = read_item_bytes(path, opener=FileSystems.open)
             tensor = torch.from_numpy(eval_transform(decode_image(data), self._spec))
         except Exception as e:  # noqa: BLE001 - any unreadable file is counted, not fatal
             self.bad.inc()

@@ -2,7 +2,7 @@
 
 ::
 
-    .venv/bin/python -m benchmarks.shards_bench [--images 6000] [--master local[2]]
+    .venv/bin/python -m benchmarks.shards_bench [--images 30000] [--master local[2]]
 
 On one generated index of ~25 KB JPEGs (inline bytes), every example
 selected once:
@@ -39,7 +39,7 @@ from spark_jobs.shards import sample_json, sample_key
 
 
 def make_index(path: str, images: int, seed: int = 0) -> int:
-    """Noise JPEGs of ~25 KB (quality 90, 96x96 px) written inline; returns bytes."""
+    """Noise JPEGs of ~25 KB (quality 90, 160x160 px) written inline; returns bytes."""
     done = os.path.join(path, "_DONE")
     if os.path.exists(done):
         return int(open(done).read())
@@ -51,7 +51,7 @@ def make_index(path: str, images: int, seed: int = 0) -> int:
     for f in range(0, images, per_file):
         keys, data = [], []
         for i in range(f, min(images, f + per_file)):
-            px = rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)
+            px = rng.integers(0, 256, (160, 160, 3), dtype=np.uint8)
             buf = io.BytesIO()
             Image.fromarray(px).save(buf, format="JPEG", quality=90)
             keys.append(f"n{i % 100:08d}/n{i % 100:08d}_{i}.JPEG")
@@ -91,12 +91,12 @@ def tar_writer(index: str, out: str, per_shard: int) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=6000)
+    ap.add_argument("--images", type=int, default=30000)
     ap.add_argument("--samples-per-shard", type=int, default=1000)
     ap.add_argument("--master", default="local[2]")
     ap.add_argument("--work", default="/tmp/shards-bench")
     args = ap.parse_args(argv)
-    index = os.path.join(args.work, "index")
+    index = os.path.join(args.work, f"index-{args.images}")
     payload = make_index(index, args.images)
     mb = payload / 1e6
     print(f"index: {args.images} images, {mb:.0f} MB, {payload / args.images / 1e3:.1f} KB each", flush=True)

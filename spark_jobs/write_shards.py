@@ -289,7 +289,7 @@ def run(spark, job: ShardJob) -> Manifest:
 
     # Stage 2: fetch, in source order.
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(IMAGE_BATCH_ROWS))
-    n_files = max(1, located.select("file").distinct().count())
+    n_files = max(1, len(index.inputFiles()))
     fetch_input = (located.select("key", "file", "row", "uri")
                    .repartition(min(n_files, 4 * spark.sparkContext.defaultParallelism), "file")
                    .sortWithinPartitions("file", "row"))
@@ -298,9 +298,11 @@ def run(spark, job: ShardJob) -> Manifest:
     try:
         found = images.agg(F.count(F.lit(1)).alias("n"),
                            F.sum(F.when(F.col("ext").isNull(), 1).otherwise(0)).alias("bad")).first()
-        missing = selection.join(index.select(F.col("key").cast("string")), on="key", how="left_anti")
-        missing_rows = missing.select("key").orderBy("key").limit(1000).collect()
-        n_missing = missing.count() if missing_rows else 0
+        n_missing = int(check["n"]) - int(found["n"])  # selected keys the index does not have
+        missing_rows = []
+        if n_missing:
+            missing = selection.join(index.select(F.col("key").cast("string")), on="key", how="left_anti")
+            missing_rows = missing.select("key").orderBy("key").limit(1000).collect()
         bad_rows = (images.where(F.col("ext").isNull()).select("key", "reason").orderBy("key")
                     .limit(1000).collect())
         n_bad = int(found["bad"] or 0) + n_missing

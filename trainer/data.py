@@ -31,9 +31,9 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from schemas import Manifest
 from schemas import io as sio
-from schemas.targets import list_target
+from schemas.targets import list_target, read_item_bytes
 
-from .transforms import PreprocessSpec, decode_image, eval_transform, train_transform
+from .transforms import HashRNG, PreprocessSpec, decode_image, eval_transform, train_transform
 
 __all__ = ["shard_urls", "ShardStream", "TargetDataset", "LoaderState", "soft_targets", "collate",
            "IMAGE_KEYS"]
@@ -177,7 +177,7 @@ class ShardStream(IterableDataset):
         for position, sample in enumerate(self.raw_samples(worker, num_workers)):
             if position < skip:
                 continue  # already consumed before a restart: skipped undecoded
-            rng = np.random.default_rng([self.seed, self.rank, worker, position, 0xA06])
+            rng = HashRNG(self.seed, self.rank, worker, position, 0xA06)
             try:
                 image_key = next(k for k in IMAGE_KEYS if k in sample)
                 meta = json.loads(sample["json"])
@@ -205,7 +205,8 @@ class TargetDataset(Dataset):
     (set ``epoch`` between passes), so runs are reproducible.
     """
 
-    def __init__(self, root: str, layout: str, split: str, spec: PreprocessSpec, train: bool, seed: int = 0):
+    def __init__(self, root: str, layout: str, split: str, spec: PreprocessSpec | None, train: bool,
+                 seed: int = 0):
         self.split = list_target(root, layout, split)
         self.spec = spec
         self.train = train
@@ -221,9 +222,9 @@ class TargetDataset(Dataset):
 
     def __getitem__(self, i: int):
         path, label = self.split.items[i]
-        img = decode_image(sio.read_bytes(path))
+        img = decode_image(read_item_bytes(path))
         if self.train:
-            rng = np.random.default_rng([self.seed, self.epoch, i, 0x7A])
+            rng = HashRNG(self.seed, self.epoch, i, 0x7A)
             x = train_transform(img, self.spec, rng)
         else:
             x = eval_transform(img, self.spec)

@@ -1,0 +1,164 @@
+"""Build a source index and label vocabulary from ImageNet's training folders.
+
+::
+
+    python -m spark_jobs.build_index --imagenet-train ROOT/train \\
+      --hierarchy wordnet.is_a.txt --words words.txt --output DIR \\
+      [--inline-images] [--files 64] [--master local[*]]
+
+* ``ROOT/train/<wnid>/<file>.JPEG`` (the ILSVRC-2012 layout): one example
+  per file, key ``<wnid>/<file>`` (the usual ImageNet key), label the wnid;
+* ``wordnet.is_a.txt``: ``<parent wnid> <child wnid>`` per line; WordNet is a
+  DAG, the vocabulary a tree: a synset keeps the first parent listed;
+* ``words.txt``: ``<wnid>\\t<names>``; a label's name is its first name.
+
+The vocabulary holds the training wnids and all their ancestors (ids in
+sorted wnid order, so the same inputs give the same ids). Writes
+``DIR/index/part-*.parquet`` (key, labels, and ``uri`` or, with
+``--inline-images``, ``image``) then ``DIR/labels.parquet`` and ``DIR/_SUCCESS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Iterator, Sequence
+
+import pyarrow as pa
+
+from schemas import SchemaError, VOCABULARY_SCHEMA, validate_vocabulary
+from schemas import io as sio
+from schemas.targets import IMAGE_EXTENSIONS
+
+from .session import get_session
+
+__all__ = ["read_hierarchy", "build_vocabulary", "list_training_images", "run", "main"]
+
+
+def read_hierarchy(path: str) -> dict[str, str]:
+    """child wnid -> parent wnid (the first parent listed)."""
+    parent: dict[str, str] = {}
+    for n, line in enumerate(sio.read_bytes(path).decode().splitlines()):
+        if not line.strip():
+            continue
+        fields = line.split()
+        if len(fields) != 2:
+            raise SchemaError(f"expected '<parent wnid> <child wnid>', got {line!r}", file=path, row=n)
+        parent.setdefault(fields[1], fields[0])
+    return parent
+
+
+def read_words(path: str) -> dict[str, str]:
+    names = {}
+    for line in sio.read_bytes(path).decode().splitlines():
+        wnid, _, text = line.partition("\t")
+        if wnid:
+            names[wnid] = text.split(",")[0].strip() or wnid
+    return names
+
+
+def build_vocabulary(leaves: Sequence[str], parent: dict[str, str], names: dict[str, str]
+                     ) -> tuple[pa.Table, dict[str, int]]:
+    """Vocabulary table over ``leaves`` and their ancestors; wnid -> label id."""
+    keep: set[str] = set()
+    for wnid in leaves:
+        node, seen = wnid, set()
+        while node is not None and node not in keep:
+            if node in seen:
+                raise ValueError(f"the hierarchy has a cycle through {node}")
+            seen.add(node)
+            keep.add(node)
+            node = parent.get(node)
+    ordered = sorted(keep)
+    ids = {w: i for i, w in enumerate(ordered)}
+    table = pa.table({"label_id": pa.array(range(len(ordered)), pa.int32()),
+                      "name": pa.array([names.get(w, w) for w in ordered], pa.string()),
+                      "parent_id": pa.array([ids.get(parent.get(w)) for w in ordered], pa.int32()),
+                      "wnid": pa.array(ordered, pa.string())})
+    validate_vocabulary(table)
+    return table, ids
+
+
+def list_training_images(train_root: str) -> list[tuple[str, str, str]]:
+    """``(key, wnid, path)`` for every image under ``<root>/<wnid>/``, sorted by key."""
+    fs, p = sio.filesystem(train_root)
+    if not fs.isdir(p):
+        raise FileNotFoundError(f"{train_root}: no such directory")
+    out = []
+    for f in fs.find(p):
+        rel = f[len(p):].lstrip("/")
+        if "/" not in rel or not rel.lower().endswith(IMAGE_EXTENSIONS + (".jpeg",)):
+            continue
+        wnid = rel.split("/", 1)[0]
+        out.append((rel, wnid, sio.join(train_root, rel) if "://" in train_root else f))
+    if not out:
+        raise FileNotFoundError(f"{train_root}: no images in <wnid>/ folders")
+    return sorted(out)
+
+
+def _read_images(storage: dict):
+    def read(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        sio.apply_storage_config(storage)
+        for b in batches:
+            images = [sio.read_bytes(u) for u in b.column("uri").to_pylist()]
+            yield pa.RecordBatch.from_arrays([b.column("key"), b.column("labels"), pa.array(images, pa.binary())],
+                                             names=["key", "labels", "image"])
+    return read
+
+
+def run(spark, train_root: str, hierarchy: str, words: str, output: str, inline: bool = False,
+        files: int = 64) -> dict:
+    entries = list_training_images(train_root)
+    parent = read_hierarchy(hierarchy)
+    leaves = sorted({w for _, w, _ in entries})
+    unknown = [w for w in leaves if w not in parent]
+    if unknown:
+        raise SchemaError(f"training folders {unknown[:5]} are not in the hierarchy", file=hierarchy)
+    vocab, ids = build_vocabulary(leaves, parent, read_words(words))
+    fs, p = sio.filesystem(output)
+    if fs.exists(p):
+        fs.rm(p, recursive=True)
+    rows = pa.table({"key": [k for k, _, _ in entries],
+                     "labels": pa.array([[ids[w]] for _, w, _ in entries], pa.list_(pa.int32())),
+                     "uri": [u for _, _, u in entries]})
+    df = spark.createDataFrame(rows).repartitionByRange(max(1, min(files, rows.num_rows)), "key")
+    if inline:
+        df = df.mapInArrow(_read_images(sio.storage_config()), "key string, labels array<int>, image binary")
+    df.sortWithinPartitions("key").write.parquet(sio.join(output, "index"))
+    sio.write_parquet_atomic(vocab.select(["label_id", "name", "parent_id"]).cast(VOCABULARY_SCHEMA),
+                             sio.join(output, "labels.parquet"))
+    summary = {"examples": rows.num_rows, "classes": len(leaves), "labels": vocab.num_rows,
+               "inline_images": inline, "train_root": train_root}
+    sio.write_bytes_atomic(sio.join(output, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    sio.write_bytes_atomic(sio.join(output, "_SUCCESS"), "")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m spark_jobs.build_index", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--imagenet-train", required=True)
+    ap.add_argument("--hierarchy", required=True)
+    ap.add_argument("--words", required=True)
+    ap.add_argument("--output", required=True)
+    ap.add_argument("--inline-images", action="store_true", help="copy image bytes into the index")
+    ap.add_argument("--files", type=int, default=64, help="Parquet files to write (default 64)")
+    ap.add_argument("--master")
+    args = ap.parse_args(argv)
+    spark = get_session("adaptive-transfer build_index", args.master)
+    try:
+        summary = run(spark, args.imagenet_train, args.hierarchy, args.words, args.output, args.inline_images,
+                      args.files)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"build_index: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        spark.stop()
+    print(f"build_index: {summary['examples']} examples, {summary['classes']} classes, "
+          f"{summary['labels']} labels -> {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

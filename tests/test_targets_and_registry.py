@@ -1,0 +1,168 @@
+"""Target layouts (each on a tiny tree in its real layout), the config
+registry, ImageNet index building and `make resample`'s orchestration."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from adaptive_transfer import registry
+from schemas import SchemaError, validate_index_batch
+from schemas import io as sio
+from schemas.targets import list_target, read_item_bytes
+from tests.layouts import LAYOUT_BUILDERS
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUT_BUILDERS))
+def test_layout_lists_official_splits(layout, tmp_path):
+    expected = LAYOUT_BUILDERS[layout](str(tmp_path))
+    train = list_target(str(tmp_path), layout, expected["train_split"])
+    test = list_target(str(tmp_path), layout, "test")
+    assert train.classes == test.classes == expected["classes"]
+    assert len(train.items) == expected["train"] and len(test.items) == expected["test"]
+    assert not set(train.paths) & set(test.paths)
+    for path, label in train.items + test.items:
+        assert 0 <= label < len(train.classes)
+        img = Image.open(io.BytesIO(read_item_bytes(path)))
+        img.load()
+        assert img.size[0] > 0
+
+
+def test_cifar_records_decode_to_their_pixels(tmp_path):
+    LAYOUT_BUILDERS["cifar10"](str(tmp_path))
+    split = list_target(str(tmp_path), "cifar10", "test")
+    path, label = split.items[1]
+    assert path.endswith("test_batch.bin#1") and label == 1
+    raw = open(path.split("#")[0], "rb").read()[3073:2 * 3073]
+    pixels = np.asarray(Image.open(io.BytesIO(read_item_bytes(path))))
+    assert (pixels == np.frombuffer(raw[1:], np.uint8).reshape(3, 32, 32).transpose(1, 2, 0)).all()
+
+
+def test_layout_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="unknown target layout 'voc'"):
+        list_target(str(tmp_path), "voc")
+    with pytest.raises(FileNotFoundError, match="meta/classes.txt: missing"):
+        list_target(str(tmp_path), "food101")
+    LAYOUT_BUILDERS["fgvc_aircraft"](str(tmp_path))
+    with open(tmp_path / "data" / "images_variant_test.txt", "a") as fh:
+        fh.write("999 Concorde\n")
+    with pytest.raises(SchemaError, match=r"images_variant_test.txt, row 1: variant 'Concorde' is not in"):
+        list_target(str(tmp_path), "fgvc_aircraft", "test")
+
+
+def test_every_config_loads():
+    for name in registry.list_names("targets"):
+        t = registry.load_target(name)
+        assert t.layout and t.root and t.train_split and t.test_split
+    assert registry.load_target("oxford_pets").metric == "mean_per_class"
+    assert registry.load_target("oxford_pets").train_split == "trainval"
+    assert {"food101", "oxford_pets", "stanford_cars", "fgvc_aircraft", "birdsnap", "cifar10", "flowers102",
+            "imagefolder"} <= set(registry.list_names("targets"))
+    assert {"jft", "imagenet"} <= set(registry.list_names("sources"))
+    with pytest.raises(ValueError, match="no target named 'nope'"):
+        registry.load_target("nope")
+
+
+def test_config_paths_expand_from_the_environment(monkeypatch):
+    monkeypatch.setenv("DATA_ROOT", "gs://bucket/data")
+    assert registry.load_target("food101").root == "gs://bucket/data/targets/food-101"
+    monkeypatch.delenv("DATA_ROOT")
+    assert registry.load_target("food101").root == "data/targets/food-101"
+    assert registry.load_target("food101", root="/elsewhere").root == "/elsewhere"
+
+
+def _imagenet_tree(root):
+    train = root / "train"
+    for wnid, n in (("n01440764", 3), ("n01443537", 2), ("n02084071", 2)):
+        for i in range(n):
+            (train / wnid).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (12, 12), (i * 40, 0, 0)).save(train / wnid / f"{wnid}_{i}.JPEG", format="JPEG")
+    (root / "wordnet.is_a.txt").write_text(
+        "n01000001 n01440764\nn01000001 n01443537\nn00015388 n01000001\nn00015388 n02084071\n"
+        "n09999999 n01440764\n")  # a second parent: WordNet is a DAG; the first one is kept
+    (root / "words.txt").write_text("n01440764\ttench, Tinca tinca\nn01443537\tgoldfish\nn02084071\tdog, domestic dog\n"
+                                    "n01000001\tfish\nn00015388\tanimal, animate being\n")
+    return train
+
+
+def test_build_index_from_imagenet_folders(spark, tmp_path):
+    from spark_jobs import build_index as B
+    train = _imagenet_tree(tmp_path)
+    summary = B.run(spark, str(train), str(tmp_path / "wordnet.is_a.txt"), str(tmp_path / "words.txt"),
+                    str(tmp_path / "out"), inline=True, files=2)
+    assert summary == {"examples": 7, "classes": 3, "labels": 5, "inline_images": True, "train_root": str(train)}
+    vocab = pq.read_table(tmp_path / "out" / "labels.parquet")
+    names = dict(zip(vocab.column("label_id").to_pylist(), vocab.column("name").to_pylist()))
+    parent = dict(zip(vocab.column("label_id").to_pylist(), vocab.column("parent_id").to_pylist()))
+    by_name = {v: k for k, v in names.items()}
+    assert parent[by_name["tench"]] == by_name["fish"] and parent[by_name["fish"]] == by_name["animal"]
+    index = sio.read_parquet(str(tmp_path / "out" / "index"))
+    validate_index_batch(index, label_ids=vocab.column("label_id").to_numpy())
+    row = index.to_pylist()[0]
+    assert row["key"] == "n01440764/n01440764_0.JPEG" and row["labels"] == [by_name["tench"]]
+    assert row["image"] == (train / "n01440764" / "n01440764_0.JPEG").read_bytes()
+    from schemas import Hierarchy
+    fish = Hierarchy(vocab).descendants_of_names(["fish"])
+    assert {names[i] for i in fish} == {"fish", "tench", "goldfish"}
+
+
+def test_build_index_rejects_folders_outside_the_hierarchy(spark, tmp_path):
+    from spark_jobs import build_index as B
+    train = _imagenet_tree(tmp_path)
+    (train / "n07777777").mkdir()
+    Image.new("RGB", (4, 4)).save(train / "n07777777" / "x.JPEG", format="JPEG")
+    with pytest.raises(SchemaError, match=r"training folders \['n07777777'\] are not in the hierarchy"):
+        B.run(spark, str(train), str(tmp_path / "wordnet.is_a.txt"), str(tmp_path / "words.txt"),
+              str(tmp_path / "out"))
+
+
+def test_make_resample_orchestration_reuses_finished_stages(source_data, food_target, tmp_path, monkeypatch):
+    """Registry -> weights (Beam) -> resample -> shards -> verify, then a rerun
+    that finds everything done, and a new size that reuses the weights."""
+    import torch
+    from adaptive_transfer import resample as AR
+    from trainer.models import build_model, save_generalist
+    from trainer.transforms import PreprocessSpec
+
+    vocab = sio.read_parquet(source_data.labels_path)
+    model = str(tmp_path / "generalist.pt")
+    torch.manual_seed(0)
+    save_generalist(model, build_model("small", vocab.num_rows), "small", vocab.column("label_id").to_pylist(),
+                    PreprocessSpec(32), vocab)
+    configs = tmp_path / "configs"
+    (configs / "targets").mkdir(parents=True)
+    (configs / "sources").mkdir()
+    (configs / "targets" / "mytarget.yaml").write_text(
+        f"name: mytarget\nlayout: food101\nroot: {food_target.root}\nsplits: {{train: train, test: test}}\n")
+    (configs / "sources" / "mysource.yaml").write_text(
+        f"name: mysource\nindex: {source_data.index_path}\nlabels: {source_data.labels_path}\n"
+        f"generalist: ${{MODEL_DIR}}/generalist.pt\n")
+    monkeypatch.setenv("ADAPTIVE_TRANSFER_CONFIGS", str(configs))
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path))
+    args = AR.build_parser().parse_args(["--target", "mytarget", "--source", "mysource", "--size", "900",
+                                         "--matcher", "elastic", "--out", str(tmp_path / "out"),
+                                         "--samples-per-shard", "400", "--spark-master", "local[2]"])
+    lines = []
+    try:
+        first = AR.run(args, log=lines.append)
+        assert first["samples"] == 900 and first["unique_examples"] == 900 and first["shard_files"] == 3
+        assert first["shards"].endswith("/shards/manifest.json") and "/mytarget/900-elastic-" in first["shards"]
+        assert any(line.startswith("top labels by importance weight:") for line in lines)
+        assert json.loads(sio.read_bytes(first["shards"]))["config"]["target"] == "mytarget"
+        lines.clear()
+        again = AR.run(args, log=lines.append)
+        assert again["shards"] == first["shards"] and any("weights: reusing" in line for line in lines)
+        args.size, args.matcher = "1200", "same"
+        lines.clear()
+        third = AR.run(args, log=lines.append)
+        assert any("weights: reusing" in line for line in lines) and third["shards"] != first["shards"]
+        assert third["samples"] == 1200
+    finally:
+        if "session" in AR._SPARK:
+            AR._SPARK.pop("session")  # the test session's spark fixture owns the JVM

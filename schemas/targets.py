@@ -137,8 +137,10 @@ def _loadmat(path: str):
 
 
 def _stanford_cars(root: str, split: str) -> TargetSplit:
+    import numpy as np
+
     meta = _loadmat(sio.join(root, "devkit", "cars_meta.mat"))
-    classes = [str(c) for c in meta["class_names"]]
+    classes = [str(c) for c in np.atleast_1d(meta["class_names"])]
     if split == "train":
         annos_path, folder = sio.join(root, "devkit", "cars_train_annos.mat"), "cars_train"
     elif split == "test":
@@ -148,7 +150,7 @@ def _stanford_cars(root: str, split: str) -> TargetSplit:
         folder = "cars_test"
     else:
         raise ValueError(f"stanford_cars has splits train and test, not {split!r}")
-    annos = _loadmat(annos_path)["annotations"]
+    annos = np.atleast_1d(_loadmat(annos_path)["annotations"])
     items = []
     for n, (fname, cls) in enumerate(zip(annos["fname"].ravel(), annos["class"].ravel())):
         c = int(cls) - 1
@@ -197,10 +199,12 @@ def _birdsnap(root: str, split: str) -> TargetSplit:
 
 
 def _flowers102(root: str, split: str) -> TargetSplit:
-    labels = _loadmat(sio.join(root, "imagelabels.mat"))["labels"].ravel().astype(int)
+    import numpy as np
+
+    labels = np.atleast_1d(_loadmat(sio.join(root, "imagelabels.mat"))["labels"]).ravel().astype(int)
     setid = _loadmat(sio.join(root, "setid.mat"))
-    ids = {"train": list(setid["trnid"].ravel()), "val": list(setid["valid"].ravel()),
-           "test": list(setid["tstid"].ravel())}
+    ids = {name: [int(i) for i in np.atleast_1d(setid[key]).ravel()]
+           for name, key in (("train", "trnid"), ("val", "valid"), ("test", "tstid"))}
     ids["trainval"] = ids["train"] + ids["val"]
     if split not in ids:
         raise ValueError(f"flowers102 has splits {sorted(ids)}, not {split!r}")

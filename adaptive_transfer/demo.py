@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=6000, help="examples in each pre-training set")
     ap.add_argument("--generalist-steps", type=int, default=300)
     ap.add_argument("--pretrain-steps", type=int, default=300)
-    ap.add_argument("--finetune-steps", type=int, default=150)
+    ap.add_argument("--finetune-steps", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--spark-master", default=None)
     args = ap.parse_args(argv)
@@ -111,6 +111,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             results.append({"pre-training set": name, "unique examples": stats["unique_examples"],
                             "samples": stats["total_copies"], "total variation": stats["total_variation"],
                             "top1": metrics["top1"], "mean per-class": metrics["mean_per_class_accuracy"]})
+        log("Random initialisation (no pre-training): fine-tune")
+        ft = os.path.join(out, "runs", "random-init", "finetune")
+        D._run([sys.executable, "-m", "trainer.finetune", "--target", "food101", "--target-root", data.target,
+                "--init", "none", "--model", "small", "--steps", str(args.finetune_steps), "--batch-size", "32",
+                "--lr", "0.05", "--seed", str(args.seed), "--num-workers", "2", "--log-every",
+                str(args.finetune_steps), "--output", ft], log)
+        metrics = json.loads(open(os.path.join(ft, "metrics.json")).read())
+        results.append({"pre-training set": "Random initialisation", "unique examples": 0, "samples": 0,
+                        "total variation": None, "top1": metrics["top1"],
+                        "mean per-class": metrics["mean_per_class_accuracy"]})
     finally:
         spark.stop()
 

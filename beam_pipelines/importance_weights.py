@@ -30,7 +30,6 @@ from typing import Any, Sequence
 
 import apache_beam as beam
 import numpy as np
-import pyarrow as pa
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from schemas import (SchemaError, read_metadata, validate_histogram, validate_vocabulary,

@@ -19,7 +19,6 @@ import os
 import time
 
 import apache_beam as beam
-import numpy as np
 import torch
 from apache_beam.options.pipeline_options import PipelineOptions
 

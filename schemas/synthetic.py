@@ -123,21 +123,32 @@ def leaf_table(vocabulary: pa.Table) -> list[dict]:
     for lid in sorted(i for i in ids if i not in has_child):
         g = parent_of[lid]
         r = parent_of[g] if g is not None else None
+        siblings = sorted(i for i in ids if parent_of[i] == g and i not in has_child)
         out.append({"leaf": lid, "name": name_of[lid], "group": g, "root": r,
                     "root_name": name_of.get(r), "group_index": groups.index(g) if g in groups else 0,
-                    "root_index": roots.index(r) if r in roots else 0})
+                    "root_index": roots.index(r) if r in roots else 0,
+                    "leaf_in_group": siblings.index(lid), "num_groups": len(groups)})
     return out
 
 
-def _leaf_style(leaf_rank: int, group_index: int, root_index: int) -> dict:
-    """Visual parameters of a leaf: colour, stripe angle and frequency, blob."""
-    hue = (leaf_rank * 0.61803398875) % 1.0
+def _leaf_style(leaf_in_group: int, group_index: int, root_index: int, num_groups: int) -> dict:
+    """Visual parameters of a leaf, shared within its group so that telling
+    leaves apart takes features a model learns from that group:
+
+    * root: background colour family and stripe frequency;
+    * group: base hue of the object and base stripe angle;
+    * leaf: a small hue offset, the object's shape and size, a stripe angle
+      offset of 15 degrees per leaf.
+    """
+    hue = (group_index / max(1, num_groups) + 0.025 * (leaf_in_group - 2.5)) % 1.0
+    bg_hue = (root_index * 0.27 + 0.55) % 1.0
     return {
-        "rgb": np.array(colorsys.hsv_to_rgb(hue, 0.85, 0.95), dtype=np.float32),
-        "bg": np.array(colorsys.hsv_to_rgb((hue + 0.5) % 1.0, 0.4, 0.35), dtype=np.float32),
-        "angle": np.pi * ((group_index * 0.29 + leaf_rank * 0.137) % 1.0),
-        "freq": 1.5 + (root_index % 4) * 1.0,
-        "blob": (leaf_rank % 3),
+        "rgb": np.array(colorsys.hsv_to_rgb(hue, 0.8, 0.9), dtype=np.float32),
+        "bg": np.array(colorsys.hsv_to_rgb(bg_hue, 0.45, 0.4), dtype=np.float32),
+        "angle": np.pi * ((group_index * 0.29) % 1.0) + leaf_in_group * np.pi / 12,
+        "freq": 1.5 + (root_index % 4) * 0.75,
+        "blob": leaf_in_group % 3,
+        "scale": 1.0 + 0.3 * (leaf_in_group // 3),
     }
 
 
@@ -145,28 +156,32 @@ def render_images(style: dict, count: int, rng: np.random.Generator, size: int =
                   shift: float = 0.0) -> np.ndarray:
     """Render ``count`` uint8 RGB images (N, size, size, 3) of one class.
 
-    Class identity is carried by colour, stripe orientation/frequency and a
-    blob shape; each image gets a random phase, position, brightness and
-    noise. ``shift`` (0..1) perturbs the style to make a related domain.
+    Class identity is carried by colour, stripe orientation/frequency and the
+    object's shape and size; each image gets a random phase, position, colour
+    jitter, brightness and noise. ``shift`` (0..1) perturbs the style (angle,
+    colour, noise) to make a related domain, as a target dataset would be.
     """
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    angle = style["angle"] + shift * 0.25
+    angle = style["angle"] + shift * 0.2
     rgb = np.clip(style["rgb"] * (1 - 0.3 * shift) + 0.3 * shift * style["bg"], 0, 1)
     phase = rng.uniform(0, 2 * np.pi, size=(count, 1, 1)).astype(np.float32)
     proj = xx * np.cos(angle) + yy * np.sin(angle)
     stripes = 0.5 + 0.5 * np.sin(2 * np.pi * style["freq"] * proj[None] + phase)
     cx = rng.uniform(0.3, 0.7, size=(count, 1, 1)).astype(np.float32)
     cy = rng.uniform(0.3, 0.7, size=(count, 1, 1)).astype(np.float32)
+    r = style["scale"] * rng.uniform(0.85, 1.15, size=(count, 1, 1)).astype(np.float32)
+    dx, dy = np.abs(xx[None] - cx), np.abs(yy[None] - cy)
     if style["blob"] == 0:
-        mask = ((xx[None] - cx) ** 2 + (yy[None] - cy) ** 2) < 0.05
+        mask = dx ** 2 + dy ** 2 < (0.17 * r) ** 2
     elif style["blob"] == 1:
-        mask = (np.abs(xx[None] - cx) < 0.18) & (np.abs(yy[None] - cy) < 0.18)
+        mask = (dx < 0.15 * r) & (dy < 0.15 * r)
     else:
-        mask = (np.abs(xx[None] - cx) + np.abs(yy[None] - cy)) < 0.22
+        mask = dx + dy < 0.2 * r
     img = style["bg"][None, None, None, :] * (0.6 + 0.8 * stripes[..., None])
-    img = np.where(mask[..., None], rgb[None, None, None, :], img)
+    colour = np.clip(rgb[None, :] * rng.normal(1.0, 0.08, size=(count, 3)), 0, 1).astype(np.float32)
+    img = np.where(mask[..., None], colour[:, None, None, :], img)
     bright = rng.uniform(0.8, 1.2, size=(count, 1, 1, 1)).astype(np.float32)
-    noise = rng.normal(0, 0.05, size=img.shape).astype(np.float32)
+    noise = rng.normal(0, 0.06 + 0.1 * shift, size=img.shape).astype(np.float32)
     return (np.clip(img * bright + noise, 0, 1) * 255).astype(np.uint8)
 
 
@@ -233,8 +248,8 @@ def generate_source(out_dir: str, spec: SourceSpec = SourceSpec()) -> SourceData
     leaves = leaf_table(vocab)
     sizes = _zipf_sizes(len(leaves), spec.num_examples, spec.zipf_exponent, rng)
     keys, labels, images = [], [], []
-    for rank, (leaf, n) in enumerate(zip(leaves, sizes)):
-        style = _leaf_style(rank, leaf["group_index"], leaf["root_index"])
+    for leaf, n in zip(leaves, sizes):
+        style = _leaf_style(leaf["leaf_in_group"], leaf["group_index"], leaf["root_index"], leaf["num_groups"])
         pixels = render_images(style, int(n), rng, spec.image_size)
         extra = rng.random(int(n)) < spec.ancestor_fraction
         to_root = rng.random(int(n)) < 0.5
@@ -310,7 +325,6 @@ def generate_target(out_dir: str, spec: TargetSpec = TargetSpec()) -> TargetData
     rng = np.random.default_rng([spec.seed, 0x7A])
     vocab = make_vocabulary(spec.leaves_per_group)
     leaves = leaf_table(vocab)
-    ranks = {leaf["leaf"]: r for r, leaf in enumerate(leaves)}
     in_branch = [l for l in leaves if l["root_name"] == spec.branch]
     if not in_branch:
         raise ValueError(f"branch {spec.branch!r} is not a root of the source hierarchy")
@@ -335,7 +349,7 @@ def generate_target(out_dir: str, spec: TargetSpec = TargetSpec()) -> TargetData
     per_split = {"train": spec.train_per_class, "test": spec.test_per_class}
     file_id = 0
     for cls, leaf in zip(classes, chosen):
-        style = _leaf_style(ranks[leaf["leaf"]], leaf["group_index"], leaf["root_index"])
+        style = _leaf_style(leaf["leaf_in_group"], leaf["group_index"], leaf["root_index"], leaf["num_groups"])
         for split in ("train", "test"):
             pixels = render_images(style, per_split[split], rng, spec.image_size, shift=spec.domain_shift)
             for px in pixels:

@@ -4,7 +4,6 @@ label-space checks."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil

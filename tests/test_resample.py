@@ -13,7 +13,6 @@ import pytest
 
 from schemas import WEIGHTS_SCHEMA, SchemaError
 from schemas import io as sio
-from schemas.synthetic import SourceSpec, generate_source
 from spark_jobs import resample as R
 from spark_jobs import sampling as S
 from tests.helpers import reference_weights, run_module, write_weights

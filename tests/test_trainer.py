@@ -3,13 +3,11 @@ DeepSpeed runs (one process, two ranks, two nodes on loopback, resume)."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import socket
 import subprocess
 import sys
-import tarfile
 
 import numpy as np
 import pytest

@@ -13,12 +13,9 @@ accuracy and counts. Runs as one process or under the DeepSpeed launcher
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 from typing import Sequence
 
-from schemas import io as sio
 
 from . import runtime as RT
 from .data import TargetDataset
@@ -51,24 +48,14 @@ def run(args: argparse.Namespace) -> dict:
     result = {"target": args.target, "target_root": args.target_root, "split": args.split,
               "checkpoint": args.checkpoint, "checkpoint_fingerprint": checkpoint_fingerprint(args.checkpoint),
               "architecture": ckpt["architecture"], **metrics}
-    if info.is_main:
-        os.makedirs(args.output, exist_ok=True)
-        sio.write_bytes_atomic(os.path.join(args.output, "metrics.json"), json.dumps(result, indent=2) + "\n")
-    RT.barrier()
+    RT.write_json_main(os.path.join(args.output, "metrics.json"), result)
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        result = run(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        return 1
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"evaluate: top-1 {result['top1']:.4f}, mean per-class {result['mean_per_class_accuracy']:.4f} "
-              f"on {result['examples']} images -> {args.output}")
-    return 0
+    return RT.cli_main("evaluate", build_parser(), run, lambda r, a: (f"top-1 {r['top1']:.4f}, mean per-class "
+                                                      f"{r['mean_per_class_accuracy']:.4f} on {r['examples']} "
+                                                      f"images -> {a.output}"), argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -163,22 +162,14 @@ def run(args: argparse.Namespace) -> dict:
         os.makedirs(args.output, exist_ok=True)
         save_finetuned(os.path.join(args.output, "model.pt"), engine.module, architecture, classes, spec,
                        extra={"init": init, "steps": args.steps, "target": args.target})
-        sio.write_bytes_atomic(os.path.join(args.output, "metrics.json"), json.dumps(result, indent=2) + "\n")
-    RT.barrier()
+    RT.write_json_main(os.path.join(args.output, "metrics.json"), result)
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        result = run(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"finetune: error: {e}", file=sys.stderr)
-        return 1
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"finetune: top-1 {result['top1']:.4f}, mean per-class {result['mean_per_class_accuracy']:.4f} "
-              f"on {result['examples']} {args.eval_split} images -> {args.output}")
-    return 0
+    return RT.cli_main("finetune", build_parser(), run, lambda r, a: (f"top-1 {r['top1']:.4f}, mean per-class "
+                                                      f"{r['mean_per_class_accuracy']:.4f} on {r['examples']} "
+                                                      f"{a.eval_split} images -> {a.output}"), argv)
 
 
 if __name__ == "__main__":

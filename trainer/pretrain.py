@@ -23,7 +23,6 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 from typing import Sequence
 
 import numpy as np
@@ -178,22 +177,12 @@ def run(args: argparse.Namespace) -> dict:
         if info.is_main:
             save_generalist(os.path.join(args.output, "generalist.pt"), engine.module, args.model, label_ids,
                             spec, vocab, extra={"steps": args.steps, "shards": args.shards, "seed": args.seed})
-    if info.is_main:
-        sio.write_bytes_atomic(os.path.join(args.output, "metrics.json"), json.dumps(result, indent=2) + "\n")
-    RT.barrier()
+    RT.write_json_main(os.path.join(args.output, "metrics.json"), result)
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        result = run(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"pretrain: error: {e}", file=sys.stderr)
-        return 1
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"pretrain: {result['steps_done']} steps, final loss {result['final_loss']:.4f} -> {args.output}")
-    return 0
+    return RT.cli_main("pretrain", build_parser(), run, lambda r, a: f"{r['steps_done']} steps, final loss {r['final_loss']:.4f} -> {a.output}", argv)
 
 
 if __name__ == "__main__":

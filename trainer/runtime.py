@@ -29,7 +29,8 @@ import torch.distributed as dist
 from schemas import io as sio
 
 __all__ = ["DistInfo", "setup_distributed", "initialize", "SafeCheckpointEngine", "save_checkpoint",
-           "resume_tag", "load_checkpoint", "average_buffers", "all_gather_longs", "Progress", "barrier"]
+           "resume_tag", "load_checkpoint", "average_buffers", "all_gather_longs", "Progress", "barrier",
+           "write_json_main", "cli_main"]
 
 TAG_PREFIX = "step"
 COMPLETE = "COMPLETE"
@@ -210,3 +211,25 @@ class Progress:
         remaining = (self.total - done) * self.images / max(rate, 1e-9)
         print(f"step {done}/{self.total}  loss {loss:.4f}  lr {lr:.5f}  {rate:.0f} img/s  "
               f"ETA {datetime.timedelta(seconds=int(remaining))}", file=self.stream, flush=True)
+
+
+def write_json_main(path: str, data: dict) -> None:
+    """Rank 0 writes ``data`` to ``path`` (atomically); every rank then waits."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        sio.write_bytes_atomic(path, json.dumps(data, indent=2) + "\n")
+    barrier()
+
+
+def cli_main(prog: str, parser, run, describe, argv=None) -> int:
+    """Parse, run, report: bad input is a one-line error and exit status 1;
+    rank 0 prints ``describe(result, args)`` on success."""
+    args = parser.parse_args(argv)
+    try:
+        result = run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"{prog}: {describe(result, args)}")
+    return 0

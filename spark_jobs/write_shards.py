@@ -85,11 +85,15 @@ def resolve_selection(path: str) -> tuple[str, str | None]:
 
 # -- stage 2: fetch images in source order ------------------------------------------
 
-FETCHED_SCHEMA = "key string, image binary, ext string, reason string"
+FETCHED_SCHEMA = ("key string, labels array<int>, copies int, weight double, image binary, ext string, "
+                  "reason string")
+_CARRIED = ["key", "labels", "copies", "weight"]
 
 
 def _fetch_partition(column: str, storage: dict):
-    """mapInArrow: rows (key, file, row, uri) sorted by (file, row) -> images."""
+    """mapInArrow: located rows sorted by (file, row) -> the same rows with their
+    image bytes, format and, for a bad image, the reason (key, labels, copies
+    and weight are carried through, so no join brings them back later)."""
 
     def fetch(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         sio.apply_storage_config(storage)
@@ -98,52 +102,58 @@ def _fetch_partition(column: str, storage: dict):
         if not pending:
             return
         table = pa.Table.from_batches(pending)
-        keys = table.column("key").to_pylist()
         if column == "image":
             files = table.column("file").to_pylist()
             rows = table.column("row").to_numpy()
             start = 0
-            while start < len(keys):
+            while start < len(files):
                 end = start
-                while end < len(keys) and files[end] == files[start]:
+                while end < len(files) and files[end] == files[start]:
                     end += 1
-                yield from _read_inline(files[start], keys[start:end], rows[start:end])
+                for positions, images in _read_inline(files[start], rows[start:end]):
+                    yield _fetched_batch(table, positions + start, images)
                 start = end
         else:
             uris = table.column("uri").to_pylist()
-            out_k, out_i, out_e, out_r = [], [], [], []
-            for k, u in sorted(zip(keys, uris), key=lambda t: (t[1] or "", t[0])):
-                data, reason = None, None
-                try:
-                    if not u:
-                        raise ValueError("no uri")
-                    data = sio.read_bytes(u)
-                except Exception as e:  # noqa: BLE001 - a missing image is counted, not fatal
-                    reason = f"unreadable uri {u!r}: {type(e).__name__}: {e}"[:300]
-                ext = image_extension(data) if data is not None else None
-                if data is not None and ext is None:
-                    reason = "unrecognised image format"
-                out_k.append(k)
-                out_i.append(data if ext else None)
-                out_e.append(ext)
-                out_r.append(reason)
-                if len(out_k) >= IMAGE_BATCH_ROWS:
-                    yield _fetched_batch(out_k, out_i, out_e, out_r)
-                    out_k, out_i, out_e, out_r = [], [], [], []
-            if out_k:
-                yield _fetched_batch(out_k, out_i, out_e, out_r)
+            order = sorted(range(len(uris)), key=lambda i: (uris[i] or "", i))
+            for s in range(0, len(order), IMAGE_BATCH_ROWS):
+                chunk = order[s:s + IMAGE_BATCH_ROWS]
+                images = []
+                for i in chunk:
+                    try:
+                        if not uris[i]:
+                            raise ValueError("no uri")
+                        images.append(sio.read_bytes(uris[i]))
+                    except Exception as e:  # noqa: BLE001 - a missing image is counted, not fatal
+                        images.append(f"unreadable uri {uris[i]!r}: {type(e).__name__}: {e}"[:300])
+                yield _fetched_batch(table, np.asarray(chunk), images)
 
     return fetch
 
 
-def _fetched_batch(keys, images, exts, reasons) -> pa.RecordBatch:
+def _fetched_batch(table: pa.Table, positions: np.ndarray, images: list) -> pa.RecordBatch:
+    """Rows ``positions`` of ``table`` (carried columns) with their images;
+    an entry of ``images`` that is a string is the reason it is missing."""
+    data, exts, reasons = [], [], []
+    for item in images:
+        if isinstance(item, str) or item is None:
+            data.append(None)
+            exts.append(None)
+            reasons.append(item if isinstance(item, str) else "no image bytes")
+            continue
+        ext = image_extension(item)
+        data.append(item if ext else None)
+        exts.append(ext)
+        reasons.append(None if ext else "unrecognised image format")
+    carried = table.select(_CARRIED).take(pa.array(positions))
     return pa.RecordBatch.from_arrays(
-        [pa.array(keys, pa.string()), pa.array(images, pa.binary()), pa.array(exts, pa.string()),
-         pa.array(reasons, pa.string())], names=["key", "image", "ext", "reason"])
+        [carried.column(c).combine_chunks() for c in _CARRIED]
+        + [pa.array(data, pa.binary()), pa.array(exts, pa.string()), pa.array(reasons, pa.string())],
+        names=_CARRIED + ["image", "ext", "reason"])
 
 
-def _read_inline(path: str, keys: list[str], rows: np.ndarray) -> Iterator[pa.RecordBatch]:
-    """Read the ``image`` cells of ``rows`` of one Parquet file, row group by
+def _read_inline(path: str, rows: np.ndarray) -> Iterator[tuple[np.ndarray, list]]:
+    """``(positions into rows, image cells)`` of one Parquet file, row group by
     row group in file order (sequential reads, only the groups needed)."""
     fs, p = sio.filesystem(path)
     with fs.open(p, "rb") as fh:
@@ -154,18 +164,9 @@ def _read_inline(path: str, keys: list[str], rows: np.ndarray) -> Iterator[pa.Re
         for g in np.unique(group_of):
             members = order[group_of[order] == g]
             col = pf.read_row_group(int(g), columns=["image"]).column("image")
-            local = pa.array(rows[members] - bounds[g])
-            images = col.take(local).to_pylist()
-            exts, reasons, kept = [], [], []
-            for data in images:
-                ext = image_extension(data) if data is not None else None
-                exts.append(ext)
-                reasons.append(None if ext else ("no image bytes" if data is None
-                                                 else "unrecognised image format"))
-                kept.append(data if ext else None)
+            images = col.take(pa.array(rows[members] - bounds[g])).to_pylist()
             for s in range(0, len(members), IMAGE_BATCH_ROWS):
-                sl = slice(s, s + IMAGE_BATCH_ROWS)
-                yield _fetched_batch([keys[i] for i in members[sl]], kept[sl], exts[sl], reasons[sl])
+                yield members[s:s + IMAGE_BATCH_ROWS], images[s:s + IMAGE_BATCH_ROWS]
 
 
 # -- stage 4: write shards --------------------------------------------------------------
@@ -290,11 +291,11 @@ def run(spark, job: ShardJob) -> Manifest:
     # Stage 2: fetch, in source order.
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(IMAGE_BATCH_ROWS))
     n_files = max(1, len(index.inputFiles()))
-    fetch_input = (located.select("key", "file", "row", "uri")
+    fetch_input = (located.select("key", "file", "row", "uri", "labels", "copies", "weight")
                    .repartition(min(n_files, 4 * spark.sparkContext.defaultParallelism), "file")
                    .sortWithinPartitions("file", "row"))
     fetched = fetch_input.mapInArrow(_fetch_partition(column, sio.storage_config()), FETCHED_SCHEMA)
-    images = fetched.join(located.select("key", "labels", "copies", "weight"), on="key").persist()
+    images = fetched.persist()
     try:
         found = images.agg(F.count(F.lit(1)).alias("n"),
                            F.sum(F.when(F.col("ext").isNull(), 1).otherwise(0)).alias("bad")).first()

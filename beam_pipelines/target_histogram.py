@@ -94,8 +94,8 @@ class GeneralistModelHandler(PytorchModelHandlerTensor):
 
 
 class ReadAndPreprocess(beam.DoFn):
-    """path -> CHW float tensor; ``(path, reason)`` to :data:`BAD_IMAGES` when the
-    file cannot be read or decoded."""
+    """path (or a list of paths) -> CHW float tensor(s); ``(path, reason)`` to
+    :data:`BAD_IMAGES` when a file cannot be read or decoded."""
 
     def __init__(self, spec: dict):
         self.spec = spec
@@ -105,16 +105,17 @@ class ReadAndPreprocess(beam.DoFn):
     def setup(self):
         self._spec = PreprocessSpec(**self.spec)
 
-    def process(self, path: str):
-        try:
-            data = read_item_bytes(path, opener=FileSystems.open)
-            tensor = torch.from_numpy(eval_transform(decode_image(data), self._spec))
-        except Exception as e:  # noqa: BLE001 - any unreadable file is counted, not fatal
-            self.bad.inc()
-            yield beam.pvalue.TaggedOutput(BAD_IMAGES, (path, f"{type(e).__name__}: {e}"[:300]))
-            return
-        self.read.inc()
-        yield tensor
+    def process(self, element):
+        for path in [element] if isinstance(element, str) else element:
+            try:
+                data = read_item_bytes(path, opener=FileSystems.open)
+                tensor = torch.from_numpy(eval_transform(decode_image(data), self._spec))
+            except Exception as e:  # noqa: BLE001 - any unreadable file is counted, not fatal
+                self.bad.inc()
+                yield beam.pvalue.TaggedOutput(BAD_IMAGES, (path, f"{type(e).__name__}: {e}"[:300]))
+                continue
+            self.read.inc()
+            yield tensor
 
 
 class SumProbabilities(beam.CombineFn):
@@ -159,8 +160,12 @@ class TargetHistogram(beam.PTransform):
         self.device = device
 
     def expand(self, paths):
+        # Chunks of paths, not single paths, cross the fusion break that spreads
+        # the work over workers: per-element shuffle overhead is paid per chunk.
         decoded = (paths
-                   | "SpreadPaths" >> beam.Reshuffle()
+                   | "ChunkPaths" >> beam.BatchElements(min_batch_size=self.batch_size,
+                                                        max_batch_size=self.batch_size)
+                   | "SpreadChunks" >> beam.Reshuffle()
                    | "ReadAndPreprocess" >> beam.ParDo(ReadAndPreprocess(self.spec)).with_outputs(
                        BAD_IMAGES, main="images"))
         handler = GeneralistModelHandler(self.checkpoint, self.temperature, self.batch_size, self.device)

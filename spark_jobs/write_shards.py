@@ -258,6 +258,9 @@ def run(spark, job: ShardJob) -> Manifest:
     _clean(job.output)
 
     selection_path, resample_dir = resolve_selection(job.selection)
+    if resample_dir and not sio.exists(sio.join(resample_dir, "_SUCCESS")):
+        raise FileNotFoundError(f"{resample_dir}: no _SUCCESS; the resampler did not finish, so this "
+                                "selection is not a result")
     selection = spark.read.parquet(selection_path)
     for col in ("key", "copies"):
         if col not in selection.columns:

@@ -253,6 +253,15 @@ def test_verify_names_the_damaged_shard(spark, resampled, tmp_path):
     assert any(p.startswith("shard-000000.tar") for p in V.verify(good).problems)
 
 
+def test_unfinished_resampler_output_is_refused(spark, resampled, tmp_path):
+    source, sel_dir, _ = resampled
+    copy = tmp_path / "unfinished"
+    shutil.copytree(sel_dir, copy)
+    os.remove(copy / "_SUCCESS")
+    with pytest.raises(FileNotFoundError, match="no _SUCCESS; the resampler did not finish"):
+        W.run(spark, W.ShardJob(selection=str(copy), index=source.index_path, output=str(tmp_path / "o")))
+
+
 def test_bad_selection_inputs(spark, source_data, tmp_path):
     pq.write_table(pa.table({"key": ["a", "a"], "copies": pa.array([1, 2], pa.int32())}), tmp_path / "dup.parquet")
     with pytest.raises(SchemaError, match="1 keys appear in more than one row"):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Iterator, Sequence
 
 import pyarrow as pa
@@ -31,7 +30,7 @@ from schemas import SchemaError, VOCABULARY_SCHEMA, validate_vocabulary
 from schemas import io as sio
 from schemas.targets import IMAGE_EXTENSIONS
 
-from .session import get_session
+from .session import run_job
 
 __all__ = ["read_hierarchy", "build_vocabulary", "list_training_images", "run", "main"]
 
@@ -146,18 +145,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--files", type=int, default=64, help="Parquet files to write (default 64)")
     ap.add_argument("--master")
     args = ap.parse_args(argv)
-    spark = get_session("adaptive-transfer build_index", args.master)
-    try:
-        summary = run(spark, args.imagenet_train, args.hierarchy, args.words, args.output, args.inline_images,
-                      args.files)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"build_index: error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        spark.stop()
-    print(f"build_index: {summary['examples']} examples, {summary['classes']} classes, "
-          f"{summary['labels']} labels -> {args.output}")
-    return 0
+    return run_job("build_index", args.master, None,
+                   lambda spark: run(spark, args.imagenet_train, args.hierarchy, args.words, args.output,
+                                     args.inline_images, args.files),
+                   lambda s: f"{s['examples']} examples, {s['classes']} classes, {s['labels']} labels "
+                             f"-> {args.output}")
 
 
 if __name__ == "__main__":

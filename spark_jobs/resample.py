@@ -43,7 +43,7 @@ from schemas import (Hierarchy, ResampleConfig, SchemaError, parse_size, read_me
 from schemas import io as sio
 
 from . import sampling as S
-from .session import get_session, inject_failure
+from .session import inject_failure, run_job
 
 __all__ = ["ResampleJob", "LabelSets", "keyed", "distinct_label_sets", "weigh_label_sets", "weigh",
            "bucket_totals", "bucket_saturation",
@@ -613,17 +613,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"resample: error: {e}", file=sys.stderr)
         return 2
-    spark = get_session("adaptive-transfer resample", args.master, driver_memory=args.driver_memory)
-    try:
-        stats = run(spark, job)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"resample: error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        spark.stop()
-    print(f"resample: {stats['total_copies']} samples, {stats['unique_examples']} unique examples, "
-          f"total variation {stats['total_variation']:.4f} -> {job.output}")
-    return 0
+    return run_job("resample", args.master, args.driver_memory, lambda spark: run(spark, job),
+                   lambda s: f"{s['total_copies']} samples, {s['unique_examples']} unique examples, "
+                             f"total variation {s['total_variation']:.4f} -> {job.output}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["get_session", "local_driver_memory", "inject_failure"]
+__all__ = ["get_session", "local_driver_memory", "inject_failure", "run_job"]
 
 #: Environment variable that makes the first attempt of each task fail (tests
 #: of retries): a comma-separated list of stage names, or ``all``.
@@ -80,3 +80,21 @@ def inject_failure(stage: str) -> None:
     ctx = TaskContext.get()
     if ctx is not None and ctx.attemptNumber() == 0:
         raise RuntimeError(f"injected failure in stage {stage!r}, partition {ctx.partitionId()}")
+
+
+def run_job(prog: str, master: str | None, driver_memory: str | None, work, describe) -> int:
+    """The shared ``main`` of the jobs: start Spark, ``work(spark)``, stop it.
+
+    Bad input (``ValueError``, ``FileNotFoundError``) is a one-line error and
+    exit status 1; success prints ``describe(result)``.
+    """
+    spark = get_session(f"adaptive-transfer {prog}", master, driver_memory=driver_memory)
+    try:
+        result = work(spark)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        spark.stop()
+    print(f"{prog}: {describe(result)}")
+    return 0

@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 from schemas import Manifest, ResampleConfig, SchemaError, ShardInfo
 from schemas import io as sio
 
-from .session import get_session, inject_failure
+from .session import inject_failure, run_job
 from .shards import image_extension, sample_json, sample_key, shard_name, write_tar
 
 __all__ = ["ShardJob", "run", "main", "resolve_selection"]
@@ -412,17 +412,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"write_shards: error: {e}", file=sys.stderr)
         return 2
-    spark = get_session("adaptive-transfer write_shards", args.master, driver_memory=args.driver_memory)
-    try:
-        manifest = run(spark, job)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"write_shards: error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        spark.stop()
-    print(f"write_shards: {manifest.total_samples} samples ({manifest.unique_examples} unique) in "
-          f"{len(manifest.shards)} shards -> {job.output}")
-    return 0
+    return run_job("write_shards", args.master, args.driver_memory, lambda spark: run(spark, job),
+                   lambda m: f"{m.total_samples} samples ({m.unique_examples} unique) in "
+                             f"{len(m.shards)} shards -> {job.output}")
 
 
 if __name__ == "__main__":

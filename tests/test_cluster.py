@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,13 +16,7 @@ import pytest
 from schemas import io as sio
 from spark_jobs import resample as R
 from spark_jobs import write_shards as W
-from tests.helpers import ROOT, reference_weights, write_weights
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import free_port, ROOT, reference_weights, write_weights
 
 
 @pytest.fixture
@@ -34,14 +27,14 @@ def standalone_cluster(tmp_path):
     spark_class = os.path.join(home, "bin", "spark-class")
     env = {**os.environ, "SPARK_HOME": home, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable,
            "SPARK_WORKER_DIR": str(tmp_path / "work"), "SPARK_LOG_DIR": str(tmp_path / "logs")}
-    port, ui = _port(), _port()
+    port, ui = free_port(), free_port()
     procs = [subprocess.Popen([spark_class, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
                                "--port", str(port), "--webui-port", str(ui)], env=env,
                               stdout=open(tmp_path / "master.log", "w"), stderr=subprocess.STDOUT)]
     url = f"spark://127.0.0.1:{port}"
     for i in range(2):
         procs.append(subprocess.Popen([spark_class, "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1",
-                                       "--cores", "1", "--memory", "1g", "--webui-port", str(_port()), url],
+                                       "--cores", "1", "--memory", "1g", "--webui-port", str(free_port()), url],
                                       env=env, stdout=open(tmp_path / f"worker{i}.log", "w"),
                                       stderr=subprocess.STDOUT))
     try:

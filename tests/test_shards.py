@@ -7,7 +7,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import tarfile
 from collections import Counter
 
@@ -23,7 +22,7 @@ from spark_jobs import resample as R
 from spark_jobs import shards as SH
 from spark_jobs import verify as V
 from spark_jobs import write_shards as W
-from tests.helpers import reference_weights, run_module, write_weights
+from tests.helpers import free_port, reference_weights, run_module, write_weights
 
 LABELS = pa.list_(pa.int32())
 
@@ -277,18 +276,12 @@ def test_bad_selection_inputs(spark, source_data, tmp_path):
 
 # -- object storage -------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def s3_server(monkeypatch):
     """A local S3-compatible server (moto) on loopback; fsspec's s3:// points at it."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ import torch
 from schemas import io as sio
 from spark_jobs import resample as R
 from spark_jobs import write_shards as W
-from tests.helpers import ROOT, reference_weights, run_module, write_weights
+from tests.helpers import free_port, ROOT, reference_weights, run_module, write_weights
 from trainer import runtime as RT
 from trainer.data import LoaderState, ShardStream, collate, shard_urls, soft_targets
 from trainer.finetune import index_batches
@@ -151,12 +150,6 @@ def pretrain_args(shards, out, steps, *extra):
             "--batch-size", "32", "--lr", "0.05", "--seed", "7", "--log-every", "5", "--output", str(out), *extra]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def pretrained(shards):
     out = shards[2] / "pretrain"
@@ -217,7 +210,7 @@ def _check_ranks(out):
 @pytest.mark.slow
 def test_two_ranks_with_the_deepspeed_launcher(shards, tmp_path):
     out = tmp_path / "two_ranks"
-    proc = _deepspeed("--num_gpus", "2", "--master_port", str(_port()), "--module", "trainer.pretrain",
+    proc = _deepspeed("--num_gpus", "2", "--master_port", str(free_port()), "--module", "trainer.pretrain",
                       *pretrain_args(shards, out, 6, "--num-workers", "1"))
     text, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, text[-4000:]
@@ -232,7 +225,7 @@ def test_two_nodes_on_loopback(shards, tmp_path):
     out = tmp_path / "two_nodes"
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
-    port = str(_port())
+    port = str(free_port())
     procs = [_deepspeed("--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(n), "--master_addr",
                         "127.0.0.1", "--master_port", port, "--module", "trainer.pretrain",
                         *pretrain_args(shards, out, 6, "--num-workers", "1")) for n in (0, 1)]

@@ -10,16 +10,19 @@ Stages (all deterministic for a given selection, index and seed):
 
 1. **locate**: join the selection with the index's keys and source
    locations (file, row), never with its image bytes;
-2. **fetch**: read the selected images in source order (per file, by row;
-   per ``uri``, sorted), check their format from the bytes; missing or
-   unrecognisable images are counted, listed and skipped;
+2. **check**: read the selected images in source order (per file, by row,
+   only the row groups needed; per ``uri``, sorted) and check their format
+   from the bytes; only verdicts leave the tasks. Missing or unrecognisable
+   images are counted, listed and skipped;
 3. **place**: every copy of every good example gets a global position by
    sorting on ``xxhash64(key, copy, seed)`` (fixed hash ranges, exact counts,
    so no sampling is involved); position // samples-per-shard is its shard;
-4. **write**: one task writes each shard's tar, in position order, with fixed
-   tar metadata, under an attempt-specific temporary name; the driver keeps
-   what successful attempts reported, renames, writes ``manifest.json`` and
-   then ``_SUCCESS``.
+4. **fetch and write**: read the images again in source order, each with its
+   copies' places, so image bytes cross a single shuffle, to their shard;
+   one task writes each shard's tar, in position order, with fixed tar
+   metadata, under an attempt-specific temporary name; the driver keeps what
+   successful attempts reported, renames, writes ``manifest.json`` and then
+   ``_SUCCESS``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from schemas import Manifest, ResampleConfig, SchemaError, ShardInfo
@@ -85,15 +89,20 @@ def resolve_selection(path: str) -> tuple[str, str | None]:
 
 # -- stage 2: fetch images in source order ------------------------------------------
 
-FETCHED_SCHEMA = ("key string, labels array<int>, copies int, weight double, image binary, ext string, "
-                  "reason string")
-_CARRIED = ["key", "labels", "copies", "weight"]
+CHECKED_SCHEMA = "key string, copies int, ext string, reason string"
+PLACED_SCHEMA = ("key string, copy int, shard int, slot int, labels array<int>, weight double, image binary, "
+                 "ext string")
 
 
-def _fetch_partition(column: str, storage: dict):
-    """mapInArrow: located rows sorted by (file, row) -> the same rows with their
-    image bytes, format and, for a bad image, the reason (key, labels, copies
-    and weight are carried through, so no join brings them back later)."""
+def _fetch_partition(column: str, storage: dict, placed: bool):
+    """mapInArrow over located rows sorted by (file, row): read each image in
+    source order and check its format from the bytes.
+
+    ``placed=False`` (the check pass): one verdict row per example
+    (``CHECKED_SCHEMA``); no image leaves the task. ``placed=True`` (the
+    fetch pass): the input carries each example's ``places`` (copy, shard,
+    slot); one row per copy with the image (``PLACED_SCHEMA``).
+    """
 
     def fetch(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         sio.apply_storage_config(storage)
@@ -102,6 +111,7 @@ def _fetch_partition(column: str, storage: dict):
         if not pending:
             return
         table = pa.Table.from_batches(pending)
+        emit = _placed_batch if placed else _checked_batch
         if column == "image":
             files = table.column("file").to_pylist()
             rows = table.column("row").to_numpy()
@@ -111,7 +121,7 @@ def _fetch_partition(column: str, storage: dict):
                 while end < len(files) and files[end] == files[start]:
                     end += 1
                 for positions, images in _read_inline(files[start], rows[start:end]):
-                    yield _fetched_batch(table, positions + start, images)
+                    yield emit(table, positions + start, images)
                 start = end
         else:
             uris = table.column("uri").to_pylist()
@@ -126,14 +136,14 @@ def _fetch_partition(column: str, storage: dict):
                         images.append(sio.read_bytes(uris[i]))
                     except Exception as e:  # noqa: BLE001 - a missing image is counted, not fatal
                         images.append(f"unreadable uri {uris[i]!r}: {type(e).__name__}: {e}"[:300])
-                yield _fetched_batch(table, np.asarray(chunk), images)
+                yield emit(table, np.asarray(chunk, np.int64), images)
 
     return fetch
 
 
-def _fetched_batch(table: pa.Table, positions: np.ndarray, images: list) -> pa.RecordBatch:
-    """Rows ``positions`` of ``table`` (carried columns) with their images;
-    an entry of ``images`` that is a string is the reason it is missing."""
+def _verdicts(images: list) -> tuple[list, list, list]:
+    """(bytes or None, extension or None, reason or None) for fetched items; an
+    item that is a string is the reason it could not be read."""
     data, exts, reasons = [], [], []
     for item in images:
         if isinstance(item, str) or item is None:
@@ -145,11 +155,33 @@ def _fetched_batch(table: pa.Table, positions: np.ndarray, images: list) -> pa.R
         data.append(item if ext else None)
         exts.append(ext)
         reasons.append(None if ext else "unrecognised image format")
-    carried = table.select(_CARRIED).take(pa.array(positions))
+    return data, exts, reasons
+
+
+def _checked_batch(table: pa.Table, positions: np.ndarray, images: list) -> pa.RecordBatch:
+    _, exts, reasons = _verdicts(images)
+    carried = table.select(["key", "copies"]).take(pa.array(positions))
     return pa.RecordBatch.from_arrays(
-        [carried.column(c).combine_chunks() for c in _CARRIED]
-        + [pa.array(data, pa.binary()), pa.array(exts, pa.string()), pa.array(reasons, pa.string())],
-        names=_CARRIED + ["image", "ext", "reason"])
+        [carried.column("key").combine_chunks(), carried.column("copies").combine_chunks(),
+         pa.array(exts, pa.string()), pa.array(reasons, pa.string())], names=["key", "copies", "ext", "reason"])
+
+
+def _placed_batch(table: pa.Table, positions: np.ndarray, images: list) -> pa.RecordBatch:
+    data, exts, reasons = _verdicts(images)
+    bad = [i for i, e in enumerate(exts) if e is None]
+    if bad:
+        key = table.column("key")[int(positions[bad[0]])].as_py()
+        raise ValueError(f"the image of {key!r} changed while the job ran ({reasons[bad[0]]}); rerun it")
+    places = table.column("places").take(pa.array(positions)).combine_chunks()
+    counts = pc.list_value_length(places).to_numpy()
+    flat = places.flatten()
+    repeat = np.repeat(np.arange(len(positions)), counts)
+    carried = table.select(["key", "labels", "weight"]).take(pa.array(positions[repeat]))
+    return pa.RecordBatch.from_arrays(
+        [carried.column("key").combine_chunks(), flat.field("copy"), flat.field("shard"), flat.field("slot"),
+         carried.column("labels").combine_chunks(), carried.column("weight").combine_chunks(),
+         pa.array([data[i] for i in repeat], pa.binary()), pa.array([exts[i] for i in repeat], pa.string())],
+        names=["key", "copy", "shard", "slot", "labels", "weight", "image", "ext"])
 
 
 def _read_inline(path: str, rows: np.ndarray) -> Iterator[tuple[np.ndarray, list]]:
@@ -291,23 +323,27 @@ def run(spark, job: ShardJob) -> Manifest:
         (F.col("uri") if column == "uri" else F.lit(None).cast("string")).alias("uri"))
     located = located.join(selection, on="key", how="inner")
 
-    # Stage 2: fetch, in source order.
+    # Stage 2: check every image, in source order; only verdicts leave the tasks.
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(IMAGE_BATCH_ROWS))
     n_files = max(1, len(index.inputFiles()))
-    fetch_input = (located.select("key", "file", "row", "uri", "labels", "copies", "weight")
-                   .repartition(min(n_files, 4 * spark.sparkContext.defaultParallelism), "file")
-                   .sortWithinPartitions("file", "row"))
-    fetched = fetch_input.mapInArrow(_fetch_partition(column, sio.storage_config()), FETCHED_SCHEMA)
-    images = fetched.persist()
+    fetch_cols = ["key", "file", "row", "uri", "labels", "copies", "weight"]
+    tasks = min(n_files, 4 * spark.sparkContext.defaultParallelism)
+
+    def in_source_order(df):
+        return df.repartition(tasks, "file").sortWithinPartitions("file", "row")
+
+    storage = sio.storage_config()
+    checked = in_source_order(located.select(*fetch_cols)).mapInArrow(
+        _fetch_partition(column, storage, placed=False), CHECKED_SCHEMA).persist()
     try:
-        found = images.agg(F.count(F.lit(1)).alias("n"),
-                           F.sum(F.when(F.col("ext").isNull(), 1).otherwise(0)).alias("bad")).first()
+        found = checked.agg(F.count(F.lit(1)).alias("n"),
+                            F.sum(F.when(F.col("ext").isNull(), 1).otherwise(0)).alias("bad")).first()
         n_missing = int(check["n"]) - int(found["n"])  # selected keys the index does not have
         missing_rows = []
         if n_missing:
             missing = selection.join(index.select(F.col("key").cast("string")), on="key", how="left_anti")
             missing_rows = missing.select("key").orderBy("key").limit(1000).collect()
-        bad_rows = (images.where(F.col("ext").isNull()).select("key", "reason").orderBy("key")
+        bad_rows = (checked.where(F.col("ext").isNull()).select("key", "reason").orderBy("key")
                     .limit(1000).collect())
         n_bad = int(found["bad"] or 0) + n_missing
         unique = int(check["n"])
@@ -319,8 +355,8 @@ def run(spark, job: ShardJob) -> Manifest:
         bad_records = ([{"key": r["key"], "reason": "not in the source index"} for r in missing_rows]
                        + [{"key": r["key"], "reason": r["reason"]} for r in bad_rows])[:1000]
 
-        # Stage 3: place every copy.
-        good = images.where(F.col("ext").isNotNull())
+        # Stage 3: place every copy of every good example.
+        good = checked.where(F.col("ext").isNotNull())
         samples = good.select("key", F.explode(F.sequence(F.lit(0), F.col("copies") - 1)).alias("copy"))
         samples = samples.withColumn("h", F.xxhash64(F.col("key"), F.col("copy"), F.lit(job.seed).cast("long")))
         total = samples.count()
@@ -338,19 +374,22 @@ def run(spark, job: ShardJob) -> Manifest:
         placed = samples.withColumn(
             "position", F.element_at(F.lit(offsets).cast("array<long>"), F.col("range") + 1) + rank - 1)
         num_shards = math.ceil(total / job.samples_per_shard)
-        placed = placed.select("key", "copy",
-                               (F.col("position") / job.samples_per_shard).cast("long").cast("int").alias("shard"),
-                               (F.col("position") % job.samples_per_shard).cast("int").alias("slot"))
+        places = (placed.select("key", F.struct(
+            F.col("copy").cast("int").alias("copy"),
+            (F.col("position") / job.samples_per_shard).cast("long").cast("int").alias("shard"),
+            (F.col("position") % job.samples_per_shard).cast("int").alias("slot")).alias("place"))
+            .groupBy("key").agg(F.sort_array(F.collect_list("place")).alias("places")))
 
-        # Stage 4: write.
-        rows = (placed.join(good.select("key", "labels", "weight", "image", "ext"), on="key")
+        # Stage 4: fetch again in source order, now with each copy's place, so the
+        # images cross one shuffle (to their shards); write each shard in order.
+        rows = (in_source_order(located.select(*fetch_cols).join(places, on="key"))
+                .mapInArrow(_fetch_partition(column, storage, placed=True), PLACED_SCHEMA)
                 .repartition(num_shards, "shard").sortWithinPartitions("shard", "slot")
-                .mapInArrow(_write_partition(job.output, job.prefix, job.samples_per_shard, total,
-                                             sio.storage_config()),
+                .mapInArrow(_write_partition(job.output, job.prefix, job.samples_per_shard, total, storage),
                             WRITTEN_SCHEMA)
                 .collect())
     finally:
-        images.unpersist()
+        checked.unpersist()
         spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "65536")
 
     by_shard = {}

@@ -45,6 +45,7 @@ SAMPLES_PER_SHARD ?= 10000
 install: $(STAMP)
 
 $(STAMP): setup.py Makefile
+	@command -v java >/dev/null 2>&1 || echo "warning: no 'java' on PATH; Spark needs Java 17 (apt-get install openjdk-17-jre-headless)"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet setuptools wheel packaging $(if $(strip $(TORCH)),"$(TORCH)")
 	@# DeepSpeed builds against the torch installed above: no build isolation,

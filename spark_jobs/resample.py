@@ -281,7 +281,11 @@ def bucket_saturation(weighed, threshold: int | None) -> dict[int, tuple[int, in
 DRAWN_SCHEMA = "key string, copies int, weight double, lsid long"
 
 
-def _draw_partition(plan: S.SamplingPlan):
+def _draw_partition(plan: S.SamplingPlan, set_lsid: np.ndarray, set_q: np.ndarray, set_w: np.ndarray):
+    """mapInArrow over whole buckets: (key, bucket, order, lsid) -> selected
+    (key, copies, weight, lsid). An example's weights are looked up from its
+    label set (``set_*``, sorted by lsid), so they need not cross the shuffle."""
+
     def draw_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         collected = list(batches)
         if not collected:
@@ -289,7 +293,8 @@ def _draw_partition(plan: S.SamplingPlan):
         table = pa.Table.from_batches(collected)
         bucket = table.column("bucket").to_numpy()
         order = table.column("order").to_numpy()
-        q = table.column("q").to_numpy()
+        which = np.searchsorted(set_lsid, table.column("lsid").to_numpy())
+        q = set_q[which]
         perm = np.lexsort((order, bucket))
         sb, so = bucket[perm], order[perm]
         # Equal (bucket, order): resolve by key, and find duplicate keys.
@@ -316,16 +321,20 @@ def _draw_partition(plan: S.SamplingPlan):
             yield pa.RecordBatch.from_arrays(
                 [part.column("key").combine_chunks(),
                  pa.array(copies[copies > 0][start:start + step].astype(np.int32), pa.int32()),
-                 part.column("w").combine_chunks(), part.column("lsid").combine_chunks()],
+                 pa.array(set_w[which[chosen[start:start + step]]], pa.float64()),
+                 part.column("lsid").combine_chunks()],
                 names=["key", "copies", "weight", "lsid"])
     return draw_partition
 
 
-def draw(weighed, plan: S.SamplingPlan, partitions: int):
+def draw(weighed, plan: S.SamplingPlan, partitions: int, weighted_sets: pa.Table):
     """Group whole buckets into ``partitions`` tasks and draw each bucket."""
-    return (weighed.where("q > 0").select("key", "bucket", "order", "q", "w", "lsid")
+    ordered = weighted_sets.sort_by("lsid")
+    return (weighed.where("q > 0").select("key", "bucket", "order", "lsid")
             .repartition(partitions, "bucket")
-            .mapInArrow(_draw_partition(plan), DRAWN_SCHEMA))
+            .mapInArrow(_draw_partition(plan, ordered.column("lsid").to_numpy(),
+                                        ordered.column("q").to_numpy(), ordered.column("w").to_numpy()),
+                        DRAWN_SCHEMA))
 
 
 # -- statistics ---------------------------------------------------------------------
@@ -483,7 +492,7 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
     plan = S.make_plan(job.matcher, job.draw, job.size, job.seed, bucket_q, elastic, saturation)
     partitions = max(1, min(job.buckets, math.ceil(positive / job.rows_per_partition)))
 
-    drawn = draw(weighed, plan, partitions).persist()
+    drawn = draw(weighed, plan, partitions, weighted_sets).persist()
     try:
         local = _is_local(job.output)
         final = job.output[len("file://"):] if job.output.startswith("file://") else job.output

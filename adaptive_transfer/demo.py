@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from typing import Sequence
 
@@ -102,22 +101,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 D.run_pretrain(os.path.join(run_dir, "shards", "manifest.json"), data.labels,
                                os.path.join(run_dir, "pretrain"), args.pretrain_steps, seed=args.seed, log=log)
             log(f"{name}: fine-tune {args.finetune_steps} steps")
-            ft = os.path.join(run_dir, "finetune")
-            D._run([sys.executable, "-m", "trainer.finetune", "--target", "food101", "--target-root", data.target,
-                    "--init", os.path.join(run_dir, "pretrain", "generalist.pt"), "--steps",
-                    str(args.finetune_steps), "--batch-size", "32", "--lr", "0.05", "--seed", str(args.seed),
-                    "--num-workers", "2", "--log-every", str(args.finetune_steps), "--output", ft], log)
-            metrics = json.loads(open(os.path.join(ft, "metrics.json")).read())
+            metrics = D.run_finetune(data.target, os.path.join(run_dir, "pretrain", "generalist.pt"),
+                                     os.path.join(run_dir, "finetune"), args.finetune_steps, args.seed, log)
             results.append({"pre-training set": name, "unique examples": stats["unique_examples"],
                             "samples": stats["total_copies"], "total variation": stats["total_variation"],
                             "top1": metrics["top1"], "mean per-class": metrics["mean_per_class_accuracy"]})
         log("Random initialisation (no pre-training): fine-tune")
-        ft = os.path.join(out, "runs", "random-init", "finetune")
-        D._run([sys.executable, "-m", "trainer.finetune", "--target", "food101", "--target-root", data.target,
-                "--init", "none", "--model", "small", "--steps", str(args.finetune_steps), "--batch-size", "32",
-                "--lr", "0.05", "--seed", str(args.seed), "--num-workers", "2", "--log-every",
-                str(args.finetune_steps), "--output", ft], log)
-        metrics = json.loads(open(os.path.join(ft, "metrics.json")).read())
+        metrics = D.run_finetune(data.target, "none", os.path.join(out, "runs", "random-init", "finetune"),
+                                 args.finetune_steps, args.seed, log)
         results.append({"pre-training set": "Random initialisation", "unique examples": 0, "samples": 0,
                         "total variation": None, "top1": metrics["top1"],
                         "mean per-class": metrics["mean_per_class_accuracy"]})

@@ -9,6 +9,7 @@ made once and reused (marked complete by ``_SUCCESS``).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -83,10 +84,21 @@ def run_pretrain(manifest: str, labels: str, out: str, steps: int, batch: int = 
            "--model", "small", "--steps", str(steps), "--batch-size", str(batch), "--lr", str(lr),
            "--seed", str(seed), "--num-workers", "2", "--log-every", str(max(1, steps // 4)),
            "--save-every", str(steps), "--keep-checkpoints", "1", "--output", out]
-    _run(cmd, log)
+    run_logged(cmd, log)
 
 
-def _run(cmd: list[str], log) -> None:
+def run_finetune(target_root: str, init: str, out: str, steps: int, seed: int = 0, log=print) -> dict:
+    """trainer.finetune on the demo target (``init``: generalist.pt or 'none');
+    returns its metrics."""
+    run_logged([sys.executable, "-m", "trainer.finetune", "--target", "food101", "--target-root", target_root,
+                "--init", init, "--model", "small", "--steps", str(steps), "--batch-size", "32", "--lr", "0.05",
+                "--seed", str(seed), "--num-workers", "2", "--log-every", str(steps), "--output", out], log)
+    with open(os.path.join(out, "metrics.json")) as fh:
+        return json.load(fh)
+
+
+def run_logged(cmd: list[str], log) -> None:
+    """Run a stage's command; keep its progress lines, fail with its stderr."""
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith(("step ", "pretrain:", "finetune:", "evaluate:")):

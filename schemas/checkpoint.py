@@ -53,19 +53,24 @@ def vocabulary_fingerprint(vocabulary: pa.Table) -> str:
     return h.hexdigest()
 
 
+def _check_header(ckpt: Any, file: str | None, fmt: str, what: str, required: tuple[str, ...]) -> None:
+    """Format, version and required keys of a checkpoint dict."""
+    if not isinstance(ckpt, Mapping):
+        raise SchemaError(f"not a {what} checkpoint (expected a dict)", file=file)
+    if ckpt.get("format") != fmt:
+        raise SchemaError(f"not a {what} checkpoint (format {ckpt.get('format')!r})", file=file)
+    if ckpt.get("format_version") != GENERALIST_FORMAT_VERSION:
+        raise SchemaError(f"{what} checkpoint format_version is {ckpt.get('format_version')!r}; "
+                          f"this reader understands {GENERALIST_FORMAT_VERSION}", file=file)
+    missing = [k for k in required if k not in ckpt]
+    if missing:
+        raise SchemaError(f"{what} checkpoint lacks {missing}", file=file)
+
+
 def validate_generalist(ckpt: Mapping[str, Any], file: str | None = None,
                         vocabulary: pa.Table | None = None) -> None:
     """Check a loaded checkpoint dict; with ``vocabulary``, check it matches."""
-    if not isinstance(ckpt, Mapping):
-        raise SchemaError("not a generalist checkpoint (expected a dict)", file=file)
-    if ckpt.get("format") != GENERALIST_FORMAT:
-        raise SchemaError(f"not a generalist checkpoint (format {ckpt.get('format')!r})", file=file)
-    if ckpt.get("format_version") != GENERALIST_FORMAT_VERSION:
-        raise SchemaError(f"generalist checkpoint format_version is {ckpt.get('format_version')!r}; "
-                          f"this reader understands {GENERALIST_FORMAT_VERSION}", file=file)
-    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
-    if missing:
-        raise SchemaError(f"generalist checkpoint lacks {missing}", file=file)
+    _check_header(ckpt, file, GENERALIST_FORMAT, "generalist", REQUIRED_KEYS)
     if len(ckpt["label_ids"]) != ckpt["num_classes"]:
         raise SchemaError(f"checkpoint has {len(ckpt['label_ids'])} label ids for "
                           f"{ckpt['num_classes']} classes", file=file)
@@ -88,15 +93,7 @@ FINETUNED_REQUIRED_KEYS = ("format", "format_version", "architecture", "classes"
 def validate_finetuned(ckpt: Mapping[str, Any], file: str | None = None,
                        classes: list[str] | None = None) -> None:
     """Check a fine-tuned checkpoint dict; with ``classes``, that they match."""
-    if not isinstance(ckpt, Mapping) or ckpt.get("format") != FINETUNED_FORMAT:
-        raise SchemaError(f"not a fine-tuned checkpoint (format {getattr(ckpt, 'get', lambda k: None)('format')!r})",
-                          file=file)
-    if ckpt.get("format_version") != GENERALIST_FORMAT_VERSION:
-        raise SchemaError(f"fine-tuned checkpoint format_version is {ckpt.get('format_version')!r}; "
-                          f"this reader understands {GENERALIST_FORMAT_VERSION}", file=file)
-    missing = [k for k in FINETUNED_REQUIRED_KEYS if k not in ckpt]
-    if missing:
-        raise SchemaError(f"fine-tuned checkpoint lacks {missing}", file=file)
+    _check_header(ckpt, file, FINETUNED_FORMAT, "fine-tuned", FINETUNED_REQUIRED_KEYS)
     if classes is not None and list(ckpt["classes"]) != list(classes):
         raise SchemaError(f"the checkpoint was fine-tuned on {len(ckpt['classes'])} classes "
                           f"({ckpt['classes'][:3]}...), the dataset has {len(classes)} ({classes[:3]}...)",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -32,6 +32,7 @@ __all__ = [
     "listing_fingerprint",
     "storage_config",
     "apply_storage_config",
+    "clear_output",
 ]
 
 _GLOB_CHARS = set("*?[")
@@ -207,3 +208,23 @@ def apply_storage_config(conf: dict) -> None:
     """Install options captured by :func:`storage_config` (in a worker)."""
     for protocol, options in conf.items():
         fsspec.config.conf.setdefault(protocol, {}).update(options)
+
+
+def clear_output(path: str, owned: Callable[[str], bool]) -> None:
+    """Remove what an earlier, incomplete (or overwritten) run left at ``path``.
+
+    ``owned(name)`` says whether a top-level entry is one the job writes. A
+    directory holding anything else is refused with a ``ValueError`` naming
+    it, so a mistyped ``--output`` never deletes someone's data.
+    """
+    fs, p = filesystem(path)
+    if not fs.exists(p):
+        return
+    if not fs.isdir(p):
+        raise ValueError(f"{path}: exists and is not a directory")
+    names = [e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(p, detail=False)]
+    foreign = sorted(n for n in names if not (owned(n) or ".tmp-" in n))
+    if foreign:
+        raise ValueError(f"{path} holds {foreign[:5]}, which this job did not write; "
+                         "give an empty or new output directory")
+    fs.rm(p, recursive=True)

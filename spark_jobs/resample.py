@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import uuid
@@ -55,6 +54,8 @@ DEFAULT_BUCKETS = 4096
 #: Records per partition of the drawing stage (the whole partition is held in
 #: one Python worker's memory: ~100 bytes a record).
 DEFAULT_ROWS_PER_PARTITION = 1_000_000
+#: What the job writes in its output directory.
+OUTPUT_ENTRIES = {"selection", "stats.json", "label_stats.parquet", "label_stats.png", "_SUCCESS"}
 _MASK31 = (1 << 31) - 1
 
 
@@ -445,6 +446,7 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
         print(f"resample: {job.output} is complete (_SUCCESS); nothing to do "
               "(--overwrite to redo)", file=sys.stderr)
         return json.loads(sio.read_bytes(sio.join(job.output, "stats.json")))
+    sio.clear_output(job.output, lambda name: name in OUTPUT_ENTRIES)
     lw, info = label_weights_for(job)
     config = job.config()
 
@@ -501,10 +503,7 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
             os.makedirs(parent, exist_ok=True)
             work = os.path.join(parent, f".{os.path.basename(final)}.tmp-{uuid.uuid4().hex[:12]}")
         else:
-            work = job.output
-            fs, p = sio.filesystem(work)
-            if fs.exists(p):
-                fs.rm(p, recursive=True)
+            work = job.output  # object stores: written in place, _SUCCESS last
         drawn.select("key", "copies", "weight").write.mode("overwrite").parquet(sio.join(work, "selection"))
         lap("draw_and_write")
 
@@ -561,9 +560,7 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
     sio.write_bytes_atomic(sio.join(work, "stats.json"), json.dumps(stats, indent=2) + "\n")
     sio.write_bytes_atomic(sio.join(work, "_SUCCESS"), "")
     if local and work != final:
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.rename(work, final)
+        os.rename(work, final)  # cleared at the start: a stale result is never mixed in
     return stats
 
 

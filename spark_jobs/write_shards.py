@@ -46,7 +46,7 @@ from schemas import Manifest, ResampleConfig, SchemaError, ShardInfo
 from schemas import io as sio
 
 from .session import inject_failure, run_job
-from .shards import image_extension, sample_json, sample_key, shard_name, write_tar
+from .shards import SHARD_NAME_RE, image_extension, sample_json, sample_key, shard_name, write_tar
 
 __all__ = ["ShardJob", "run", "main", "resolve_selection"]
 
@@ -263,9 +263,11 @@ def _write_partition(output: str, prefix: str, samples_per_shard: int, total: in
 # -- the job --------------------------------------------------------------------------
 
 def _clean(output: str) -> None:
+    """Remove an earlier incomplete run's shards, manifest and temporaries
+    (and refuse a directory holding anything else)."""
+    sio.clear_output(output, lambda name: bool(SHARD_NAME_RE.match(name))
+                     or name in ("manifest.json", "_SUCCESS", TEMPORARY))
     fs, p = sio.filesystem(output)
-    if fs.exists(p):
-        fs.rm(p, recursive=True)
     fs.makedirs(p, exist_ok=True)
 
 

@@ -202,6 +202,12 @@ def test_rerun_and_incomplete_output(spark, resampled, tmp_path):
     assert sorted(os.listdir(out)) == ["_SUCCESS", "manifest.json", "shard-000000.tar", "shard-000001.tar",
                                        "shard-000002.tar"]
     assert V.verify(out).ok
+    # A directory holding anything the job did not write is never cleared.
+    os.remove(os.path.join(out, "_SUCCESS"))
+    open(os.path.join(out, "notes.txt"), "w").write("mine")
+    with pytest.raises(ValueError, match=r"holds \['notes.txt'\], which this job did not write"):
+        W.run(spark, job)
+    assert os.path.exists(os.path.join(out, "notes.txt"))
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from typing import Sequence
 
 from . import runtime as RT
 from .data import TargetDataset
-from .evaluation import evaluate
+from .evaluation import describe, evaluate
 from .models import checkpoint_fingerprint, load_finetuned
 
 __all__ = ["build_parser", "run", "main"]
@@ -53,9 +53,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return RT.cli_main("evaluate", build_parser(), run, lambda r, a: (f"top-1 {r['top1']:.4f}, mean per-class "
-                                                      f"{r['mean_per_class_accuracy']:.4f} on {r['examples']} "
-                                                      f"images -> {a.output}"), argv)
+    return RT.cli_main("evaluate", build_parser(), run,
+                       lambda r, a: describe(r, a.split, a.output), argv)
 
 
 if __name__ == "__main__":

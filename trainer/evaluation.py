@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["accuracy_metrics", "evaluate"]
+__all__ = ["accuracy_metrics", "evaluate", "describe"]
 
 
 def accuracy_metrics(correct: np.ndarray, total: np.ndarray, classes: list[str]) -> dict:
@@ -49,3 +49,9 @@ def evaluate(model: torch.nn.Module, dataset, classes: list[str], device: torch.
         dist.all_reduce(correct)
         dist.all_reduce(total)
     return accuracy_metrics(correct.numpy(), total.numpy(), classes)
+
+
+def describe(metrics: dict, split: str, output: str) -> str:
+    """The one-line summary the fine-tune and evaluate commands print."""
+    return (f"top-1 {metrics['top1']:.4f}, mean per-class {metrics['mean_per_class_accuracy']:.4f} on "
+            f"{metrics['examples']} {split} images -> {output}")

@@ -27,7 +27,7 @@ from schemas import io as sio
 
 from . import runtime as RT
 from .data import TargetDataset
-from .evaluation import evaluate
+from .evaluation import describe, evaluate
 from .models import (DEFAULT_INPUT_SIZE, build_model, checkpoint_fingerprint, load_generalist,
                      preprocess_spec, read_generalist, replace_head, save_finetuned)
 from .optim import deepspeed_config, default_lr, default_warmup, make_optimizer, make_scheduler
@@ -167,9 +167,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return RT.cli_main("finetune", build_parser(), run, lambda r, a: (f"top-1 {r['top1']:.4f}, mean per-class "
-                                                      f"{r['mean_per_class_accuracy']:.4f} on {r['examples']} "
-                                                      f"{a.eval_split} images -> {a.output}"), argv)
+    return RT.cli_main("finetune", build_parser(), run,
+                       lambda r, a: describe(r, a.eval_split, a.output), argv)
 
 
 if __name__ == "__main__":

@@ -143,17 +143,24 @@ def save_generalist(path: str, model: nn.Module, architecture: str, label_ids, s
     sio.write_bytes_atomic(path, buf.getvalue())
 
 
+def _load_weights_only(path: str, what: str) -> Any:
+    """``torch.load(weights_only=True)`` of a file on any filesystem; a file
+    that is not a checkpoint is a ``ValueError`` naming it."""
+    try:
+        data = sio.read_bytes(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such {what} checkpoint") from None
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for bad files
+        raise ValueError(f"{path}: cannot read {what} checkpoint: {e}") from None
+
+
 def read_generalist(path: str, vocabulary: pa.Table | str | None = None) -> dict[str, Any]:
     """Load and validate the checkpoint dict (``weights_only=True``)."""
     if isinstance(vocabulary, str):
         vocabulary = sio.read_parquet(vocabulary)
-    fs, p = sio.filesystem(path)
-    with fs.open(p, "rb") as fh:
-        data = fh.read()
-    try:
-        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds for bad files
-        raise ValueError(f"{path}: cannot read generalist checkpoint: {e}") from None
+    ckpt = _load_weights_only(path, "generalist")
     validate_generalist(ckpt, path, vocabulary)
     return ckpt
 
@@ -204,13 +211,7 @@ def save_finetuned(path: str, model: nn.Module, architecture: str, classes: list
 def load_finetuned(path: str, classes: list[str] | None = None, device: str = "cpu"
                    ) -> tuple[nn.Module, PreprocessSpec, dict[str, Any]]:
     """``(model in eval mode, preprocessing, checkpoint dict)`` (``weights_only=True``)."""
-    fs, p = sio.filesystem(path)
-    with fs.open(p, "rb") as fh:
-        data = fh.read()
-    try:
-        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{path}: cannot read fine-tuned checkpoint: {e}") from None
+    ckpt = _load_weights_only(path, "fine-tuned")
     validate_finetuned(ckpt, path, classes)
     model = build_model(ckpt["architecture"], len(ckpt["classes"]))
     model.load_state_dict(ckpt["state_dict"])

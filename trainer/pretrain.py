@@ -182,7 +182,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return RT.cli_main("pretrain", build_parser(), run, lambda r, a: f"{r['steps_done']} steps, final loss {r['final_loss']:.4f} -> {a.output}", argv)
+    return RT.cli_main("pretrain", build_parser(), run,
+                       lambda r, a: f"{r['steps_done']} steps, final loss {r['final_loss']:.4f} -> {a.output}",
+                       argv)
 
 
 if __name__ == "__main__":

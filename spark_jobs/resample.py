@@ -11,13 +11,17 @@
 Writes ``DIR/selection/`` (Parquet: key, copies, weight), ``DIR/stats.json``,
 ``DIR/label_stats.parquet``, ``DIR/label_stats.png`` and, last, ``DIR/_SUCCESS``.
 
-How it stays exact and deterministic: each key hashes to one of ``--buckets``
-fixed buckets (``xxhash64(key) mod B``, independent of Spark's partitions);
-per-bucket integer totals of the fixed-point weights are summed exactly; the
-driver splits N across buckets (``spark_jobs.sampling.make_plan``); each
-bucket is then drawn in one task, over its records sorted by
-``xxhash64(key, seed)``, with an RNG seeded by (seed, bucket). Task retries
-recompute the same bucket from the same inputs and give the same rows.
+How it stays exact and deterministic (DESIGN.md §4): records are grouped into
+classes, one per distinct label list (``lsid = xxhash64(labels)``), so every
+record of a class has the same fixed-point weight. One aggregation counts the
+records per class; the driver computes the exact weights and splits N across
+classes with Python integers (``spark_jobs.sampling.make_class_plan``).
+Inside a class, records are ranked by ``order = xxhash64(key, seed)`` (ties by
+key) and the copies go by rank (``sampling.rank_copies``). Only the records
+whose order hash is under a per-class bound, about as many as the class can
+select, leave their scan task: one shuffle of roughly N rows groups them by
+class for the draw. Nothing depends on Spark's partitions, and task retries
+recompute the same classes from the same inputs.
 """
 
 from __future__ import annotations
@@ -44,19 +48,14 @@ from schemas import io as sio
 from . import sampling as S
 from .session import inject_failure, run_job
 
-__all__ = ["ResampleJob", "LabelSets", "keyed", "distinct_label_sets", "weigh_label_sets", "weigh",
-           "bucket_totals", "bucket_saturation",
-           "draw", "drawn_totals", "run", "main", "DEFAULT_BUCKETS"]
+__all__ = ["ResampleJob", "LabelSets", "keyed", "distinct_label_sets", "weigh_label_sets",
+           "candidate_bounds", "draw", "drawn_totals", "run", "main"]
 
-#: Fixed number of hash buckets. Part of the result's definition: changing it
-#: changes which examples are drawn (it is recorded in stats.json).
-DEFAULT_BUCKETS = 4096
-#: Records per partition of the drawing stage (the whole partition is held in
-#: one Python worker's memory: ~100 bytes a record).
+#: Candidate records per partition of the drawing stage (the whole partition
+#: is held in one Python worker's memory: ~100 bytes a record).
 DEFAULT_ROWS_PER_PARTITION = 1_000_000
 #: What the job writes in its output directory.
 OUTPUT_ENTRIES = {"selection", "stats.json", "label_stats.parquet", "label_stats.png", "_SUCCESS"}
-_MASK31 = (1 << 31) - 1
 
 
 @dataclass
@@ -78,15 +77,13 @@ class ResampleJob:
     seed: int = 0
     target: str | None = None
     temperature: float | None = None
-    buckets: int = DEFAULT_BUCKETS
     rows_per_partition: int = DEFAULT_ROWS_PER_PARTITION
+    candidate_sigmas: float = S.CANDIDATE_SIGMAS
     overwrite: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.size = parse_size(self.size)
-        if self.buckets < 1:
-            raise ValueError(f"buckets must be >= 1, got {self.buckets}")
         if self.matcher == "elastic":
             self.draw = "systematic"
         if self.scheme == "subset":
@@ -140,13 +137,13 @@ def label_weights_for(job: ResampleJob) -> tuple[S.LabelWeights | None, dict[str
 
 # -- Spark stages (thin: the arithmetic is in spark_jobs.sampling) -----------------
 
-def keyed(index_df, buckets: int, seed: int):
-    """index (key, labels, ...) -> key, labels, bucket, order, lsid, lsid_check.
+def keyed(index_df, seed: int):
+    """index (key, labels, ...) -> key, labels, order, lsid, lsid_check.
 
-    Native expressions, pure functions of the row: ``bucket = xxhash64(key)
-    mod buckets``; ``order = xxhash64(key, seed)``; ``lsid = xxhash64(labels)``
-    (the label-set id: an example's weight depends only on its label list);
-    ``lsid_check``, a second independent hash of the list, detects a
+    Native expressions, pure functions of the row: ``order = xxhash64(key,
+    seed)`` ranks records inside their class; ``lsid = xxhash64(labels)`` is
+    the class (the label-set id: an example's weight depends only on its label
+    list); ``lsid_check``, a second independent hash of the list, detects a
     collision of ``lsid``.
     """
     from pyspark.sql import functions as F
@@ -155,7 +152,6 @@ def keyed(index_df, buckets: int, seed: int):
     return index_df.select(
         F.col("key").cast("string").alias("key"),
         labels.alias("labels"),
-        F.pmod(F.xxhash64("key"), F.lit(buckets)).cast("int").alias("bucket"),
         F.xxhash64(F.col("key"), F.lit(seed).cast("long")).alias("order"),
         F.xxhash64(labels).alias("lsid"),
         F.hash(labels).alias("lsid_check"),
@@ -198,31 +194,6 @@ def weigh_label_sets(sets: pa.Table, lw: S.LabelWeights | None, aggregate: str) 
             .append_column("bad", pa.array(bad, pa.bool_())))
 
 
-def weigh(spark, keyed_df, weighted_sets: pa.Table):
-    """keyed index -> key, labels, bucket, order, lsid, q, w (a broadcast join
-    with the small label-set table; no row goes through Python)."""
-    from pyspark.sql import functions as F
-
-    small = spark.createDataFrame(weighted_sets.select(["lsid", "q", "w"]))
-    return keyed_df.drop("lsid_check").join(F.broadcast(small), on="lsid", how="inner")
-
-
-def bucket_totals(weighed) -> dict[int, dict[str, int]]:
-    """Per bucket: records, positive records (q > 0) and exact Σq (summed as two
-    31-bit halves so no long overflows). Integer sums are exact, so the result
-    does not depend on partitioning."""
-    from pyspark.sql import functions as F
-
-    rows = (weighed.groupBy("bucket")
-            .agg(F.count(F.lit(1)).alias("n"),
-                 F.sum(F.when(F.col("q") > 0, 1).otherwise(0)).alias("positive"),
-                 F.sum(F.shiftright("q", 31)).alias("q_hi"),
-                 F.sum(F.col("q").bitwiseAND(F.lit(_MASK31))).alias("q_lo"))
-            .collect())
-    return {r["bucket"]: {"n": r["n"], "positive": r["positive"],
-                          "q": (int(r["q_hi"]) << 31) + int(r["q_lo"])} for r in rows}
-
-
 @dataclass
 class LabelSets:
     """The distinct label lists of the index: ``lsid -> (labels, records, q)``.
@@ -239,13 +210,6 @@ class LabelSets:
         d = weighted_sets.to_pydict()
         return cls({lsid: (tuple(labels or ()), n, q)
                     for lsid, labels, n, q in zip(d["lsid"], d["labels"], d["n"], d["q"])})
-
-    def weight_histogram(self) -> tuple[list[int], list[int]]:
-        hist: dict[int, int] = {}
-        for _, n, q in self.sets.values():
-            if q > 0:
-                hist[q] = hist.get(q, 0) + n
-        return list(hist), list(hist.values())
 
     def desired_label_mass(self) -> dict[int, int]:
         """label id -> exact Σq over the examples carrying it."""
@@ -265,55 +229,72 @@ class LabelSets:
         return out
 
 
-def bucket_saturation(weighed, threshold: int | None) -> dict[int, tuple[int, int]]:
-    """Per bucket: saturated records (q >= threshold) and exact Σq of the rest."""
-    from pyspark.sql import functions as F
-
-    sat = F.col("q") >= F.lit(threshold) if threshold is not None else F.lit(False)
-    unsat_q = F.when(~sat, F.col("q")).otherwise(F.lit(0))
-    rows = (weighed.where("q > 0").groupBy("bucket")
-            .agg(F.sum(sat.cast("long")).alias("sat"),
-                 F.sum(F.shiftright(unsat_q, 31)).alias("hi"),
-                 F.sum(unsat_q.bitwiseAND(F.lit(_MASK31))).alias("lo"))
-            .collect())
-    return {r["bucket"]: (int(r["sat"]), (int(r["hi"]) << 31) + int(r["lo"])) for r in rows}
+def candidate_bounds(plan: S.ClassPlan, sigmas: float = S.CANDIDATE_SIGMAS) -> tuple[np.ndarray, int]:
+    """Per plan class: the inclusive bound on ``order`` under which its records
+    are drawn from (``sampling.candidate_bound``), and the expected number of
+    such records in all."""
+    needed = np.minimum(plan.counts, plan.records)
+    bounds = np.array([S.candidate_bound(k, m, sigmas) for k, m in zip(needed.tolist(), plan.records.tolist())],
+                      dtype=np.int64)
+    share = (bounds.astype(np.float64) + 2.0 ** 63 + 1) / 2.0 ** 64
+    expected = int(np.minimum(plan.records, np.ceil(plan.records * share)).sum())
+    return bounds, expected
 
 
 DRAWN_SCHEMA = "key string, copies int, weight double, lsid long"
 
 
-def _draw_partition(plan: S.SamplingPlan, set_lsid: np.ndarray, set_q: np.ndarray, set_w: np.ndarray):
-    """mapInArrow over whole buckets: (key, bucket, order, lsid) -> selected
-    (key, copies, weight, lsid). An example's weights are looked up from its
-    label set (``set_*``, sorted by lsid), so they need not cross the shuffle."""
+def _draw_partition(plan: S.ClassPlan, full: np.ndarray, class_w: np.ndarray):
+    """mapInArrow over whole classes: candidate (key, order, lsid) -> selected
+    (key, copies, weight, lsid). A class with fewer candidates than it selects
+    (its bound fell short: below 1e-11 rare) yields nothing; the driver sees
+    its total missing and draws it again from all its records. ``full[k]``:
+    plan class k sends every record."""
 
     def draw_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         collected = list(batches)
         if not collected:
             return
         table = pa.Table.from_batches(collected)
-        bucket = table.column("bucket").to_numpy()
+        lsid = table.column("lsid").to_numpy()
         order = table.column("order").to_numpy()
-        which = np.searchsorted(set_lsid, table.column("lsid").to_numpy())
-        q = set_q[which]
-        perm = np.lexsort((order, bucket))
-        sb, so = bucket[perm], order[perm]
-        # Equal (bucket, order): resolve by key, and find duplicate keys.
-        tie = (sb[1:] == sb[:-1]) & (so[1:] == so[:-1])
+        perm = np.lexsort((order, lsid))
+        sl, so = lsid[perm], order[perm]
         keys_col = table.column("key")
+        # Equal (class, order): resolve by key, and find duplicate keys.
+        tie = np.concatenate([[0], ((sl[1:] == sl[:-1]) & (so[1:] == so[:-1])).astype(np.int8), [0]])
         if tie.any():
-            starts = np.flatnonzero(np.diff(np.concatenate([[0], tie.astype(np.int8), [0]])) == 1)
-            ends = np.flatnonzero(np.diff(np.concatenate([[0], tie.astype(np.int8), [0]])) == -1) + 1
-            for a, b in zip(starts, ends):
+            for a, b in zip(np.flatnonzero(np.diff(tie) == 1), np.flatnonzero(np.diff(tie) == -1) + 1):
                 members = perm[a:b]
                 keys = [keys_col[int(i)].as_py() for i in members]
-                local = S.sort_bucket(np.zeros(len(members), np.int64), keys)
-                perm[a:b] = members[local]
-        copies = np.zeros(perm.size, np.int64)
-        bounds = np.flatnonzero(np.diff(sb)) + 1
-        for lo, hi in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [perm.size]])):
-            copies[lo:hi] = S.draw_bucket(plan, int(sb[lo]), q[perm[lo:hi]])
+                perm[a:b] = members[S.sort_class(np.zeros(len(members), np.int64), keys)]
+        n = perm.size
+        starts = np.concatenate([[0], np.flatnonzero(np.diff(sl)) + 1])
+        have = np.diff(np.append(starts, n))
+        cls = plan.index_of(sl[starts])
+        m = plan.records[cls]
+        if np.any(have > m) or np.any(full[cls] & (have != m)):
+            j = int(np.flatnonzero((have > m) | (full[cls] & (have != m)))[0])
+            raise ValueError(f"label set {int(sl[starts[j]])} has {int(have[j])} records here but "
+                             f"{int(m[j])} when counted: did the index change during the job?")
+        copies = np.zeros(n, np.int64)
+        short = np.zeros(starts.size, bool)
+        if plan.draw == "systematic":
+            base, extra = np.divmod(plan.counts[cls], m)
+            short = have < np.where(base > 0, m, extra)
+            rank = np.arange(n) - np.repeat(starts, have)
+            copies = np.repeat(base, have) + (rank < np.repeat(extra, have))
+            copies[np.repeat(short, have)] = 0
+        else:
+            for j, k in enumerate(cls.tolist()):
+                by_rank = S.rank_copies(plan.draw, int(plan.counts[k]), int(plan.records[k]), plan.seed,
+                                        int(plan.class_ids[k]))
+                if by_rank.size > have[j]:
+                    short[j] = True
+                else:
+                    copies[starts[j]:starts[j] + by_rank.size] = by_rank
         chosen = perm[copies > 0]
+        weights = class_w[np.repeat(cls, have)[copies > 0]]
         out = table.take(pa.array(chosen))
         inject_failure("draw")
         step = 65536
@@ -322,20 +303,29 @@ def _draw_partition(plan: S.SamplingPlan, set_lsid: np.ndarray, set_q: np.ndarra
             yield pa.RecordBatch.from_arrays(
                 [part.column("key").combine_chunks(),
                  pa.array(copies[copies > 0][start:start + step].astype(np.int32), pa.int32()),
-                 pa.array(set_w[which[chosen[start:start + step]]], pa.float64()),
+                 pa.array(weights[start:start + step], pa.float64()),
                  part.column("lsid").combine_chunks()],
                 names=["key", "copies", "weight", "lsid"])
     return draw_partition
 
 
-def draw(weighed, plan: S.SamplingPlan, partitions: int, weighted_sets: pa.Table):
-    """Group whole buckets into ``partitions`` tasks and draw each bucket."""
-    ordered = weighted_sets.sort_by("lsid")
-    return (weighed.where("q > 0").select("key", "bucket", "order", "lsid")
-            .repartition(partitions, "bucket")
-            .mapInArrow(_draw_partition(plan, ordered.column("lsid").to_numpy(),
-                                        ordered.column("q").to_numpy(), ordered.column("w").to_numpy()),
-                        DRAWN_SCHEMA))
+def draw(spark, keyed_df, plan: S.ClassPlan, bounds: np.ndarray, partitions: int, class_w: np.ndarray,
+         only: np.ndarray | None = None):
+    """Keep each class's records under its bound, group whole classes into
+    ``partitions`` tasks and draw them. ``only``: a mask of plan classes to
+    draw (the rest are skipped)."""
+    from pyspark.sql import functions as F
+
+    active = plan.counts > 0 if only is None else only & (plan.counts > 0)
+    small = spark.createDataFrame(pa.table({"lsid": pa.array(plan.class_ids[active], pa.int64()),
+                                            "bound": pa.array(bounds[active], pa.int64())}))
+    full = bounds == S.ORDER_MAX
+    return (keyed_df.select("key", "order", "lsid")
+            .join(F.broadcast(small), on="lsid", how="inner")
+            .where(F.col("order") <= F.col("bound"))
+            .select("key", "order", "lsid")
+            .repartition(partitions, "lsid")
+            .mapInArrow(_draw_partition(plan, full, class_w), DRAWN_SCHEMA))
 
 
 # -- statistics ---------------------------------------------------------------------
@@ -429,7 +419,7 @@ def _bad_label_error(spark, job: ResampleJob, weighted_sets: pa.Table) -> Schema
     bad = weighted_sets.filter(weighted_sets.column("bad"))
     n_bad = int(pc.sum(bad.column("n")).as_py())
     bad_ids = bad.column("lsid").to_pylist()
-    row = (keyed(spark.read.parquet(job.index), 1, 0).where(F.col("lsid").isin(bad_ids))
+    row = (keyed(spark.read.parquet(job.index), 0).where(F.col("lsid").isin(bad_ids))
            .select("key", "labels", "_metadata.file_path").orderBy("key").first())
     file = row["file_path"] if row else job.index
     table = job.labels if job.scheme == "subset" else job.weights
@@ -467,7 +457,7 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
         timings[name] = round(now - tick, 3)
         tick = now
 
-    keyed_df = keyed(index_df, job.buckets, job.seed)
+    keyed_df = keyed(index_df, job.seed)
     weighted_sets = weigh_label_sets(distinct_label_sets(keyed_df), lw, job.aggregate)
     lap("label_sets")
     n_records = int(pc.sum(weighted_sets.column("n")).as_py() or 0)
@@ -477,25 +467,46 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
     if pc.any(weighted_sets.column("bad")).as_py():
         raise _bad_label_error(spark, job, weighted_sets)
     sets = LabelSets.from_table(weighted_sets)
-    weighed = weigh(spark, keyed_df, weighted_sets)
-    totals = bucket_totals(weighed)
-    lap("bucket_totals")
-    positive = sum(t["positive"] for t in totals.values())
+    q_col = weighted_sets.column("q").to_numpy()
+    n_col = weighted_sets.column("n").to_numpy()
+    positive = int(n_col[q_col > 0].sum())
     if positive == 0:
         raise ValueError(f"no example of {job.index} has a non-zero weight under scheme {job.scheme!r}")
-    bucket_q = {b: t["q"] for b, t in totals.items() if t["q"] > 0}
+    plan = S.make_class_plan(job.matcher, job.draw, job.size, job.seed,
+                             weighted_sets.column("lsid").to_numpy(), n_col, q_col)
+    by_lsid = weighted_sets.sort_by("lsid")
+    class_w = by_lsid.column("w").to_numpy()[
+        np.searchsorted(by_lsid.column("lsid").to_numpy(), plan.class_ids)]
+    bounds, expected_candidates = candidate_bounds(plan, job.candidate_sigmas)
+    partitions = max(1, math.ceil(expected_candidates / job.rows_per_partition))
+    lap("plan")
 
-    elastic = saturation = None
-    if job.matcher == "elastic":
-        values, counts = sets.weight_histogram()
-        elastic = S.water_fill(values, counts, job.size)
-        saturation = bucket_saturation(weighed, elastic.threshold)
-        lap("elastic_saturation")
-    plan = S.make_plan(job.matcher, job.draw, job.size, job.seed, bucket_q, elastic, saturation)
-    partitions = max(1, min(job.buckets, math.ceil(positive / job.rows_per_partition)))
-
-    drawn = draw(weighed, plan, partitions, weighted_sets).persist()
+    planned = dict(zip(plan.class_ids.tolist(), plan.counts.tolist()))
+    drawn = draw(spark, keyed_df, plan, bounds, partitions, class_w).persist()
+    redo = None
     try:
+        per_set, histogram, total_copies, unique = drawn_totals(drawn)
+        lap("draw")
+        short = np.array(sorted(c for c, k in planned.items() if k and per_set.get(c, 0) != k), np.int64)
+        selected = drawn
+        if short.size:  # a class's bound fell short: draw it again from all its records
+            redo_mask = np.isin(plan.class_ids, short)
+            if any(per_set.get(c, 0) for c in short.tolist()):
+                raise ValueError("internal error: a class that fell short drew copies")
+            redo = draw(spark, keyed_df, plan, np.where(redo_mask, S.ORDER_MAX, bounds),
+                        max(1, min(partitions, int(short.size))), class_w, only=redo_mask).persist()
+            more = drawn_totals(redo)
+            per_set.update(more[0])
+            for k, v in more[1].items():
+                histogram[k] = histogram.get(k, 0) + v
+            histogram = dict(sorted(histogram.items()))
+            total_copies += more[2]
+            unique += more[3]
+            selected = drawn.unionByName(redo)
+            lap("redraw")
+        if total_copies != job.size or any(per_set.get(c, 0) != k for c, k in planned.items() if k):
+            raise ValueError(f"internal error: drew {total_copies} copies, expected {job.size} "
+                             "split as planned")
         local = _is_local(job.output)
         final = job.output[len("file://"):] if job.output.startswith("file://") else job.output
         if local:
@@ -504,17 +515,14 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
             work = os.path.join(parent, f".{os.path.basename(final)}.tmp-{uuid.uuid4().hex[:12]}")
         else:
             work = job.output  # object stores: written in place, _SUCCESS last
-        drawn.select("key", "copies", "weight").write.mode("overwrite").parquet(sio.join(work, "selection"))
-        lap("draw_and_write")
-
-        per_set, histogram, total_copies, unique = drawn_totals(drawn)
-        if total_copies != job.size:
-            raise ValueError(f"internal error: drew {total_copies} copies, expected {job.size}")
+        selected.select("key", "copies", "weight").write.mode("overwrite").parquet(sio.join(work, "selection"))
+        lap("write")
         copies_hist = {str(k): v for k, v in histogram.items()}
         label_stats = label_distributions(sets.desired_label_mass(), sets.per_label(per_set))
-        lap("statistics")
     finally:
         drawn.unpersist()
+        if redo is not None:
+            redo.unpersist()
 
     tv = total_variation(label_stats)
     vocab_names = {}
@@ -524,8 +532,11 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
     stats: dict[str, Any] = {
         "config": config.to_dict(),
         "job": {"index": job.index, "weights": job.weights, "labels": job.labels,
-                "exclude": job.exclude, "buckets": job.buckets, "partitions": partitions,
-                "weight_bits": S.WEIGHT_BITS, "tick_bits": plan.bits},
+                "exclude": job.exclude, "partitions": partitions,
+                "weight_bits": S.WEIGHT_BITS, "label_sets": int(weighted_sets.num_rows),
+                "drawing_label_sets": int((plan.counts > 0).sum()),
+                "expected_candidates": expected_candidates,
+                "candidate_sigmas": job.candidate_sigmas, "redrawn_label_sets": int(short.size)},
         "inputs": _fingerprints(job),
         "source_examples": n_records,
         "examples_with_weight": positive,
@@ -537,6 +548,7 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
         "labels_realised": int((label_stats.column("realised_copies").to_numpy() > 0).sum()),
     }
     if job.matcher == "elastic":
+        elastic = plan
         sat_labels = 0
         if lw is not None and elastic.threshold is not None:
             sat_labels = int((lw.q >= elastic.threshold).sum())
@@ -596,8 +608,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="redo a complete output")
     p.add_argument("--master", help="Spark master (default: local[*] unless run by spark-submit)")
     p.add_argument("--driver-memory", help="local mode heap (default: half the machine's memory)")
-    p.add_argument("--buckets", type=int, default=DEFAULT_BUCKETS,
-                   help=f"fixed hash buckets (default: {DEFAULT_BUCKETS}; part of the result)")
     p.add_argument("--rows-per-partition", type=int, default=DEFAULT_ROWS_PER_PARTITION)
     return p
 
@@ -609,7 +619,7 @@ def job_from_args(args: argparse.Namespace) -> ResampleJob:
         labels=args.labels,
         subset_labels=tuple(s.strip() for s in args.subset_labels.split(",") if s.strip()),
         top_k=args.top_k, exclude=args.exclude, seed=args.seed, target=args.target,
-        buckets=args.buckets, rows_per_partition=args.rows_per_partition, overwrite=args.overwrite)
+        rows_per_partition=args.rows_per_partition, overwrite=args.overwrite)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,23 +1,31 @@
 """The sampling mathematics of DESIGN.md §4 as pure numpy functions.
 
 Nothing here knows about Spark: the job (``spark_jobs.resample``) is a thin
-layer that hashes keys into buckets, calls :func:`example_weights` on Arrow
-batches, aggregates the per-bucket integers these functions define, and calls
-the ``draw_*`` functions once per bucket.
+layer that groups records into *classes* of equal weight (one per distinct
+label list), asks :func:`make_class_plan` how many copies each class must
+produce, and spreads them over a class's records with :func:`rank_copies`.
 
 Exactness
     Label weights are quantised to integers ``q`` with ``WEIGHT_BITS`` bits
     relative to the largest label weight (:func:`quantize_label_weights`), so
     every sum that decides a draw is an integer sum: the same whatever order
-    Spark adds it in. Bucket allotments are computed on the driver with Python
-    integers and ``Fraction``; inside a bucket, positions are int64 *ticks*
-    (``2**K`` ticks per expected copy), so totals are exact: the sample has
-    exactly N copies, split as the driver decided.
+    Spark adds it in. Class allotments are computed on the driver with Python
+    integers and ``Fraction`` (systematic positions are exact rationals), so
+    the sample has exactly N copies, split as the driver decided.
 
 Determinism
     Everything random is drawn from ``numpy.random.default_rng([seed, tag,
-    bucket])`` over the bucket's records sorted by (order hash, key): a pure
-    function of the index content, the weights, N and the seed.
+    ...])``; inside a class, records are ranked by (order hash, key) where the
+    order hash is ``xxhash64(key, seed)``: a uniformly random permutation that
+    is a pure function of the index content and the seed.
+
+Why classes
+    All records of a class have the same weight, so which of them get copies
+    depends only on their rank. The records ranked first are the ones with the
+    smallest order hashes: the job keeps only the records under a per-class
+    bound (:func:`candidate_bound`), about as many as the class can select,
+    and never moves the others, so the cost of drawing scales with N rather
+    than with the size of the index.
 """
 
 from __future__ import annotations
@@ -37,18 +45,17 @@ __all__ = [
     "example_weights",
     "ElasticPlan",
     "water_fill",
-    "tick_bits",
     "split_multinomial",
-    "BucketTicks",
-    "systematic_bucket_ticks",
-    "draw_multinomial",
-    "draw_systematic",
-    "sort_bucket",
+    "uniform_below",
+    "systematic_split",
+    "ClassPlan",
+    "make_class_plan",
+    "rank_copies",
+    "CANDIDATE_SIGMAS",
+    "ORDER_MAX",
+    "candidate_bound",
+    "sort_class",
     "scheme_label_weights",
-    "SamplingPlan",
-    "make_plan",
-    "draw_bucket",
-    "elastic_bucket_saturation",
     "sample_in_memory",
 ]
 
@@ -58,7 +65,8 @@ WEIGHT_BITS = 52
 #: that ``q(x)`` stays below 2**62.
 MAX_LABELS_FOR_SUM = 1 << 10
 #: Tags that separate the random streams drawn from one seed.
-_TAG_BUCKETS, _TAG_WITHIN, _TAG_PHASE = 0xB0C, 0x1A7, 0x5E7
+_TAG_CLASSES, _TAG_WITHIN, _TAG_PHASE = 0xC1A, 0x1A7, 0x5E7
+_MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -212,19 +220,14 @@ def water_fill(values: Sequence[int], counts: Sequence[int], size: int) -> Elast
     return ElasticPlan(pairs[-1][0], None, saturated, 0, size)
 
 
-def tick_bits(size: int) -> int:
-    """Ticks per expected copy are ``2**K``; K keeps ``size * 2**K < 2**62``."""
-    return max(1, min(32, 62 - int(size).bit_length()))
-
-
-def split_multinomial(size: int, bucket_q: Sequence[int], seed: int) -> np.ndarray:
-    """Split ``size`` draws across buckets, multinomially by exact bucket totals."""
-    totals = [int(x) for x in bucket_q]
+def split_multinomial(size: int, class_q: Sequence[int], seed: int) -> np.ndarray:
+    """Split ``size`` i.i.d. draws across classes, multinomially by exact class totals."""
+    totals = [int(x) for x in class_q]
     grand = sum(totals)
     if grand <= 0:
         raise ValueError("no example has a non-zero weight")
     p = np.array([float(Fraction(t, grand)) for t in totals], dtype=np.float64)
-    rng = np.random.default_rng([seed, _TAG_BUCKETS])
+    rng = np.random.default_rng([seed, _TAG_CLASSES])
     return _multinomial(rng, size, p)
 
 
@@ -241,112 +244,185 @@ def _multinomial(rng: np.random.Generator, n: int, p: np.ndarray) -> np.ndarray:
     return rng.multinomial(int(n), p).astype(np.int64)
 
 
+def uniform_below(rng: np.random.Generator, bound: int) -> int:
+    """An exactly uniform integer in ``[0, bound)`` for any positive Python int."""
+    bits = int(bound).bit_length()
+    nbytes = (bits + 7) // 8
+    while True:
+        x = int.from_bytes(rng.bytes(nbytes), "little") >> (8 * nbytes - bits)
+        if x < bound:
+            return x
+
+
+def systematic_split(lengths: Sequence[int], unit: int, seed: int) -> np.ndarray:
+    """Systematic sampling over stretches laid end to end on one line.
+
+    Stretch k is ``lengths[k] / unit`` copies long (exact integers, summing to
+    a whole number of copies); the line starts at a uniform phase in
+    ``[0, unit)`` drawn from ``seed``. Returns the number of unit marks in
+    each stretch: ``⌊ℓ⌋`` or ``⌈ℓ⌉`` of its length ℓ, exactly ℓ when ℓ is
+    whole, and in total exactly ``Σ lengths / unit``.
+    """
+    lengths = np.array([int(x) for x in lengths], dtype=object)
+    total = int(lengths.sum()) if lengths.size else 0
+    if unit <= 0 or total % unit:
+        raise ValueError(f"stretches sum to {total}/{unit} copies, not a whole number")
+    if lengths.size == 0:
+        return np.zeros(0, np.int64)
+    phase = uniform_below(np.random.default_rng([seed, _TAG_PHASE]), unit)
+    ends = (np.cumsum(lengths) + phase) // unit
+    return np.diff(ends, prepend=phase // unit).astype(np.int64)
+
+
 @dataclass(frozen=True)
-class BucketTicks:
-    """A bucket's share of a systematic sample: ``ticks`` (its exact number of
-    ticks, ``2**bits`` per expected copy), ``start`` (the phase, in ticks, at
-    its first record) and ``count`` (copies it must produce)."""
+class ClassPlan:
+    """What the driver decides before any record is drawn (one per run).
 
-    ticks: int
-    start: int
-    count: int
-
-
-def systematic_bucket_ticks(bucket_expected: Sequence[Fraction], size: int, bits: int,
-                            seed: int) -> list[BucketTicks]:
-    """Lay buckets end to end on one systematic line of ``size`` units.
-
-    ``bucket_expected`` are the exact expected copies per bucket (summing to
-    ``size``). The line starts at a seeded uniform phase; a bucket's count is
-    the number of unit marks in its stretch, so the counts sum to ``size``.
+    A *class* is a set of records of equal integer weight ``q`` (in the job:
+    one distinct label list). ``class_ids`` are sorted; ``records[k]`` is the
+    class's size m, ``counts[k]`` the copies it must produce (exactly,
+    ``Σ counts = size``). How a class spreads its copies over its records is
+    :func:`rank_copies`, by the records' rank in the canonical order
+    (:func:`sort_class`). For the elastic matcher ``threshold`` is the
+    saturation threshold on q, ``c`` the exact rate, ``saturated`` the
+    number of examples taken whole.
     """
-    total = sum(bucket_expected, Fraction(0))
-    if total != size:
-        raise ValueError(f"bucket expectations sum to {float(total)}, not {size}")
-    one = 1 << bits
-    rng = np.random.default_rng([seed, _TAG_PHASE])
-    phase = int(rng.integers(0, one))
-    out, cum, prev_ticks = [], Fraction(0), 0
-    for e in bucket_expected:
-        cum += e
-        ticks_end = math.floor(cum * one)
-        start = prev_ticks + phase
-        end = ticks_end + phase
-        out.append(BucketTicks(ticks=ticks_end - prev_ticks, start=start % one,
-                               count=(end >> bits) - (start >> bits)))
-        prev_ticks = ticks_end
-    return out
+
+    matcher: str
+    draw: str
+    size: int
+    seed: int
+    class_ids: np.ndarray
+    records: np.ndarray
+    q: np.ndarray
+    counts: np.ndarray
+    threshold: int | None = None
+    c: Fraction | None = None
+    saturated: int = 0
+
+    def index_of(self, class_ids: np.ndarray) -> np.ndarray:
+        """Positions of ``class_ids`` in the plan (each must be in it)."""
+        pos = np.searchsorted(self.class_ids, class_ids)
+        pos = np.minimum(pos, max(self.class_ids.size - 1, 0))
+        if self.class_ids.size == 0 or not np.array_equal(self.class_ids[pos], np.asarray(class_ids)):
+            raise ValueError("internal error: a record's class is not in the plan")
+        return pos
 
 
-def draw_multinomial(q: np.ndarray, count: int, seed: int, bucket: int) -> np.ndarray:
-    """i.i.d. draws of ``count`` copies over one bucket, ``P(x) = q(x)/Σq``.
+def make_class_plan(matcher: str, draw: str, size: int, seed: int, class_ids: Sequence[int],
+                    records: Sequence[int], q: Sequence[int]) -> ClassPlan:
+    """Driver side of DESIGN.md §4, from the exact class table.
 
-    ``q`` must be in the bucket's canonical order (:func:`sort_bucket`).
+    Classes of weight 0 or no records draw nothing. ``same/multinomial``:
+    class counts ~ Multinomial(N, m·q/Σm·q). ``same/systematic``: systematic
+    over class stretches of ``N·m·q/Σm·q`` copies. ``elastic``: water-filling
+    on the histogram of distinct q; saturated classes give every record,
+    the others systematic over stretches of ``c·m·q``.
     """
-    q = np.asarray(q, np.int64)
-    if count == 0:
-        return np.zeros(q.size, np.int64)
-    total = int(q.sum(dtype=object)) if q.size else 0
-    if total <= 0:
-        raise ValueError(f"bucket {bucket} must produce {count} copies but has no weight")
-    rng = np.random.default_rng([seed, _TAG_WITHIN, bucket])
-    return _multinomial(rng, count, q.astype(np.float64) / float(total))
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    ids = np.asarray(class_ids, np.int64)
+    m = np.asarray(records, np.int64)
+    qa = np.asarray(q, np.int64)
+    keep = (m > 0) & (qa > 0)
+    ids, m, qa = ids[keep], m[keep], qa[keep]
+    order = np.argsort(ids, kind="stable")
+    ids, m, qa = ids[order], m[order], qa[order]
+    if ids.size and np.any(ids[1:] == ids[:-1]):
+        raise ValueError("internal error: a class appears twice in the class table")
+    mass = [int(a) * int(b) for a, b in zip(m.tolist(), qa.tolist())]
+    total_q = sum(mass)
+    if total_q <= 0:
+        raise ValueError("no example has a non-zero weight")
+    if matcher == "same" and draw == "multinomial":
+        counts = split_multinomial(size, mass, seed)
+        return ClassPlan(matcher, draw, size, seed, ids, m, qa, counts)
+    if matcher == "same" and draw == "systematic":
+        counts = systematic_split([size * x for x in mass], total_q, seed)
+        return ClassPlan(matcher, draw, size, seed, ids, m, qa, counts)
+    if matcher == "elastic":
+        hist: dict[int, int] = {}
+        for v, k in zip(qa.tolist(), m.tolist()):
+            hist[v] = hist.get(v, 0) + k
+        ep = water_fill(list(hist), list(hist.values()), size)
+        sat = ep.is_saturated(qa)
+        counts = np.where(sat, m, 0).astype(np.int64)
+        if ep.c is not None and (~sat).any():
+            num, den = ep.c.numerator, ep.c.denominator
+            lengths = [x * num for x, s in zip(mass, sat.tolist()) if not s]
+            counts[~sat] = systematic_split(lengths, den, seed)
+        return ClassPlan(matcher, "systematic", size, seed, ids, m, qa, counts,
+                         ep.threshold, ep.c, ep.saturated)
+    raise ValueError(f"unknown matcher/draw {matcher!r}/{draw!r}")
 
 
-def draw_systematic(expected_ticks: np.ndarray, plan: BucketTicks, bits: int,
-                    fixed: np.ndarray | None = None, capped: np.ndarray | None = None) -> np.ndarray:
-    """Systematic sampling inside one bucket, exactly ``plan.count`` copies.
+def rank_copies(draw: str, count: int, records: int, seed: int, class_id: int) -> np.ndarray:
+    """Copies of a class's records by rank, for the ranks that get any.
 
-    ``expected_ticks`` (float64) are each record's expected copies times
-    ``2**bits``, in canonical order. They are rounded to integers and the
-    rounding residual is spread one tick at a time over the first eligible
-    records, so the bucket holds exactly ``plan.ticks`` ticks: never below 0,
-    never on a ``fixed`` record (an exact tick count, e.g. an elastic
-    saturated example), never past ``2**bits`` on a ``capped`` one. Each
-    record then gets ``⌊m/2**bits⌋`` or ``⌈m/2**bits⌉`` copies of its ticks m.
+    The class has ``records`` records of equal weight and must produce
+    ``count`` copies. ``systematic`` (and elastic): every record gets
+    ``⌊count/m⌋``, the first ``count mod m`` ranks one more. ``multinomial``:
+    the occupancy profile of ``count`` uniform i.i.d. draws over m records
+    (seeded by (seed, class)), sorted in decreasing order; assigning it to
+    the records in hash order (a uniformly random permutation) gives exactly
+    the multinomial distribution. The result is non-increasing, all > 0,
+    and at most ``min(count, records)`` long.
     """
-    one = 1 << bits
-    m = np.rint(np.asarray(expected_ticks, np.float64)).astype(np.int64)
-    if capped is not None:
-        m = np.where(capped, np.minimum(m, one), m)
-    residual = plan.ticks - int(m.sum(dtype=object))
-    if residual:
-        if residual > 0:
-            room = np.full(m.size, np.iinfo(np.int64).max // 4, np.int64)
-            if capped is not None:
-                room = np.where(capped, one - m, room)
-        else:
-            room = m.copy()
-        if fixed is not None:
-            room = np.where(fixed, 0, room)
-        _spread(m, residual, room)
-    t = plan.start + np.cumsum(m)
-    copies = np.diff(t >> bits, prepend=plan.start >> bits)
-    if int(copies.sum()) != plan.count:
-        raise ValueError(f"internal error: bucket produced {int(copies.sum())} copies, "
-                         f"expected {plan.count}")
-    return copies
+    count, records = int(count), int(records)
+    if count <= 0:
+        return np.zeros(0, np.int64)
+    if records <= 0:
+        raise ValueError(f"class {class_id} must produce {count} copies but has no records")
+    if draw == "systematic":
+        base, extra = divmod(count, records)
+        if base == 0:
+            return np.ones(extra, np.int64)
+        out = np.full(records, base, np.int64)
+        out[:extra] += 1
+        return out
+    if draw != "multinomial":
+        raise ValueError(f"unknown draw {draw!r}")
+    rng = np.random.default_rng([seed, _TAG_WITHIN, int(class_id) & _MASK64])
+    if count < records:
+        _, occupancy = np.unique(rng.integers(0, records, size=count), return_counts=True)
+    else:
+        occupancy = rng.multinomial(count, np.full(records, 1.0 / records))
+        occupancy = occupancy[occupancy > 0]
+    return np.sort(occupancy)[::-1].astype(np.int64)
 
 
-def _spread(m: np.ndarray, residual: int, room: np.ndarray) -> None:
-    """Add (or remove) ``|residual|`` ticks, one per record in order, within ``room``."""
-    sign = 1 if residual > 0 else -1
-    left = abs(residual)
-    while left:
-        eligible = np.flatnonzero(room > 0)
-        if eligible.size == 0:
-            raise ValueError(f"cannot place {left} rounding ticks in this bucket")
-        take = eligible[:left]
-        m[take] += sign
-        room[take] -= 1
-        left -= take.size
+#: ``candidate_bound``'s default margin, in standard deviations of the count
+#: of records under the bound: a shortfall (then redone in full) is below
+#: ~1e-11 per class even for the smallest allotments.
+CANDIDATE_SIGMAS = 8.0
+ORDER_MAX = (1 << 63) - 1
 
 
-def sort_bucket(order: np.ndarray, keys: Sequence[str]) -> np.ndarray:
-    """Canonical order of a bucket's records: by order hash, ties by key.
+def candidate_bound(needed: int, records: int, sigmas: float = CANDIDATE_SIGMAS) -> int:
+    """Inclusive upper bound on a record's order hash that keeps about
+    ``needed`` of a class's ``records`` (plus a margin).
+
+    Order hashes are uniform over int64, so the records at or under the bound
+    are a uniform random subset and, ranked by hash, a prefix of the class's
+    canonical order: if it holds at least ``needed`` records, the class can be
+    drawn from it alone. Returns ``ORDER_MAX`` (every record) when the margin
+    covers the whole class.
+    """
+    needed, records = int(needed), int(records)
+    if needed <= 0:
+        return -(1 << 63)  # the least bound (classes that draw nothing are not read at all)
+    want = needed + sigmas * (math.sqrt(needed) + 3)
+    if want >= records:
+        return ORDER_MAX
+    span = max(1, -(-(int(math.ceil(want)) << 64) // records))  # ceil(want / records * 2**64)
+    return min(ORDER_MAX, -(1 << 63) + span - 1)
+
+
+def sort_class(order: np.ndarray, keys: Sequence[str]) -> np.ndarray:
+    """Canonical order of a class's records: by order hash, ties by key.
 
     Returns the permutation. Raises ``ValueError`` on a duplicate key (equal
-    keys hash equally, so they meet here).
+    keys with equal labels hash equally, so they meet here).
     """
     order = np.asarray(order, np.int64)
     perm = np.argsort(order, kind="stable")
@@ -419,124 +495,28 @@ def scheme_label_weights(scheme: str, label_ids: np.ndarray, weights: np.ndarray
     raise ValueError(f"unknown scheme {scheme!r}")
 
 
-@dataclass(frozen=True)
-class SamplingPlan:
-    """What the driver decides before any record is drawn (one per run).
-
-    ``counts[b]`` (multinomial) or ``ticks[b]`` (systematic and elastic) per
-    bucket id; ``rate`` converts an integer weight q into expected ticks
-    (``N·2**bits/Σq`` for same, ``c·2**bits`` for elastic); ``threshold`` is
-    the elastic saturation threshold on q.
-    """
-
-    matcher: str
-    draw: str
-    size: int
-    seed: int
-    bits: int
-    counts: dict
-    ticks: dict
-    rate: float
-    threshold: int | None
-    c: Fraction | None = None
-    saturated: int = 0
-
-
-def make_plan(matcher: str, draw: str, size: int, seed: int, bucket_q: dict[int, int],
-              elastic: ElasticPlan | None = None,
-              bucket_saturated: dict[int, tuple[int, int]] | None = None) -> SamplingPlan:
-    """Driver side of DESIGN.md §4, from exact per-bucket integer totals.
-
-    ``bucket_q`` maps bucket id -> Σq over its records (exact). For the
-    elastic matcher, ``elastic`` is the water-filling result and
-    ``bucket_saturated`` maps bucket id -> (number of saturated records,
-    Σq of its unsaturated records).
-    """
-    if size <= 0:
-        raise ValueError(f"size must be positive, got {size}")
-    buckets = sorted(b for b, v in bucket_q.items() if v > 0)
-    total_q = sum(bucket_q[b] for b in buckets)
-    if total_q <= 0:
-        raise ValueError("no example has a non-zero weight")
-    bits = tick_bits(size)
-    if matcher == "same" and draw == "multinomial":
-        split = split_multinomial(size, [bucket_q[b] for b in buckets], seed)
-        return SamplingPlan(matcher, draw, size, seed, bits, dict(zip(buckets, split.tolist())), {},
-                            0.0, None)
-    if matcher == "same" and draw == "systematic":
-        expected = [Fraction(size * bucket_q[b], total_q) for b in buckets]
-        ticks = systematic_bucket_ticks(expected, size, bits, seed)
-        rate = float(Fraction(size << bits, total_q))
-        return SamplingPlan(matcher, draw, size, seed, bits, {}, dict(zip(buckets, ticks)), rate, None)
-    if matcher == "elastic":
-        if elastic is None or bucket_saturated is None:
-            raise ValueError("the elastic matcher needs its water-filling plan and per-bucket saturation")
-        c = elastic.c if elastic.c is not None else Fraction(0)
-        sat = {b: bucket_saturated.get(b, (0, 0)) for b in buckets}
-        expected = [sat[b][0] + c * sat[b][1] for b in buckets]
-        ticks = systematic_bucket_ticks(expected, size, bits, seed)
-        return SamplingPlan(matcher, "systematic", size, seed, bits, {}, dict(zip(buckets, ticks)),
-                            float(c * (1 << bits)), elastic.threshold, elastic.c, elastic.saturated)
-    raise ValueError(f"unknown matcher/draw {matcher!r}/{draw!r}")
-
-
-def draw_bucket(plan: SamplingPlan, bucket: int, q: np.ndarray) -> np.ndarray:
-    """Copies for one bucket's records (``q`` in canonical order, all > 0)."""
-    q = np.asarray(q, np.int64)
-    if plan.draw == "multinomial":
-        return draw_multinomial(q, plan.counts.get(bucket, 0), plan.seed, bucket)
-    bt = plan.ticks.get(bucket)
-    if bt is None:
-        return np.zeros(q.size, np.int64)
-    if plan.matcher == "elastic":
-        sat = q >= plan.threshold if plan.threshold is not None else np.zeros(q.size, bool)
-        expected = np.where(sat, float(1 << plan.bits), q.astype(np.float64) * plan.rate)
-        copies = draw_systematic(expected, bt, plan.bits, fixed=sat, capped=~sat)
-        if copies.max(initial=0) > 1:
-            raise ValueError("internal error: elastic matcher selected an example twice")
-        return copies
-    return draw_systematic(q.astype(np.float64) * plan.rate, bt, plan.bits)
-
-
-def elastic_bucket_saturation(bucket: np.ndarray, q: np.ndarray, threshold: int | None
-                              ) -> dict[int, tuple[int, int]]:
-    """Per bucket: (saturated records, exact Σq of the others). Reference helper."""
-    out: dict[int, tuple[int, int]] = {}
-    sat = q >= threshold if threshold is not None else np.zeros(q.size, bool)
-    for b in np.unique(bucket):
-        sel = bucket == b
-        out[int(b)] = (int(sat[sel].sum()), int(q[sel & ~sat].astype(object).sum()))
-    return out
-
-
-def sample_in_memory(keys: Sequence[str], bucket: np.ndarray, order: np.ndarray, q: np.ndarray,
+def sample_in_memory(keys: Sequence[str], classes: np.ndarray, order: np.ndarray, q: np.ndarray,
                      size: int, matcher: str = "same", draw: str = "multinomial", seed: int = 0
-                     ) -> tuple[np.ndarray, SamplingPlan]:
+                     ) -> tuple[np.ndarray, ClassPlan]:
     """Single-process reference of the whole sampler: copies per input record.
 
-    Same results as the Spark job for the same (bucket, order, q) arrays; used
-    by the tests as an oracle and by the benchmarks as the numpy baseline.
+    ``classes`` groups the records (the job uses the label-list hash); ``q``
+    must be equal within a class. Same results as the Spark job for the same
+    arrays; used by the tests as an oracle.
     """
-    bucket = np.asarray(bucket, np.int64)
+    classes = np.asarray(classes, np.int64)
     order = np.asarray(order, np.int64)
     q = np.asarray(q, np.int64)
     keys = list(keys)
-    positive = q > 0
-    idx_pos = np.flatnonzero(positive)
-    bucket_q = {}
-    ub, inv = np.unique(bucket[idx_pos], return_inverse=True)
-    for i, b in enumerate(ub):
-        bucket_q[int(b)] = int(q[idx_pos][inv == i].astype(object).sum())
-    elastic = sat = None
-    if matcher == "elastic":
-        values, counts = np.unique(q[idx_pos], return_counts=True)
-        elastic = water_fill(values.tolist(), counts.tolist(), size)
-        sat = elastic_bucket_saturation(bucket[idx_pos], q[idx_pos], elastic.threshold)
-    plan = make_plan(matcher, draw, size, seed, bucket_q, elastic, sat)
+    ids, first, inv, counts = np.unique(classes, return_index=True, return_inverse=True, return_counts=True)
+    class_q = q[first]
+    if np.any(q != class_q[inv]):
+        raise ValueError("records of one class have different weights")
+    plan = make_class_plan(matcher, draw, size, seed, ids, counts, class_q)
     copies = np.zeros(len(keys), np.int64)
-    for b in ub:
-        members = idx_pos[bucket[idx_pos] == b]
-        perm = sort_bucket(order[members], [keys[i] for i in members])
-        ordered = members[perm]
-        copies[ordered] = draw_bucket(plan, int(b), q[ordered])
+    for k, cid in enumerate(plan.class_ids.tolist()):
+        members = np.flatnonzero(classes == cid)
+        ranked = members[sort_class(order[members], [keys[i] for i in members])]
+        by_rank = rank_copies(plan.draw, int(plan.counts[k]), members.size, seed, cid)
+        copies[ranked[:by_rank.size]] = by_rank
     return copies, plan

@@ -27,6 +27,12 @@ def selection_of(output: str) -> dict[str, int]:
     return dict(zip(keys, t.column("copies").to_pylist()))
 
 
+def per_record(weighted_sets, lsid, column):
+    """A label-set table's column looked up for each record's label set."""
+    by = dict(zip(weighted_sets.column("lsid").to_pylist(), weighted_sets.column(column).to_pylist()))
+    return np.array([by[i] for i in lsid.tolist()])
+
+
 def write_index(path, keys, labels, nfiles=1):
     os.makedirs(path, exist_ok=True)
     t = pa.table({"key": pa.array(keys, pa.string()), "labels": pa.array(labels, LABELS),
@@ -65,7 +71,7 @@ def test_systematic_exact_by_hand(spark, tmp_path):
     index = write_index(str(tmp_path / "idx"), keys, [[0]] * 4 + [[1]] * 4)
     weights = write_table_weights(str(tmp_path / "w.parquet"), [0, 1], [1.0, 3.0])
     job = R.ResampleJob(index=index, weights=weights, size=16, draw="systematic",
-                        output=str(tmp_path / "out"), buckets=3)
+                        output=str(tmp_path / "out"))
     stats = R.run(spark, job)
     sel = selection_of(job.output)
     assert sel == {**{k: 1 for k in keys[:4]}, **{k: 3 for k in keys[4:]}}
@@ -81,7 +87,7 @@ def test_elastic_exact_by_hand(spark, tmp_path):
     index = write_index(str(tmp_path / "idx"), keys, [[c] for c in range(3) for _ in range(10)])
     weights = write_table_weights(str(tmp_path / "w.parquet"), [0, 1, 2], [4.0, 2.0, 1.0])
     job = R.ResampleJob(index=index, weights=weights, size=25, matcher="elastic",
-                        output=str(tmp_path / "out"), buckets=5)
+                        output=str(tmp_path / "out"))
     stats = R.run(spark, job)
     sel = selection_of(job.output)
     assert all(v == 1 for v in sel.values()) and len(sel) == 25
@@ -99,23 +105,39 @@ def test_elastic_exact_by_hand(spark, tmp_path):
 def test_spark_equals_numpy_oracle(spark, multi_label, tmp_path, matcher, draw, size):
     source, weights, _ = multi_label
     job = R.ResampleJob(index=source.index_path, weights=weights, size=size, matcher=matcher,
-                        draw=draw, seed=3, output=str(tmp_path / "out"), buckets=16,
-                        rows_per_partition=300)
+                        draw=draw, seed=3, output=str(tmp_path / "out"), rows_per_partition=300)
     stats = R.run(spark, job)
     assert stats["job"]["partitions"] > 1
     got = selection_of(job.output)
     lw, _ = R.label_weights_for(R.ResampleJob(index=source.index_path, weights=weights, size=size,
                                               output="unused"))
-    keyed = R.keyed(spark.read.parquet(source.index_path), 16, 3)
+    keyed = R.keyed(spark.read.parquet(source.index_path), 3)
     weighted_sets = R.weigh_label_sets(R.distinct_label_sets(keyed), lw, "mean")
-    weighed = R.weigh(spark, keyed, weighted_sets).toArrow()
-    keys = weighed.column("key").to_pylist()
-    copies, _ = S.sample_in_memory(keys, weighed.column("bucket").to_numpy(),
-                                   weighed.column("order").to_numpy(), weighed.column("q").to_numpy(),
-                                   size, matcher, draw, seed=3)
+    records = keyed.toArrow()
+    keys = records.column("key").to_pylist()
+    lsid = records.column("lsid").to_numpy()
+    copies, _ = S.sample_in_memory(keys, lsid, records.column("order").to_numpy(),
+                                   per_record(weighted_sets, lsid, "q"), size, matcher, draw, seed=3)
     expected = {k: int(c) for k, c in zip(keys, copies) if c > 0}
     assert got == expected
     assert sum(got.values()) == size
+
+
+@pytest.mark.parametrize("matcher,draw", [("same", "multinomial"), ("elastic", "systematic")])
+def test_short_candidate_bounds_are_redrawn_to_the_same_result(spark, multi_label, tmp_path, matcher, draw):
+    """Bounds set too low (negative margin) make classes fall short; they are
+    redrawn from all their records and the selection is unchanged."""
+    source, weights, _ = multi_label
+    results = []
+    for sigmas in (S.CANDIDATE_SIGMAS, -2.0):
+        job = R.ResampleJob(index=source.index_path, weights=weights, size=800, matcher=matcher,
+                            draw=draw, seed=2, output=str(tmp_path / f"out{sigmas}"), candidate_sigmas=sigmas)
+        stats = R.run(spark, job)
+        results.append((stats, selection_of(job.output)))
+    (fine, fine_sel), (short, short_sel) = results
+    assert fine["job"]["redrawn_label_sets"] == 0 and short["job"]["redrawn_label_sets"] > 0
+    assert fine["job"]["expected_candidates"] < fine["source_examples"]
+    assert short_sel == fine_sel and sum(short_sel.values()) == 800
 
 
 # -- statistics on a generated multi-label index ----------------------------------------
@@ -378,17 +400,18 @@ def test_per_example_weights_equal_numpy_example_weights(spark, aggregate):
     rows += [[], [3], [0, 9], [-1], None, [1, 1, 1]]
     keys = [f"k{i}" for i in range(len(rows))]
     df = spark.createDataFrame(list(zip(keys, rows)), "key string, labels array<int>")
-    keyed = R.keyed(df, 8, 0)
+    keyed = R.keyed(df, 0)
     weighted_sets = R.weigh_label_sets(R.distinct_label_sets(keyed), lw, aggregate)
-    got = R.weigh(spark, keyed, weighted_sets).orderBy("key").toArrow()
+    got = keyed.orderBy("key").toArrow()
     assert got.num_rows == len(rows)
     by_key = dict(zip(keys, rows))
     ordered = [by_key[k] for k in got.column("key").to_pylist()]
     offsets = np.cumsum([0] + [len(r or []) for r in ordered])
     values = np.array([v for r in ordered for v in (r or [])], np.int64)
     w, q, bad = S.example_weights(offsets, values, lw, aggregate)
-    assert got.column("q").to_numpy().tolist() == q.tolist()
-    np.testing.assert_allclose(got.column("w").to_numpy(), w, rtol=1e-15)
+    lsid = got.column("lsid").to_numpy()
+    assert per_record(weighted_sets, lsid, "q").tolist() == q.tolist()
+    np.testing.assert_allclose(per_record(weighted_sets, lsid, "w"), w, rtol=1e-15)
     assert sum(bad) == 5
     bad_sets = weighted_sets.filter(weighted_sets.column("bad"))
     assert int(pa.compute.sum(bad_sets.column("n")).as_py()) == 5

@@ -122,23 +122,28 @@ def test_water_fill_equals_paper_recursion_on_single_label_data(seed):
 
 # -- the plan and the draws -------------------------------------------------------
 
-def synthetic_records(n, seed=0, buckets=7, distinct=None):
+def synthetic_records(n, seed=0, classes=60, distinct=None):
+    """keys, class ids, order hashes and weights (equal within a class)."""
     rng = np.random.default_rng(seed)
     keys = [f"k{i:06d}" for i in range(n)]
-    q = rng.integers(1, 2 ** 40, n) if distinct is None else rng.choice(distinct, n)
-    return keys, rng.integers(0, buckets, n), rng.integers(-2 ** 63, 2 ** 63 - 1, n, dtype=np.int64), q
+    cls = rng.integers(0, classes, n)
+    if distinct is None:
+        class_q = rng.integers(1, 2 ** 40, classes)
+    else:
+        class_q = np.asarray(distinct)[np.arange(classes) % len(distinct)]
+    return keys, cls, rng.integers(-2 ** 63, 2 ** 63 - 1, n, dtype=np.int64), class_q[cls]
 
 
 @pytest.mark.parametrize("matcher,draw", [("same", "multinomial"), ("same", "systematic"),
                                           ("elastic", "systematic")])
 @pytest.mark.parametrize("size", [1, 17, 500, 2000])
 def test_exact_size(matcher, draw, size):
-    keys, bucket, order, q = synthetic_records(1000, seed=size)
+    keys, cls, order, q = synthetic_records(1000, seed=size)
     if matcher == "elastic" and size > 1000:
         with pytest.raises(ValueError, match="size 2000 is larger than the 1000 examples"):
-            S.sample_in_memory(keys, bucket, order, q, size, matcher, draw)
+            S.sample_in_memory(keys, cls, order, q, size, matcher, draw)
         return
-    copies, _ = S.sample_in_memory(keys, bucket, order, q, size, matcher, draw)
+    copies, _ = S.sample_in_memory(keys, cls, order, q, size, matcher, draw)
     assert copies.sum() == size and (copies >= 0).all()
     if matcher == "elastic":
         assert copies.max() == 1
@@ -146,48 +151,50 @@ def test_exact_size(matcher, draw, size):
 
 @pytest.mark.parametrize("size", [10, 999, 5000, 12345])
 def test_systematic_gives_floor_or_ceil(size):
-    keys, bucket, order, q = synthetic_records(1000, seed=3)
-    copies, _ = S.sample_in_memory(keys, bucket, order, q, size, "same", "systematic", seed=1)
+    keys, cls, order, q = synthetic_records(1000, seed=3)
+    copies, _ = S.sample_in_memory(keys, cls, order, q, size, "same", "systematic", seed=1)
     e = size * q.astype(float) / q.astype(object).sum()
     assert ((copies == np.floor(e)) | (copies == np.ceil(e))).all()
     assert copies.sum() == size
 
 
 def test_systematic_integer_expectations_are_exact():
-    keys, bucket, order, _ = synthetic_records(300, seed=4)
+    keys, cls, order, _ = synthetic_records(300, seed=4)
     q = np.full(300, 5, np.int64)
-    copies, _ = S.sample_in_memory(keys, bucket, order, q, 900, "same", "systematic", seed=2)
+    copies, _ = S.sample_in_memory(keys, cls, order, q, 900, "same", "systematic", seed=2)
     assert (copies == 3).all()
 
 
 def test_elastic_takes_saturated_classes_whole():
-    keys, bucket, order, q = synthetic_records(600, seed=5, distinct=[400, 200, 1])
+    keys, cls, order, q = synthetic_records(600, seed=5, classes=9, distinct=[400, 200, 1])
     n_top, n_mid = int((q == 400).sum()), int((q == 200).sum())
     size = n_top + n_mid + 10
-    copies, plan = S.sample_in_memory(keys, bucket, order, q, size, "elastic")
+    copies, plan = S.sample_in_memory(keys, cls, order, q, size, "elastic")
     assert plan.threshold == 200
     assert copies[q == 400].sum() == n_top and copies[q == 200].sum() == n_mid
     assert copies[q == 1].sum() == 10 and copies.sum() == size
 
 
 def test_elastic_whole_index_when_size_equals_nonzero_count():
-    keys, bucket, order, q = synthetic_records(200, seed=6, distinct=[3, 2, 1])
-    q[:5] = 0
-    copies, _ = S.sample_in_memory(keys, bucket, order, q, 195, "elastic")
+    keys, cls, order, q = synthetic_records(200, seed=6, classes=6, distinct=[3, 2, 1])
+    cls[:5], q[:5] = 99, 0
+    copies, _ = S.sample_in_memory(keys, cls, order, q, 195, "elastic")
     assert (copies[5:] == 1).all() and (copies[:5] == 0).all()
 
 
 @pytest.mark.parametrize("matcher,draw", [("same", "multinomial"), ("same", "systematic"),
                                           ("elastic", "systematic")])
 def test_unbiased_over_seeds(matcher, draw):
-    """Mean copies over many seeds approach e(x) (OpenCLIP-style rate check)."""
-    keys, bucket, order, _ = synthetic_records(50, seed=8, buckets=5)
-    q = np.random.default_rng(9).integers(1, 20, 50)
+    """Mean copies over many seeds approach e(x) (OpenCLIP-style rate check).
+    The order hash depends on the seed, as in the job."""
+    keys, cls, _, q = synthetic_records(50, seed=8, classes=12)
+    q = (q % 19 + 1).astype(np.int64)
     size = 30
     runs = 600
     total = np.zeros(50)
     for seed in range(runs):
-        total += S.sample_in_memory(keys, bucket, order, q, size, matcher, draw, seed=seed)[0]
+        order = np.random.default_rng(1000 + seed).integers(-2 ** 63, 2 ** 63 - 1, 50, dtype=np.int64)
+        total += S.sample_in_memory(keys, cls, order, q, size, matcher, draw, seed=seed)[0]
     mean = total / runs
     if matcher == "same":
         expected = size * q / q.sum()
@@ -201,43 +208,82 @@ def test_unbiased_over_seeds(matcher, draw):
 
 
 def test_multinomial_chi_square():
-    """Pooled multinomial counts against expected frequencies: chi-square test."""
-    keys, bucket, order, _ = synthetic_records(20, seed=10, buckets=3)
-    q = np.arange(1, 21, dtype=np.int64)
+    """Pooled multinomial counts against expected frequencies: chi-square test
+    over 40 records in 8 classes of 5 (so the within-class profiles count)."""
+    keys = [f"k{i}" for i in range(40)]
+    cls = np.repeat(np.arange(8), 5)
+    q = (cls + 1).astype(np.int64)
     size = 20000
-    copies, _ = S.sample_in_memory(keys, bucket, order, q, size, "same", "multinomial", seed=4)
+    rng = np.random.default_rng(3)
+    copies = np.zeros(40)
+    for seed in range(4):
+        order = rng.integers(-2 ** 63, 2 ** 63 - 1, 40, dtype=np.int64)
+        copies += S.sample_in_memory(keys, cls, order, q, size // 4, "same", "multinomial", seed=seed)[0]
     expected = size * q / q.sum()
     chi2 = float(((copies - expected) ** 2 / expected).sum())
-    # 19 degrees of freedom: P(chi2 > 43.8) = 0.001.
-    assert chi2 < 43.8, chi2
+    # 39 degrees of freedom: P(chi2 > 72.1) = 0.001.
+    assert chi2 < 72.1, chi2
 
 
 def test_deterministic_and_independent_of_input_order():
-    keys, bucket, order, q = synthetic_records(800, seed=11)
+    keys, cls, order, q = synthetic_records(800, seed=11)
     perm = np.random.default_rng(0).permutation(800)
     for matcher, draw in (("same", "multinomial"), ("same", "systematic"), ("elastic", "systematic")):
-        a, _ = S.sample_in_memory(keys, bucket, order, q, 300, matcher, draw, seed=7)
-        b, _ = S.sample_in_memory([keys[i] for i in perm], bucket[perm], order[perm], q[perm], 300,
+        a, _ = S.sample_in_memory(keys, cls, order, q, 300, matcher, draw, seed=7)
+        b, _ = S.sample_in_memory([keys[i] for i in perm], cls[perm], order[perm], q[perm], 300,
                                   matcher, draw, seed=7)
         assert (a[perm] == b).all()
-        c, _ = S.sample_in_memory(keys, bucket, order, q, 300, matcher, draw, seed=8)
+        c, _ = S.sample_in_memory(keys, cls, order, q, 300, matcher, draw, seed=8)
         assert not (a == c).all()
 
 
-def test_sort_bucket_breaks_ties_by_key_and_finds_duplicates():
+def test_sort_class_breaks_ties_by_key_and_finds_duplicates():
     order = np.array([5, 1, 5, 3])
-    perm = S.sort_bucket(order, ["b", "x", "a", "y"])
+    perm = S.sort_class(order, ["b", "x", "a", "y"])
     assert perm.tolist() == [1, 3, 2, 0]
     with pytest.raises(ValueError, match="duplicate key 'a' in the source index"):
-        S.sort_bucket(np.array([5, 5]), ["a", "a"])
+        S.sort_class(np.array([5, 5]), ["a", "a"])
 
 
-def test_draw_systematic_spreads_residual_without_touching_fixed():
-    plan = S.BucketTicks(ticks=3 * 16, start=5, count=3)
-    expected = np.array([16.0, 15.6, 15.6, 0.4])
-    fixed = np.array([True, False, False, False])
-    copies = S.draw_systematic(expected, plan, bits=4, fixed=fixed, capped=~fixed)
-    assert copies.sum() == 3 and copies[0] == 1 and copies.max() == 1
+def test_systematic_split_by_hand_and_exact():
+    # Stretches of 0.5, 1, 1.5 copies (unit 2): whole stretches get exactly their length.
+    for seed in range(20):
+        counts = S.systematic_split([1, 2, 3], 2, seed)
+        assert counts.sum() == 3 and counts[1] == 1 and counts[0] in (0, 1) and counts[2] in (1, 2)
+    assert S.systematic_split([10 ** 30, 3 * 10 ** 30], 10 ** 30, 0).tolist() == [1, 3]
+    with pytest.raises(ValueError, match="not a whole number"):
+        S.systematic_split([1, 2], 2, 0)
+
+
+def test_uniform_below_is_in_range_for_big_bounds():
+    rng = np.random.default_rng(0)
+    bound = 3 * 2 ** 80 + 7
+    draws = [S.uniform_below(rng, bound) for _ in range(2000)]
+    assert min(draws) >= 0 and max(draws) < bound and max(draws) > bound // 2
+
+
+def test_rank_copies():
+    assert S.rank_copies("systematic", 7, 3, 0, 1).tolist() == [3, 2, 2]
+    assert S.rank_copies("systematic", 2, 5, 0, 1).tolist() == [1, 1]
+    assert S.rank_copies("systematic", 0, 5, 0, 1).tolist() == []
+    for count, records in [(5, 1000), (1000, 5), (50, 50)]:
+        by_rank = S.rank_copies("multinomial", count, records, 4, -17)
+        assert by_rank.sum() == count and by_rank.size <= min(count, records)
+        assert (np.diff(by_rank) <= 0).all() and (by_rank > 0).all()
+        assert by_rank.tolist() == S.rank_copies("multinomial", count, records, 4, -17).tolist()
+    with pytest.raises(ValueError, match="has no records"):
+        S.rank_copies("systematic", 3, 0, 0, 1)
+
+
+def test_candidate_bound_keeps_enough_records():
+    rng = np.random.default_rng(0)
+    assert S.candidate_bound(10, 60) == S.ORDER_MAX  # the margin covers the class
+    for needed, records in [(100, 100_000), (1000, 20_000), (5, 50_000)]:
+        bound = S.candidate_bound(needed, records)
+        share = (bound + 2 ** 63 + 1) / 2 ** 64
+        assert needed / records < share < 3 * (needed + 200) / records
+        order = rng.integers(-2 ** 63, 2 ** 63 - 1, records, dtype=np.int64)
+        assert (order <= bound).sum() >= needed
 
 
 # -- schemes ------------------------------------------------------------------------

@@ -137,40 +137,50 @@ def label_weights_for(job: ResampleJob) -> tuple[S.LabelWeights | None, dict[str
 
 # -- Spark stages (thin: the arithmetic is in spark_jobs.sampling) -----------------
 
+def _labels_column():
+    """The index's label list as array<int>; a null list reads as empty (both
+    are bad input, reported together)."""
+    from pyspark.sql import functions as F
+
+    return F.coalesce(F.col("labels").cast("array<int>"), F.array().cast("array<int>"))
+
+
 def keyed(index_df, seed: int):
-    """index (key, labels, ...) -> key, labels, order, lsid, lsid_check.
+    """index (key, labels, ...) -> key, labels, order, lsid.
 
     Native expressions, pure functions of the row: ``order = xxhash64(key,
     seed)`` ranks records inside their class; ``lsid = xxhash64(labels)`` is
-    the class (the label-set id: an example's weight depends only on its label
-    list); ``lsid_check``, a second independent hash of the list, detects a
-    collision of ``lsid``.
+    the class (the label-set id: an example's weight depends only on its
+    label list).
     """
     from pyspark.sql import functions as F
 
-    labels = F.col("labels").cast("array<int>")
+    labels = _labels_column()
     return index_df.select(
         F.col("key").cast("string").alias("key"),
         labels.alias("labels"),
         F.xxhash64(F.col("key"), F.lit(seed).cast("long")).alias("order"),
         F.xxhash64(labels).alias("lsid"),
-        F.hash(labels).alias("lsid_check"),
     )
 
 
-def distinct_label_sets(keyed_df) -> pa.Table:
-    """lsid, labels, n (records): one row per distinct label list, sorted by lsid."""
+def distinct_label_sets(index_df) -> pa.Table:
+    """lsid, labels, n (records): one row per distinct label list, sorted by lsid.
+
+    Groups by the list itself (a hash aggregate on the array, no sort), then
+    hashes the few distinct lists exactly as :func:`keyed` does per record;
+    two lists with one ``lsid`` (a 64-bit collision) are an error.
+    """
     from pyspark.sql import functions as F
 
-    rows = (keyed_df.groupBy("lsid")
-            .agg(F.first("labels").alias("labels"), F.count(F.lit(1)).alias("n"),
-                 F.min("lsid_check").alias("c_min"), F.max("lsid_check").alias("c_max"))
-            .collect())
-    for r in rows:
-        if r["c_min"] != r["c_max"]:
-            raise ValueError(f"64-bit hash collision between label lists (one is {r['labels']}); "
-                             "please report it")
+    labels = _labels_column()
+    rows = (index_df.groupBy(labels.alias("labels")).agg(F.count(F.lit(1)).alias("n"))
+            .select(F.xxhash64("labels").alias("lsid"), "labels", "n").collect())
     rows.sort(key=lambda r: r["lsid"])
+    for a, b in zip(rows, rows[1:]):
+        if a["lsid"] == b["lsid"]:
+            raise ValueError(f"64-bit hash collision between label lists {a['labels']} and {b['labels']}; "
+                             "please report it")
     return pa.table({"lsid": pa.array([r["lsid"] for r in rows], pa.int64()),
                      "labels": pa.array([r["labels"] for r in rows], pa.list_(pa.int32())),
                      "n": pa.array([r["n"] for r in rows], pa.int64())})
@@ -458,7 +468,7 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
         tick = now
 
     keyed_df = keyed(index_df, job.seed)
-    weighted_sets = weigh_label_sets(distinct_label_sets(keyed_df), lw, job.aggregate)
+    weighted_sets = weigh_label_sets(distinct_label_sets(index_df), lw, job.aggregate)
     lap("label_sets")
     n_records = int(pc.sum(weighted_sets.column("n")).as_py() or 0)
     if n_records == 0:

@@ -206,6 +206,16 @@ def _read_inline(path: str, rows: np.ndarray) -> Iterator[tuple[np.ndarray, list
 WRITTEN_SCHEMA = "shard int, temp string, samples long, bytes long, sha256 string, labels string"
 
 
+def binary_views(array: pa.Array) -> list:
+    """Zero-copy ``memoryview`` of each value of a non-null binary Arrow array."""
+    if array.null_count:
+        raise ValueError("internal error: a null image reached the shard writer")
+    offsets = np.frombuffer(array.buffers()[1], np.int32)[array.offset:array.offset + len(array) + 1]
+    data = memoryview(array.buffers()[2]) if len(array) else memoryview(b"")
+    bounds = offsets.tolist()
+    return [data[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
 def _write_partition(output: str, prefix: str, samples_per_shard: int, total: int, storage: dict):
     """mapInArrow: rows sorted by (shard, slot) -> one result row per shard written.
 
@@ -222,22 +232,22 @@ def _write_partition(output: str, prefix: str, samples_per_shard: int, total: in
 
         def rows():
             for batch in batches:
-                d = batch.to_pydict()
-                for i in range(batch.num_rows):
-                    yield {k: d[k][i] for k in d}
+                images = binary_views(batch.column(batch.schema.get_field_index("image")))
+                cols = [batch.column(batch.schema.get_field_index(c)).to_pylist()
+                        for c in ("shard", "slot", "key", "copy", "ext", "labels", "weight")]
+                yield from zip(*cols, images)
 
         results = []
-        for shard, group in itertools.groupby(rows(), key=lambda r: r["shard"]):
+        for shard, group in itertools.groupby(rows(), key=lambda r: r[0]):
             labels: dict[int, int] = {}
 
             def samples(group=group, labels=labels, shard=shard):
-                for expected, r in enumerate(group):
-                    if r["slot"] != expected:
-                        raise ValueError(f"internal error: shard {shard} slot {r['slot']}, expected {expected}")
-                    for label in r["labels"]:
+                for expected, (_, slot, key, copy, ext, row_labels, weight, image) in enumerate(group):
+                    if slot != expected:
+                        raise ValueError(f"internal error: shard {shard} slot {slot}, expected {expected}")
+                    for label in row_labels:
                         labels[label] = labels.get(label, 0) + 1
-                    yield (sample_key(r["key"], r["copy"]), r["ext"], r["image"],
-                           sample_json(r["key"], r["copy"], r["labels"], r["weight"]))
+                    yield sample_key(key, copy), ext, image, sample_json(key, copy, row_labels, weight)
                     if expected == 1:
                         inject_failure("write")  # mid-write: a partial temporary file exists
 
@@ -284,6 +294,15 @@ def run(spark, job: ShardJob) -> Manifest:
     from pyspark.sql import Window
 
     t0 = time.time()
+    timings: dict[str, float] = {}
+    tick = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal tick
+        now = time.perf_counter()
+        timings[name] = round(now - tick, 3)
+        tick = now
+
     manifest_path = sio.join(job.output, "manifest.json")
     if sio.exists(sio.join(job.output, "_SUCCESS")) and not job.overwrite:
         print(f"write_shards: {job.output} is complete (_SUCCESS); nothing to do (--overwrite to redo)",
@@ -313,6 +332,7 @@ def run(spark, job: ShardJob) -> Manifest:
         raise SchemaError(f"{check['n'] - check['distinct']} keys appear in more than one row",
                           file=selection_path)
     requested_total = int(check["total"])
+    lap("selection_check")
 
     index = spark.read.parquet(job.index)
     column = "image" if "image" in index.columns else "uri" if "uri" in index.columns else None
@@ -347,6 +367,7 @@ def run(spark, job: ShardJob) -> Manifest:
             missing_rows = missing.select("key").orderBy("key").limit(1000).collect()
         bad_rows = (checked.where(F.col("ext").isNull()).select("key", "reason").orderBy("key")
                     .limit(1000).collect())
+        lap("image_check")
         n_bad = int(found["bad"] or 0) + n_missing
         unique = int(check["n"])
         if n_bad / unique > job.max_bad_fraction:
@@ -376,6 +397,7 @@ def run(spark, job: ShardJob) -> Manifest:
         placed = samples.withColumn(
             "position", F.element_at(F.lit(offsets).cast("array<long>"), F.col("range") + 1) + rank - 1)
         num_shards = math.ceil(total / job.samples_per_shard)
+        lap("place_counts")
         places = (placed.select("key", F.struct(
             F.col("copy").cast("int").alias("copy"),
             (F.col("position") / job.samples_per_shard).cast("long").cast("int").alias("shard"),
@@ -390,6 +412,7 @@ def run(spark, job: ShardJob) -> Manifest:
                 .mapInArrow(_write_partition(job.output, job.prefix, job.samples_per_shard, total, storage),
                             WRITTEN_SCHEMA)
                 .collect())
+        lap("fetch_and_write")
     finally:
         checked.unpersist()
         spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "65536")
@@ -421,7 +444,7 @@ def run(spark, job: ShardJob) -> Manifest:
         label_distribution=label_counts, bad_records=bad_records,
         extra={"samples_per_shard": job.samples_per_shard, "prefix": job.prefix, "seed": job.seed,
                "requested_samples": requested_total, "bad_examples": n_bad, "image_source": column,
-               "seconds": round(time.time() - t0, 2)})
+               "seconds": round(time.time() - t0, 2), "timings": timings})
     sio.write_bytes_atomic(manifest_path, manifest.to_json())
     sio.write_bytes_atomic(sio.join(job.output, "_SUCCESS"), "")
     return manifest

@@ -3,6 +3,7 @@ WebDataset-readable, deterministic, atomic under failures, object storage."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -67,6 +68,35 @@ def test_write_tar_is_deterministic_and_readable():
         assert all(m.mtime == 0 and m.uid == 0 and m.mode == 0o644 for m in tar.getmembers())
     got = list(SH.read_tar_samples(io.BytesIO(a.getvalue())))
     assert [k for k, _ in got] == [s[0] for s in samples]
+
+
+def tarfile_reference(samples) -> bytes:
+    """The same members written by the standard library's tarfile (PAX)."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for key, ext, image, meta in samples:
+            for name, data in ((f"{key}.{ext}", image), (f"{key}.json", meta)):
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("n,size", [(0, 0), (1, 0), (3, 511), (7, 512), (40, 2000), (3, 5_000_000)])
+def test_write_tar_equals_tarfile_bytes(n, size):
+    keys = ["a", "b" * 100, "c" * 250, "d\u00e9j\u00e0", SH.sample_key("n01/x.JPEG", 3)]
+    samples = [(keys[i % len(keys)] + str(i), "png", bytes([i % 256]) * (size + i),
+                SH.sample_json(f"k/{i}", i, [i], 0.25)) for i in range(n)]
+    buf = io.BytesIO()
+    count, written, digest = SH.write_tar(buf, samples)
+    assert buf.getvalue() == tarfile_reference(samples)
+    assert (count, written, digest) == (n, len(buf.getvalue()), hashlib.sha256(buf.getvalue()).hexdigest())
+    views = [(k, e, memoryview(bytearray(i)), m) for k, e, i, m in samples]
+    other = io.BytesIO()
+    SH.write_tar(other, views)
+    assert other.getvalue() == buf.getvalue()
 
 
 # -- end to end ---------------------------------------------------------------------------

@@ -121,7 +121,8 @@ def _fetch_partition(column: str, storage: dict, placed: bool):
                 while end < len(files) and files[end] == files[start]:
                     end += 1
                 for positions, images in _read_inline(files[start], rows[start:end]):
-                    yield emit(table, positions + start, images)
+                    heads = pc.binary_slice(images, 0, 16).to_pylist()
+                    yield emit(table, positions + start, heads, images)
                 start = end
         else:
             uris = table.column("uri").to_pylist()
@@ -136,38 +137,37 @@ def _fetch_partition(column: str, storage: dict, placed: bool):
                         images.append(sio.read_bytes(uris[i]))
                     except Exception as e:  # noqa: BLE001 - a missing image is counted, not fatal
                         images.append(f"unreadable uri {uris[i]!r}: {type(e).__name__}: {e}"[:300])
-                yield emit(table, np.asarray(chunk, np.int64), images)
+                data = pa.array([x if isinstance(x, bytes) else None for x in images], pa.binary())
+                yield emit(table, np.asarray(chunk, np.int64), images, data)
 
     return fetch
 
 
-def _verdicts(images: list) -> tuple[list, list, list]:
-    """(bytes or None, extension or None, reason or None) for fetched items; an
-    item that is a string is the reason it could not be read."""
-    data, exts, reasons = [], [], []
-    for item in images:
+def _verdicts(heads: list) -> tuple[list, list]:
+    """(extension or None, reason or None) for fetched items: the first bytes
+    of an image, ``None`` (no bytes) or a string (why it could not be read)."""
+    exts, reasons = [], []
+    for item in heads:
         if isinstance(item, str) or item is None:
-            data.append(None)
             exts.append(None)
             reasons.append(item if isinstance(item, str) else "no image bytes")
             continue
         ext = image_extension(item)
-        data.append(item if ext else None)
         exts.append(ext)
         reasons.append(None if ext else "unrecognised image format")
-    return data, exts, reasons
+    return exts, reasons
 
 
-def _checked_batch(table: pa.Table, positions: np.ndarray, images: list) -> pa.RecordBatch:
-    _, exts, reasons = _verdicts(images)
+def _checked_batch(table: pa.Table, positions: np.ndarray, heads: list, images: pa.Array) -> pa.RecordBatch:
+    exts, reasons = _verdicts(heads)
     carried = table.select(["key", "copies"]).take(pa.array(positions))
     return pa.RecordBatch.from_arrays(
         [carried.column("key").combine_chunks(), carried.column("copies").combine_chunks(),
          pa.array(exts, pa.string()), pa.array(reasons, pa.string())], names=["key", "copies", "ext", "reason"])
 
 
-def _placed_batch(table: pa.Table, positions: np.ndarray, images: list) -> pa.RecordBatch:
-    data, exts, reasons = _verdicts(images)
+def _placed_batch(table: pa.Table, positions: np.ndarray, heads: list, images: pa.Array) -> pa.RecordBatch:
+    exts, reasons = _verdicts(heads)
     bad = [i for i, e in enumerate(exts) if e is None]
     if bad:
         key = table.column("key")[int(positions[bad[0]])].as_py()
@@ -180,13 +180,14 @@ def _placed_batch(table: pa.Table, positions: np.ndarray, images: list) -> pa.Re
     return pa.RecordBatch.from_arrays(
         [carried.column("key").combine_chunks(), flat.field("copy"), flat.field("shard"), flat.field("slot"),
          carried.column("labels").combine_chunks(), carried.column("weight").combine_chunks(),
-         pa.array([data[i] for i in repeat], pa.binary()), pa.array([exts[i] for i in repeat], pa.string())],
+         images.take(pa.array(repeat)).cast(pa.binary()), pa.array([exts[i] for i in repeat], pa.string())],
         names=["key", "copy", "shard", "slot", "labels", "weight", "image", "ext"])
 
 
-def _read_inline(path: str, rows: np.ndarray) -> Iterator[tuple[np.ndarray, list]]:
-    """``(positions into rows, image cells)`` of one Parquet file, row group by
-    row group in file order (sequential reads, only the groups needed)."""
+def _read_inline(path: str, rows: np.ndarray) -> Iterator[tuple[np.ndarray, pa.Array]]:
+    """``(positions into rows, image cells as an Arrow array)`` of one Parquet
+    file, row group by row group in file order (sequential reads, only the
+    groups needed)."""
     fs, p = sio.filesystem(path)
     with fs.open(p, "rb") as fh:
         pf = pq.ParquetFile(fh)
@@ -196,9 +197,9 @@ def _read_inline(path: str, rows: np.ndarray) -> Iterator[tuple[np.ndarray, list
         for g in np.unique(group_of):
             members = order[group_of[order] == g]
             col = pf.read_row_group(int(g), columns=["image"]).column("image")
-            images = col.take(pa.array(rows[members] - bounds[g])).to_pylist()
+            images = col.take(pa.array(rows[members] - bounds[g])).combine_chunks()
             for s in range(0, len(members), IMAGE_BATCH_ROWS):
-                yield members[s:s + IMAGE_BATCH_ROWS], images[s:s + IMAGE_BATCH_ROWS]
+                yield members[s:s + IMAGE_BATCH_ROWS], images.slice(s, IMAGE_BATCH_ROWS)
 
 
 # -- stage 4: write shards --------------------------------------------------------------

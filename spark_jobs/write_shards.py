@@ -4,7 +4,7 @@
 
     python -m spark_jobs.write_shards --selection DIR --index PATH --output DIR \\
       [--samples-per-shard 10000] [--prefix shard] [--seed 0] [--overwrite] \\
-      [--max-bad-fraction 0.001] [--master local[*]]
+      [--max-bad-fraction 0.001] [--spill-dir DIR] [--master local[*]]
 
 Stages (all deterministic for a given selection, index and seed):
 
@@ -17,12 +17,14 @@ Stages (all deterministic for a given selection, index and seed):
 3. **place**: every copy of every good example gets a global position by
    sorting on ``xxhash64(key, copy, seed)`` (fixed hash ranges, exact counts,
    so no sampling is involved); position // samples-per-shard is its shard;
-4. **fetch and write**: read the images again in source order, each with its
-   copies' places, so image bytes cross a single shuffle, to their shard;
-   one task writes each shard's tar, in position order, with fixed tar
-   metadata, under an attempt-specific temporary name; the driver keeps what
-   successful attempts reported, renames, writes ``manifest.json`` and then
-   ``_SUCCESS``.
+4. **fetch**: read the images again in source order, each with its copies'
+   places, into sorted Arrow IPC *run* files (one record batch per shard
+   writer) beside the output: the one exchange of image bytes, done in Python
+   so the bytes never enter the JVM;
+5. **write**: each writer task reads its batch of every run, sorts it by
+   position and writes its shards' tars, with fixed tar metadata, under
+   attempt-specific temporary names; the driver keeps what successful
+   attempts reported, renames, writes ``manifest.json`` and then ``_SUCCESS``.
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ __all__ = ["ShardJob", "run", "main", "resolve_selection"]
 TEMPORARY = "_temporary"
 #: Arrow batch size while images travel through Python (bytes, not rows, matter).
 IMAGE_BATCH_ROWS = 256
+#: Bytes of copies a fetch task gathers in memory before writing one sorted run.
+RUN_BYTES = 256 << 20
+#: Bytes of images one shard-writing task reads (it takes whole shards).
+WRITER_BYTES = 1 << 30
 
 
 @dataclass
@@ -67,6 +73,9 @@ class ShardJob:
     seed: int = 0
     overwrite: bool = False
     max_bad_fraction: float = 0.001
+    spill_dir: str | None = None
+    run_bytes: int = RUN_BYTES
+    writer_bytes: int = WRITER_BYTES
 
     def __post_init__(self) -> None:
         if self.samples_per_shard < 1:
@@ -89,58 +98,147 @@ def resolve_selection(path: str) -> tuple[str, str | None]:
 
 # -- stage 2: fetch images in source order ------------------------------------------
 
-CHECKED_SCHEMA = "key string, copies int, ext string, reason string"
-PLACED_SCHEMA = ("key string, copy int, shard int, slot int, labels array<int>, weight double, image binary, "
-                 "ext string")
+CHECKED_SCHEMA = "key string, copies int, ext string, reason string, size long"
 
 
-def _fetch_partition(column: str, storage: dict, placed: bool):
-    """mapInArrow over located rows sorted by (file, row): read each image in
-    source order and check its format from the bytes.
+def _fetched(batches: Iterator[pa.RecordBatch], column: str, emit) -> Iterator[pa.RecordBatch]:
+    """Read the images of located rows sorted by (file, row), in source order
+    (per file, by row, only the row groups needed; per ``uri``, sorted), and
+    ``emit(table, positions, heads, images)`` for each batch of them: ``heads``
+    are the first 16 bytes of each image (or why it could not be read),
+    ``images`` the bytes as an Arrow array."""
+    pending: list[pa.RecordBatch] = list(batches)
+    if not pending:
+        return
+    table = pa.Table.from_batches(pending)
+    if column == "image":
+        files = table.column("file").to_pylist()
+        rows = table.column("row").to_numpy()
+        start = 0
+        while start < len(files):
+            end = start
+            while end < len(files) and files[end] == files[start]:
+                end += 1
+            for positions, images in _read_inline(files[start], rows[start:end]):
+                heads = pc.binary_slice(images, 0, 16).to_pylist()
+                yield emit(table, positions + start, heads, images)
+            start = end
+    else:
+        uris = table.column("uri").to_pylist()
+        order = sorted(range(len(uris)), key=lambda i: (uris[i] or "", i))
+        for s in range(0, len(order), IMAGE_BATCH_ROWS):
+            chunk = order[s:s + IMAGE_BATCH_ROWS]
+            images = []
+            for i in chunk:
+                try:
+                    if not uris[i]:
+                        raise ValueError("no uri")
+                    images.append(sio.read_bytes(uris[i]))
+                except Exception as e:  # noqa: BLE001 - a missing image is counted, not fatal
+                    images.append(f"unreadable uri {uris[i]!r}: {type(e).__name__}: {e}"[:300])
+            data = pa.array([x if isinstance(x, bytes) else None for x in images], pa.binary())
+            yield emit(table, np.asarray(chunk, np.int64), images, data)
 
-    ``placed=False`` (the check pass): one verdict row per example
-    (``CHECKED_SCHEMA``); no image leaves the task. ``placed=True`` (the
-    fetch pass): the input carries each example's ``places`` (copy, shard,
-    slot); one row per copy with the image (``PLACED_SCHEMA``).
-    """
 
-    def fetch(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+def _check_partition(column: str, storage: dict):
+    """mapInArrow, the check pass: one verdict row per located example
+    (``CHECKED_SCHEMA``); no image leaves the task."""
+
+    def check(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         sio.apply_storage_config(storage)
         inject_failure("fetch")
-        pending: list[pa.RecordBatch] = list(batches)
-        if not pending:
-            return
-        table = pa.Table.from_batches(pending)
-        emit = _placed_batch if placed else _checked_batch
-        if column == "image":
-            files = table.column("file").to_pylist()
-            rows = table.column("row").to_numpy()
-            start = 0
-            while start < len(files):
-                end = start
-                while end < len(files) and files[end] == files[start]:
-                    end += 1
-                for positions, images in _read_inline(files[start], rows[start:end]):
-                    heads = pc.binary_slice(images, 0, 16).to_pylist()
-                    yield emit(table, positions + start, heads, images)
-                start = end
-        else:
-            uris = table.column("uri").to_pylist()
-            order = sorted(range(len(uris)), key=lambda i: (uris[i] or "", i))
-            for s in range(0, len(order), IMAGE_BATCH_ROWS):
-                chunk = order[s:s + IMAGE_BATCH_ROWS]
-                images = []
-                for i in chunk:
-                    try:
-                        if not uris[i]:
-                            raise ValueError("no uri")
-                        images.append(sio.read_bytes(uris[i]))
-                    except Exception as e:  # noqa: BLE001 - a missing image is counted, not fatal
-                        images.append(f"unreadable uri {uris[i]!r}: {type(e).__name__}: {e}"[:300])
-                data = pa.array([x if isinstance(x, bytes) else None for x in images], pa.binary())
-                yield emit(table, np.asarray(chunk, np.int64), images, data)
+        yield from _fetched(batches, column, _checked_batch)
 
-    return fetch
+    return check
+
+
+SPILLED_SCHEMA = "path string, rows long, bytes long"
+
+
+def _spill_partition(column: str, storage: dict, spill_dir: str, shards_per_writer: int, writers: int,
+                     run_bytes: int):
+    """mapInArrow, the fetch pass: located rows carrying their copies' places
+    -> the copies, with images, in sorted *run* files (``SPILLED_SCHEMA`` rows
+    name them).
+
+    A run is an Arrow IPC file of the copies a task gathered (up to
+    ``run_bytes`` of images), sorted by (shard, slot), holding exactly one
+    record batch per shard writer (batch w: shards ``w*shards_per_writer`` up
+    to the next writer's). Image bytes go from the Parquet read to the run
+    file without entering the JVM; the file name is unique to the attempt,
+    and only the runs of successful attempts are reported.
+    """
+
+    def spill(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        sio.apply_storage_config(storage)
+        attempt = _attempt_id()
+        gathered: list[pa.RecordBatch] = []
+        size = 0
+        runs = []
+        for batch in _fetched(batches, column, _placed_batch):
+            gathered.append(batch)
+            size += batch.nbytes
+            if size >= run_bytes:
+                runs.append(_write_run(gathered, spill_dir, attempt, len(runs), shards_per_writer, writers))
+                gathered, size = [], 0
+        if gathered:
+            runs.append(_write_run(gathered, spill_dir, attempt, len(runs), shards_per_writer, writers))
+        inject_failure("spill")  # after the runs are written: they must be ignored
+        if runs:
+            cols = list(zip(*runs))
+            yield pa.RecordBatch.from_arrays([pa.array(cols[0], pa.string()), pa.array(cols[1], pa.int64()),
+                                              pa.array(cols[2], pa.int64())], names=["path", "rows", "bytes"])
+
+    return spill
+
+
+def _attempt_id() -> str:
+    """``stage-partition-attempt-random``: unique to this task attempt."""
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    base = f"{ctx.stageId()}-{ctx.partitionId()}-{ctx.attemptNumber()}" if ctx else "local"
+    return f"{base}-{uuid.uuid4().hex[:8]}"
+
+
+def _sorted_by_place(table: pa.Table) -> pa.Table:
+    perm = np.lexsort((table.column("slot").to_numpy(), table.column("shard").to_numpy()))
+    return table.take(pa.array(perm)).combine_chunks()
+
+
+def _write_run(batches: list[pa.RecordBatch], spill_dir: str, attempt: str, index: int,
+               shards_per_writer: int, writers: int) -> tuple[str, int, int]:
+    """Write one sorted run file (see :func:`_spill_partition`); return
+    ``(path, rows, bytes)``."""
+    table = _sorted_by_place(pa.Table.from_batches(batches))
+    writer_of = table.column("shard").to_numpy() // shards_per_writer
+    bounds = np.searchsorted(writer_of, np.arange(writers + 1), side="left")
+    cols = [c.chunk(0) if c.num_chunks else pa.array([], c.type) for c in table.columns]
+    path = sio.join(spill_dir, f"run-{attempt}-{index:04d}.arrow")
+    fs, p = sio.filesystem(path)
+    fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(p, "wb") as fh:
+        with pa.ipc.new_file(fh, table.schema) as out:
+            for w in range(writers):
+                a, b = int(bounds[w]), int(bounds[w + 1])
+                out.write_batch(pa.record_batch([c.slice(a, b - a) for c in cols], schema=table.schema))
+    return path, table.num_rows, int(table.nbytes)
+
+
+def _read_runs(paths: Sequence[str], writer: int) -> pa.Table | None:
+    """Batch ``writer`` of every run file, as one table (memory-mapped for
+    local files, read whole otherwise)."""
+    batches = []
+    for path in paths:
+        fs, p = sio.filesystem(path)
+        if "file" in fs.protocol or "local" in fs.protocol:
+            batch = pa.ipc.open_file(pa.memory_map(p)).get_batch(writer)
+        else:
+            with fs.open(p, "rb") as fh:
+                batch = pa.ipc.open_file(fh).get_batch(writer)
+        if batch.num_rows:
+            batches.append(batch)
+    return pa.Table.from_batches(batches) if batches else None
 
 
 def _verdicts(heads: list) -> tuple[list, list]:
@@ -161,9 +259,11 @@ def _verdicts(heads: list) -> tuple[list, list]:
 def _checked_batch(table: pa.Table, positions: np.ndarray, heads: list, images: pa.Array) -> pa.RecordBatch:
     exts, reasons = _verdicts(heads)
     carried = table.select(["key", "copies"]).take(pa.array(positions))
+    sizes = pc.fill_null(pc.binary_length(images), 0).cast(pa.int64())
     return pa.RecordBatch.from_arrays(
         [carried.column("key").combine_chunks(), carried.column("copies").combine_chunks(),
-         pa.array(exts, pa.string()), pa.array(reasons, pa.string())], names=["key", "copies", "ext", "reason"])
+         pa.array(exts, pa.string()), pa.array(reasons, pa.string()), sizes],
+        names=["key", "copies", "ext", "reason", "size"])
 
 
 def _placed_batch(table: pa.Table, positions: np.ndarray, heads: list, images: pa.Array) -> pa.RecordBatch:
@@ -217,50 +317,60 @@ def binary_views(array: pa.Array) -> list:
     return [data[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
-def _write_partition(output: str, prefix: str, samples_per_shard: int, total: int, storage: dict):
-    """mapInArrow: rows sorted by (shard, slot) -> one result row per shard written.
+def _write_sorted(table: pa.Table, output: str, prefix: str, samples_per_shard: int, total: int,
+                  attempt: str) -> list[tuple]:
+    """Write the shards of ``table`` (rows sorted by (shard, slot), every shard
+    whole), each streamed to ``output/_temporary/<name>.<attempt>``; nothing is
+    final until the driver renames what successful attempts reported."""
 
-    Each shard is streamed to ``output/_temporary/<name>.<attempt>.<random>``;
-    nothing is final until the driver renames what successful attempts reported.
-    """
+    def rows():
+        for batch in table.to_batches():
+            images = binary_views(batch.column(batch.schema.get_field_index("image")))
+            cols = [batch.column(batch.schema.get_field_index(c)).to_pylist()
+                    for c in ("shard", "slot", "key", "copy", "ext", "labels", "weight")]
+            yield from zip(*cols, images)
+
+    results = []
+    for shard, group in itertools.groupby(rows(), key=lambda r: r[0]):
+        labels: dict[int, int] = {}
+
+        def samples(group=group, labels=labels, shard=shard):
+            for expected, (_, slot, key, copy, ext, row_labels, weight, image) in enumerate(group):
+                if slot != expected:
+                    raise ValueError(f"internal error: shard {shard} slot {slot}, expected {expected}")
+                for label in row_labels:
+                    labels[label] = labels.get(label, 0) + 1
+                yield sample_key(key, copy), ext, image, sample_json(key, copy, row_labels, weight)
+                if expected == 1:
+                    inject_failure("write")  # mid-write: a partial temporary file exists
+
+        temp = sio.join(output, TEMPORARY, f"{shard_name(prefix, shard)}.{attempt}")
+        fs, p = sio.filesystem(temp)
+        fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
+        with fs.open(p, "wb") as fh:
+            n, size, digest = write_tar(fh, samples())
+        want = min(samples_per_shard, total - shard * samples_per_shard)
+        if n != want:
+            raise ValueError(f"internal error: shard {shard} has {n} samples, expected {want}")
+        results.append((shard, temp, n, size, digest, json.dumps(labels, sort_keys=True)))
+    return results
+
+
+def _write_from_runs(runs: Sequence[str], output: str, prefix: str, samples_per_shard: int, total: int,
+                     storage: dict):
+    """mapInArrow over writer ids: read batch w of every run, sort it by
+    (shard, slot) and write its shards; one ``WRITTEN_SCHEMA`` row per shard."""
 
     def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        from pyspark import TaskContext
-
         sio.apply_storage_config(storage)
-        ctx = TaskContext.get()
-        attempt = f"{ctx.stageId()}-{ctx.partitionId()}-{ctx.attemptNumber()}" if ctx else "local"
-
-        def rows():
-            for batch in batches:
-                images = binary_views(batch.column(batch.schema.get_field_index("image")))
-                cols = [batch.column(batch.schema.get_field_index(c)).to_pylist()
-                        for c in ("shard", "slot", "key", "copy", "ext", "labels", "weight")]
-                yield from zip(*cols, images)
-
+        attempt = _attempt_id()
         results = []
-        for shard, group in itertools.groupby(rows(), key=lambda r: r[0]):
-            labels: dict[int, int] = {}
-
-            def samples(group=group, labels=labels, shard=shard):
-                for expected, (_, slot, key, copy, ext, row_labels, weight, image) in enumerate(group):
-                    if slot != expected:
-                        raise ValueError(f"internal error: shard {shard} slot {slot}, expected {expected}")
-                    for label in row_labels:
-                        labels[label] = labels.get(label, 0) + 1
-                    yield sample_key(key, copy), ext, image, sample_json(key, copy, row_labels, weight)
-                    if expected == 1:
-                        inject_failure("write")  # mid-write: a partial temporary file exists
-
-            temp = sio.join(output, TEMPORARY, f"{shard_name(prefix, shard)}.{attempt}.{uuid.uuid4().hex[:8]}")
-            fs, p = sio.filesystem(temp)
-            fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
-            with fs.open(p, "wb") as fh:
-                n, size, digest = write_tar(fh, samples())
-            want = min(samples_per_shard, total - shard * samples_per_shard)
-            if n != want:
-                raise ValueError(f"internal error: shard {shard} has {n} samples, expected {want}")
-            results.append((shard, temp, n, size, digest, json.dumps(labels, sort_keys=True)))
+        for batch in batches:
+            for w in batch.column(0).to_pylist():
+                table = _read_runs(runs, int(w))
+                if table is not None:
+                    results += _write_sorted(_sorted_by_place(table), output, prefix, samples_per_shard, total,
+                                             attempt)
         if results:
             cols = list(zip(*results))
             yield pa.RecordBatch.from_arrays(
@@ -357,11 +467,18 @@ def run(spark, job: ShardJob) -> Manifest:
 
     storage = sio.storage_config()
     checked = in_source_order(located.select(*fetch_cols)).mapInArrow(
-        _fetch_partition(column, storage, placed=False), CHECKED_SCHEMA).persist()
+        _check_partition(column, storage), CHECKED_SCHEMA).persist()
+    spill_dir = sio.join(job.spill_dir or sio.join(job.output, TEMPORARY), f"spill-{uuid.uuid4().hex[:12]}")
     try:
         found = checked.agg(F.count(F.lit(1)).alias("n"),
-                            F.sum(F.when(F.col("ext").isNull(), 1).otherwise(0)).alias("bad")).first()
+                            F.sum(F.when(F.col("ext").isNull(), 1).otherwise(0)).alias("bad"),
+                            F.sum(F.when(F.col("ext").isNotNull(), F.col("size") * F.col("copies"))
+                                  .otherwise(0)).alias("bytes")).first()
         n_missing = int(check["n"]) - int(found["n"])  # selected keys the index does not have
+        if n_missing < 0:
+            dup = (located.groupBy("key").count().where("count > 1").select("key").orderBy("key").first())
+            raise SchemaError(f"key {dup['key'] if dup else '?'!r} appears more than once in the source index",
+                              file=job.index)
         missing_rows = []
         if n_missing:
             missing = selection.join(index.select(F.col("key").cast("string")), on="key", how="left_anti")
@@ -405,18 +522,33 @@ def run(spark, job: ShardJob) -> Manifest:
             (F.col("position") % job.samples_per_shard).cast("int").alias("slot")).alias("place"))
             .groupBy("key").agg(F.sort_array(F.collect_list("place")).alias("places")))
 
-        # Stage 4: fetch again in source order, now with each copy's place, so the
-        # images cross one shuffle (to their shards); write each shard in order.
-        rows = (in_source_order(located.select(*fetch_cols).join(places, on="key"))
-                .mapInArrow(_fetch_partition(column, storage, placed=True), PLACED_SCHEMA)
-                .repartition(num_shards, "shard").sortWithinPartitions("shard", "slot")
-                .mapInArrow(_write_partition(job.output, job.prefix, job.samples_per_shard, total, storage),
-                            WRITTEN_SCHEMA)
+        # Stage 4: fetch again in source order, now with each copy's place, into
+        # sorted run files (one batch per shard writer); then each writer reads its
+        # batch of every run and writes its shards. Image bytes never enter the JVM.
+        sample_bytes = max(1.0, int(found["bytes"] or 0) / total)
+        parallelism = spark.sparkContext.defaultParallelism
+        shards_per_writer = max(1, min(int(job.writer_bytes // (sample_bytes * job.samples_per_shard)),
+                                       math.ceil(num_shards / (2 * parallelism))))
+        writers = math.ceil(num_shards / shards_per_writer)
+        runs = (in_source_order(located.select(*fetch_cols).join(places, on="key"))
+                .mapInArrow(_spill_partition(column, storage, spill_dir, shards_per_writer, writers,
+                                             job.run_bytes), SPILLED_SCHEMA)
                 .collect())
-        lap("fetch_and_write")
+        run_paths = sorted(r["path"] for r in runs)
+        if sum(r["rows"] for r in runs) != total:
+            raise ValueError(f"internal error: runs hold {sum(r['rows'] for r in runs)} copies, expected {total}")
+        lap("fetch")
+        rows = (spark.range(0, writers, 1, writers)
+                .mapInArrow(_write_from_runs(run_paths, job.output, job.prefix, job.samples_per_shard, total,
+                                             storage), WRITTEN_SCHEMA)
+                .collect())
+        lap("write")
     finally:
         checked.unpersist()
         spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "65536")
+        spill = sio.filesystem(spill_dir)
+        if spill[0].exists(spill[1]):
+            spill[0].rm(spill[1], recursive=True)
 
     by_shard = {}
     for r in rows:
@@ -463,6 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="redo a complete output")
     p.add_argument("--max-bad-fraction", type=float, default=0.001,
                    help="fail when more selected examples than this have no usable image")
+    p.add_argument("--spill-dir", help="where fetch tasks leave sorted runs of image bytes for the shard "
+                   "writers; every executor must reach it (default: OUTPUT/_temporary)")
     p.add_argument("--master", help="Spark master (default: local[*] unless run by spark-submit)")
     p.add_argument("--driver-memory", help="local mode heap (default: half the machine's memory)")
     return p
@@ -473,7 +607,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         job = ShardJob(selection=args.selection, index=args.index, output=args.output,
                        samples_per_shard=args.samples_per_shard, prefix=args.prefix, seed=args.seed,
-                       overwrite=args.overwrite, max_bad_fraction=args.max_bad_fraction)
+                       overwrite=args.overwrite, max_bad_fraction=args.max_bad_fraction,
+                       spill_dir=args.spill_dir)
     except ValueError as e:
         print(f"write_shards: error: {e}", file=sys.stderr)
         return 2

@@ -244,17 +244,21 @@ def test_rerun_and_incomplete_output(spark, resampled, tmp_path):
 def test_byte_identical_across_parallelism_and_task_failures(resampled, tmp_path):
     source, sel_dir, _ = resampled
     # One task at a time, against three at a time with every first attempt of
-    # the fetch and write tasks failing (mid-write for the shards).
-    runs = {"local[1]": {}, "local[3,4]": {"ADAPTIVE_TRANSFER_FAIL_FIRST_ATTEMPT": "fetch,write"}}
+    # the check, spill and write tasks failing (after writing its runs for a
+    # spill task, mid-write for the shards), and runs in a --spill-dir of its own.
+    runs = {"local[1]": {}, "local[3,4]": {"ADAPTIVE_TRANSFER_FAIL_FIRST_ATTEMPT": "fetch,spill,write"}}
     digests = {}
+    spill = tmp_path / "spill"
     for master, env in runs.items():
         out = str(tmp_path / master.replace("[", "_").replace("]", "").replace(",", "_"))
+        extra = ["--spill-dir", str(spill)] if env else []
         proc = run_module("spark_jobs.write_shards", "--selection", sel_dir, "--index", source.index_path,
                           "--output", out, "--samples-per-shard", "400", "--master", master,
-                          "--driver-memory", "1g", env=env)
+                          "--driver-memory", "1g", *extra, env=env)
         if env:
-            assert "injected failure in stage 'write'" in proc.stderr
-            assert "injected failure in stage 'fetch'" in proc.stderr
+            for stage in ("fetch", "spill", "write"):
+                assert f"injected failure in stage '{stage}'" in proc.stderr
+            assert os.listdir(spill) == []  # this job's runs, orphans included, are gone
         files = sorted(f for f in os.listdir(out) if f.endswith(".tar"))
         assert sorted(os.listdir(out)) == sorted(files + ["_SUCCESS", "manifest.json"])  # no partial file
         digests[master] = {f: sio.file_sha256(os.path.join(out, f)) for f in files}
@@ -298,6 +302,7 @@ def test_unfinished_resampler_output_is_refused(spark, resampled, tmp_path):
 
 
 def test_bad_selection_inputs(spark, source_data, tmp_path):
+    from schemas.synthetic import encode_image
     pq.write_table(pa.table({"key": ["a", "a"], "copies": pa.array([1, 2], pa.int32())}), tmp_path / "dup.parquet")
     with pytest.raises(SchemaError, match="1 keys appear in more than one row"):
         W.run(spark, W.ShardJob(selection=str(tmp_path / "dup.parquet"), index=source_data.index_path,
@@ -308,6 +313,15 @@ def test_bad_selection_inputs(spark, source_data, tmp_path):
                                 output=str(tmp_path / "o2")))
     with pytest.raises(ValueError, match="--samples-per-shard must be >= 1"):
         W.ShardJob(selection="x", index="y", output="z", samples_per_shard=0)
+    # A selected key that the index holds twice would give invented samples.
+    px = encode_image(np.full((8, 8, 3), 9, np.uint8))
+    pq.write_table(pa.table({"key": ["k/1", "k/2", "k/1"], "labels": pa.array([[1]] * 3, LABELS),
+                             "image": pa.array([px] * 3, pa.binary())}), tmp_path / "dup-index.parquet")
+    pq.write_table(pa.table({"key": ["k/1", "k/2"], "copies": pa.array([1, 1], pa.int32())}),
+                   tmp_path / "sel.parquet")
+    with pytest.raises(SchemaError, match="key 'k/1' appears more than once in the source index"):
+        W.run(spark, W.ShardJob(selection=str(tmp_path / "sel.parquet"), index=str(tmp_path / "dup-index.parquet"),
+                                output=str(tmp_path / "o3")))
 
 
 # -- object storage -------------------------------------------------------------------------

@@ -173,16 +173,25 @@ def _spill_partition(column: str, storage: dict, spill_dir: str, shards_per_writ
         sio.apply_storage_config(storage)
         attempt = _attempt_id()
         gathered: list[pa.RecordBatch] = []
-        size = 0
+        pool: list[pa.Array] = []  # the images read, referenced by the gathered rows
+        pooled = size = 0
+
+        def place(table, positions, heads, images):
+            nonlocal pooled
+            batch = _placed_batch(table, positions, heads, images, first_image=pooled)
+            pool.append(images)
+            pooled += len(images)
+            return batch
+
         runs = []
-        for batch in _fetched(batches, column, _placed_batch):
+        for batch in _fetched(batches, column, place):
             gathered.append(batch)
-            size += batch.nbytes
+            size += pool[-1].nbytes
             if size >= run_bytes:
-                runs.append(_write_run(gathered, spill_dir, attempt, len(runs), shards_per_writer, writers))
-                gathered, size = [], 0
+                runs.append(_write_run(gathered, pool, spill_dir, attempt, len(runs), shards_per_writer, writers))
+                gathered, pool, pooled, size = [], [], 0, 0
         if gathered:
-            runs.append(_write_run(gathered, spill_dir, attempt, len(runs), shards_per_writer, writers))
+            runs.append(_write_run(gathered, pool, spill_dir, attempt, len(runs), shards_per_writer, writers))
         inject_failure("spill")  # after the runs are written: they must be ignored
         if runs:
             cols = list(zip(*runs))
@@ -201,16 +210,22 @@ def _attempt_id() -> str:
     return f"{base}-{uuid.uuid4().hex[:8]}"
 
 
-def _sorted_by_place(table: pa.Table) -> pa.Table:
-    perm = np.lexsort((table.column("slot").to_numpy(), table.column("shard").to_numpy()))
-    return table.take(pa.array(perm)).combine_chunks()
+def _place_order(table: pa.Table) -> np.ndarray:
+    """The permutation that sorts rows by (shard, slot)."""
+    return np.lexsort((table.column("slot").to_numpy(), table.column("shard").to_numpy()))
 
 
-def _write_run(batches: list[pa.RecordBatch], spill_dir: str, attempt: str, index: int,
+def _write_run(batches: list[pa.RecordBatch], pool: list[pa.Array], spill_dir: str, attempt: str, index: int,
                shards_per_writer: int, writers: int) -> tuple[str, int, int]:
-    """Write one sorted run file (see :func:`_spill_partition`); return
-    ``(path, rows, bytes)``."""
-    table = _sorted_by_place(pa.Table.from_batches(batches))
+    """Write one sorted run file (see :func:`_spill_partition`): the gathered
+    rows in (shard, slot) order with their images taken from ``pool`` (the
+    one copy of the bytes); return ``(path, rows, bytes)``."""
+    meta = pa.Table.from_batches(batches)
+    perm = _place_order(meta)
+    refs = meta.column("image_ref").to_numpy()[perm]
+    images = pa.chunked_array([p.cast(pa.binary()) for p in pool], pa.binary()).take(pa.array(refs))
+    table = (meta.drop_columns(["image_ref"]).take(pa.array(perm))
+             .append_column("image", images).combine_chunks())
     writer_of = table.column("shard").to_numpy() // shards_per_writer
     bounds = np.searchsorted(writer_of, np.arange(writers + 1), side="left")
     cols = [c.chunk(0) if c.num_chunks else pa.array([], c.type) for c in table.columns]
@@ -266,7 +281,10 @@ def _checked_batch(table: pa.Table, positions: np.ndarray, heads: list, images: 
         names=["key", "copies", "ext", "reason", "size"])
 
 
-def _placed_batch(table: pa.Table, positions: np.ndarray, heads: list, images: pa.Array) -> pa.RecordBatch:
+def _placed_batch(table: pa.Table, positions: np.ndarray, heads: list, images: pa.Array,
+                  first_image: int) -> pa.RecordBatch:
+    """One row per copy of the batch's examples: its place and the index of its
+    image (``first_image`` + position in ``images``), not the bytes."""
     exts, reasons = _verdicts(heads)
     bad = [i for i, e in enumerate(exts) if e is None]
     if bad:
@@ -280,8 +298,8 @@ def _placed_batch(table: pa.Table, positions: np.ndarray, heads: list, images: p
     return pa.RecordBatch.from_arrays(
         [carried.column("key").combine_chunks(), flat.field("copy"), flat.field("shard"), flat.field("slot"),
          carried.column("labels").combine_chunks(), carried.column("weight").combine_chunks(),
-         images.take(pa.array(repeat)).cast(pa.binary()), pa.array([exts[i] for i in repeat], pa.string())],
-        names=["key", "copy", "shard", "slot", "labels", "weight", "image", "ext"])
+         pa.array(repeat + first_image, pa.int64()), pa.array([exts[i] for i in repeat], pa.string())],
+        names=["key", "copy", "shard", "slot", "labels", "weight", "image_ref", "ext"])
 
 
 def _read_inline(path: str, rows: np.ndarray) -> Iterator[tuple[np.ndarray, pa.Array]]:
@@ -319,16 +337,17 @@ def binary_views(array: pa.Array) -> list:
 
 def _write_sorted(table: pa.Table, output: str, prefix: str, samples_per_shard: int, total: int,
                   attempt: str) -> list[tuple]:
-    """Write the shards of ``table`` (rows sorted by (shard, slot), every shard
-    whole), each streamed to ``output/_temporary/<name>.<attempt>``; nothing is
-    final until the driver renames what successful attempts reported."""
+    """Write the shards of ``table`` (whole shards, any row order) in (shard,
+    slot) order, each streamed to ``output/_temporary/<name>.<attempt>``;
+    nothing is final until the driver renames what successful attempts
+    reported. Images are read in place (memoryviews), never copied before the
+    tar block that holds them."""
 
     def rows():
-        for batch in table.to_batches():
-            images = binary_views(batch.column(batch.schema.get_field_index("image")))
-            cols = [batch.column(batch.schema.get_field_index(c)).to_pylist()
-                    for c in ("shard", "slot", "key", "copy", "ext", "labels", "weight")]
-            yield from zip(*cols, images)
+        images = [v for chunk in table.column("image").chunks for v in binary_views(chunk)]
+        cols = [table.column(c).to_pylist() for c in ("shard", "slot", "key", "copy", "ext", "labels", "weight")]
+        for i in _place_order(table).tolist():
+            yield tuple(col[i] for col in cols) + (images[i],)
 
     results = []
     for shard, group in itertools.groupby(rows(), key=lambda r: r[0]):
@@ -369,8 +388,7 @@ def _write_from_runs(runs: Sequence[str], output: str, prefix: str, samples_per_
             for w in batch.column(0).to_pylist():
                 table = _read_runs(runs, int(w))
                 if table is not None:
-                    results += _write_sorted(_sorted_by_place(table), output, prefix, samples_per_shard, total,
-                                             attempt)
+                    results += _write_sorted(table, output, prefix, samples_per_shard, total, attempt)
         if results:
             cols = list(zip(*results))
             yield pa.RecordBatch.from_arrays(
@@ -454,7 +472,9 @@ def run(spark, job: ShardJob) -> Manifest:
         F.col("key").cast("string").alias("key"), F.col("labels").cast("array<int>").alias("labels"),
         F.col("_metadata.file_path").alias("file"), F.col("_metadata.row_index").alias("row"),
         (F.col("uri") if column == "uri" else F.lit(None).cast("string")).alias("uri"))
-    located = located.join(selection, on="key", how="inner")
+    # Keys, places in the source and what is carried into the shards: small,
+    # kept for the second pass so the index is scanned and joined once.
+    located = located.join(selection, on="key", how="inner").persist()
 
     # Stage 2: check every image, in source order; only verdicts leave the tasks.
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(IMAGE_BATCH_ROWS))
@@ -484,7 +504,7 @@ def run(spark, job: ShardJob) -> Manifest:
             missing = selection.join(index.select(F.col("key").cast("string")), on="key", how="left_anti")
             missing_rows = missing.select("key").orderBy("key").limit(1000).collect()
         bad_rows = (checked.where(F.col("ext").isNull()).select("key", "reason").orderBy("key")
-                    .limit(1000).collect())
+                    .limit(1000).collect()) if found["bad"] else []
         lap("image_check")
         n_bad = int(found["bad"] or 0) + n_missing
         unique = int(check["n"])
@@ -500,7 +520,10 @@ def run(spark, job: ShardJob) -> Manifest:
         good = checked.where(F.col("ext").isNotNull())
         samples = good.select("key", F.explode(F.sequence(F.lit(0), F.col("copies") - 1)).alias("copy"))
         samples = samples.withColumn("h", F.xxhash64(F.col("key"), F.col("copy"), F.lit(job.seed).cast("long")))
-        total = samples.count()
+        total = int(check["total"]) - int(checked.where(F.col("ext").isNull()).agg(
+            F.sum("copies")).first()[0] or 0) if found["bad"] else int(check["total"])
+        if n_missing:
+            total = samples.count()
         if total == 0:
             raise ValueError("no selected example has a usable image")
         range_bits = max(0, min(16, math.ceil(math.log2(max(1, total / 100_000)))))
@@ -545,6 +568,7 @@ def run(spark, job: ShardJob) -> Manifest:
         lap("write")
     finally:
         checked.unpersist()
+        located.unpersist()
         spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "65536")
         spill = sio.filesystem(spill_dir)
         if spill[0].exists(spill[1]):

@@ -9,20 +9,21 @@
 Stages (all deterministic for a given selection, index and seed):
 
 1. **locate**: join the selection with the index's keys and source
-   locations (file, row), never with its image bytes;
-2. **check**: read the selected images in source order (per file, by row,
-   only the row groups needed; per ``uri``, sorted) and check their format
-   from the bytes; only verdicts leave the tasks. Missing or unrecognisable
-   images are counted, listed and skipped;
-3. **place**: every copy of every good example gets a global position by
+   locations (file, row), never with its image bytes (kept for stage 3);
+2. **place**: every copy of every located example gets a global position by
    sorting on ``xxhash64(key, copy, seed)`` (fixed hash ranges, exact counts,
    so no sampling is involved); position // samples-per-shard is its shard;
-4. **fetch**: read the images again in source order, each with its copies'
-   places, into sorted Arrow IPC *run* files (one record batch per shard
-   writer) beside the output: the one exchange of image bytes, done in Python
-   so the bytes never enter the JVM;
-5. **write**: each writer task reads its batch of every run, sorts it by
-   position and writes its shards' tars, with fixed tar metadata, under
+3. **fetch**: read each image once, in source order (per file, by row, only
+   the row groups needed; per ``uri``, sorted), check its format from the
+   bytes, and write the good copies into sorted Arrow IPC *run* files beside
+   the output (one record batch per placed shard): the one exchange of image
+   bytes, done in Python so they never enter the JVM. Missing or
+   unrecognisable images are counted, listed and skipped; their copies leave
+   holes;
+4. **write**: positions are compacted over the holes (a copy's final position
+   is its rank among the good copies, exactly as if the bad examples had never
+   been selected); each writer task takes whole final shards, reads their
+   batches of every run and writes the tars, with fixed tar metadata, under
    attempt-specific temporary names; the driver keeps what successful
    attempts reported, renames, writes ``manifest.json`` and then ``_SUCCESS``.
 """
@@ -96,9 +97,7 @@ def resolve_selection(path: str) -> tuple[str, str | None]:
     return path, None
 
 
-# -- stage 2: fetch images in source order ------------------------------------------
-
-CHECKED_SCHEMA = "key string, copies int, ext string, reason string, size long"
+# -- stage 3: read, check and spill the images, in source order ---------------------
 
 
 def _fetched(batches: Iterator[pa.RecordBatch], column: str, emit) -> Iterator[pa.RecordBatch]:
@@ -140,33 +139,23 @@ def _fetched(batches: Iterator[pa.RecordBatch], column: str, emit) -> Iterator[p
             yield emit(table, np.asarray(chunk, np.int64), images, data)
 
 
-def _check_partition(column: str, storage: dict):
-    """mapInArrow, the check pass: one verdict row per located example
-    (``CHECKED_SCHEMA``); no image leaves the task."""
-
-    def check(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        sio.apply_storage_config(storage)
-        inject_failure("fetch")
-        yield from _fetched(batches, column, _checked_batch)
-
-    return check
+SPILLED_SCHEMA = ("path string, rows long, bytes long, "  # a run file written...
+                  "key string, reason string, positions array<long>")  # ... or a bad example
 
 
-SPILLED_SCHEMA = "path string, rows long, bytes long"
-
-
-def _spill_partition(column: str, storage: dict, spill_dir: str, shards_per_writer: int, writers: int,
+def _spill_partition(column: str, storage: dict, spill_dir: str, shards: int, samples_per_shard: int,
                      run_bytes: int):
     """mapInArrow, the fetch pass: located rows carrying their copies' places
-    -> the copies, with images, in sorted *run* files (``SPILLED_SCHEMA`` rows
-    name them).
+    -> the good copies, with images, in sorted *run* files, and the bad
+    examples (``SPILLED_SCHEMA``: a row per run, a row per bad example with
+    the positions its copies leave empty).
 
-    A run is an Arrow IPC file of the copies a task gathered (up to
+    Each image is read once, in source order, and checked from its bytes. A
+    run is an Arrow IPC file of the copies a task gathered (up to
     ``run_bytes`` of images), sorted by (shard, slot), holding exactly one
-    record batch per shard writer (batch w: shards ``w*shards_per_writer`` up
-    to the next writer's). Image bytes go from the Parquet read to the run
-    file without entering the JVM; the file name is unique to the attempt,
-    and only the runs of successful attempts are reported.
+    record batch per placed shard. Image bytes go from the Parquet read to the
+    run file without entering the JVM; the file name is unique to the
+    attempt, and only the runs of successful attempts are reported.
     """
 
     def spill(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -174,11 +163,12 @@ def _spill_partition(column: str, storage: dict, spill_dir: str, shards_per_writ
         attempt = _attempt_id()
         gathered: list[pa.RecordBatch] = []
         pool: list[pa.Array] = []  # the images read, referenced by the gathered rows
+        bad: list[tuple[str, str, list[int]]] = []
         pooled = size = 0
 
         def place(table, positions, heads, images):
             nonlocal pooled
-            batch = _placed_batch(table, positions, heads, images, first_image=pooled)
+            batch = _placed_batch(table, positions, heads, images, pooled, samples_per_shard, bad)
             pool.append(images)
             pooled += len(images)
             return batch
@@ -188,15 +178,23 @@ def _spill_partition(column: str, storage: dict, spill_dir: str, shards_per_writ
             gathered.append(batch)
             size += pool[-1].nbytes
             if size >= run_bytes:
-                runs.append(_write_run(gathered, pool, spill_dir, attempt, len(runs), shards_per_writer, writers))
+                runs.append(_write_run(gathered, pool, spill_dir, attempt, len(runs), shards))
                 gathered, pool, pooled, size = [], [], 0, 0
         if gathered:
-            runs.append(_write_run(gathered, pool, spill_dir, attempt, len(runs), shards_per_writer, writers))
+            runs.append(_write_run(gathered, pool, spill_dir, attempt, len(runs), shards))
         inject_failure("spill")  # after the runs are written: they must be ignored
-        if runs:
-            cols = list(zip(*runs))
-            yield pa.RecordBatch.from_arrays([pa.array(cols[0], pa.string()), pa.array(cols[1], pa.int64()),
-                                              pa.array(cols[2], pa.int64())], names=["path", "rows", "bytes"])
+        n = len(runs) + len(bad)
+        if n:
+            runs_cols = list(zip(*runs)) if runs else [(), (), ()]
+            bad_cols = list(zip(*bad)) if bad else [(), (), ()]
+            none = [None] * len(bad)
+            yield pa.RecordBatch.from_arrays(
+                [pa.array(list(runs_cols[0]) + none, pa.string()), pa.array(list(runs_cols[1]) + none, pa.int64()),
+                 pa.array(list(runs_cols[2]) + none, pa.int64()),
+                 pa.array([None] * len(runs) + list(bad_cols[0]), pa.string()),
+                 pa.array([None] * len(runs) + list(bad_cols[1]), pa.string()),
+                 pa.array([None] * len(runs) + list(bad_cols[2]), pa.list_(pa.int64()))],
+                names=["path", "rows", "bytes", "key", "reason", "positions"])
 
     return spill
 
@@ -216,7 +214,7 @@ def _place_order(table: pa.Table) -> np.ndarray:
 
 
 def _write_run(batches: list[pa.RecordBatch], pool: list[pa.Array], spill_dir: str, attempt: str, index: int,
-               shards_per_writer: int, writers: int) -> tuple[str, int, int]:
+               shards: int) -> tuple[str, int, int]:
     """Write one sorted run file (see :func:`_spill_partition`): the gathered
     rows in (shard, slot) order with their images taken from ``pool`` (the
     one copy of the bytes); return ``(path, rows, bytes)``."""
@@ -226,33 +224,34 @@ def _write_run(batches: list[pa.RecordBatch], pool: list[pa.Array], spill_dir: s
     images = pa.chunked_array([p.cast(pa.binary()) for p in pool], pa.binary()).take(pa.array(refs))
     table = (meta.drop_columns(["image_ref"]).take(pa.array(perm))
              .append_column("image", images).combine_chunks())
-    writer_of = table.column("shard").to_numpy() // shards_per_writer
-    bounds = np.searchsorted(writer_of, np.arange(writers + 1), side="left")
+    bounds = np.searchsorted(table.column("shard").to_numpy(), np.arange(shards + 1), side="left")
     cols = [c.chunk(0) if c.num_chunks else pa.array([], c.type) for c in table.columns]
     path = sio.join(spill_dir, f"run-{attempt}-{index:04d}.arrow")
     fs, p = sio.filesystem(path)
     fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(p, "wb") as fh:
         with pa.ipc.new_file(fh, table.schema) as out:
-            for w in range(writers):
+            for w in range(shards):
                 a, b = int(bounds[w]), int(bounds[w + 1])
                 out.write_batch(pa.record_batch([c.slice(a, b - a) for c in cols], schema=table.schema))
     return path, table.num_rows, int(table.nbytes)
 
 
-def _read_runs(paths: Sequence[str], writer: int) -> pa.Table | None:
-    """Batch ``writer`` of every run file, as one table (memory-mapped for
-    local files, read whole otherwise)."""
+def _read_runs(paths: Sequence[str], first: int, last: int) -> pa.Table | None:
+    """Batches ``first..last`` (placed shards) of every run file, as one table
+    (memory-mapped for local files; consecutive batches are adjacent in a
+    run, so remote reads are sequential)."""
     batches = []
     for path in paths:
         fs, p = sio.filesystem(path)
         if "file" in fs.protocol or "local" in fs.protocol:
-            batch = pa.ipc.open_file(pa.memory_map(p)).get_batch(writer)
+            reader = pa.ipc.open_file(pa.memory_map(p))
+            batches += [reader.get_batch(i) for i in range(first, last + 1)]
         else:
             with fs.open(p, "rb") as fh:
-                batch = pa.ipc.open_file(fh).get_batch(writer)
-        if batch.num_rows:
-            batches.append(batch)
+                reader = pa.ipc.open_file(fh)
+                batches += [reader.get_batch(i) for i in range(first, last + 1)]
+    batches = [b for b in batches if b.num_rows]
     return pa.Table.from_batches(batches) if batches else None
 
 
@@ -271,28 +270,27 @@ def _verdicts(heads: list) -> tuple[list, list]:
     return exts, reasons
 
 
-def _checked_batch(table: pa.Table, positions: np.ndarray, heads: list, images: pa.Array) -> pa.RecordBatch:
+def _placed_batch(table: pa.Table, positions: np.ndarray, heads: list, images: pa.Array, first_image: int,
+                  samples_per_shard: int, bad: list) -> pa.RecordBatch:
+    """One row per copy of the batch's good examples: its place and the index
+    of its image (``first_image`` + position in ``images``), not the bytes.
+    Bad examples go to ``bad`` as (key, reason, positions of their copies)."""
     exts, reasons = _verdicts(heads)
-    carried = table.select(["key", "copies"]).take(pa.array(positions))
-    sizes = pc.fill_null(pc.binary_length(images), 0).cast(pa.int64())
-    return pa.RecordBatch.from_arrays(
-        [carried.column("key").combine_chunks(), carried.column("copies").combine_chunks(),
-         pa.array(exts, pa.string()), pa.array(reasons, pa.string()), sizes],
-        names=["key", "copies", "ext", "reason", "size"])
-
-
-def _placed_batch(table: pa.Table, positions: np.ndarray, heads: list, images: pa.Array,
-                  first_image: int) -> pa.RecordBatch:
-    """One row per copy of the batch's examples: its place and the index of its
-    image (``first_image`` + position in ``images``), not the bytes."""
-    exts, reasons = _verdicts(heads)
-    bad = [i for i, e in enumerate(exts) if e is None]
-    if bad:
-        key = table.column("key")[int(positions[bad[0]])].as_py()
-        raise ValueError(f"the image of {key!r} changed while the job ran ({reasons[bad[0]]}); rerun it")
     places = table.column("places").take(pa.array(positions)).combine_chunks()
     counts = pc.list_value_length(places).to_numpy()
     flat = places.flatten()
+    ok = np.array([e is not None for e in exts], bool)
+    if not ok.all():
+        shard = flat.field("shard").to_numpy().astype(np.int64)
+        slot = flat.field("slot").to_numpy().astype(np.int64)
+        owner = np.repeat(np.arange(len(positions)), counts)
+        for i in np.flatnonzero(~ok).tolist():
+            mine = owner == i
+            bad.append((table.column("key")[int(positions[i])].as_py(), reasons[i],
+                        (shard[mine] * samples_per_shard + slot[mine]).tolist()))
+        keep = np.repeat(ok, counts)
+        flat = flat.filter(pa.array(keep))
+        counts = np.where(ok, counts, 0)
     repeat = np.repeat(np.arange(len(positions)), counts)
     carried = table.select(["key", "labels", "weight"]).take(pa.array(positions[repeat]))
     return pa.RecordBatch.from_arrays(
@@ -375,10 +373,28 @@ def _write_sorted(table: pa.Table, output: str, prefix: str, samples_per_shard: 
     return results
 
 
-def _write_from_runs(runs: Sequence[str], output: str, prefix: str, samples_per_shard: int, total: int,
-                     storage: dict):
-    """mapInArrow over writer ids: read batch w of every run, sort it by
-    (shard, slot) and write its shards; one ``WRITTEN_SCHEMA`` row per shard."""
+def final_places(shard: np.ndarray, slot: np.ndarray, holes: np.ndarray, samples_per_shard: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Compact placed (shard, slot) over the ``holes`` (sorted positions of the
+    bad examples' copies): a copy's final position is its placed position less
+    the holes before it. Returns the final (shard, slot)."""
+    position = shard.astype(np.int64) * samples_per_shard + slot
+    final = position - np.searchsorted(holes, position, side="left")
+    return final // samples_per_shard, final % samples_per_shard
+
+
+def placed_position(final: int, holes: np.ndarray) -> int:
+    """The placed position of the copy at compacted position ``final``."""
+    # The i-th hole has i holes before it, so it would compact to holes[i] - i.
+    return int(final + np.searchsorted(holes - np.arange(holes.size), final, side="right"))
+
+
+def _write_from_runs(runs: Sequence[str], holes: np.ndarray, shards_per_writer: int, num_shards: int,
+                     output: str, prefix: str, samples_per_shard: int, total: int, storage: dict):
+    """mapInArrow over writer ids: writer w writes final shards
+    ``w*shards_per_writer ...``; it reads the placed shards their copies came
+    from (batches of every run), compacts the places over the holes and
+    writes the tars. One ``WRITTEN_SCHEMA`` row per shard."""
 
     def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         sio.apply_storage_config(storage)
@@ -386,9 +402,23 @@ def _write_from_runs(runs: Sequence[str], output: str, prefix: str, samples_per_
         results = []
         for batch in batches:
             for w in batch.column(0).to_pylist():
-                table = _read_runs(runs, int(w))
-                if table is not None:
-                    results += _write_sorted(table, output, prefix, samples_per_shard, total, attempt)
+                lo = int(w) * shards_per_writer * samples_per_shard
+                hi = min(total, (int(w) + 1) * shards_per_writer * samples_per_shard)  # final positions
+                first = placed_position(lo, holes)
+                last = placed_position(hi - 1, holes)
+                table = _read_runs(runs, first // samples_per_shard, last // samples_per_shard)
+                if table is None:
+                    raise ValueError(f"internal error: no copies for shards of writer {w}")
+                shard, slot = final_places(table.column("shard").to_numpy(), table.column("slot").to_numpy(),
+                                           holes, samples_per_shard)
+                final = shard * samples_per_shard + slot
+                keep = (final >= lo) & (final < hi)
+                table = (table.filter(pa.array(keep))
+                         .set_column(table.schema.get_field_index("shard"), "shard",
+                                     pa.array(shard[keep].astype(np.int32)))
+                         .set_column(table.schema.get_field_index("slot"), "slot",
+                                     pa.array(slot[keep].astype(np.int32))))
+                results += _write_sorted(table, output, prefix, samples_per_shard, total, attempt)
         if results:
             cols = list(zip(*results))
             yield pa.RecordBatch.from_arrays(
@@ -476,57 +506,31 @@ def run(spark, job: ShardJob) -> Manifest:
     # kept for the second pass so the index is scanned and joined once.
     located = located.join(selection, on="key", how="inner").persist()
 
-    # Stage 2: check every image, in source order; only verdicts leave the tasks.
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(IMAGE_BATCH_ROWS))
     n_files = max(1, len(index.inputFiles()))
     fetch_cols = ["key", "file", "row", "uri", "labels", "copies", "weight"]
     tasks = min(n_files, 4 * spark.sparkContext.defaultParallelism)
-
-    def in_source_order(df):
-        return df.repartition(tasks, "file").sortWithinPartitions("file", "row")
-
     storage = sio.storage_config()
-    checked = in_source_order(located.select(*fetch_cols)).mapInArrow(
-        _check_partition(column, storage), CHECKED_SCHEMA).persist()
     spill_dir = sio.join(job.spill_dir or sio.join(job.output, TEMPORARY), f"spill-{uuid.uuid4().hex[:12]}")
+    spilled = None
     try:
-        found = checked.agg(F.count(F.lit(1)).alias("n"),
-                            F.sum(F.when(F.col("ext").isNull(), 1).otherwise(0)).alias("bad"),
-                            F.sum(F.when(F.col("ext").isNotNull(), F.col("size") * F.col("copies"))
-                                  .otherwise(0)).alias("bytes")).first()
+        # Stage 2: place every copy of every selected example the index holds.
+        found = located.agg(F.count(F.lit(1)).alias("n"), F.sum("copies").alias("copies")).first()
         n_missing = int(check["n"]) - int(found["n"])  # selected keys the index does not have
         if n_missing < 0:
-            dup = (located.groupBy("key").count().where("count > 1").select("key").orderBy("key").first())
+            dup = located.groupBy("key").count().where("count > 1").select("key").orderBy("key").first()
             raise SchemaError(f"key {dup['key'] if dup else '?'!r} appears more than once in the source index",
                               file=job.index)
         missing_rows = []
         if n_missing:
             missing = selection.join(index.select(F.col("key").cast("string")), on="key", how="left_anti")
             missing_rows = missing.select("key").orderBy("key").limit(1000).collect()
-        bad_rows = (checked.where(F.col("ext").isNull()).select("key", "reason").orderBy("key")
-                    .limit(1000).collect()) if found["bad"] else []
-        lap("image_check")
-        n_bad = int(found["bad"] or 0) + n_missing
-        unique = int(check["n"])
-        if n_bad / unique > job.max_bad_fraction:
-            first = [r["key"] for r in bad_rows[:3]] + [r["key"] for r in missing_rows[:3]]
-            raise ValueError(f"{n_bad} of {unique} selected examples have a missing or unrecognisable "
-                             f"image ({n_bad / unique:.3%} > --max-bad-fraction {job.max_bad_fraction:.3%}); "
-                             f"first: {first}")
-        bad_records = ([{"key": r["key"], "reason": "not in the source index"} for r in missing_rows]
-                       + [{"key": r["key"], "reason": r["reason"]} for r in bad_rows])[:1000]
-
-        # Stage 3: place every copy of every good example.
-        good = checked.where(F.col("ext").isNotNull())
-        samples = good.select("key", F.explode(F.sequence(F.lit(0), F.col("copies") - 1)).alias("copy"))
+        placed_total = int(found["copies"] or 0)
+        if placed_total == 0:
+            raise ValueError(f"none of the {int(check['n'])} selected keys is in the source index")
+        samples = located.select("key", F.explode(F.sequence(F.lit(0), F.col("copies") - 1)).alias("copy"))
         samples = samples.withColumn("h", F.xxhash64(F.col("key"), F.col("copy"), F.lit(job.seed).cast("long")))
-        total = int(check["total"]) - int(checked.where(F.col("ext").isNull()).agg(
-            F.sum("copies")).first()[0] or 0) if found["bad"] else int(check["total"])
-        if n_missing:
-            total = samples.count()
-        if total == 0:
-            raise ValueError("no selected example has a usable image")
-        range_bits = max(0, min(16, math.ceil(math.log2(max(1, total / 100_000)))))
+        range_bits = max(0, min(16, math.ceil(math.log2(max(1, placed_total / 100_000)))))
         samples = samples.withColumn(
             "range", F.shiftrightunsigned(F.col("h"), 64 - range_bits).cast("int") if range_bits else F.lit(0))
         counts = {r["range"]: r["count"] for r in samples.groupBy("range").count().collect()}
@@ -537,38 +541,64 @@ def run(spark, job: ShardJob) -> Manifest:
         rank = F.row_number().over(Window.partitionBy("range").orderBy("h", "key", "copy"))
         placed = samples.withColumn(
             "position", F.element_at(F.lit(offsets).cast("array<long>"), F.col("range") + 1) + rank - 1)
-        num_shards = math.ceil(total / job.samples_per_shard)
-        lap("place_counts")
+        placed_shards = math.ceil(placed_total / job.samples_per_shard)
         places = (placed.select("key", F.struct(
             F.col("copy").cast("int").alias("copy"),
             (F.col("position") / job.samples_per_shard).cast("long").cast("int").alias("shard"),
             (F.col("position") % job.samples_per_shard).cast("int").alias("slot")).alias("place"))
             .groupBy("key").agg(F.sort_array(F.collect_list("place")).alias("places")))
+        lap("place")
 
-        # Stage 4: fetch again in source order, now with each copy's place, into
-        # sorted run files (one batch per shard writer); then each writer reads its
-        # batch of every run and writes its shards. Image bytes never enter the JVM.
-        sample_bytes = max(1.0, int(found["bytes"] or 0) / total)
+        # Stage 3: read every image once, in source order, and check it; the good
+        # ones' copies go to sorted run files (one batch per placed shard), the
+        # bad ones are reported with the positions they leave empty.
+        spilled = (located.select(*fetch_cols).join(places, on="key")
+                   .repartition(tasks, "file").sortWithinPartitions("file", "row")
+                   .mapInArrow(_spill_partition(column, storage, spill_dir, placed_shards, job.samples_per_shard,
+                                                job.run_bytes), SPILLED_SCHEMA)
+                   .persist())
+        stats = spilled.agg(F.sum("rows").alias("rows"), F.sum("bytes").alias("bytes"),
+                            F.count("key").alias("bad")).first()
+        runs = spilled.where(F.col("path").isNotNull()).select("path", "rows").collect()
+        run_paths = sorted(r["path"] for r in runs)
+        n_bad = int(stats["bad"]) + n_missing
+        unique = int(check["n"])
+        bad_rows = (spilled.where(F.col("key").isNotNull()).select("key", "reason").orderBy("key")
+                    .limit(1000).collect()) if stats["bad"] else []
+        if n_bad / unique > job.max_bad_fraction:
+            first = [r["key"] for r in bad_rows[:3]] + [r["key"] for r in missing_rows[:3]]
+            raise ValueError(f"{n_bad} of {unique} selected examples have a missing or unrecognisable "
+                             f"image ({n_bad / unique:.3%} > --max-bad-fraction {job.max_bad_fraction:.3%}); "
+                             f"first: {first}")
+        bad_records = ([{"key": r["key"], "reason": "not in the source index"} for r in missing_rows]
+                       + [{"key": r["key"], "reason": r["reason"]} for r in bad_rows])[:1000]
+        holes = np.sort(np.array([p for r in spilled.where(F.col("key").isNotNull()).select("positions").collect()
+                                  for p in r["positions"]], np.int64)) if stats["bad"] else np.zeros(0, np.int64)
+        total = int(stats["rows"] or 0)
+        if total + holes.size != placed_total:
+            raise ValueError(f"internal error: runs hold {total} copies and {holes.size} were dropped, "
+                             f"expected {placed_total}")
+        if total == 0:
+            raise ValueError("no selected example has a usable image")
+        num_shards = math.ceil(total / job.samples_per_shard)
+        lap("fetch")
+
+        # Stage 4: each writer takes whole final shards (positions compacted over
+        # the holes), reads their batches of every run and writes them.
+        sample_bytes = max(1.0, int(stats["bytes"] or 0) / total)
         parallelism = spark.sparkContext.defaultParallelism
         shards_per_writer = max(1, min(int(job.writer_bytes // (sample_bytes * job.samples_per_shard)),
                                        math.ceil(num_shards / (2 * parallelism))))
         writers = math.ceil(num_shards / shards_per_writer)
-        runs = (in_source_order(located.select(*fetch_cols).join(places, on="key"))
-                .mapInArrow(_spill_partition(column, storage, spill_dir, shards_per_writer, writers,
-                                             job.run_bytes), SPILLED_SCHEMA)
-                .collect())
-        run_paths = sorted(r["path"] for r in runs)
-        if sum(r["rows"] for r in runs) != total:
-            raise ValueError(f"internal error: runs hold {sum(r['rows'] for r in runs)} copies, expected {total}")
-        lap("fetch")
         rows = (spark.range(0, writers, 1, writers)
-                .mapInArrow(_write_from_runs(run_paths, job.output, job.prefix, job.samples_per_shard, total,
-                                             storage), WRITTEN_SCHEMA)
+                .mapInArrow(_write_from_runs(run_paths, holes, shards_per_writer, num_shards, job.output,
+                                             job.prefix, job.samples_per_shard, total, storage), WRITTEN_SCHEMA)
                 .collect())
         lap("write")
     finally:
-        checked.unpersist()
         located.unpersist()
+        if spilled is not None:
+            spilled.unpersist()
         spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "65536")
         spill = sio.filesystem(spill_dir)
         if spill[0].exists(spill[1]):

@@ -213,6 +213,27 @@ def test_keys_with_dots_spaces_and_bad_images(spark, tmp_path):
         names = tar.getnames() + tar2.getnames() + tar3.getnames()
     assert sum(n.endswith(".png") for n in names) == 1  # extension from the bytes, not the key
     assert V.verify(out).ok
+    # The bad examples' places are compacted away: the shards equal those of a
+    # selection that never had them.
+    good = ["a.b.c.jpg", "dir with space/x.y.JPEG", "plain", "png/as.jpg"]
+    pq.write_table(pa.table({"key": good, "copies": pa.array([2, 1, 1, 1], pa.int32()), "weight": [1.0] * 4}),
+                   tmp_path / "good.parquet")
+    clean = str(tmp_path / "clean")
+    W.run(spark, W.ShardJob(selection=str(tmp_path / "good.parquet"), index=str(tmp_path / "index.parquet"),
+                            output=clean, samples_per_shard=2))
+    for name in sorted(f for f in os.listdir(out) if f.endswith(".tar")):
+        assert sio.file_sha256(os.path.join(out, name)) == sio.file_sha256(os.path.join(clean, name))
+    assert sorted(os.listdir(out)) == sorted(os.listdir(clean))
+
+
+def test_compaction_over_holes():
+    holes = np.array([0, 3, 4, 9], np.int64)
+    good = [p for p in range(12) if p not in holes.tolist()]
+    for final, placed in enumerate(good):
+        assert W.placed_position(final, holes) == placed
+    shard, slot = W.final_places(np.array(good) // 5, np.array(good) % 5, holes, 5)
+    assert (shard * 5 + slot).tolist() == list(range(len(good)))
+    assert W.placed_position(3, np.zeros(0, np.int64)) == 3
 
 
 def test_rerun_and_incomplete_output(spark, resampled, tmp_path):
@@ -244,9 +265,9 @@ def test_rerun_and_incomplete_output(spark, resampled, tmp_path):
 def test_byte_identical_across_parallelism_and_task_failures(resampled, tmp_path):
     source, sel_dir, _ = resampled
     # One task at a time, against three at a time with every first attempt of
-    # the check, spill and write tasks failing (after writing its runs for a
-    # spill task, mid-write for the shards), and runs in a --spill-dir of its own.
-    runs = {"local[1]": {}, "local[3,4]": {"ADAPTIVE_TRANSFER_FAIL_FIRST_ATTEMPT": "fetch,spill,write"}}
+    # the fetch and write tasks failing (after writing its runs for a fetch
+    # task, mid-write for the shards), and runs in a --spill-dir of its own.
+    runs = {"local[1]": {}, "local[3,4]": {"ADAPTIVE_TRANSFER_FAIL_FIRST_ATTEMPT": "spill,write"}}
     digests = {}
     spill = tmp_path / "spill"
     for master, env in runs.items():
@@ -256,7 +277,7 @@ def test_byte_identical_across_parallelism_and_task_failures(resampled, tmp_path
                           "--output", out, "--samples-per-shard", "400", "--master", master,
                           "--driver-memory", "1g", *extra, env=env)
         if env:
-            for stage in ("fetch", "spill", "write"):
+            for stage in ("spill", "write"):
                 assert f"injected failure in stage '{stage}'" in proc.stderr
             assert os.listdir(spill) == []  # this job's runs, orphans included, are gone
         files = sorted(f for f in os.listdir(out) if f.endswith(".tar"))

@@ -218,12 +218,11 @@ def _write_run(batches: list[pa.RecordBatch], pool: list[pa.Array], spill_dir: s
     """Write one sorted run file (see :func:`_spill_partition`): the gathered
     rows in (shard, slot) order with their images taken from ``pool`` (the
     one copy of the bytes); return ``(path, rows, bytes)``."""
-    meta = pa.Table.from_batches(batches)
+    meta = pa.Table.from_batches(batches).combine_chunks()
     perm = _place_order(meta)
-    refs = meta.column("image_ref").to_numpy()[perm]
-    images = pa.chunked_array([p.cast(pa.binary()) for p in pool], pa.binary()).take(pa.array(refs))
-    table = (meta.drop_columns(["image_ref"]).take(pa.array(perm))
-             .append_column("image", images).combine_chunks())
+    images = gather_binary(pool, meta.column("image_ref").to_numpy()[perm])
+    table = (meta.drop_columns(["image_ref"]).take(pa.array(perm)).combine_chunks()
+             .append_column("image", images))
     bounds = np.searchsorted(table.column("shard").to_numpy(), np.arange(shards + 1), side="left")
     cols = [c.chunk(0) if c.num_chunks else pa.array([], c.type) for c in table.columns]
     path = sio.join(spill_dir, f"run-{attempt}-{index:04d}.arrow")
@@ -323,11 +322,27 @@ def _read_inline(path: str, rows: np.ndarray) -> Iterator[tuple[np.ndarray, pa.A
 WRITTEN_SCHEMA = "shard int, temp string, samples long, bytes long, sha256 string, labels string"
 
 
+def gather_binary(pool: Sequence[pa.Array], refs: np.ndarray) -> pa.Array:
+    """``concat(pool)[refs]`` as one binary array, with one copy of the bytes
+    (a join of zero-copy views: several times faster than Arrow's ``take``
+    on binary data)."""
+    views = [v for chunk in pool for v in binary_views(chunk)]
+    picked = [views[i] for i in refs.tolist()]
+    offsets = np.zeros(len(picked) + 1, np.int64)
+    np.cumsum([len(v) for v in picked], out=offsets[1:])
+    if offsets[-1] >= 2 ** 31:
+        raise ValueError("internal error: a run holds 2 GiB of images or more (lower run_bytes)")
+    data = pa.py_buffer(b"".join(picked))
+    return pa.Array.from_buffers(pa.binary(), len(picked), [None, pa.py_buffer(offsets.astype(np.int32)), data])
+
+
 def binary_views(array: pa.Array) -> list:
-    """Zero-copy ``memoryview`` of each value of a non-null binary Arrow array."""
-    if array.null_count:
-        raise ValueError("internal error: a null image reached the shard writer")
-    offsets = np.frombuffer(array.buffers()[1], np.int32)[array.offset:array.offset + len(array) + 1]
+    """Zero-copy ``memoryview`` of each value of a binary Arrow array (a null
+    value gives whatever its offsets span, normally nothing)."""
+    if array.type == pa.large_binary():
+        offsets = np.frombuffer(array.buffers()[1], np.int64)[array.offset:array.offset + len(array) + 1]
+    else:
+        offsets = np.frombuffer(array.buffers()[1], np.int32)[array.offset:array.offset + len(array) + 1]
     data = memoryview(array.buffers()[2]) if len(array) else memoryview(b"")
     bounds = offsets.tolist()
     return [data[a:b] for a, b in zip(bounds, bounds[1:])]
@@ -342,6 +357,8 @@ def _write_sorted(table: pa.Table, output: str, prefix: str, samples_per_shard: 
     tar block that holds them."""
 
     def rows():
+        if table.column("image").null_count:
+            raise ValueError("internal error: a null image reached the shard writer")
         images = [v for chunk in table.column("image").chunks for v in binary_views(chunk)]
         cols = [table.column(c).to_pylist() for c in ("shard", "slot", "key", "copy", "ext", "labels", "weight")]
         for i in _place_order(table).tolist():

@@ -17,7 +17,8 @@ sizes, 1,000 labels):
 * ``numpy``: one process, pyarrow + numpy over the same files
   (``example_weights`` then one multinomial draw over all records).
 
-Prints seconds and the ratio to ``sampleBy`` for each; nothing is asserted.
+Prints seconds (best of ``--repeat`` runs: this machine is noisy) and the
+ratio to ``sampleBy`` for each; nothing is asserted.
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ def main(argv=None) -> int:
     ap.add_argument("--master", default="local[2]")
     ap.add_argument("--work", default="/tmp/resample-bench")
     ap.add_argument("--only-ours", action="store_true", help="skip the baselines (e.g. for 100M)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each; the best is reported")
     ap.add_argument("--matchers", default="same/multinomial,same/systematic,elastic")
     args = ap.parse_args(argv)
     size = parse_size(args.size)
@@ -154,18 +156,21 @@ def main(argv=None) -> int:
         print(f"[{rec_text}] data ready in {time.perf_counter() - t0:.1f}s", flush=True)
         row = {"records": records, "size": size}
         if not args.only_ours:
-            row["sampleBy"] = run_sample_by(spark, index, weights, size, os.path.join(args.work, "sampleby-out"))
+            row["sampleBy"] = min(run_sample_by(spark, index, weights, size, os.path.join(args.work, "sampleby-out"))
+                                  for _ in range(args.repeat))
             print(f"[{rec_text}] sampleBy {row['sampleBy']:.1f}s", flush=True)
-            row["numpy"] = run_numpy(index, weights, size)
+            row["numpy"] = min(run_numpy(index, weights, size) for _ in range(args.repeat))
             print(f"[{rec_text}] numpy {row['numpy']:.1f}s", flush=True)
         for spec in args.matchers.split(","):
             matcher, _, draw = spec.partition("/")
             job = R.ResampleJob(index=index, weights=weights, size=size, matcher=matcher,
                                 draw=draw or "multinomial", output=os.path.join(args.work, f"out-{spec.replace('/', '-')}"),
                                 overwrite=True)
-            start = time.perf_counter()
-            stats = R.run(spark, job)
-            row[spec] = time.perf_counter() - start
+            row[spec] = float("inf")
+            for _ in range(args.repeat):
+                start = time.perf_counter()
+                stats = R.run(spark, job)
+                row[spec] = min(row[spec], time.perf_counter() - start)
             print(f"[{rec_text}] {spec} {row[spec]:.1f}s {stats['timings']} (unique {stats['unique_examples']}, "
                   f"tv {stats['total_variation']:.4f})", flush=True)
         results.append(row)

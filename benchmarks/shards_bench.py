@@ -14,8 +14,9 @@ selected once:
 * ``write_shards``: this project's Spark job (locate, fetch, place, write,
   manifest) on ``--master``.
 
-Prints MB/s of image payload for each, and write_shards' throughput per
-core used against TarWriter's (goal: >= 0.8x). Nothing is asserted.
+Prints MB/s of image payload for each (best of ``--repeat`` runs: this
+machine is noisy), and write_shards' throughput per core used against
+TarWriter's (goal: >= 0.8x). Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def main(argv=None) -> int:
     ap.add_argument("--samples-per-shard", type=int, default=1000)
     ap.add_argument("--master", default="local[2]")
     ap.add_argument("--work", default="/tmp/shards-bench")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each; the best is reported")
     args = ap.parse_args(argv)
     index = os.path.join(args.work, f"index-{args.images}")
     payload = make_index(index, args.images)
@@ -102,20 +104,25 @@ def main(argv=None) -> int:
     print(f"index: {args.images} images, {mb:.0f} MB, {payload / args.images / 1e3:.1f} KB each", flush=True)
     keys = pa.concat_tables([pq.read_table(os.path.join(index, f), columns=["key"])
                              for f in sorted(os.listdir(index)) if f.endswith(".parquet")]).column("key")
-    selection = os.path.join(args.work, "selection.parquet")
+    selection = os.path.join(args.work, f"selection-{args.images}.parquet")
     pq.write_table(pa.table({"key": keys, "copies": pa.array(np.ones(len(keys), np.int32)),
                              "weight": np.ones(len(keys))}), selection)
-    t_raw = raw_copy(index, os.path.join(args.work, "raw.bin"))
-    t_tar = tar_writer(index, os.path.join(args.work, "tarwriter"), args.samples_per_shard)
+    t_raw = min(raw_copy(index, os.path.join(args.work, "raw.bin")) for _ in range(args.repeat))
+    t_tar = min(tar_writer(index, os.path.join(args.work, "tarwriter"), args.samples_per_shard)
+                for _ in range(args.repeat))
     spark = get_session("shards-bench", args.master)
     cores = spark.sparkContext.defaultParallelism
     out = os.path.join(args.work, "ours")
     W.run(spark, W.ShardJob(selection=selection, index=index, output=out + "-warm",
                             samples_per_shard=args.samples_per_shard, overwrite=True))
-    start = time.perf_counter()
-    manifest = W.run(spark, W.ShardJob(selection=selection, index=index, output=out,
-                            samples_per_shard=args.samples_per_shard, overwrite=True))
-    t_ours = time.perf_counter() - start
+    t_ours, manifest = float("inf"), None
+    for _ in range(args.repeat):
+        start = time.perf_counter()
+        m = W.run(spark, W.ShardJob(selection=selection, index=index, output=out,
+                                    samples_per_shard=args.samples_per_shard, overwrite=True))
+        elapsed = time.perf_counter() - start
+        if elapsed < t_ours:
+            t_ours, manifest = elapsed, m
     spark.stop()
     per_core = (mb / t_ours / cores) / (mb / t_tar)
     print(f"raw copy      {t_raw:6.2f}s  {mb / t_raw:7.1f} MB/s")

@@ -226,6 +226,14 @@ def test_keys_with_dots_spaces_and_bad_images(spark, tmp_path):
     assert sorted(os.listdir(out)) == sorted(os.listdir(clean))
 
 
+def test_gather_binary_equals_take():
+    pool = [pa.array([b"a", b"bcd", None, b""], pa.binary()), pa.array([b"xyz" * 100, b"q"], pa.binary()).slice(0)]
+    refs = np.array([5, 1, 4, 3, 0, 1], np.int64)
+    got = W.gather_binary(pool, refs)
+    assert got.to_pylist() == pa.concat_arrays(pool).take(pa.array(refs)).to_pylist()
+    assert W.gather_binary(pool, np.zeros(0, np.int64)).to_pylist() == []
+
+
 def test_compaction_over_holes():
     holes = np.array([0, 3, 4, 9], np.int64)
     good = [p for p in range(12) if p not in holes.tolist()]

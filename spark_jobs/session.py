@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 
-__all__ = ["get_session", "local_driver_memory", "inject_failure", "run_job"]
+__all__ = ["get_session", "local_driver_memory", "local_cores", "inject_failure", "run_job"]
 
 #: Environment variable that makes the first attempt of each task fail (tests
 #: of retries): a comma-separated list of stage names, or ``all``.
@@ -25,6 +26,17 @@ def local_driver_memory(fraction: float = 0.5, cap_gb: int = 32) -> str:
         total = 8 << 30
     gb = max(2, min(cap_gb, int(total * fraction) >> 30))
     return f"{gb}g"
+
+
+def local_cores(master: str) -> int | None:
+    """Worker threads of a ``local``, ``local[N]``, ``local[*]`` or
+    ``local[N,F]`` master; ``None`` for any other master."""
+    m = re.fullmatch(r"local(?:\[(\*|\d+)(?:,\d+)?\])?", master.strip())
+    if not m:
+        return None
+    if m.group(1) in (None, ""):
+        return 1
+    return os.cpu_count() or 1 if m.group(1) == "*" else int(m.group(1))
 
 
 def get_session(app_name: str, master: str | None = None, *, driver_memory: str | None = None,
@@ -57,6 +69,10 @@ def get_session(app_name: str, master: str | None = None, *, driver_memory: str 
         "spark.ui.showConsoleProgress": "false",
         "spark.sql.session.timeZone": "UTC",
     }
+    cores = local_cores(effective)
+    if not shuffle_partitions and cores:
+        # Spark's default (200) is for clusters; locally a few per core is faster.
+        shuffle_partitions = 4 * cores
     if shuffle_partitions:
         settings["spark.sql.shuffle.partitions"] = str(shuffle_partitions)
     settings.update(extra or {})

@@ -415,3 +415,11 @@ def test_per_example_weights_equal_numpy_example_weights(spark, aggregate):
     assert sum(bad) == 5
     bad_sets = weighted_sets.filter(weighted_sets.column("bad"))
     assert int(pa.compute.sum(bad_sets.column("n")).as_py()) == 5
+
+
+def test_local_cores_from_the_master():
+    from spark_jobs.session import local_cores
+
+    assert [local_cores(m) for m in ("local", "local[3]", "local[2,4]", "yarn", "spark://h:7077")] == [
+        1, 3, 2, None, None]
+    assert local_cores("local[*]") == (os.cpu_count() or 1)

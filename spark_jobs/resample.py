@@ -488,7 +488,9 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
     class_w = by_lsid.column("w").to_numpy()[
         np.searchsorted(by_lsid.column("lsid").to_numpy(), plan.class_ids)]
     bounds, expected_candidates = candidate_bounds(plan, job.candidate_sigmas)
-    partitions = max(1, math.ceil(expected_candidates / job.rows_per_partition))
+    # Whole waves of tasks: a last wave of one task on an idle cluster costs as much as a full one.
+    cores = max(1, spark.sparkContext.defaultParallelism)
+    partitions = cores * math.ceil(max(1, math.ceil(expected_candidates / job.rows_per_partition)) / cores)
     lap("plan")
 
     planned = dict(zip(plan.class_ids.tolist(), plan.counts.tolist()))

@@ -30,7 +30,7 @@ from schemas import SchemaError, VOCABULARY_SCHEMA, validate_vocabulary
 from schemas import io as sio
 from schemas.targets import IMAGE_EXTENSIONS
 
-from .session import run_job
+from .session import add_spark_arguments, run_job
 
 __all__ = ["read_hierarchy", "build_vocabulary", "list_training_images", "run", "main"]
 
@@ -143,9 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--output", required=True)
     ap.add_argument("--inline-images", action="store_true", help="copy image bytes into the index")
     ap.add_argument("--files", type=int, default=64, help="Parquet files to write (default 64)")
-    ap.add_argument("--master")
+    add_spark_arguments(ap)
     args = ap.parse_args(argv)
-    return run_job("build_index", args.master, None,
+    return run_job("build_index", args.master, args.driver_memory,
                    lambda spark: run(spark, args.imagenet_train, args.hierarchy, args.words, args.output,
                                      args.inline_images, args.files),
                    lambda s: f"{s['examples']} examples, {s['classes']} classes, {s['labels']} labels "

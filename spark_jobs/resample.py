@@ -46,7 +46,7 @@ from schemas import (Hierarchy, ResampleConfig, SchemaError, parse_size, read_me
 from schemas import io as sio
 
 from . import sampling as S
-from .session import inject_failure, run_job
+from .session import add_spark_arguments, inject_failure, run_cli
 
 __all__ = ["ResampleJob", "LabelSets", "keyed", "distinct_label_sets", "weigh_label_sets",
            "candidate_bounds", "draw", "drawn_totals", "run", "main"]
@@ -484,9 +484,9 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
         raise ValueError(f"no example of {job.index} has a non-zero weight under scheme {job.scheme!r}")
     plan = S.make_class_plan(job.matcher, job.draw, job.size, job.seed,
                              weighted_sets.column("lsid").to_numpy(), n_col, q_col)
-    by_lsid = weighted_sets.sort_by("lsid")
-    class_w = by_lsid.column("w").to_numpy()[
-        np.searchsorted(by_lsid.column("lsid").to_numpy(), plan.class_ids)]
+    # The label-set table is sorted by lsid (distinct_label_sets), as are the plan's classes.
+    class_w = weighted_sets.column("w").to_numpy()[
+        np.searchsorted(weighted_sets.column("lsid").to_numpy(), plan.class_ids)]
     bounds, expected_candidates = candidate_bounds(plan, job.candidate_sigmas)
     # Whole waves of tasks: a last wave of one task on an idle cluster costs as much as a full one.
     cores = max(1, spark.sparkContext.defaultParallelism)
@@ -618,8 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="target name recorded in stats.json (default: from the weights)")
     p.add_argument("--output", required=True)
     p.add_argument("--overwrite", action="store_true", help="redo a complete output")
-    p.add_argument("--master", help="Spark master (default: local[*] unless run by spark-submit)")
-    p.add_argument("--driver-memory", help="local mode heap (default: half the machine's memory)")
+    add_spark_arguments(p)
     p.add_argument("--rows-per-partition", type=int, default=DEFAULT_ROWS_PER_PARTITION)
     return p
 
@@ -636,14 +635,9 @@ def job_from_args(args: argparse.Namespace) -> ResampleJob:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        job = job_from_args(args)
-    except ValueError as e:
-        print(f"resample: error: {e}", file=sys.stderr)
-        return 2
-    return run_job("resample", args.master, args.driver_memory, lambda spark: run(spark, job),
-                   lambda s: f"{s['total_copies']} samples, {s['unique_examples']} unique examples, "
-                             f"total variation {s['total_variation']:.4f} -> {job.output}")
+    return run_cli("resample", args, lambda: job_from_args(args), run,
+                   lambda job, s: f"{s['total_copies']} samples, {s['unique_examples']} unique examples, "
+                                  f"total variation {s['total_variation']:.4f} -> {job.output}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ import os
 import re
 import sys
 
-__all__ = ["get_session", "local_driver_memory", "local_cores", "inject_failure", "run_job"]
+__all__ = ["get_session", "local_driver_memory", "local_cores", "inject_failure", "add_spark_arguments",
+           "run_job", "run_cli"]
 
 #: Environment variable that makes the first attempt of each task fail (tests
 #: of retries): a comma-separated list of stage names, or ``all``.
@@ -36,7 +37,7 @@ def local_cores(master: str) -> int | None:
         return None
     if m.group(1) in (None, ""):
         return 1
-    return os.cpu_count() or 1 if m.group(1) == "*" else int(m.group(1))
+    return (os.cpu_count() or 1) if m.group(1) == "*" else int(m.group(1))
 
 
 def get_session(app_name: str, master: str | None = None, *, driver_memory: str | None = None,
@@ -96,6 +97,25 @@ def inject_failure(stage: str) -> None:
     ctx = TaskContext.get()
     if ctx is not None and ctx.attemptNumber() == 0:
         raise RuntimeError(f"injected failure in stage {stage!r}, partition {ctx.partitionId()}")
+
+
+def add_spark_arguments(parser) -> None:
+    """The jobs' shared ``--master`` and ``--driver-memory`` options."""
+    parser.add_argument("--master", help="Spark master (default: local[*] unless run by spark-submit)")
+    parser.add_argument("--driver-memory", help="local mode heap (default: half the machine's memory)")
+
+
+def run_cli(prog: str, args, make_job, run, describe) -> int:
+    """``main`` of a job module: ``make_job()`` (bad options: a one-line error,
+    exit status 2), then :func:`run_job` with ``run(spark, job)`` and
+    ``describe(job, result)``."""
+    try:
+        job = make_job()
+    except ValueError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    return run_job(prog, args.master, args.driver_memory, lambda spark: run(spark, job),
+                   lambda result: describe(job, result))
 
 
 def run_job(prog: str, master: str | None, driver_memory: str | None, work, describe) -> int:

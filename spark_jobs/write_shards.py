@@ -31,6 +31,7 @@ Stages (all deterministic for a given selection, index and seed):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -48,7 +49,7 @@ import pyarrow.parquet as pq
 from schemas import Manifest, ResampleConfig, SchemaError, ShardInfo
 from schemas import io as sio
 
-from .session import inject_failure, run_job
+from .session import add_spark_arguments, inject_failure, run_cli
 from .shards import SHARD_NAME_RE, image_extension, sample_json, sample_key, shard_name, write_tar
 
 __all__ = ["ShardJob", "run", "main", "resolve_selection"]
@@ -243,13 +244,10 @@ def _read_runs(paths: Sequence[str], first: int, last: int) -> pa.Table | None:
     batches = []
     for path in paths:
         fs, p = sio.filesystem(path)
-        if "file" in fs.protocol or "local" in fs.protocol:
-            reader = pa.ipc.open_file(pa.memory_map(p))
+        local = "file" in fs.protocol or "local" in fs.protocol
+        with contextlib.nullcontext(pa.memory_map(p)) if local else fs.open(p, "rb") as source:
+            reader = pa.ipc.open_file(source)
             batches += [reader.get_batch(i) for i in range(first, last + 1)]
-        else:
-            with fs.open(p, "rb") as fh:
-                reader = pa.ipc.open_file(fh)
-                batches += [reader.get_batch(i) for i in range(first, last + 1)]
     batches = [b for b in batches if b.num_rows]
     return pa.Table.from_batches(batches) if batches else None
 
@@ -328,23 +326,26 @@ def gather_binary(pool: Sequence[pa.Array], refs: np.ndarray) -> pa.Array:
     on binary data)."""
     views = [v for chunk in pool for v in binary_views(chunk)]
     picked = [views[i] for i in refs.tolist()]
+    lengths = np.concatenate([np.diff(_offsets(chunk)) for chunk in pool] or [np.zeros(0, np.int64)])
     offsets = np.zeros(len(picked) + 1, np.int64)
-    np.cumsum([len(v) for v in picked], out=offsets[1:])
+    np.cumsum(lengths[refs], out=offsets[1:])
     if offsets[-1] >= 2 ** 31:
         raise ValueError("internal error: a run holds 2 GiB of images or more (lower run_bytes)")
     data = pa.py_buffer(b"".join(picked))
     return pa.Array.from_buffers(pa.binary(), len(picked), [None, pa.py_buffer(offsets.astype(np.int32)), data])
 
 
+def _offsets(array: pa.Array) -> np.ndarray:
+    """The value offsets of a binary or large_binary Arrow array (int64)."""
+    width = np.int64 if array.type == pa.large_binary() else np.int32
+    return np.frombuffer(array.buffers()[1], width)[array.offset:array.offset + len(array) + 1].astype(np.int64)
+
+
 def binary_views(array: pa.Array) -> list:
     """Zero-copy ``memoryview`` of each value of a binary Arrow array (a null
     value gives whatever its offsets span, normally nothing)."""
-    if array.type == pa.large_binary():
-        offsets = np.frombuffer(array.buffers()[1], np.int64)[array.offset:array.offset + len(array) + 1]
-    else:
-        offsets = np.frombuffer(array.buffers()[1], np.int32)[array.offset:array.offset + len(array) + 1]
     data = memoryview(array.buffers()[2]) if len(array) else memoryview(b"")
-    bounds = offsets.tolist()
+    bounds = _offsets(array).tolist()
     return [data[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
@@ -668,25 +669,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail when more selected examples than this have no usable image")
     p.add_argument("--spill-dir", help="where fetch tasks leave sorted runs of image bytes for the shard "
                    "writers; every executor must reach it (default: OUTPUT/_temporary)")
-    p.add_argument("--master", help="Spark master (default: local[*] unless run by spark-submit)")
-    p.add_argument("--driver-memory", help="local mode heap (default: half the machine's memory)")
+    add_spark_arguments(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        job = ShardJob(selection=args.selection, index=args.index, output=args.output,
-                       samples_per_shard=args.samples_per_shard, prefix=args.prefix, seed=args.seed,
-                       overwrite=args.overwrite, max_bad_fraction=args.max_bad_fraction,
-                       spill_dir=args.spill_dir)
-    except ValueError as e:
-        print(f"write_shards: error: {e}", file=sys.stderr)
-        return 2
-    return run_job("write_shards", args.master, args.driver_memory, lambda spark: run(spark, job),
-                   lambda m: f"{m.total_samples} samples ({m.unique_examples} unique) in "
-                             f"{len(m.shards)} shards -> {job.output}")
-
+    return run_cli("write_shards", args,
+                   lambda: ShardJob(selection=args.selection, index=args.index, output=args.output,
+                                    samples_per_shard=args.samples_per_shard, prefix=args.prefix,
+                                    seed=args.seed, overwrite=args.overwrite,
+                                    max_bad_fraction=args.max_bad_fraction, spill_dir=args.spill_dir),
+                   run, lambda job, m: f"{m.total_samples} samples ({m.unique_examples} unique) in "
+                                       f"{len(m.shards)} shards -> {job.output}")
 
 if __name__ == "__main__":
     raise SystemExit(main())

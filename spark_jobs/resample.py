@@ -20,8 +20,9 @@ Inside a class, records are ranked by ``order = xxhash64(key, seed)`` (ties by
 key) and the copies go by rank (``sampling.rank_copies``). Only the records
 whose order hash is under a per-class bound, about as many as the class can
 select, leave their scan task: one shuffle of roughly N rows groups them by
-class for the draw. Nothing depends on Spark's partitions, and task retries
-recompute the same classes from the same inputs.
+class for the draw, which writes the selection directly (its per-class tallies
+come back as metrics of that write). Nothing depends on Spark's partitions,
+and task retries recompute the same classes from the same inputs.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -49,7 +51,7 @@ from . import sampling as S
 from .session import add_spark_arguments, inject_failure, run_cli
 
 __all__ = ["ResampleJob", "LabelSets", "keyed", "distinct_label_sets", "weigh_label_sets",
-           "candidate_bounds", "draw", "drawn_totals", "run", "main"]
+           "candidate_bounds", "draw", "write_drawn", "run", "main"]
 
 #: Candidate records per partition of the drawing stage (the whole partition
 #: is held in one Python worker's memory: ~100 bytes a record).
@@ -251,7 +253,10 @@ def candidate_bounds(plan: S.ClassPlan, sigmas: float = S.CANDIDATE_SIGMAS) -> t
     return bounds, expected
 
 
-DRAWN_SCHEMA = "key string, copies int, weight double, lsid long"
+#: The draw's rows: one per selected example (key set, tally null), and tally
+#: rows (key null): per class ``lsid`` with its total copies in ``tally``,
+#: per copies value ``copies`` with the number of examples in ``tally``.
+DRAWN_SCHEMA = "key string, copies int, weight double, lsid long, tally long"
 
 
 def _draw_partition(plan: S.ClassPlan, full: np.ndarray, class_w: np.ndarray):
@@ -279,6 +284,8 @@ def _draw_partition(plan: S.ClassPlan, full: np.ndarray, class_w: np.ndarray):
                 keys = [keys_col[int(i)].as_py() for i in members]
                 perm[a:b] = members[S.sort_class(np.zeros(len(members), np.int64), keys)]
         n = perm.size
+        if n == 0:
+            return
         starts = np.concatenate([[0], np.flatnonzero(np.diff(sl)) + 1])
         have = np.diff(np.append(starts, n))
         cls = plan.index_of(sl[starts])
@@ -314,9 +321,29 @@ def _draw_partition(plan: S.ClassPlan, full: np.ndarray, class_w: np.ndarray):
                 [part.column("key").combine_chunks(),
                  pa.array(copies[copies > 0][start:start + step].astype(np.int32), pa.int32()),
                  pa.array(weights[start:start + step], pa.float64()),
-                 part.column("lsid").combine_chunks()],
-                names=["key", "copies", "weight", "lsid"])
+                 part.column("lsid").combine_chunks(),
+                 pa.nulls(part.num_rows, pa.int64())],
+                names=DRAWN_NAMES)
+        yield _tally_batch(sl[starts][~short], np.add.reduceat(copies, starts)[~short], copies[copies > 0])
     return draw_partition
+
+
+DRAWN_NAMES = ["key", "copies", "weight", "lsid", "tally"]
+
+
+def _tally_batch(class_ids: np.ndarray, class_copies: np.ndarray, copies: np.ndarray) -> pa.RecordBatch:
+    """Tally rows for one drawing task: copies per class drawn here, and the
+    histogram of copies per selected example."""
+    values, counts = np.unique(copies, return_counts=True)
+    k, h = class_ids.size, values.size
+    return pa.RecordBatch.from_arrays(
+        [pa.nulls(k + h, pa.string()),
+         pa.array(np.concatenate([np.zeros(k, np.int64), values]).astype(np.int32),
+                  mask=np.arange(k + h) < k),
+         pa.nulls(k + h, pa.float64()),
+         pa.array(np.concatenate([class_ids, np.zeros(h, np.int64)]), mask=np.arange(k + h) >= k),
+         pa.array(np.concatenate([class_copies, counts]).astype(np.int64), pa.int64())],
+        names=DRAWN_NAMES)
 
 
 def draw(spark, keyed_df, plan: S.ClassPlan, bounds: np.ndarray, partitions: int, class_w: np.ndarray,
@@ -340,25 +367,39 @@ def draw(spark, keyed_df, plan: S.ClassPlan, bounds: np.ndarray, partitions: int
 
 # -- statistics ---------------------------------------------------------------------
 
-def drawn_totals(drawn) -> tuple[dict[int, int], dict[int, int], int, int]:
-    """From the drawn rows: copies per label set, the histogram of copies per
-    example, total copies and unique examples (one aggregation)."""
+def write_drawn(drawn, path: str, mode: str = "overwrite") -> tuple[dict[int, int], dict[int, int], int, int]:
+    """Write the draw's selected rows (key, copies, weight) to Parquet at
+    ``path``; return copies per label set, the histogram of copies per example,
+    total copies and unique examples.
+
+    The drawing tasks' tally rows are gathered by an ``Observation`` during
+    the write (metrics of successful attempts only), so the draw runs once and
+    is never cached; the written rows are counted natively too and must agree.
+    """
+    from pyspark.sql import Observation
     from pyspark.sql import functions as F
 
-    rows = (drawn.groupingSets([["lsid"], ["copies"]], "lsid", "copies")
-            .agg(F.grouping_id().alias("gid"), F.count(F.lit(1)).alias("n"),
-                 F.sum("copies").alias("copies_sum"))
-            .collect())
+    obs = Observation("draw")
+    is_row = F.col("key").isNotNull()
+    observed = drawn.observe(
+        obs,
+        F.collect_list(F.when(~is_row, F.struct("lsid", "copies", "tally"))).alias("tallies"),
+        F.count(F.col("key")).alias("rows"),
+        F.sum(F.when(is_row, F.col("copies").cast("long"))).alias("copies"))
+    observed.where(is_row).select("key", "copies", "weight").write.mode(mode).parquet(path)
+    metrics = obs.get
     per_set: dict[int, int] = {}
     histogram: dict[int, int] = {}
-    total = unique = 0
-    for r in rows:
-        if r["gid"] == 1:  # by label set
-            per_set[int(r["lsid"])] = int(r["copies_sum"])
+    for t in metrics["tallies"]:
+        if t["lsid"] is not None:
+            per_set[int(t["lsid"])] = per_set.get(int(t["lsid"]), 0) + int(t["tally"])
         else:
-            histogram[int(r["copies"])] = int(r["n"])
-            total += int(r["copies_sum"])
-            unique += int(r["n"])
+            histogram[int(t["copies"])] = histogram.get(int(t["copies"]), 0) + int(t["tally"])
+    total = sum(k * n for k, n in histogram.items())
+    unique = sum(histogram.values())
+    if (unique, total) != (int(metrics["rows"]), int(metrics["copies"] or 0)) or sum(per_set.values()) != total:
+        raise ValueError(f"internal error: wrote {metrics['rows']} rows with {metrics['copies']} copies, "
+                         f"the draw tallied {unique} with {total}")
     return per_set, dict(sorted(histogram.items())), total, unique
 
 
@@ -494,47 +535,44 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
     lap("plan")
 
     planned = dict(zip(plan.class_ids.tolist(), plan.counts.tolist()))
-    drawn = draw(spark, keyed_df, plan, bounds, partitions, class_w).persist()
-    redo = None
+    local = _is_local(job.output)
+    final = job.output[len("file://"):] if job.output.startswith("file://") else job.output
+    if local:
+        parent = os.path.dirname(os.path.abspath(final)) or "."
+        os.makedirs(parent, exist_ok=True)
+        work = os.path.join(parent, f".{os.path.basename(final)}.tmp-{uuid.uuid4().hex[:12]}")
+    else:
+        work = job.output  # object stores: written in place, _SUCCESS last
+    selection = sio.join(work, "selection")
     try:
-        per_set, histogram, total_copies, unique = drawn_totals(drawn)
+        # The draw goes straight to the selection; its tallies come back with the write.
+        per_set, histogram, total_copies, unique = write_drawn(
+            draw(spark, keyed_df, plan, bounds, partitions, class_w), selection)
         lap("draw")
         short = np.array(sorted(c for c, k in planned.items() if k and per_set.get(c, 0) != k), np.int64)
-        selected = drawn
         if short.size:  # a class's bound fell short: draw it again from all its records
             redo_mask = np.isin(plan.class_ids, short)
             if any(per_set.get(c, 0) for c in short.tolist()):
                 raise ValueError("internal error: a class that fell short drew copies")
-            redo = draw(spark, keyed_df, plan, np.where(redo_mask, S.ORDER_MAX, bounds),
-                        max(1, min(partitions, int(short.size))), class_w, only=redo_mask).persist()
-            more = drawn_totals(redo)
+            more = write_drawn(draw(spark, keyed_df, plan, np.where(redo_mask, S.ORDER_MAX, bounds),
+                                    max(1, min(partitions, int(short.size))), class_w, only=redo_mask),
+                               selection, mode="append")
             per_set.update(more[0])
             for k, v in more[1].items():
                 histogram[k] = histogram.get(k, 0) + v
             histogram = dict(sorted(histogram.items()))
             total_copies += more[2]
             unique += more[3]
-            selected = drawn.unionByName(redo)
             lap("redraw")
         if total_copies != job.size or any(per_set.get(c, 0) != k for c, k in planned.items() if k):
             raise ValueError(f"internal error: drew {total_copies} copies, expected {job.size} "
                              "split as planned")
-        local = _is_local(job.output)
-        final = job.output[len("file://"):] if job.output.startswith("file://") else job.output
+    except BaseException:
         if local:
-            parent = os.path.dirname(os.path.abspath(final)) or "."
-            os.makedirs(parent, exist_ok=True)
-            work = os.path.join(parent, f".{os.path.basename(final)}.tmp-{uuid.uuid4().hex[:12]}")
-        else:
-            work = job.output  # object stores: written in place, _SUCCESS last
-        selected.select("key", "copies", "weight").write.mode("overwrite").parquet(sio.join(work, "selection"))
-        lap("write")
-        copies_hist = {str(k): v for k, v in histogram.items()}
-        label_stats = label_distributions(sets.desired_label_mass(), sets.per_label(per_set))
-    finally:
-        drawn.unpersist()
-        if redo is not None:
-            redo.unpersist()
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    copies_hist = {str(k): v for k, v in histogram.items()}
+    label_stats = label_distributions(sets.desired_label_mass(), sets.per_label(per_set))
 
     tv = total_variation(label_stats)
     vocab_names = {}

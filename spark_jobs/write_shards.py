@@ -57,8 +57,9 @@ __all__ = ["ShardJob", "run", "main", "resolve_selection"]
 TEMPORARY = "_temporary"
 #: Arrow batch size while images travel through Python (bytes, not rows, matter).
 IMAGE_BATCH_ROWS = 256
-#: Bytes of copies a fetch task gathers in memory before writing one sorted run.
-RUN_BYTES = 256 << 20
+#: Bytes of copies a fetch task gathers in memory before writing one sorted run
+#: (its peak memory is about twice this: the images read, then the sorted run).
+RUN_BYTES = 64 << 20
 #: Bytes of images one shard-writing task reads (it takes whole shards).
 WRITER_BYTES = 1 << 30
 
@@ -310,7 +311,11 @@ def _read_inline(path: str, rows: np.ndarray) -> Iterator[tuple[np.ndarray, pa.A
         for g in np.unique(group_of):
             members = order[group_of[order] == g]
             col = pf.read_row_group(int(g), columns=["image"]).column("image")
-            images = col.take(pa.array(rows[members] - bounds[g])).combine_chunks()
+            wanted = rows[members] - bounds[g]
+            if wanted.size == len(col) and np.array_equal(wanted, np.arange(wanted.size)):
+                images = col.combine_chunks()  # the whole group, in order: no copy
+            else:
+                images = col.take(pa.array(wanted)).combine_chunks()
             for s in range(0, len(members), IMAGE_BATCH_ROWS):
                 yield members[s:s + IMAGE_BATCH_ROWS], images.slice(s, IMAGE_BATCH_ROWS)
 
@@ -530,11 +535,22 @@ def run(spark, job: ShardJob) -> Manifest:
     tasks = min(n_files, 4 * spark.sparkContext.defaultParallelism)
     storage = sio.storage_config()
     spill_dir = sio.join(job.spill_dir or sio.join(job.output, TEMPORARY), f"spill-{uuid.uuid4().hex[:12]}")
-    spilled = None
     try:
         # Stage 2: place every copy of every selected example the index holds.
-        found = located.agg(F.count(F.lit(1)).alias("n"), F.sum("copies").alias("copies")).first()
-        n_missing = int(check["n"]) - int(found["n"])  # selected keys the index does not have
+        # Copies sort by h = xxhash64(key, copy, seed) within fixed hash ranges
+        # (the top bits of h); one aggregation counts the located rows and the
+        # copies per range, giving each range its first position.
+        samples = located.select("key", F.explode(F.sequence(F.lit(0), F.col("copies") - 1)).alias("copy"))
+        samples = samples.withColumn("h", F.xxhash64(F.col("key"), F.col("copy"), F.lit(job.seed).cast("long")))
+        range_bits = max(0, min(16, math.ceil(math.log2(max(1, requested_total / 100_000)))))
+        samples = samples.withColumn(
+            "range", F.shiftrightunsigned(F.col("h"), 64 - range_bits).cast("int") if range_bits else F.lit(0))
+        per_range = (samples.groupBy("range")
+                     .agg(F.count(F.lit(1)).alias("copies"),
+                          F.sum(F.when(F.col("copy") == 0, 1).otherwise(0)).alias("rows")).collect())
+        counts = {r["range"]: int(r["copies"]) for r in per_range}
+        n_located = sum(int(r["rows"]) for r in per_range)
+        n_missing = int(check["n"]) - n_located  # selected keys the index does not have
         if n_missing < 0:
             dup = located.groupBy("key").count().where("count > 1").select("key").orderBy("key").first()
             raise SchemaError(f"key {dup['key'] if dup else '?'!r} appears more than once in the source index",
@@ -543,15 +559,9 @@ def run(spark, job: ShardJob) -> Manifest:
         if n_missing:
             missing = selection.join(index.select(F.col("key").cast("string")), on="key", how="left_anti")
             missing_rows = missing.select("key").orderBy("key").limit(1000).collect()
-        placed_total = int(found["copies"] or 0)
+        placed_total = sum(counts.values())
         if placed_total == 0:
             raise ValueError(f"none of the {int(check['n'])} selected keys is in the source index")
-        samples = located.select("key", F.explode(F.sequence(F.lit(0), F.col("copies") - 1)).alias("copy"))
-        samples = samples.withColumn("h", F.xxhash64(F.col("key"), F.col("copy"), F.lit(job.seed).cast("long")))
-        range_bits = max(0, min(16, math.ceil(math.log2(max(1, placed_total / 100_000)))))
-        samples = samples.withColumn(
-            "range", F.shiftrightunsigned(F.col("h"), 64 - range_bits).cast("int") if range_bits else F.lit(0))
-        counts = {r["range"]: r["count"] for r in samples.groupBy("range").count().collect()}
         offsets, acc = [], 0
         for r in range(1 << range_bits):
             offsets.append(acc)
@@ -574,15 +584,13 @@ def run(spark, job: ShardJob) -> Manifest:
                    .repartition(tasks, "file").sortWithinPartitions("file", "row")
                    .mapInArrow(_spill_partition(column, storage, spill_dir, placed_shards, job.samples_per_shard,
                                                 job.run_bytes), SPILLED_SCHEMA)
-                   .persist())
-        stats = spilled.agg(F.sum("rows").alias("rows"), F.sum("bytes").alias("bytes"),
-                            F.count("key").alias("bad")).first()
-        runs = spilled.where(F.col("path").isNotNull()).select("path", "rows").collect()
+                   .collect())  # a row per run and per bad example: small
+        runs = [r for r in spilled if r["path"] is not None]
+        bad_found = sorted((r for r in spilled if r["key"] is not None), key=lambda r: r["key"])
         run_paths = sorted(r["path"] for r in runs)
-        n_bad = int(stats["bad"]) + n_missing
+        n_bad = len(bad_found) + n_missing
         unique = int(check["n"])
-        bad_rows = (spilled.where(F.col("key").isNotNull()).select("key", "reason").orderBy("key")
-                    .limit(1000).collect()) if stats["bad"] else []
+        bad_rows = bad_found[:1000]
         if n_bad / unique > job.max_bad_fraction:
             first = [r["key"] for r in bad_rows[:3]] + [r["key"] for r in missing_rows[:3]]
             raise ValueError(f"{n_bad} of {unique} selected examples have a missing or unrecognisable "
@@ -590,9 +598,8 @@ def run(spark, job: ShardJob) -> Manifest:
                              f"first: {first}")
         bad_records = ([{"key": r["key"], "reason": "not in the source index"} for r in missing_rows]
                        + [{"key": r["key"], "reason": r["reason"]} for r in bad_rows])[:1000]
-        holes = np.sort(np.array([p for r in spilled.where(F.col("key").isNotNull()).select("positions").collect()
-                                  for p in r["positions"]], np.int64)) if stats["bad"] else np.zeros(0, np.int64)
-        total = int(stats["rows"] or 0)
+        holes = np.sort(np.array([p for r in bad_found for p in r["positions"]], np.int64))
+        total = sum(int(r["rows"]) for r in runs)
         if total + holes.size != placed_total:
             raise ValueError(f"internal error: runs hold {total} copies and {holes.size} were dropped, "
                              f"expected {placed_total}")
@@ -603,7 +610,7 @@ def run(spark, job: ShardJob) -> Manifest:
 
         # Stage 4: each writer takes whole final shards (positions compacted over
         # the holes), reads their batches of every run and writes them.
-        sample_bytes = max(1.0, int(stats["bytes"] or 0) / total)
+        sample_bytes = max(1.0, sum(int(r["bytes"]) for r in runs) / total)
         parallelism = spark.sparkContext.defaultParallelism
         shards_per_writer = max(1, min(int(job.writer_bytes // (sample_bytes * job.samples_per_shard)),
                                        math.ceil(num_shards / (2 * parallelism))))
@@ -615,8 +622,6 @@ def run(spark, job: ShardJob) -> Manifest:
         lap("write")
     finally:
         located.unpersist()
-        if spilled is not None:
-            spilled.unpersist()
         spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "65536")
         spill = sio.filesystem(spill_dir)
         if spill[0].exists(spill[1]):

@@ -81,6 +81,7 @@ _FLUSH = 4 << 20  # bytes gathered before one write
 _AFTER_NAME = b"0000644\0" + b"0000000\0" + b"0000000\0"
 _AFTER_SIZE = b"00000000000\0"
 _AFTER_SUM = b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * (32 + 32 + 8 + 8 + 155 + 12)
+_FIXED_SUM = sum(_AFTER_NAME) + sum(_AFTER_SIZE) + sum(b" " * 8) + sum(_AFTER_SUM)
 
 
 def _member(name: str, size: int) -> bytes:
@@ -89,9 +90,10 @@ def _member(name: str, size: int) -> bytes:
     a plain ustar block for an ASCII name of at most 100 bytes, tarfile's own
     PAX headers otherwise (long or non-ASCII names, sizes of 8 GiB and more)."""
     if name.isascii() and len(name) <= 100 and size < 8 ** 11:
-        head = b"".join((name.encode("ascii").ljust(100, b"\0"), _AFTER_NAME, b"%011o\0" % size,
-                         _AFTER_SIZE, b"        ", _AFTER_SUM))
-        return head[:148] + b"%06o\0 " % sum(head) + head[156:]
+        raw, size_field = name.encode("ascii"), b"%011o\0" % size
+        checksum = _FIXED_SUM + sum(raw) + sum(size_field)  # the header's bytes, chksum as spaces
+        return b"".join((raw.ljust(100, b"\0"), _AFTER_NAME, size_field, _AFTER_SIZE,
+                         b"%06o\0 " % checksum, _AFTER_SUM))
     info = tarfile.TarInfo(name)
     info.size = size
     info.mtime = 0

@@ -336,7 +336,12 @@ def gather_binary(pool: Sequence[pa.Array], refs: np.ndarray) -> pa.Array:
     np.cumsum(lengths[refs], out=offsets[1:])
     if offsets[-1] >= 2 ** 31:
         raise ValueError("internal error: a run holds 2 GiB of images or more (lower run_bytes)")
-    data = pa.py_buffer(b"".join(picked))
+    # Into a buffer of Arrow's memory pool, which keeps and reuses its pages (a
+    # bytes join maps fresh pages for every run: several times slower).
+    data = pa.allocate_buffer(int(offsets[-1]))
+    out = memoryview(data)
+    for view, a, b in zip(picked, offsets[:-1].tolist(), offsets[1:].tolist()):
+        out[a:b] = view
     return pa.Array.from_buffers(pa.binary(), len(picked), [None, pa.py_buffer(offsets.astype(np.int32)), data])
 
 

@@ -102,30 +102,44 @@ def resolve_selection(path: str) -> tuple[str, str | None]:
 # -- stage 3: read, check and spill the images, in source order ---------------------
 
 
+def _examples(table: pa.Table) -> np.ndarray:
+    """Start of each example in copy rows sorted by (file, row, copy): the
+    rows where (file, row) changes (plus the end)."""
+    n = table.num_rows
+    files = pc.dictionary_encode(table.column("file")).combine_chunks().indices.to_numpy(zero_copy_only=False)
+    rows = table.column("row").to_numpy()
+    change = np.flatnonzero((files[1:] != files[:-1]) | (rows[1:] != rows[:-1])) + 1
+    return np.concatenate([[0], change, [n]]).astype(np.int64)
+
+
 def _fetched(batches: Iterator[pa.RecordBatch], column: str, emit) -> Iterator[pa.RecordBatch]:
-    """Read the images of located rows sorted by (file, row), in source order
-    (per file, by row, only the row groups needed; per ``uri``, sorted), and
-    ``emit(table, positions, heads, images)`` for each batch of them: ``heads``
-    are the first 16 bytes of each image (or why it could not be read),
-    ``images`` the bytes as an Arrow array."""
+    """Read the images of copy rows sorted by (file, row, copy), once per
+    example and in source order (per file, by row, only the row groups
+    needed; per ``uri``, sorted), and ``emit(table, bounds, examples, heads,
+    images)`` for each batch of them: ``bounds`` delimit the examples' copy
+    rows, ``examples`` index them, ``heads`` are the first 16 bytes of each
+    image (or why it could not be read), ``images`` the bytes as an Arrow
+    array."""
     pending: list[pa.RecordBatch] = list(batches)
     if not pending:
         return
     table = pa.Table.from_batches(pending)
+    bounds = _examples(table)
+    first = bounds[:-1]
     if column == "image":
-        files = table.column("file").to_pylist()
-        rows = table.column("row").to_numpy()
+        files = table.column("file").take(pa.array(first)).to_pylist()
+        rows = table.column("row").to_numpy()[first]
         start = 0
         while start < len(files):
             end = start
             while end < len(files) and files[end] == files[start]:
                 end += 1
-            for positions, images in _read_inline(files[start], rows[start:end]):
+            for examples, images in _read_inline(files[start], rows[start:end]):
                 heads = pc.binary_slice(images, 0, 16).to_pylist()
-                yield emit(table, positions + start, heads, images)
+                yield emit(table, bounds, examples + start, heads, images)
             start = end
     else:
-        uris = table.column("uri").to_pylist()
+        uris = table.column("uri").take(pa.array(first)).to_pylist()
         order = sorted(range(len(uris)), key=lambda i: (uris[i] or "", i))
         for s in range(0, len(order), IMAGE_BATCH_ROWS):
             chunk = order[s:s + IMAGE_BATCH_ROWS]
@@ -138,7 +152,7 @@ def _fetched(batches: Iterator[pa.RecordBatch], column: str, emit) -> Iterator[p
                 except Exception as e:  # noqa: BLE001 - a missing image is counted, not fatal
                     images.append(f"unreadable uri {uris[i]!r}: {type(e).__name__}: {e}"[:300])
             data = pa.array([x if isinstance(x, bytes) else None for x in images], pa.binary())
-            yield emit(table, np.asarray(chunk, np.int64), images, data)
+            yield emit(table, bounds, np.asarray(chunk, np.int64), images, data)
 
 
 SPILLED_SCHEMA = ("path string, rows long, bytes long, "  # a run file written...
@@ -147,7 +161,7 @@ SPILLED_SCHEMA = ("path string, rows long, bytes long, "  # a run file written..
 
 def _spill_partition(column: str, storage: dict, spill_dir: str, shards: int, samples_per_shard: int,
                      run_bytes: int):
-    """mapInArrow, the fetch pass: located rows carrying their copies' places
+    """mapInArrow, the fetch pass: placed copy rows (sorted by file, row, copy)
     -> the good copies, with images, in sorted *run* files, and the bad
     examples (``SPILLED_SCHEMA``: a row per run, a row per bad example with
     the positions its copies leave empty).
@@ -168,9 +182,9 @@ def _spill_partition(column: str, storage: dict, spill_dir: str, shards: int, sa
         bad: list[tuple[str, str, list[int]]] = []
         pooled = size = 0
 
-        def place(table, positions, heads, images):
+        def place(table, bounds, examples, heads, images):
             nonlocal pooled
-            batch = _placed_batch(table, positions, heads, images, pooled, samples_per_shard, bad)
+            batch = _placed_batch(table, bounds, examples, heads, images, pooled, samples_per_shard, bad)
             pool.append(images)
             pooled += len(images)
             return batch
@@ -268,33 +282,30 @@ def _verdicts(heads: list) -> tuple[list, list]:
     return exts, reasons
 
 
-def _placed_batch(table: pa.Table, positions: np.ndarray, heads: list, images: pa.Array, first_image: int,
-                  samples_per_shard: int, bad: list) -> pa.RecordBatch:
-    """One row per copy of the batch's good examples: its place and the index
-    of its image (``first_image`` + position in ``images``), not the bytes.
-    Bad examples go to ``bad`` as (key, reason, positions of their copies)."""
+def _placed_batch(table: pa.Table, bounds: np.ndarray, examples: np.ndarray, heads: list, images: pa.Array,
+                  first_image: int, samples_per_shard: int, bad: list) -> pa.RecordBatch:
+    """The copy rows of a batch's good examples with their places and the
+    index of their image (``first_image`` + position in ``images``), not the
+    bytes. Bad examples go to ``bad`` as (key, reason, positions of their
+    copies)."""
     exts, reasons = _verdicts(heads)
-    places = table.column("places").take(pa.array(positions)).combine_chunks()
-    counts = pc.list_value_length(places).to_numpy()
-    flat = places.flatten()
+    counts = bounds[examples + 1] - bounds[examples]
+    owner = np.repeat(np.arange(len(examples)), counts)
+    rows = np.repeat(bounds[examples] - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
     ok = np.array([e is not None for e in exts], bool)
     if not ok.all():
-        shard = flat.field("shard").to_numpy().astype(np.int64)
-        slot = flat.field("slot").to_numpy().astype(np.int64)
-        owner = np.repeat(np.arange(len(positions)), counts)
+        shard = table.column("shard").to_numpy()
+        slot = table.column("slot").to_numpy()
         for i in np.flatnonzero(~ok).tolist():
-            mine = owner == i
-            bad.append((table.column("key")[int(positions[i])].as_py(), reasons[i],
-                        (shard[mine] * samples_per_shard + slot[mine]).tolist()))
-        keep = np.repeat(ok, counts)
-        flat = flat.filter(pa.array(keep))
-        counts = np.where(ok, counts, 0)
-    repeat = np.repeat(np.arange(len(positions)), counts)
-    carried = table.select(["key", "labels", "weight"]).take(pa.array(positions[repeat]))
+            mine = rows[owner == i]
+            bad.append((table.column("key")[int(mine[0])].as_py(), reasons[i],
+                        (shard[mine].astype(np.int64) * samples_per_shard + slot[mine]).tolist()))
+        keep = ok[owner]
+        rows, owner = rows[keep], owner[keep]
+    carried = table.select(["key", "copy", "shard", "slot", "labels", "weight"]).take(pa.array(rows))
     return pa.RecordBatch.from_arrays(
-        [carried.column("key").combine_chunks(), flat.field("copy"), flat.field("shard"), flat.field("slot"),
-         carried.column("labels").combine_chunks(), carried.column("weight").combine_chunks(),
-         pa.array(repeat + first_image, pa.int64()), pa.array([exts[i] for i in repeat], pa.string())],
+        [*(c.combine_chunks() for c in carried.columns),
+         pa.array(owner + first_image, pa.int64()), pa.array([exts[i] for i in owner.tolist()], pa.string())],
         names=["key", "copy", "shard", "slot", "labels", "weight", "image_ref", "ext"])
 
 
@@ -536,7 +547,6 @@ def run(spark, job: ShardJob) -> Manifest:
 
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(IMAGE_BATCH_ROWS))
     n_files = max(1, len(index.inputFiles()))
-    fetch_cols = ["key", "file", "row", "uri", "labels", "copies", "weight"]
     tasks = min(n_files, 4 * spark.sparkContext.defaultParallelism)
     storage = sio.storage_config()
     spill_dir = sio.join(job.spill_dir or sio.join(job.output, TEMPORARY), f"spill-{uuid.uuid4().hex[:12]}")
@@ -545,7 +555,8 @@ def run(spark, job: ShardJob) -> Manifest:
         # Copies sort by h = xxhash64(key, copy, seed) within fixed hash ranges
         # (the top bits of h); one aggregation counts the located rows and the
         # copies per range, giving each range its first position.
-        samples = located.select("key", F.explode(F.sequence(F.lit(0), F.col("copies") - 1)).alias("copy"))
+        samples = located.select("key", "file", "row", "uri", "labels", "weight",
+                                 F.explode(F.sequence(F.lit(0), F.col("copies") - 1)).alias("copy"))
         samples = samples.withColumn("h", F.xxhash64(F.col("key"), F.col("copy"), F.lit(job.seed).cast("long")))
         range_bits = max(0, min(16, math.ceil(math.log2(max(1, requested_total / 100_000)))))
         samples = samples.withColumn(
@@ -575,18 +586,16 @@ def run(spark, job: ShardJob) -> Manifest:
         placed = samples.withColumn(
             "position", F.element_at(F.lit(offsets).cast("array<long>"), F.col("range") + 1) + rank - 1)
         placed_shards = math.ceil(placed_total / job.samples_per_shard)
-        places = (placed.select("key", F.struct(
-            F.col("copy").cast("int").alias("copy"),
+        copies = placed.select(
+            "key", "file", "row", "uri", "labels", "weight", F.col("copy").cast("int").alias("copy"),
             (F.col("position") / job.samples_per_shard).cast("long").cast("int").alias("shard"),
-            (F.col("position") % job.samples_per_shard).cast("int").alias("slot")).alias("place"))
-            .groupBy("key").agg(F.sort_array(F.collect_list("place")).alias("places")))
+            (F.col("position") % job.samples_per_shard).cast("int").alias("slot"))
         lap("place")
 
         # Stage 3: read every image once, in source order, and check it; the good
         # ones' copies go to sorted run files (one batch per placed shard), the
         # bad ones are reported with the positions they leave empty.
-        spilled = (located.select(*fetch_cols).join(places, on="key")
-                   .repartition(tasks, "file").sortWithinPartitions("file", "row")
+        spilled = (copies.repartition(tasks, "file").sortWithinPartitions("file", "row", "copy")
                    .mapInArrow(_spill_partition(column, storage, spill_dir, placed_shards, job.samples_per_shard,
                                                 job.run_bytes), SPILLED_SCHEMA)
                    .collect())  # a row per run and per bad example: small

@@ -4,7 +4,7 @@
 
     python -m spark_jobs.write_shards --selection DIR --index PATH --output DIR \\
       [--samples-per-shard 10000] [--prefix shard] [--seed 0] [--overwrite] \\
-      [--max-bad-fraction 0.001] [--spill-dir DIR] [--master local[*]]
+      [--max-bad-fraction 0.001] [--spill-dir DIR] [--run-bytes 64M] [--master local[*]]
 
 Stages (all deterministic for a given selection, index and seed):
 
@@ -46,7 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from schemas import Manifest, ResampleConfig, SchemaError, ShardInfo
+from schemas import Manifest, ResampleConfig, SchemaError, ShardInfo, parse_size
 from schemas import io as sio
 
 from .session import add_spark_arguments, inject_failure, run_cli
@@ -60,6 +60,9 @@ IMAGE_BATCH_ROWS = 256
 #: Bytes of copies a fetch task gathers in memory before writing one sorted run
 #: (its peak memory is about twice this: the images read, then the sorted run).
 RUN_BYTES = 64 << 20
+#: Copies are placed by sorting on a hash within 2**RANGE_BITS fixed ranges of
+#: it (the top bits): the ranges sort in parallel, counted in one aggregation.
+RANGE_BITS = 12
 #: Bytes of images one shard-writing task reads (it takes whole shards).
 WRITER_BYTES = 1 << 30
 
@@ -85,6 +88,8 @@ class ShardJob:
             raise ValueError(f"--samples-per-shard must be >= 1, got {self.samples_per_shard}")
         if not self.prefix or "/" in self.prefix:
             raise ValueError(f"--prefix must be a plain file name prefix, got {self.prefix!r}")
+        if self.run_bytes < 1:
+            raise ValueError(f"--run-bytes must be >= 1, got {self.run_bytes}")
 
 
 def resolve_selection(path: str) -> tuple[str, str | None]:
@@ -112,19 +117,23 @@ def _examples(table: pa.Table) -> np.ndarray:
     return np.concatenate([[0], change, [n]]).astype(np.int64)
 
 
-def _fetched(batches: Iterator[pa.RecordBatch], column: str, emit) -> Iterator[pa.RecordBatch]:
-    """Read the images of copy rows sorted by (file, row, copy), once per
-    example and in source order (per file, by row, only the row groups
+def _duplicated(table: pa.Table, bounds: np.ndarray) -> list[str]:
+    """Keys of the examples whose copy rows are not exactly 0, 1, ..., c-1:
+    the selection holds their key in more than one row."""
+    counts = np.diff(bounds)
+    expected = np.arange(table.num_rows) - np.repeat(bounds[:-1], counts)
+    wrong = np.repeat(np.arange(counts.size), counts)[table.column("copy").to_numpy() != expected]
+    return sorted(set(table.column("key").take(pa.array(bounds[:-1][np.unique(wrong)])).to_pylist()))
+
+
+def _fetched(table: pa.Table, bounds: np.ndarray, column: str, emit) -> Iterator[pa.RecordBatch]:
+    """Read the images of copy rows sorted by (file, row, copy) (examples
+    start at ``bounds``), once per example and in source order (per file, by row, only the row groups
     needed; per ``uri``, sorted), and ``emit(table, bounds, examples, heads,
     images)`` for each batch of them: ``bounds`` delimit the examples' copy
     rows, ``examples`` index them, ``heads`` are the first 16 bytes of each
     image (or why it could not be read), ``images`` the bytes as an Arrow
     array."""
-    pending: list[pa.RecordBatch] = list(batches)
-    if not pending:
-        return
-    table = pa.Table.from_batches(pending)
-    bounds = _examples(table)
     first = bounds[:-1]
     if column == "image":
         files = table.column("file").take(pa.array(first)).to_pylist()
@@ -157,6 +166,8 @@ def _fetched(batches: Iterator[pa.RecordBatch], column: str, emit) -> Iterator[p
 
 SPILLED_SCHEMA = ("path string, rows long, bytes long, "  # a run file written...
                   "key string, reason string, positions array<long>")  # ... or a bad example
+#: The ``reason`` of a key the selection holds in more than one row (not a bad image).
+DUPLICATE = "in more than one selection row"
 
 
 def _spill_partition(column: str, storage: dict, spill_dir: str, shards: int, samples_per_shard: int,
@@ -189,8 +200,17 @@ def _spill_partition(column: str, storage: dict, spill_dir: str, shards: int, sa
             pooled += len(images)
             return batch
 
+        pending = list(batches)
+        if not pending:
+            return
+        table = pa.Table.from_batches(pending)
+        bounds = _examples(table)
         runs = []
-        for batch in _fetched(batches, column, place):
+        duplicated = _duplicated(table, bounds)
+        if duplicated:  # reported, nothing read: the driver refuses the selection
+            bad.extend((key, DUPLICATE, []) for key in duplicated)
+            table, bounds = table.slice(0, 0), bounds[:1]
+        for batch in _fetched(table, bounds, column, place):
             gathered.append(batch)
             size += pool[-1].nbytes
             if size >= run_bytes:
@@ -470,6 +490,15 @@ def _write_from_runs(runs: Sequence[str], holes: np.ndarray, shards_per_writer: 
 
 # -- the job --------------------------------------------------------------------------
 
+def _observed(observation) -> dict | None:
+    """An Observation's metrics, or None where Spark did not deliver them."""
+    try:
+        metrics = observation.get
+    except Exception:  # noqa: BLE001 - e.g. the observed plan was optimised away
+        return None
+    return metrics or None
+
+
 def _clean(output: str) -> None:
     """Remove an earlier incomplete run's shards, manifest and temporaries
     (and refuse a directory holding anything else)."""
@@ -489,7 +518,7 @@ def _config_from(resample_dir: str | None, total: int) -> tuple[ResampleConfig, 
 def run(spark, job: ShardJob) -> Manifest:
     """Write the shards; return the manifest (also at ``output/manifest.json``)."""
     from pyspark.sql import functions as F
-    from pyspark.sql import Window
+    from pyspark.sql import Observation, Window
 
     t0 = time.time()
     timings: dict[str, float] = {}
@@ -520,17 +549,13 @@ def run(spark, job: ShardJob) -> Manifest:
         selection = selection.withColumn("weight", F.lit(0.0))
     selection = selection.select(F.col("key").cast("string"), F.col("copies").cast("int"),
                                  F.col("weight").cast("double"))
-    check = selection.agg(F.count(F.lit(1)).alias("n"), F.countDistinct("key").alias("distinct"),
-                          F.min("copies").alias("min_copies"), F.sum("copies").alias("total")).first()
-    if check["n"] == 0:
-        raise SchemaError("selection is empty", file=selection_path)
-    if check["min_copies"] is None or check["min_copies"] < 1:
-        raise SchemaError(f"copies must be > 0 (found {check['min_copies']})", file=selection_path)
-    if check["distinct"] != check["n"]:
-        raise SchemaError(f"{check['n'] - check['distinct']} keys appear in more than one row",
-                          file=selection_path)
-    requested_total = int(check["total"])
-    lap("selection_check")
+    # Counted while the selection is joined with the index (an Observation, no
+    # pass of its own); a key in more than one row is found where its copies
+    # meet (the fetch), or among the keys the index lacks.
+    selection_stats = Observation("selection")
+    selection_metrics = [F.count(F.lit(1)).alias("n"), F.min("copies").alias("min_copies"),
+                         F.sum("copies").alias("total")]
+    observed = selection.observe(selection_stats, *selection_metrics)
 
     index = spark.read.parquet(job.index)
     column = "image" if "image" in index.columns else "uri" if "uri" in index.columns else None
@@ -543,7 +568,7 @@ def run(spark, job: ShardJob) -> Manifest:
         (F.col("uri") if column == "uri" else F.lit(None).cast("string")).alias("uri"))
     # Keys, places in the source and what is carried into the shards: small,
     # kept for the second pass so the index is scanned and joined once.
-    located = located.join(selection, on="key", how="inner").persist()
+    located = located.join(observed, on="key", how="inner").persist()
 
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(IMAGE_BATCH_ROWS))
     n_files = max(1, len(index.inputFiles()))
@@ -558,12 +583,18 @@ def run(spark, job: ShardJob) -> Manifest:
         samples = located.select("key", "file", "row", "uri", "labels", "weight",
                                  F.explode(F.sequence(F.lit(0), F.col("copies") - 1)).alias("copy"))
         samples = samples.withColumn("h", F.xxhash64(F.col("key"), F.col("copy"), F.lit(job.seed).cast("long")))
-        range_bits = max(0, min(16, math.ceil(math.log2(max(1, requested_total / 100_000)))))
-        samples = samples.withColumn(
-            "range", F.shiftrightunsigned(F.col("h"), 64 - range_bits).cast("int") if range_bits else F.lit(0))
+        samples = samples.withColumn("range", F.shiftrightunsigned(F.col("h"), 64 - RANGE_BITS).cast("int"))
         per_range = (samples.groupBy("range")
                      .agg(F.count(F.lit(1)).alias("copies"),
                           F.sum(F.when(F.col("copy") == 0, 1).otherwise(0)).alias("rows")).collect())
+        check = _observed(selection_stats) if per_range else None
+        if check is None:  # nothing joined: Spark may drop the observed side, so count it
+            check = selection.agg(*selection_metrics).first().asDict()
+        if check["n"] == 0:
+            raise SchemaError("selection is empty", file=selection_path)
+        if check["min_copies"] is None or check["min_copies"] < 1:
+            raise SchemaError(f"copies must be > 0 (found {check['min_copies']})", file=selection_path)
+        requested_total = int(check["total"])
         counts = {r["range"]: int(r["copies"]) for r in per_range}
         n_located = sum(int(r["rows"]) for r in per_range)
         n_missing = int(check["n"]) - n_located  # selected keys the index does not have
@@ -573,13 +604,17 @@ def run(spark, job: ShardJob) -> Manifest:
                               file=job.index)
         missing_rows = []
         if n_missing:
-            missing = selection.join(index.select(F.col("key").cast("string")), on="key", how="left_anti")
+            missing = (selection.join(index.select(F.col("key").cast("string")), on="key", how="left_anti")
+                       .groupBy("key").count())
+            twice = missing.where("count > 1").count()
+            if twice:
+                raise SchemaError(f"{twice} keys appear in more than one row", file=selection_path)
             missing_rows = missing.select("key").orderBy("key").limit(1000).collect()
         placed_total = sum(counts.values())
         if placed_total == 0:
             raise ValueError(f"none of the {int(check['n'])} selected keys is in the source index")
         offsets, acc = [], 0
-        for r in range(1 << range_bits):
+        for r in range(1 << RANGE_BITS):
             offsets.append(acc)
             acc += counts.get(r, 0)
         rank = F.row_number().over(Window.partitionBy("range").orderBy("h", "key", "copy"))
@@ -599,6 +634,10 @@ def run(spark, job: ShardJob) -> Manifest:
                    .mapInArrow(_spill_partition(column, storage, spill_dir, placed_shards, job.samples_per_shard,
                                                 job.run_bytes), SPILLED_SCHEMA)
                    .collect())  # a row per run and per bad example: small
+        duplicated = [r["key"] for r in spilled if r["reason"] == DUPLICATE]
+        if duplicated:
+            raise SchemaError(f"{len(duplicated)} keys appear in more than one row (first: "
+                              f"{sorted(duplicated)[:3]})", file=selection_path)
         runs = [r for r in spilled if r["path"] is not None]
         bad_found = sorted((r for r in spilled if r["key"] is not None), key=lambda r: r["key"])
         run_paths = sorted(r["path"] for r in runs)
@@ -688,6 +727,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail when more selected examples than this have no usable image")
     p.add_argument("--spill-dir", help="where fetch tasks leave sorted runs of image bytes for the shard "
                    "writers; every executor must reach it (default: OUTPUT/_temporary)")
+    p.add_argument("--run-bytes", type=parse_size, default=RUN_BYTES,
+                   help="image bytes a fetch task sorts in memory per run file (default 64 MiB: "
+                        "memory per task is about twice this; larger runs mean fewer, larger reads "
+                        "for the writers, e.g. on object storage)")
     add_spark_arguments(p)
     return p
 
@@ -698,7 +741,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    lambda: ShardJob(selection=args.selection, index=args.index, output=args.output,
                                     samples_per_shard=args.samples_per_shard, prefix=args.prefix,
                                     seed=args.seed, overwrite=args.overwrite,
-                                    max_bad_fraction=args.max_bad_fraction, spill_dir=args.spill_dir),
+                                    max_bad_fraction=args.max_bad_fraction, spill_dir=args.spill_dir,
+                                    run_bytes=args.run_bytes),
                    run, lambda job, m: f"{m.total_samples} samples ({m.unique_examples} unique) in "
                                        f"{len(m.shards)} shards -> {job.output}")
 

@@ -274,13 +274,14 @@ def test_byte_identical_across_parallelism_and_task_failures(resampled, tmp_path
     source, sel_dir, _ = resampled
     # One task at a time, against three at a time with every first attempt of
     # the fetch and write tasks failing (after writing its runs for a fetch
-    # task, mid-write for the shards), and runs in a --spill-dir of its own.
+    # task, mid-write for the shards), and runs in a --spill-dir of its own,
+    # ~100 KB each (so each fetch task writes many).
     runs = {"local[1]": {}, "local[3,4]": {"ADAPTIVE_TRANSFER_FAIL_FIRST_ATTEMPT": "spill,write"}}
     digests = {}
     spill = tmp_path / "spill"
     for master, env in runs.items():
         out = str(tmp_path / master.replace("[", "_").replace("]", "").replace(",", "_"))
-        extra = ["--spill-dir", str(spill)] if env else []
+        extra = ["--spill-dir", str(spill), "--run-bytes", "100K"] if env else []
         proc = run_module("spark_jobs.write_shards", "--selection", sel_dir, "--index", source.index_path,
                           "--output", out, "--samples-per-shard", "400", "--master", master,
                           "--driver-memory", "1g", *extra, env=env)
@@ -336,6 +337,13 @@ def test_bad_selection_inputs(spark, source_data, tmp_path):
     with pytest.raises(SchemaError, match="1 keys appear in more than one row"):
         W.run(spark, W.ShardJob(selection=str(tmp_path / "dup.parquet"), index=source_data.index_path,
                                 output=str(tmp_path / "o1")))
+    # ... also when the index holds the key (found where its copies meet).
+    present = pq.read_table(source_data.index_path, columns=["key"]).column("key")[5].as_py()
+    pq.write_table(pa.table({"key": [present, "b", present], "copies": pa.array([2, 1, 1], pa.int32())}),
+                   tmp_path / "dup2.parquet")
+    with pytest.raises(SchemaError, match=r"1 keys appear in more than one row \(first: \['"):
+        W.run(spark, W.ShardJob(selection=str(tmp_path / "dup2.parquet"), index=source_data.index_path,
+                                output=str(tmp_path / "o1b")))
     pq.write_table(pa.table({"key": ["a"], "copies": pa.array([0], pa.int32())}), tmp_path / "zero.parquet")
     with pytest.raises(SchemaError, match=r"copies must be > 0 \(found 0\)"):
         W.run(spark, W.ShardJob(selection=str(tmp_path / "zero.parquet"), index=source_data.index_path,

@@ -62,7 +62,7 @@ IMAGE_BATCH_ROWS = 256
 RUN_BYTES = 64 << 20
 #: Copies are placed by sorting on a hash within 2**RANGE_BITS fixed ranges of
 #: it (the top bits): the ranges sort in parallel, counted in one aggregation.
-RANGE_BITS = 12
+RANGE_BITS = 8
 #: Bytes of images one shard-writing task reads (it takes whole shards).
 WRITER_BYTES = 1 << 30
 
@@ -490,6 +490,14 @@ def _write_from_runs(runs: Sequence[str], holes: np.ndarray, shards_per_writer: 
 
 # -- the job --------------------------------------------------------------------------
 
+def _long_array(values: Sequence[int]):
+    """A literal array<bigint> column, built in one call (``F.lit`` of a list
+    makes one JVM call per element)."""
+    from pyspark.sql import functions as F
+
+    return F.expr("array(" + ", ".join(f"{int(v)}L" for v in values) + ")")
+
+
 def _observed(observation) -> dict | None:
     """An Observation's metrics, or None where Spark did not deliver them."""
     try:
@@ -619,7 +627,7 @@ def run(spark, job: ShardJob) -> Manifest:
             acc += counts.get(r, 0)
         rank = F.row_number().over(Window.partitionBy("range").orderBy("h", "key", "copy"))
         placed = samples.withColumn(
-            "position", F.element_at(F.lit(offsets).cast("array<long>"), F.col("range") + 1) + rank - 1)
+            "position", F.element_at(_long_array(offsets), F.col("range") + 1) + rank - 1)
         placed_shards = math.ceil(placed_total / job.samples_per_shard)
         copies = placed.select(
             "key", "file", "row", "uri", "labels", "weight", F.col("copy").cast("int").alias("copy"),

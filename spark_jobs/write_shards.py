@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import math
 import sys
@@ -398,26 +397,33 @@ def _write_sorted(table: pa.Table, output: str, prefix: str, samples_per_shard: 
     reported. Images are read in place (memoryviews), never copied before the
     tar block that holds them."""
 
-    def rows():
-        if table.column("image").null_count:
-            raise ValueError("internal error: a null image reached the shard writer")
-        images = [v for chunk in table.column("image").chunks for v in binary_views(chunk)]
-        cols = [table.column(c).to_pylist() for c in ("shard", "slot", "key", "copy", "ext", "labels", "weight")]
-        for i in _place_order(table).tolist():
-            yield tuple(col[i] for col in cols) + (images[i],)
-
+    if table.column("image").null_count:
+        raise ValueError("internal error: a null image reached the shard writer")
+    order = _place_order(table)
+    shards = table.column("shard").to_numpy()[order]
+    slots = table.column("slot").to_numpy()[order]
+    views = [v for chunk in table.column("image").chunks for v in binary_views(chunk)]
+    cols = {c: table.column(c).to_pylist() for c in ("key", "copy", "ext", "labels", "weight")}
+    labels_flat = pc.list_flatten(table.column("labels")).to_numpy(zero_copy_only=False)
+    label_offsets = np.concatenate([[0], np.cumsum(pc.list_value_length(table.column("labels"))
+                                                   .to_numpy(zero_copy_only=False))])
     results = []
-    for shard, group in itertools.groupby(rows(), key=lambda r: r[0]):
-        labels: dict[int, int] = {}
+    for a, b in zip(*_runs_of(shards)):
+        shard = int(shards[a])
+        if not np.array_equal(slots[a:b], np.arange(b - a)):
+            raise ValueError(f"internal error: shard {shard} slots are not 0..{b - a - 1}")
+        rows = order[a:b].tolist()
+        items = [(sample_key(k, c), e, views[i], sample_json(k, c, lab, w)) for i, k, c, e, lab, w in zip(
+            rows, *([col[i] for i in rows] for col in cols.values()))]
+        lengths = label_offsets[1:][order[a:b]] - label_offsets[:-1][order[a:b]]
+        mine = labels_flat[np.repeat(label_offsets[:-1][order[a:b]] - np.cumsum(lengths) + lengths, lengths)
+                           + np.arange(lengths.sum())]
+        values, counts = np.unique(mine, return_counts=True)
 
-        def samples(group=group, labels=labels, shard=shard):
-            for expected, (_, slot, key, copy, ext, row_labels, weight, image) in enumerate(group):
-                if slot != expected:
-                    raise ValueError(f"internal error: shard {shard} slot {slot}, expected {expected}")
-                for label in row_labels:
-                    labels[label] = labels.get(label, 0) + 1
-                yield sample_key(key, copy), ext, image, sample_json(key, copy, row_labels, weight)
-                if expected == 1:
+        def samples(items=items):
+            for i, item in enumerate(items):
+                yield item
+                if i == 1:
                     inject_failure("write")  # mid-write: a partial temporary file exists
 
         temp = sio.join(output, TEMPORARY, f"{shard_name(prefix, shard)}.{attempt}")
@@ -428,8 +434,17 @@ def _write_sorted(table: pa.Table, output: str, prefix: str, samples_per_shard: 
         want = min(samples_per_shard, total - shard * samples_per_shard)
         if n != want:
             raise ValueError(f"internal error: shard {shard} has {n} samples, expected {want}")
-        results.append((shard, temp, n, size, digest, json.dumps(labels, sort_keys=True)))
+        results.append((shard, temp, n, size, digest,
+                        json.dumps({int(v): int(c) for v, c in zip(values, counts)}, sort_keys=True)))
     return results
+
+
+def _runs_of(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) of the runs of equal values in a sorted array."""
+    if values.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    starts = np.concatenate([[0], np.flatnonzero(values[1:] != values[:-1]) + 1])
+    return starts, np.append(starts[1:], values.size)
 
 
 def final_places(shard: np.ndarray, slot: np.ndarray, holes: np.ndarray, samples_per_shard: int

@@ -45,6 +45,24 @@ def test_sample_keys_are_unique():
     assert len(set(made)) == len(made)
 
 
+KEYS = ["n01440764/n01440764_10026.JPEG", "a.b.c", "with space/and.dot.png", "100%_sure", "üñí/çødé.jpg",
+        'q"uote\\back', "tab\tnl\n\x00\x7f", "emoji 😀", "", "_c3"]
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_sample_key_and_json_fast_paths_match_their_definitions(key):
+    import re
+    # sample_key: every character outside [A-Za-z0-9_-] as %XX of its UTF-8 bytes.
+    ref = re.sub(r"[^A-Za-z0-9_-]", lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), key)
+    assert SH.sample_key(key, 7) == ref + "_c7"
+    # sample_json: canonical JSON, byte for byte.
+    for labels, weight in (([], 0.0), ([3, 1, 20000], 1.0), ([5], 0.1), ([1], 1e-20), ([2], 3e20),
+                           ([9], 12345.678), ([4], float("inf"))):
+        want = json.dumps({"key": key, "copy": 7, "labels": labels, "weight": weight},
+                          sort_keys=True, separators=(",", ":")).encode()
+        assert SH.sample_json(key, 7, labels, weight) == want
+
+
 def test_image_extension_from_bytes():
     from schemas.synthetic import encode_image
     px = np.zeros((8, 8, 3), np.uint8)

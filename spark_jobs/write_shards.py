@@ -8,19 +8,19 @@
 
 Stages (all deterministic for a given selection, index and seed):
 
-1. **locate**: join the selection with the index's keys and source
-   locations (file, row), never with its image bytes (kept for stage 3);
-2. **place**: every copy of every located example gets a global position by
-   sorting on ``xxhash64(key, copy, seed)`` (fixed hash ranges, exact counts,
-   so no sampling is involved); position // samples-per-shard is its shard;
-3. **fetch**: read each image once, in source order (per file, by row, only
-   the row groups needed; per ``uri``, sorted), check its format from the
-   bytes, and write the good copies into sorted Arrow IPC *run* files beside
-   the output (one record batch per placed shard): the one exchange of image
-   bytes, done in Python so they never enter the JVM. Missing or
-   unrecognisable images are counted, listed and skipped; their copies leave
-   holes;
-4. **write**: positions are compacted over the holes (a copy's final position
+1. **place**: from the selection alone, every copy of every selected
+   example gets a global position by sorting on ``xxhash64(key, copy,
+   seed)`` (fixed hash ranges, exact counts, so no sampling is involved);
+   position // samples-per-shard is its shard;
+2. **fetch**: the copies meet their example's source location (file, row)
+   in the index, never its image bytes; each image is read once, in source
+   order (per file, by row, only the row groups needed; per ``uri``,
+   sorted), checked from its bytes, and the good copies go into sorted Arrow
+   IPC *run* files beside the output (one record batch per placed shard):
+   the one exchange of image bytes, done in Python so they never enter the
+   JVM. Keys the index lacks and missing or unrecognisable images are
+   counted, listed and skipped; their copies leave holes;
+3. **write**: positions are compacted over the holes (a copy's final position
    is its rank among the good copies, exactly as if the bad examples had never
    been selected); each writer task takes whole final shards, reads their
    batches of every run and writes the tars, with fixed tar metadata, under
@@ -107,12 +107,17 @@ def resolve_selection(path: str) -> tuple[str, str | None]:
 
 
 def _examples(table: pa.Table) -> np.ndarray:
-    """Start of each example in copy rows sorted by (file, row, copy): the
-    rows where (file, row) changes (plus the end)."""
+    """Start of each example in copy rows sorted by (file, row, key, copy):
+    the rows where (file, row, key) changes, plus the end. Copies of a key the
+    index lacks (no file) are an example per key."""
     n = table.num_rows
-    files = pc.dictionary_encode(table.column("file")).combine_chunks().indices.to_numpy(zero_copy_only=False)
-    rows = table.column("row").to_numpy()
-    change = np.flatnonzero((files[1:] != files[:-1]) | (rows[1:] != rows[:-1])) + 1
+
+    def codes(name):
+        return pc.fill_null(pc.dictionary_encode(table.column(name)).combine_chunks().indices, -1).to_numpy()
+
+    files, keys = codes("file"), codes("key")
+    rows = pc.fill_null(table.column("row"), -1).to_numpy()
+    change = np.flatnonzero((files[1:] != files[:-1]) | (rows[1:] != rows[:-1]) | (keys[1:] != keys[:-1])) + 1
     return np.concatenate([[0], change, [n]]).astype(np.int64)
 
 
@@ -126,17 +131,24 @@ def _duplicated(table: pa.Table, bounds: np.ndarray) -> list[str]:
 
 
 def _fetched(table: pa.Table, bounds: np.ndarray, column: str, emit) -> Iterator[pa.RecordBatch]:
-    """Read the images of copy rows sorted by (file, row, copy) (examples
-    start at ``bounds``), once per example and in source order (per file, by row, only the row groups
-    needed; per ``uri``, sorted), and ``emit(table, bounds, examples, heads,
-    images)`` for each batch of them: ``bounds`` delimit the examples' copy
+    """Read the images of copy rows sorted by (file, row, key, copy)
+    (examples start at ``bounds``), once per example and in source order (per
+    file, by row, only the row groups needed; per ``uri``, sorted), and
+    ``emit(table, bounds, examples, heads, images)`` for each batch of them
+    (first the examples the index lacks, with ``NOT_IN_INDEX``): ``bounds`` delimit the examples' copy
     rows, ``examples`` index them, ``heads`` are the first 16 bytes of each
     image (or why it could not be read), ``images`` the bytes as an Arrow
     array."""
     first = bounds[:-1]
+    files = table.column("file").take(pa.array(first)).to_pylist()
+    missing = np.array([f is None for f in files], bool)
+    for s in range(0, int(missing.sum()), IMAGE_BATCH_ROWS):
+        examples = np.flatnonzero(missing)[s:s + IMAGE_BATCH_ROWS]
+        yield emit(table, bounds, examples, [NOT_IN_INDEX] * len(examples), pa.nulls(len(examples), pa.binary()))
+    present = np.flatnonzero(~missing)
     if column == "image":
-        files = table.column("file").take(pa.array(first)).to_pylist()
-        rows = table.column("row").to_numpy()[first]
+        files = [files[i] for i in present.tolist()]
+        rows = pc.fill_null(table.column("row"), -1).to_numpy()[first][present]
         start = 0
         while start < len(files):
             end = start
@@ -144,11 +156,11 @@ def _fetched(table: pa.Table, bounds: np.ndarray, column: str, emit) -> Iterator
                 end += 1
             for examples, images in _read_inline(files[start], rows[start:end]):
                 heads = pc.binary_slice(images, 0, 16).to_pylist()
-                yield emit(table, bounds, examples + start, heads, images)
+                yield emit(table, bounds, present[examples + start], heads, images)
             start = end
     else:
         uris = table.column("uri").take(pa.array(first)).to_pylist()
-        order = sorted(range(len(uris)), key=lambda i: (uris[i] or "", i))
+        order = sorted(present.tolist(), key=lambda i: (uris[i] or "", i))
         for s in range(0, len(order), IMAGE_BATCH_ROWS):
             chunk = order[s:s + IMAGE_BATCH_ROWS]
             images = []
@@ -167,11 +179,13 @@ SPILLED_SCHEMA = ("path string, rows long, bytes long, "  # a run file written..
                   "key string, reason string, positions array<long>")  # ... or a bad example
 #: The ``reason`` of a key the selection holds in more than one row (not a bad image).
 DUPLICATE = "in more than one selection row"
+#: The ``reason`` of a selected key the index does not hold.
+NOT_IN_INDEX = "not in the source index"
 
 
 def _spill_partition(column: str, storage: dict, spill_dir: str, shards: int, samples_per_shard: int,
                      run_bytes: int):
-    """mapInArrow, the fetch pass: placed copy rows (sorted by file, row, copy)
+    """mapInArrow, the fetch pass: placed copy rows (sorted by file, row, key, copy)
     -> the good copies, with images, in sorted *run* files, and the bad
     examples (``SPILLED_SCHEMA``: a row per run, a row per bad example with
     the positions its copies leave empty).
@@ -513,15 +527,6 @@ def _long_array(values: Sequence[int]):
     return F.expr("array(" + ", ".join(f"{int(v)}L" for v in values) + ")")
 
 
-def _observed(observation) -> dict | None:
-    """An Observation's metrics, or None where Spark did not deliver them."""
-    try:
-        metrics = observation.get
-    except Exception:  # noqa: BLE001 - e.g. the observed plan was optimised away
-        return None
-    return metrics or None
-
-
 def _clean(output: str) -> None:
     """Remove an earlier incomplete run's shards, manifest and temporaries
     (and refuse a directory holding anything else)."""
@@ -541,7 +546,7 @@ def _config_from(resample_dir: str | None, total: int) -> tuple[ResampleConfig, 
 def run(spark, job: ShardJob) -> Manifest:
     """Write the shards; return the manifest (also at ``output/manifest.json``)."""
     from pyspark.sql import functions as F
-    from pyspark.sql import Observation, Window
+    from pyspark.sql import Window
 
     t0 = time.time()
     timings: dict[str, float] = {}
@@ -572,14 +577,6 @@ def run(spark, job: ShardJob) -> Manifest:
         selection = selection.withColumn("weight", F.lit(0.0))
     selection = selection.select(F.col("key").cast("string"), F.col("copies").cast("int"),
                                  F.col("weight").cast("double"))
-    # Counted while the selection is joined with the index (an Observation, no
-    # pass of its own); a key in more than one row is found where its copies
-    # meet (the fetch), or among the keys the index lacks.
-    selection_stats = Observation("selection")
-    selection_metrics = [F.count(F.lit(1)).alias("n"), F.min("copies").alias("min_copies"),
-                         F.sum("copies").alias("total")]
-    observed = selection.observe(selection_stats, *selection_metrics)
-
     index = spark.read.parquet(job.index)
     column = "image" if "image" in index.columns else "uri" if "uri" in index.columns else None
     if column is None or "key" not in index.columns or "labels" not in index.columns:
@@ -589,9 +586,6 @@ def run(spark, job: ShardJob) -> Manifest:
         F.col("key").cast("string").alias("key"), F.col("labels").cast("array<int>").alias("labels"),
         F.col("_metadata.file_path").alias("file"), F.col("_metadata.row_index").alias("row"),
         (F.col("uri") if column == "uri" else F.lit(None).cast("string")).alias("uri"))
-    # Keys, places in the source and what is carried into the shards: small,
-    # kept for the second pass so the index is scanned and joined once.
-    located = located.join(observed, on="key", how="inner").persist()
 
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(IMAGE_BATCH_ROWS))
     n_files = max(1, len(index.inputFiles()))
@@ -599,43 +593,27 @@ def run(spark, job: ShardJob) -> Manifest:
     storage = sio.storage_config()
     spill_dir = sio.join(job.spill_dir or sio.join(job.output, TEMPORARY), f"spill-{uuid.uuid4().hex[:12]}")
     try:
-        # Stage 2: place every copy of every selected example the index holds.
-        # Copies sort by h = xxhash64(key, copy, seed) within fixed hash ranges
-        # (the top bits of h); one aggregation counts the located rows and the
-        # copies per range, giving each range its first position.
-        samples = located.select("key", "file", "row", "uri", "labels", "weight",
-                                 F.explode(F.sequence(F.lit(0), F.col("copies") - 1)).alias("copy"))
+        # Stage 1: place every selected copy, from the selection alone. Copies
+        # sort by h = xxhash64(key, copy, seed) within fixed hash ranges (its top
+        # bits); one aggregation counts the copies per range (giving each range
+        # its first position) and checks the selection. A row with copies < 1
+        # still yields one row here, so that the check sees it.
+        samples = selection.select("key", "weight", F.col("copies").alias("copies_asked"), F.explode(F.sequence(
+            F.lit(0), F.greatest(F.coalesce(F.col("copies"), F.lit(0)), F.lit(1)) - 1)).alias("copy"))
         samples = samples.withColumn("h", F.xxhash64(F.col("key"), F.col("copy"), F.lit(job.seed).cast("long")))
         samples = samples.withColumn("range", F.shiftrightunsigned(F.col("h"), 64 - RANGE_BITS).cast("int"))
         per_range = (samples.groupBy("range")
                      .agg(F.count(F.lit(1)).alias("copies"),
-                          F.sum(F.when(F.col("copy") == 0, 1).otherwise(0)).alias("rows")).collect())
-        check = _observed(selection_stats) if per_range else None
-        if check is None:  # nothing joined: Spark may drop the observed side, so count it
-            check = selection.agg(*selection_metrics).first().asDict()
-        if check["n"] == 0:
+                          F.sum(F.when(F.col("copy") == 0, 1).otherwise(0)).alias("rows"),
+                          F.min(F.coalesce(F.col("copies_asked"), F.lit(0))).alias("min_copies")).collect())
+        unique = sum(int(r["rows"]) for r in per_range)  # selection rows
+        if unique == 0:
             raise SchemaError("selection is empty", file=selection_path)
-        if check["min_copies"] is None or check["min_copies"] < 1:
-            raise SchemaError(f"copies must be > 0 (found {check['min_copies']})", file=selection_path)
-        requested_total = int(check["total"])
+        min_copies = min(int(r["min_copies"]) for r in per_range)
+        if min_copies < 1:
+            raise SchemaError(f"copies must be > 0 (found {min_copies})", file=selection_path)
         counts = {r["range"]: int(r["copies"]) for r in per_range}
-        n_located = sum(int(r["rows"]) for r in per_range)
-        n_missing = int(check["n"]) - n_located  # selected keys the index does not have
-        if n_missing < 0:
-            dup = located.groupBy("key").count().where("count > 1").select("key").orderBy("key").first()
-            raise SchemaError(f"key {dup['key'] if dup else '?'!r} appears more than once in the source index",
-                              file=job.index)
-        missing_rows = []
-        if n_missing:
-            missing = (selection.join(index.select(F.col("key").cast("string")), on="key", how="left_anti")
-                       .groupBy("key").count())
-            twice = missing.where("count > 1").count()
-            if twice:
-                raise SchemaError(f"{twice} keys appear in more than one row", file=selection_path)
-            missing_rows = missing.select("key").orderBy("key").limit(1000).collect()
-        placed_total = sum(counts.values())
-        if placed_total == 0:
-            raise ValueError(f"none of the {int(check['n'])} selected keys is in the source index")
+        requested_total = sum(counts.values())
         offsets, acc = [], 0
         for r in range(1 << RANGE_BITS):
             offsets.append(acc)
@@ -643,17 +621,20 @@ def run(spark, job: ShardJob) -> Manifest:
         rank = F.row_number().over(Window.partitionBy("range").orderBy("h", "key", "copy"))
         placed = samples.withColumn(
             "position", F.element_at(_long_array(offsets), F.col("range") + 1) + rank - 1)
-        placed_shards = math.ceil(placed_total / job.samples_per_shard)
+        placed_shards = math.ceil(requested_total / job.samples_per_shard)
         copies = placed.select(
-            "key", "file", "row", "uri", "labels", "weight", F.col("copy").cast("int").alias("copy"),
+            "key", "weight", F.col("copy").cast("int").alias("copy"),
             (F.col("position") / job.samples_per_shard).cast("long").cast("int").alias("shard"),
             (F.col("position") % job.samples_per_shard).cast("int").alias("slot"))
         lap("place")
 
-        # Stage 3: read every image once, in source order, and check it; the good
-        # ones' copies go to sorted run files (one batch per placed shard), the
-        # bad ones are reported with the positions they leave empty.
-        spilled = (copies.repartition(tasks, "file").sortWithinPartitions("file", "row", "copy")
+        # Stage 2: find each copy's example in the index (a key the index lacks
+        # keeps its copies' places, as holes), read every image once, in source
+        # order, and check it; the good copies go to sorted run files (one
+        # batch per placed shard), the bad ones are reported with the
+        # positions they leave empty.
+        spilled = (copies.join(located, on="key", how="left")
+                   .repartition(tasks, "file").sortWithinPartitions("file", "row", "key", "copy")
                    .mapInArrow(_spill_partition(column, storage, spill_dir, placed_shards, job.samples_per_shard,
                                                 job.run_bytes), SPILLED_SCHEMA)
                    .collect())  # a row per run and per bad example: small
@@ -663,22 +644,23 @@ def run(spark, job: ShardJob) -> Manifest:
                               f"{sorted(duplicated)[:3]})", file=selection_path)
         runs = [r for r in spilled if r["path"] is not None]
         bad_found = sorted((r for r in spilled if r["key"] is not None), key=lambda r: r["key"])
-        run_paths = sorted(r["path"] for r in runs)
-        n_bad = len(bad_found) + n_missing
-        unique = int(check["n"])
-        bad_rows = bad_found[:1000]
-        if n_bad / unique > job.max_bad_fraction:
-            first = [r["key"] for r in bad_rows[:3]] + [r["key"] for r in missing_rows[:3]]
-            raise ValueError(f"{n_bad} of {unique} selected examples have a missing or unrecognisable "
-                             f"image ({n_bad / unique:.3%} > --max-bad-fraction {job.max_bad_fraction:.3%}); "
-                             f"first: {first}")
-        bad_records = ([{"key": r["key"], "reason": "not in the source index"} for r in missing_rows]
-                       + [{"key": r["key"], "reason": r["reason"]} for r in bad_rows])[:1000]
         holes = np.sort(np.array([p for r in bad_found for p in r["positions"]], np.int64))
         total = sum(int(r["rows"]) for r in runs)
-        if total + holes.size != placed_total:
+        if total + holes.size > requested_total:  # a copy met two index rows
+            dup = (located.join(selection.select("key"), on="key").groupBy("key").count()
+                   .where("count > 1").select("key").orderBy("key").first())
+            raise SchemaError(f"key {dup['key'] if dup else '?'!r} appears more than once in the source index",
+                              file=job.index)
+        if total + holes.size != requested_total:
             raise ValueError(f"internal error: runs hold {total} copies and {holes.size} were dropped, "
-                             f"expected {placed_total}")
+                             f"expected {requested_total}")
+        run_paths = sorted(r["path"] for r in runs)
+        n_bad = len(bad_found)
+        if n_bad / unique > job.max_bad_fraction:
+            raise ValueError(f"{n_bad} of {unique} selected examples have a missing or unrecognisable "
+                             f"image ({n_bad / unique:.3%} > --max-bad-fraction {job.max_bad_fraction:.3%}); "
+                             f"first: {[r['key'] for r in bad_found[:3]]}")
+        bad_records = [{"key": r["key"], "reason": r["reason"]} for r in bad_found[:1000]]
         if total == 0:
             raise ValueError("no selected example has a usable image")
         num_shards = math.ceil(total / job.samples_per_shard)
@@ -697,7 +679,6 @@ def run(spark, job: ShardJob) -> Manifest:
                 .collect())
         lap("write")
     finally:
-        located.unpersist()
         spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "65536")
         spill = sio.filesystem(spill_dir)
         if spill[0].exists(spill[1]):

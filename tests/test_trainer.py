@@ -35,6 +35,47 @@ def test_warmup_then_cosine():
     assert default_warmup(300, "pretrain") == 3 and default_lr(1024, "pretrain") == pytest.approx(0.4)
 
 
+MIXED_PRECISION_STEP = """
+import json, torch, torch.nn.functional as F
+from trainer import runtime as RT
+from trainer.models import SmallCNN
+from trainer.optim import deepspeed_config, make_optimizer, make_scheduler
+info = RT.setup_distributed()
+torch.manual_seed(0)
+model = SmallCNN(5)
+opt = make_optimizer(model, 0.1)
+engine, opt, sched = RT.initialize(model, opt, make_scheduler(opt, 10, 1),
+                                   deepspeed_config(8, 1, bf16=True, log_every=1000))
+x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 5, (8,))
+before = engine.module.fc.weight.detach().clone()
+logits = engine(x)
+loss = F.cross_entropy(logits.float(), y)
+engine.backward(loss)
+engine.step()
+bn = engine.module.features[1]
+print(json.dumps({"logits": str(logits.dtype), "weight": str(engine.module.fc.weight.dtype),
+                  "running_mean": str(bn.running_mean.dtype), "loss": loss.item(),
+                  "moved": (engine.module.fc.weight - before).abs().max().item()}))
+"""
+
+
+def test_mixed_precision_is_autocast_with_fp32_weights_and_batch_norm():
+    # DeepSpeed's own "bf16" mode casts the weights but keeps fp32 batch-norm
+    # buffers, which cuDNN's batch-norm backward rejects (seen on an H100); the
+    # trainer asks for autocast instead. Run on CPU here: one real step.
+    from trainer.optim import deepspeed_config
+    config = deepspeed_config(256, 2, bf16=True, log_every=10)
+    assert config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in config
+    assert "torch_autocast" not in deepspeed_config(256, 2, bf16=False, log_every=10)
+    proc = subprocess.run([sys.executable, "-c", MIXED_PRECISION_STEP], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["logits"] == "torch.bfloat16"  # computed in bfloat16 ...
+    assert out["weight"] == out["running_mean"] == "torch.float32"  # ... from fp32 weights and statistics
+    assert np.isfinite(out["loss"]) and out["moved"] > 0
+
+
 def test_soft_targets_are_normalised_multi_hot():
     t = soft_targets([[3], [3, 7], [9, 99]], {3: 0, 7: 1, 9: 2}, 3)
     assert t.tolist() == [[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]

@@ -66,7 +66,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_st
 
 def deepspeed_config(global_batch: int, world_size: int, *, bf16: bool, log_every: int) -> dict:
     """DeepSpeed config for data-parallel SGD: ``global_batch`` split evenly
-    across ranks, no gradient accumulation, ZeRO stage 0 (plain allreduce)."""
+    across ranks, no gradient accumulation, ZeRO stage 0 (plain allreduce);
+    ``bf16``: mixed precision on GPUs (autocast to bfloat16)."""
     if global_batch % world_size:
         raise ValueError(f"--batch-size {global_batch} is not divisible by the {world_size} ranks")
     return {
@@ -74,7 +75,10 @@ def deepspeed_config(global_batch: int, world_size: int, *, bf16: bool, log_ever
         "train_micro_batch_size_per_gpu": global_batch // world_size,
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": 0},
-        "bf16": {"enabled": bool(bf16)},
+        # bfloat16 compute under torch.autocast, fp32 master weights: batch norm
+        # stays fp32. (DeepSpeed's "bf16" mode casts parameters but keeps fp32
+        # buffers, which cuDNN's batch-norm backward refuses for CNNs.)
+        **({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}} if bf16 else {}),
         "steps_per_print": max(1, log_every) * 1000,
         "wall_clock_breakdown": False,
     }

@@ -594,9 +594,11 @@ def run(spark, job: ShardJob) -> Manifest:
     spill_dir = sio.join(job.spill_dir or sio.join(job.output, TEMPORARY), f"spill-{uuid.uuid4().hex[:12]}")
     try:
         # Stage 1: place every selected copy, from the selection alone. Copies
-        # sort by h = xxhash64(key, copy, seed) within fixed hash ranges (its top
-        # bits); one aggregation counts the copies per range (giving each range
-        # its first position) and checks the selection. A row with copies < 1
+        # sort by h = xxhash64(key, copy, seed) read as unsigned, then key and
+        # copy: within fixed hash ranges (its top bits, where the sign is
+        # constant), so the order does not depend on the number of ranges. One
+        # aggregation counts the copies per range (giving each range its first
+        # position) and checks the selection. A row with copies < 1
         # still yields one row here, so that the check sees it.
         samples = selection.select("key", "weight", F.col("copies").alias("copies_asked"), F.explode(F.sequence(
             F.lit(0), F.greatest(F.coalesce(F.col("copies"), F.lit(0)), F.lit(1)) - 1)).alias("copy"))

@@ -11,7 +11,7 @@ selected once:
   back to back to one file (the I/O floor);
 * ``TarWriter``: one process reads the index and writes the same samples
   (image + json) with ``webdataset.TarWriter`` into shards of the same size;
-* ``write_shards``: this project's Spark job (locate, fetch, place, write,
+* ``write_shards``: this project's Spark job (place, fetch, write,
   manifest) on ``--master``.
 
 Prints MB/s of image payload for each (best of ``--repeat`` runs: this

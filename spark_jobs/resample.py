@@ -387,7 +387,10 @@ def write_drawn(drawn, path: str, mode: str = "overwrite") -> tuple[dict[int, in
         F.count(F.col("key")).alias("rows"),
         F.sum(F.when(is_row, F.col("copies").cast("long"))).alias("copies"))
     observed.where(is_row).select("key", "copies", "weight").write.mode(mode).parquet(path)
-    metrics = obs.get
+    try:
+        metrics = obs.get
+    except Exception as e:  # noqa: BLE001 - Spark delivered no metrics for the write
+        raise ValueError(f"internal error: the draw's tallies did not come back with the write of {path}") from e
     per_set: dict[int, int] = {}
     histogram: dict[int, int] = {}
     for t in metrics["tallies"]:

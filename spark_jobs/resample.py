@@ -48,7 +48,7 @@ from schemas import (Hierarchy, ResampleConfig, SchemaError, parse_size, read_me
 from schemas import io as sio
 
 from . import sampling as S
-from .session import add_spark_arguments, inject_failure, run_cli
+from .session import StageTimer, add_spark_arguments, inject_failure, run_cli
 
 __all__ = ["ResampleJob", "LabelSets", "keyed", "distinct_label_sets", "weigh_label_sets",
            "candidate_bounds", "draw", "write_drawn", "run", "main"]
@@ -502,18 +502,11 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
     if job.exclude:
         excluded = spark.read.parquet(job.exclude).select("key").distinct()
         index_df = index_df.join(excluded, on="key", how="left_anti")
-    timings: dict[str, float] = {}
-    tick = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal tick
-        now = time.perf_counter()
-        timings[name] = round(now - tick, 3)
-        tick = now
+    stages = StageTimer()
 
     keyed_df = keyed(index_df, job.seed)
     weighted_sets = weigh_label_sets(distinct_label_sets(index_df), lw, job.aggregate)
-    lap("label_sets")
+    stages.lap("label_sets")
     n_records = int(pc.sum(weighted_sets.column("n")).as_py() or 0)
     if n_records == 0:
         raise SchemaError("source index has no examples" + (" left after --exclude" if job.exclude else ""),
@@ -535,7 +528,7 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
     # Whole waves of tasks: a last wave of one task on an idle cluster costs as much as a full one.
     cores = max(1, spark.sparkContext.defaultParallelism)
     partitions = cores * math.ceil(max(1, math.ceil(expected_candidates / job.rows_per_partition)) / cores)
-    lap("plan")
+    stages.lap("plan")
 
     planned = dict(zip(plan.class_ids.tolist(), plan.counts.tolist()))
     local = _is_local(job.output)
@@ -551,7 +544,7 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
         # The draw goes straight to the selection; its tallies come back with the write.
         per_set, histogram, total_copies, unique = write_drawn(
             draw(spark, keyed_df, plan, bounds, partitions, class_w), selection)
-        lap("draw")
+        stages.lap("draw")
         short = np.array(sorted(c for c, k in planned.items() if k and per_set.get(c, 0) != k), np.int64)
         if short.size:  # a class's bound fell short: draw it again from all its records
             redo_mask = np.isin(plan.class_ids, short)
@@ -566,7 +559,7 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
             histogram = dict(sorted(histogram.items()))
             total_copies += more[2]
             unique += more[3]
-            lap("redraw")
+            stages.lap("redraw")
         if total_copies != job.size or any(per_set.get(c, 0) != k for c, k in planned.items() if k):
             raise ValueError(f"internal error: drew {total_copies} copies, expected {job.size} "
                              "split as planned")
@@ -618,7 +611,7 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
     if "weights_metadata" in info:
         stats["weights_metadata"] = info["weights_metadata"]
     stats["seconds"] = round(time.time() - t0, 2)
-    stats["timings"] = timings
+    stats["timings"] = stages.timings
 
     sio.write_parquet_atomic(label_stats.drop(["realised_copies"]), sio.join(work, "label_stats.parquet"))
     plot_label_stats(label_stats, sio.join(work, "label_stats.png"), vocab_names)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 
 __all__ = ["get_session", "local_driver_memory", "local_cores", "inject_failure", "add_spark_arguments",
-           "run_job", "run_cli"]
+           "run_job", "run_cli", "StageTimer"]
 
 #: Environment variable that makes the first attempt of each task fail (tests
 #: of retries): a comma-separated list of stage names, or ``all``.
@@ -83,6 +84,20 @@ def get_session(app_name: str, master: str | None = None, *, driver_memory: str 
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark
+
+
+class StageTimer:
+    """Seconds per job stage: ``lap(name)`` records the time since the last lap
+    (or since the timer was made) in ``timings`` (rounded to ms)."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._tick = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(now - self._tick, 3)
+        self._tick = now
 
 
 def inject_failure(stage: str) -> None:

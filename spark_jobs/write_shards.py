@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 from schemas import Manifest, ResampleConfig, SchemaError, ShardInfo, parse_size
 from schemas import io as sio
 
-from .session import add_spark_arguments, inject_failure, run_cli
+from .session import StageTimer, add_spark_arguments, inject_failure, run_cli
 from .shards import SHARD_NAME_RE, image_extension, sample_json, sample_key, shard_name, write_tar
 
 __all__ = ["ShardJob", "run", "main", "resolve_selection"]
@@ -135,29 +135,25 @@ def _fetched(table: pa.Table, bounds: np.ndarray, column: str, emit) -> Iterator
     (examples start at ``bounds``), once per example and in source order (per
     file, by row, only the row groups needed; per ``uri``, sorted), and
     ``emit(table, bounds, examples, heads, images)`` for each batch of them
-    (first the examples the index lacks, with ``NOT_IN_INDEX``): ``bounds`` delimit the examples' copy
-    rows, ``examples`` index them, ``heads`` are the first 16 bytes of each
+    (first the examples the index lacks, with ``NOT_IN_INDEX``): ``bounds``
+    delimit the examples' copy rows, ``examples`` index them, ``heads`` are the first 16 bytes of each
     image (or why it could not be read), ``images`` the bytes as an Arrow
     array."""
     first = bounds[:-1]
-    files = table.column("file").take(pa.array(first)).to_pylist()
-    missing = np.array([f is None for f in files], bool)
+    file_col = table.column("file").take(pa.array(first))
+    missing = pc.is_null(file_col).to_numpy(zero_copy_only=False)
     for s in range(0, int(missing.sum()), IMAGE_BATCH_ROWS):
         examples = np.flatnonzero(missing)[s:s + IMAGE_BATCH_ROWS]
         yield emit(table, bounds, examples, [NOT_IN_INDEX] * len(examples), pa.nulls(len(examples), pa.binary()))
     present = np.flatnonzero(~missing)
     if column == "image":
-        files = [files[i] for i in present.tolist()]
+        files = file_col.take(pa.array(present))
+        codes = pc.dictionary_encode(files).combine_chunks().indices.to_numpy(zero_copy_only=False)
         rows = pc.fill_null(table.column("row"), -1).to_numpy()[first][present]
-        start = 0
-        while start < len(files):
-            end = start
-            while end < len(files) and files[end] == files[start]:
-                end += 1
-            for examples, images in _read_inline(files[start], rows[start:end]):
+        for start, end in zip(*_runs_of(codes)):  # the examples of one file (sorted by file)
+            for examples, images in _read_inline(files[int(start)].as_py(), rows[start:end]):
                 heads = pc.binary_slice(images, 0, 16).to_pylist()
                 yield emit(table, bounds, present[examples + start], heads, images)
-            start = end
     else:
         uris = table.column("uri").take(pa.array(first)).to_pylist()
         order = sorted(present.tolist(), key=lambda i: (uris[i] or "", i))
@@ -324,7 +320,7 @@ def _placed_batch(table: pa.Table, bounds: np.ndarray, examples: np.ndarray, hea
     exts, reasons = _verdicts(heads)
     counts = bounds[examples + 1] - bounds[examples]
     owner = np.repeat(np.arange(len(examples)), counts)
-    rows = np.repeat(bounds[examples] - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+    rows = _concat_ranges(bounds[examples], counts)
     ok = np.array([e is not None for e in exts], bool)
     if not ok.all():
         shard = table.column("shard").to_numpy()
@@ -429,9 +425,7 @@ def _write_sorted(table: pa.Table, output: str, prefix: str, samples_per_shard: 
         rows = order[a:b].tolist()
         items = [(sample_key(k, c), e, views[i], sample_json(k, c, lab, w)) for i, k, c, e, lab, w in zip(
             rows, *([col[i] for i in rows] for col in cols.values()))]
-        lengths = label_offsets[1:][order[a:b]] - label_offsets[:-1][order[a:b]]
-        mine = labels_flat[np.repeat(label_offsets[:-1][order[a:b]] - np.cumsum(lengths) + lengths, lengths)
-                           + np.arange(lengths.sum())]
+        mine = labels_flat[_concat_ranges(label_offsets[:-1][order[a:b]], np.diff(label_offsets)[order[a:b]])]
         values, counts = np.unique(mine, return_counts=True)
 
         def samples(items=items):
@@ -451,6 +445,12 @@ def _write_sorted(table: pa.Table, output: str, prefix: str, samples_per_shard: 
         results.append((shard, temp, n, size, digest,
                         json.dumps({int(v): int(c) for v, c in zip(values, counts)}, sort_keys=True)))
     return results
+
+
+def _concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """``concat(arange(s, s + n) for s, n in zip(starts, lengths))``, vectorised."""
+    lengths = np.asarray(lengths, np.int64)
+    return np.repeat(np.asarray(starts, np.int64) - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
 
 
 def _runs_of(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -549,14 +549,7 @@ def run(spark, job: ShardJob) -> Manifest:
     from pyspark.sql import Window
 
     t0 = time.time()
-    timings: dict[str, float] = {}
-    tick = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal tick
-        now = time.perf_counter()
-        timings[name] = round(now - tick, 3)
-        tick = now
+    stages = StageTimer()
 
     manifest_path = sio.join(job.output, "manifest.json")
     if sio.exists(sio.join(job.output, "_SUCCESS")) and not job.overwrite:
@@ -628,7 +621,7 @@ def run(spark, job: ShardJob) -> Manifest:
             "key", "weight", F.col("copy").cast("int").alias("copy"),
             (F.col("position") / job.samples_per_shard).cast("long").cast("int").alias("shard"),
             (F.col("position") % job.samples_per_shard).cast("int").alias("slot"))
-        lap("place")
+        stages.lap("place")
 
         # Stage 2: find each copy's example in the index (a key the index lacks
         # keeps its copies' places, as holes), read every image once, in source
@@ -666,7 +659,7 @@ def run(spark, job: ShardJob) -> Manifest:
         if total == 0:
             raise ValueError("no selected example has a usable image")
         num_shards = math.ceil(total / job.samples_per_shard)
-        lap("fetch")
+        stages.lap("fetch")
 
         # Stage 4: each writer takes whole final shards (positions compacted over
         # the holes), reads their batches of every run and writes them.
@@ -679,7 +672,7 @@ def run(spark, job: ShardJob) -> Manifest:
                 .mapInArrow(_write_from_runs(run_paths, holes, shards_per_writer, num_shards, job.output,
                                              job.prefix, job.samples_per_shard, total, storage), WRITTEN_SCHEMA)
                 .collect())
-        lap("write")
+        stages.lap("write")
     finally:
         spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "65536")
         spill = sio.filesystem(spill_dir)
@@ -713,7 +706,7 @@ def run(spark, job: ShardJob) -> Manifest:
         label_distribution=label_counts, bad_records=bad_records,
         extra={"samples_per_shard": job.samples_per_shard, "prefix": job.prefix, "seed": job.seed,
                "requested_samples": requested_total, "bad_examples": n_bad, "image_source": column,
-               "seconds": round(time.time() - t0, 2), "timings": timings})
+               "seconds": round(time.time() - t0, 2), "timings": stages.timings})
     sio.write_bytes_atomic(manifest_path, manifest.to_json())
     sio.write_bytes_atomic(sio.join(job.output, "_SUCCESS"), "")
     return manifest

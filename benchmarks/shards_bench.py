@@ -14,9 +14,11 @@ selected once:
 * ``write_shards``: this project's Spark job (place, fetch, write,
   manifest) on ``--master``.
 
-Prints MB/s of image payload for each (best of ``--repeat`` runs: this
-machine is noisy), and write_shards' throughput per core used against
-TarWriter's (goal: >= 0.8x). Nothing is asserted.
+Runs them in rounds, one of each per round (so that a slow spell of this
+shared machine hits all alike; dirty pages are flushed before each), and
+prints MB/s of image payload for each (best of ``--repeat`` rounds) and
+write_shards' throughput per core used against TarWriter's (goal: >= 0.8x).
+Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -66,7 +68,16 @@ def make_index(path: str, images: int, seed: int = 0) -> int:
     return total
 
 
+def settled() -> None:
+    """Flush dirty pages before a timed run, so that no run pays for the
+    write-back of an earlier one's output (2 cores: the kernel's flusher
+    threads compete with the job)."""
+    os.sync()
+    time.sleep(0.5)
+
+
 def raw_copy(index: str, out: str) -> float:
+    settled()
     start = time.perf_counter()
     with open(out, "wb") as fh:
         for f in sorted(os.listdir(index)):
@@ -79,6 +90,7 @@ def raw_copy(index: str, out: str) -> float:
 def tar_writer(index: str, out: str, per_shard: int) -> float:
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
+    settled()
     start = time.perf_counter()
     with wds.ShardWriter(os.path.join(out, "shard-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
         for f in sorted(os.listdir(index)):
@@ -107,22 +119,27 @@ def main(argv=None) -> int:
     selection = os.path.join(args.work, f"selection-{args.images}.parquet")
     pq.write_table(pa.table({"key": keys, "copies": pa.array(np.ones(len(keys), np.int32)),
                              "weight": np.ones(len(keys))}), selection)
-    t_raw = min(raw_copy(index, os.path.join(args.work, "raw.bin")) for _ in range(args.repeat))
-    t_tar = min(tar_writer(index, os.path.join(args.work, "tarwriter"), args.samples_per_shard)
-                for _ in range(args.repeat))
     spark = get_session("shards-bench", args.master)
     cores = spark.sparkContext.defaultParallelism
     out = os.path.join(args.work, "ours")
     W.run(spark, W.ShardJob(selection=selection, index=index, output=out + "-warm",
                             samples_per_shard=args.samples_per_shard, overwrite=True))
-    t_ours, manifest = float("inf"), None
+    # Side by side: each round runs the three once, so that a slow spell of
+    # this shared machine hits them alike.
+    raws, tars, ours, manifest = [], [], [], None
     for _ in range(args.repeat):
+        raws.append(raw_copy(index, os.path.join(args.work, "raw.bin")))
+        tars.append(tar_writer(index, os.path.join(args.work, "tarwriter"), args.samples_per_shard))
+        settled()
         start = time.perf_counter()
         m = W.run(spark, W.ShardJob(selection=selection, index=index, output=out,
                                     samples_per_shard=args.samples_per_shard, overwrite=True))
-        elapsed = time.perf_counter() - start
-        if elapsed < t_ours:
-            t_ours, manifest = elapsed, m
+        ours.append(time.perf_counter() - start)
+        if ours[-1] == min(ours):
+            manifest = m
+        print(f"round {len(ours)}: raw {raws[-1]:.2f}s, TarWriter {tars[-1]:.2f}s, write_shards {ours[-1]:.2f}s",
+              flush=True)
+    t_raw, t_tar, t_ours = min(raws), min(tars), min(ours)
     spark.stop()
     per_core = (mb / t_ours / cores) / (mb / t_tar)
     print(f"raw copy      {t_raw:6.2f}s  {mb / t_raw:7.1f} MB/s")

@@ -6,26 +6,28 @@
       [--samples-per-shard 10000] [--prefix shard] [--seed 0] [--overwrite] \\
       [--max-bad-fraction 0.001] [--spill-dir DIR] [--run-bytes 64M] [--master local[*]]
 
-Stages (all deterministic for a given selection, index and seed):
+Where a copy goes: copies are ordered by ``h = xxhash64(key, copy, seed)``
+read as unsigned (ties, practically never, by key then copy), and a good
+copy's position in the output is its rank in that order among the good copies
+(exactly as if the bad examples had never been selected); position //
+samples-per-shard is its shard. No stage sorts the selection for this:
 
-1. **place**: from the selection alone, every copy of every selected
-   example gets a global position by sorting on ``xxhash64(key, copy,
-   seed)`` (fixed hash ranges, exact counts, so no sampling is involved);
-   position // samples-per-shard is its shard;
-2. **fetch**: the copies meet their example's source location (file, row)
-   in the index, never its image bytes; each image is read once, in source
-   order (per file, by row, only the row groups needed; per ``uri``,
-   sorted), checked from its bytes, and the good copies go into sorted Arrow
-   IPC *run* files beside the output (one record batch per placed shard):
-   the one exchange of image bytes, done in Python so they never enter the
-   JVM. Keys the index lacks and missing or unrecognisable images are
-   counted, listed and skipped; their copies leave holes;
-3. **write**: positions are compacted over the holes (a copy's final position
-   is its rank among the good copies, exactly as if the bad examples had never
-   been selected); each writer task takes whole final shards, reads their
-   batches of every run and writes the tars, with fixed tar metadata, under
-   attempt-specific temporary names; the driver keeps what successful
-   attempts reported, renames, writes ``manifest.json`` and then ``_SUCCESS``.
+1. **fetch**: each copy meets its example's source location (file, row) in
+   the index, never its image bytes; each image is read once, in source order
+   (per file, by row, only the row groups needed; per ``uri``, sorted),
+   checked from its bytes, and the good copies go into Arrow IPC *run* files
+   beside the output, sorted by ``h`` and cut into record batches at *bucket*
+   boundaries (a bucket: the copies sharing the top bits of ``h``, about two
+   per shard). This is the one exchange of image bytes, done in Python so
+   they never enter the JVM. Each task also tallies its good copies per
+   bucket. Keys the index lacks and missing or unrecognisable images are
+   counted, listed and skipped;
+2. **write**: the exact bucket tallies give every bucket its first position;
+   each writer task takes whole shards, reads the batches of their buckets
+   from every run, ranks those copies by ``h`` and writes the tars, with fixed
+   tar metadata, under attempt-specific temporary names; the driver keeps
+   what successful attempts reported, renames, writes ``manifest.json`` and
+   then ``_SUCCESS``.
 """
 
 from __future__ import annotations
@@ -59,9 +61,14 @@ IMAGE_BATCH_ROWS = 256
 #: Bytes of copies a fetch task gathers in memory before writing one sorted run
 #: (its peak memory is about twice this: the images read, then the sorted run).
 RUN_BYTES = 64 << 20
-#: Copies are placed by sorting on a hash within 2**RANGE_BITS fixed ranges of
-#: it (the top bits): the ranges sort in parallel, counted in one aggregation.
-RANGE_BITS = 8
+#: Buckets (of the placement hash's top bits) per shard: a writer reads at most
+#: two buckets it only partly needs, so more buckets mean less over-reading.
+BUCKETS_PER_SHARD = 2
+#: At most 2**MAX_BUCKET_BITS buckets.
+MAX_BUCKET_BITS = 20
+#: A run is cut into record batches of about 1/RUN_BATCHES of its image bytes
+#: (at bucket boundaries): the unit a shard writer reads (4 MiB for 64 MiB runs).
+RUN_BATCHES = 16
 #: Bytes of images one shard-writing task reads (it takes whole shards).
 WRITER_BYTES = 1 << 30
 
@@ -172,26 +179,27 @@ def _fetched(table: pa.Table, bounds: np.ndarray, column: str, emit) -> Iterator
 
 
 SPILLED_SCHEMA = ("path string, rows long, bytes long, "  # a run file written...
-                  "key string, reason string, positions array<long>")  # ... or a bad example
+                  "key string, reason string, "  # ... or a bad example (rows: its copies)...
+                  "buckets array<int>, counts array<long>")  # ... or the task's good copies per bucket
 #: The ``reason`` of a key the selection holds in more than one row (not a bad image).
 DUPLICATE = "in more than one selection row"
 #: The ``reason`` of a selected key the index does not hold.
 NOT_IN_INDEX = "not in the source index"
 
 
-def _spill_partition(column: str, storage: dict, spill_dir: str, shards: int, samples_per_shard: int,
-                     run_bytes: int):
-    """mapInArrow, the fetch pass: placed copy rows (sorted by file, row, key, copy)
-    -> the good copies, with images, in sorted *run* files, and the bad
-    examples (``SPILLED_SCHEMA``: a row per run, a row per bad example with
-    the positions its copies leave empty).
+def _spill_partition(column: str, storage: dict, spill_dir: str, bucket_bits: int, run_bytes: int):
+    """mapInArrow, the fetch pass: copy rows (sorted by file, row, key, copy)
+    -> the good copies, with images, in sorted *run* files, the bad examples
+    and the task's tally of good copies per bucket (``SPILLED_SCHEMA``: a row
+    per run, a row per bad example, one tally row).
 
     Each image is read once, in source order, and checked from its bytes. A
     run is an Arrow IPC file of the copies a task gathered (up to
-    ``run_bytes`` of images), sorted by (shard, slot), holding exactly one
-    record batch per placed shard. Image bytes go from the Parquet read to the
-    run file without entering the JVM; the file name is unique to the
-    attempt, and only the runs of successful attempts are reported.
+    ``run_bytes`` of images), sorted by ``h`` (:func:`hash_order`) and cut
+    into record batches at bucket boundaries (:func:`_write_run`). Image
+    bytes go from the Parquet read to the run file without entering the JVM;
+    the file name is unique to the attempt, and only the runs of successful
+    attempts are reported.
     """
 
     def spill(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -199,12 +207,14 @@ def _spill_partition(column: str, storage: dict, spill_dir: str, shards: int, sa
         attempt = _attempt_id()
         gathered: list[pa.RecordBatch] = []
         pool: list[pa.Array] = []  # the images read, referenced by the gathered rows
-        bad: list[tuple[str, str, list[int]]] = []
+        bad: list[tuple[str, str, int]] = []
+        tally = np.zeros(1 << bucket_bits, np.int64)
         pooled = size = 0
+        batch_bytes = max(1, run_bytes // RUN_BATCHES)
 
         def place(table, bounds, examples, heads, images):
             nonlocal pooled
-            batch = _placed_batch(table, bounds, examples, heads, images, pooled, samples_per_shard, bad)
+            batch = _good_copies(table, bounds, examples, heads, images, pooled, bad)
             pool.append(images)
             pooled += len(images)
             return batch
@@ -217,29 +227,30 @@ def _spill_partition(column: str, storage: dict, spill_dir: str, shards: int, sa
         runs = []
         duplicated = _duplicated(table, bounds)
         if duplicated:  # reported, nothing read: the driver refuses the selection
-            bad.extend((key, DUPLICATE, []) for key in duplicated)
+            bad.extend((key, DUPLICATE, 0) for key in duplicated)
             table, bounds = table.slice(0, 0), bounds[:1]
         for batch in _fetched(table, bounds, column, place):
             gathered.append(batch)
             size += pool[-1].nbytes
             if size >= run_bytes:
-                runs.append(_write_run(gathered, pool, spill_dir, attempt, len(runs), shards))
+                runs.append(_write_run(gathered, pool, spill_dir, attempt, len(runs), bucket_bits, batch_bytes,
+                                       tally))
                 gathered, pool, pooled, size = [], [], 0, 0
         if gathered:
-            runs.append(_write_run(gathered, pool, spill_dir, attempt, len(runs), shards))
+            runs.append(_write_run(gathered, pool, spill_dir, attempt, len(runs), bucket_bits, batch_bytes,
+                                   tally))
         inject_failure("spill")  # after the runs are written: they must be ignored
-        n = len(runs) + len(bad)
-        if n:
-            runs_cols = list(zip(*runs)) if runs else [(), (), ()]
-            bad_cols = list(zip(*bad)) if bad else [(), (), ()]
-            none = [None] * len(bad)
-            yield pa.RecordBatch.from_arrays(
-                [pa.array(list(runs_cols[0]) + none, pa.string()), pa.array(list(runs_cols[1]) + none, pa.int64()),
-                 pa.array(list(runs_cols[2]) + none, pa.int64()),
-                 pa.array([None] * len(runs) + list(bad_cols[0]), pa.string()),
-                 pa.array([None] * len(runs) + list(bad_cols[1]), pa.string()),
-                 pa.array([None] * len(runs) + list(bad_cols[2]), pa.list_(pa.int64()))],
-                names=["path", "rows", "bytes", "key", "reason", "positions"])
+        used = np.flatnonzero(tally)
+        none = [None] * (len(runs) + len(bad))
+        yield pa.RecordBatch.from_arrays(
+            [pa.array([r[0] for r in runs] + [None] * (len(bad) + 1), pa.string()),
+             pa.array([r[1] for r in runs] + [b[2] for b in bad] + [None], pa.int64()),
+             pa.array([r[2] for r in runs] + [None] * (len(bad) + 1), pa.int64()),
+             pa.array([None] * len(runs) + [b[0] for b in bad] + [None], pa.string()),
+             pa.array([None] * len(runs) + [b[1] for b in bad] + [None], pa.string()),
+             pa.array(none + [used.astype(np.int32)], pa.list_(pa.int32())),
+             pa.array(none + [tally[used]], pa.list_(pa.int64()))],
+            names=["path", "rows", "bytes", "key", "reason", "buckets", "counts"])
 
     return spill
 
@@ -253,47 +264,89 @@ def _attempt_id() -> str:
     return f"{base}-{uuid.uuid4().hex[:8]}"
 
 
-def _place_order(table: pa.Table) -> np.ndarray:
-    """The permutation that sorts rows by (shard, slot)."""
-    return np.lexsort((table.column("slot").to_numpy(), table.column("shard").to_numpy()))
+def hash_order(h: np.ndarray, keys: pa.Array | pa.ChunkedArray, copies: np.ndarray) -> np.ndarray:
+    """The permutation that sorts copies by ``h`` read as unsigned, then key
+    (as Spark and Python compare strings: by code point), then copy."""
+    u = np.asarray(h, np.int64).view(np.uint64)
+    perm = np.argsort(u, kind="stable")
+    su = u[perm]
+    edge = np.diff(np.concatenate([[0], (su[1:] == su[:-1]).astype(np.int8), [0]]))
+    for a, b in zip(np.flatnonzero(edge == 1).tolist(), (np.flatnonzero(edge == -1) + 1).tolist()):
+        # Equal 64-bit hashes (practically never): by key, then copy.
+        members = perm[a:b].tolist()
+        perm[a:b] = sorted(members, key=lambda i: (keys[i].as_py(), int(copies[i])))
+    return perm
+
+
+def bucket_of(h: np.ndarray, bucket_bits: int) -> np.ndarray:
+    """The bucket of each placement hash: its top ``bucket_bits`` bits (unsigned)."""
+    if bucket_bits == 0:
+        return np.zeros(len(h), np.int64)
+    return (np.asarray(h, np.int64).view(np.uint64) >> np.uint64(64 - bucket_bits)).astype(np.int64)
 
 
 def _write_run(batches: list[pa.RecordBatch], pool: list[pa.Array], spill_dir: str, attempt: str, index: int,
-               shards: int) -> tuple[str, int, int]:
-    """Write one sorted run file (see :func:`_spill_partition`): the gathered
-    rows in (shard, slot) order with their images taken from ``pool`` (the
-    one copy of the bytes); return ``(path, rows, bytes)``."""
+               bucket_bits: int, batch_bytes: int, tally: np.ndarray) -> tuple[str, int, int]:
+    """Write one run file (see :func:`_spill_partition`): the gathered rows in
+    :func:`hash_order` with their images taken from ``pool`` (the one copy of
+    the bytes), in record batches of about ``batch_bytes`` of images cut
+    at bucket boundaries; the schema's ``first_buckets`` metadata holds each
+    batch's first bucket. Adds the rows per bucket to ``tally``; returns
+    ``(path, rows, bytes)``."""
     meta = pa.Table.from_batches(batches).combine_chunks()
-    perm = _place_order(meta)
+    perm = hash_order(meta.column("h").to_numpy(), meta.column("key"), meta.column("copy").to_numpy())
     images = gather_binary(pool, meta.column("image_ref").to_numpy()[perm])
     table = (meta.drop_columns(["image_ref"]).take(pa.array(perm)).combine_chunks()
              .append_column("image", images))
-    bounds = np.searchsorted(table.column("shard").to_numpy(), np.arange(shards + 1), side="left")
+    buckets = bucket_of(table.column("h").to_numpy(), bucket_bits)
+    tally += np.bincount(buckets, minlength=tally.size)
+    # Cut where a bucket starts, once a batch holds batch_bytes of images.
+    starts = np.flatnonzero(np.diff(buckets, prepend=-1))
+    offsets = _offsets(images)
+    cuts, last = [0], 0
+    for s in starts[1:].tolist():
+        if offsets[s] - offsets[last] >= batch_bytes:
+            cuts.append(s)
+            last = s
+    cuts.append(table.num_rows)
+    first_buckets = [int(buckets[c]) for c in cuts[:-1]] if table.num_rows else []
+    schema = table.schema.with_metadata({"first_buckets": json.dumps(first_buckets)})
     cols = [c.chunk(0) if c.num_chunks else pa.array([], c.type) for c in table.columns]
     path = sio.join(spill_dir, f"run-{attempt}-{index:04d}.arrow")
     fs, p = sio.filesystem(path)
     fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(p, "wb") as fh:
-        with pa.ipc.new_file(fh, table.schema) as out:
-            for w in range(shards):
-                a, b = int(bounds[w]), int(bounds[w + 1])
-                out.write_batch(pa.record_batch([c.slice(a, b - a) for c in cols], schema=table.schema))
+        with pa.ipc.new_file(fh, schema) as out:
+            for a, b in zip(cuts[:-1], cuts[1:]):
+                out.write_batch(pa.record_batch([c.slice(a, b - a) for c in cols], schema=schema))
     return path, table.num_rows, int(table.nbytes)
 
 
-def _read_runs(paths: Sequence[str], first: int, last: int) -> pa.Table | None:
-    """Batches ``first..last`` (placed shards) of every run file, as one table
-    (memory-mapped for local files; consecutive batches are adjacent in a
-    run, so remote reads are sequential)."""
-    batches = []
+def _read_runs(paths: Sequence[str], first: int, last: int, bucket_bits: int) -> tuple[pa.Table, list]:
+    """The copies of buckets ``first..last`` from every run file: a table of
+    all but their images, and their images as memoryviews (reading only the
+    batches that hold them: memory-mapped for local files, ranged reads
+    otherwise; the image bytes are not copied)."""
+    parts = []
     for path in paths:
         fs, p = sio.filesystem(path)
         local = "file" in fs.protocol or "local" in fs.protocol
         with contextlib.nullcontext(pa.memory_map(p)) if local else fs.open(p, "rb") as source:
             reader = pa.ipc.open_file(source)
-            batches += [reader.get_batch(i) for i in range(first, last + 1)]
-    batches = [b for b in batches if b.num_rows]
-    return pa.Table.from_batches(batches) if batches else None
+            starts = json.loads(reader.schema.metadata[b"first_buckets"])
+            # Cuts fall where a bucket starts: batch i holds buckets starts[i] .. starts[i + 1] - 1.
+            ends = starts[1:] + [1 << bucket_bits]
+            for i, (a, b) in enumerate(zip(starts, ends)):
+                if a <= last and b > first:
+                    parts.append(reader.get_batch(i))
+    parts = [b for b in parts if b.num_rows]
+    if not parts:
+        return pa.table({}), []
+    table = pa.Table.from_batches(parts)
+    buckets = bucket_of(table.column("h").to_numpy(), bucket_bits)
+    keep = np.flatnonzero((buckets >= first) & (buckets <= last))
+    views = [v for chunk in table.column("image").chunks for v in binary_views(chunk)]
+    return table.drop_columns(["image"]).take(pa.array(keep)), [views[i] for i in keep.tolist()]
 
 
 def _verdicts(heads: list) -> tuple[list, list]:
@@ -311,31 +364,27 @@ def _verdicts(heads: list) -> tuple[list, list]:
     return exts, reasons
 
 
-def _placed_batch(table: pa.Table, bounds: np.ndarray, examples: np.ndarray, heads: list, images: pa.Array,
-                  first_image: int, samples_per_shard: int, bad: list) -> pa.RecordBatch:
-    """The copy rows of a batch's good examples with their places and the
-    index of their image (``first_image`` + position in ``images``), not the
-    bytes. Bad examples go to ``bad`` as (key, reason, positions of their
-    copies)."""
+def _good_copies(table: pa.Table, bounds: np.ndarray, examples: np.ndarray, heads: list, images: pa.Array,
+                 first_image: int, bad: list) -> pa.RecordBatch:
+    """The copy rows of a batch's good examples with the index of their image
+    (``first_image`` + position in ``images``), not the bytes. Bad examples
+    go to ``bad`` as (key, reason, copies)."""
     exts, reasons = _verdicts(heads)
     counts = bounds[examples + 1] - bounds[examples]
     owner = np.repeat(np.arange(len(examples)), counts)
     rows = _concat_ranges(bounds[examples], counts)
     ok = np.array([e is not None for e in exts], bool)
     if not ok.all():
-        shard = table.column("shard").to_numpy()
-        slot = table.column("slot").to_numpy()
+        keys = table.column("key")
         for i in np.flatnonzero(~ok).tolist():
-            mine = rows[owner == i]
-            bad.append((table.column("key")[int(mine[0])].as_py(), reasons[i],
-                        (shard[mine].astype(np.int64) * samples_per_shard + slot[mine]).tolist()))
+            bad.append((keys[int(bounds[examples[i]])].as_py(), reasons[i], int(counts[i])))
         keep = ok[owner]
         rows, owner = rows[keep], owner[keep]
-    carried = table.select(["key", "copy", "shard", "slot", "labels", "weight"]).take(pa.array(rows))
+    carried = table.select(["key", "copy", "h", "labels", "weight"]).take(pa.array(rows))
     return pa.RecordBatch.from_arrays(
         [*(c.combine_chunks() for c in carried.columns),
          pa.array(owner + first_image, pa.int64()), pa.array([exts[i] for i in owner.tolist()], pa.string())],
-        names=["key", "copy", "shard", "slot", "labels", "weight", "image_ref", "ext"])
+        names=["key", "copy", "h", "labels", "weight", "image_ref", "ext"])
 
 
 def _read_inline(path: str, rows: np.ndarray) -> Iterator[tuple[np.ndarray, pa.Array]]:
@@ -399,34 +448,24 @@ def binary_views(array: pa.Array) -> list:
     return [data[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
-def _write_sorted(table: pa.Table, output: str, prefix: str, samples_per_shard: int, total: int,
+def _write_sorted(table: pa.Table, images: list, first: int, output: str, prefix: str, samples_per_shard: int, total: int,
                   attempt: str) -> list[tuple]:
-    """Write the shards of ``table`` (whole shards, any row order) in (shard,
-    slot) order, each streamed to ``output/_temporary/<name>.<attempt>``;
+    """Write the copies of ``table`` with their ``images`` (memoryviews), in
+    order, as the shards from position ``first`` (a shard's first) on, each shard streamed to ``output/_temporary/<name>.<attempt>``;
     nothing is final until the driver renames what successful attempts
     reported. Images are read in place (memoryviews), never copied before the
     tar block that holds them."""
-
-    if table.column("image").null_count:
-        raise ValueError("internal error: a null image reached the shard writer")
-    order = _place_order(table)
-    shards = table.column("shard").to_numpy()[order]
-    slots = table.column("slot").to_numpy()[order]
-    views = [v for chunk in table.column("image").chunks for v in binary_views(chunk)]
-    cols = {c: table.column(c).to_pylist() for c in ("key", "copy", "ext", "labels", "weight")}
+    cols = [table.column(c).to_pylist() for c in ("key", "copy", "ext", "labels", "weight")]
     labels_flat = pc.list_flatten(table.column("labels")).to_numpy(zero_copy_only=False)
     label_offsets = np.concatenate([[0], np.cumsum(pc.list_value_length(table.column("labels"))
                                                    .to_numpy(zero_copy_only=False))])
     results = []
-    for a, b in zip(*_runs_of(shards)):
-        shard = int(shards[a])
-        if not np.array_equal(slots[a:b], np.arange(b - a)):
-            raise ValueError(f"internal error: shard {shard} slots are not 0..{b - a - 1}")
-        rows = order[a:b].tolist()
-        items = [(sample_key(k, c), e, views[i], sample_json(k, c, lab, w)) for i, k, c, e, lab, w in zip(
-            rows, *([col[i] for i in rows] for col in cols.values()))]
-        mine = labels_flat[_concat_ranges(label_offsets[:-1][order[a:b]], np.diff(label_offsets)[order[a:b]])]
-        values, counts = np.unique(mine, return_counts=True)
+    for a in range(0, table.num_rows, samples_per_shard):
+        b = min(table.num_rows, a + samples_per_shard)
+        shard = (first + a) // samples_per_shard
+        items = [(sample_key(k, c), e, view, sample_json(k, c, lab, w))
+                 for view, k, c, e, lab, w in zip(images[a:b], *(col[a:b] for col in cols))]
+        values, counts = np.unique(labels_flat[label_offsets[a]:label_offsets[b]], return_counts=True)
 
         def samples(items=items):
             for i, item in enumerate(items):
@@ -461,28 +500,13 @@ def _runs_of(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return starts, np.append(starts[1:], values.size)
 
 
-def final_places(shard: np.ndarray, slot: np.ndarray, holes: np.ndarray, samples_per_shard: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Compact placed (shard, slot) over the ``holes`` (sorted positions of the
-    bad examples' copies): a copy's final position is its placed position less
-    the holes before it. Returns the final (shard, slot)."""
-    position = shard.astype(np.int64) * samples_per_shard + slot
-    final = position - np.searchsorted(holes, position, side="left")
-    return final // samples_per_shard, final % samples_per_shard
-
-
-def placed_position(final: int, holes: np.ndarray) -> int:
-    """The placed position of the copy at compacted position ``final``."""
-    # The i-th hole has i holes before it, so it would compact to holes[i] - i.
-    return int(final + np.searchsorted(holes - np.arange(holes.size), final, side="right"))
-
-
-def _write_from_runs(runs: Sequence[str], holes: np.ndarray, shards_per_writer: int, num_shards: int,
+def _write_from_runs(runs: Sequence[str], bucket_starts: np.ndarray, bucket_bits: int, shards_per_writer: int,
                      output: str, prefix: str, samples_per_shard: int, total: int, storage: dict):
-    """mapInArrow over writer ids: writer w writes final shards
-    ``w*shards_per_writer ...``; it reads the placed shards their copies came
-    from (batches of every run), compacts the places over the holes and
-    writes the tars. One ``WRITTEN_SCHEMA`` row per shard."""
+    """mapInArrow over writer ids: writer w writes shards ``w*shards_per_writer
+    ...``. Their positions fall in a few buckets (``bucket_starts[b]``: the
+    position of bucket b's first copy); it reads those buckets' copies from
+    every run, ranks them in :func:`hash_order` and writes the tars. One
+    ``WRITTEN_SCHEMA`` row per shard."""
 
     def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         sio.apply_storage_config(storage)
@@ -491,22 +515,20 @@ def _write_from_runs(runs: Sequence[str], holes: np.ndarray, shards_per_writer: 
         for batch in batches:
             for w in batch.column(0).to_pylist():
                 lo = int(w) * shards_per_writer * samples_per_shard
-                hi = min(total, (int(w) + 1) * shards_per_writer * samples_per_shard)  # final positions
-                first = placed_position(lo, holes)
-                last = placed_position(hi - 1, holes)
-                table = _read_runs(runs, first // samples_per_shard, last // samples_per_shard)
-                if table is None:
-                    raise ValueError(f"internal error: no copies for shards of writer {w}")
-                shard, slot = final_places(table.column("shard").to_numpy(), table.column("slot").to_numpy(),
-                                           holes, samples_per_shard)
-                final = shard * samples_per_shard + slot
-                keep = (final >= lo) & (final < hi)
-                table = (table.filter(pa.array(keep))
-                         .set_column(table.schema.get_field_index("shard"), "shard",
-                                     pa.array(shard[keep].astype(np.int32)))
-                         .set_column(table.schema.get_field_index("slot"), "slot",
-                                     pa.array(slot[keep].astype(np.int32))))
-                results += _write_sorted(table, output, prefix, samples_per_shard, total, attempt)
+                hi = min(total, (int(w) + 1) * shards_per_writer * samples_per_shard)  # positions
+                first = int(np.searchsorted(bucket_starts, lo, side="right")) - 1
+                last = int(np.searchsorted(bucket_starts, hi - 1, side="right")) - 1
+                table, images = _read_runs(runs, first, last, bucket_bits)
+                expected = int(bucket_starts[last + 1] - bucket_starts[first])
+                if len(images) != expected:
+                    raise ValueError(f"internal error: runs hold {len(images)} copies of buckets "
+                                     f"{first}..{last}, tallied {expected}")
+                order = hash_order(table.column("h").to_numpy(), table.column("key"),
+                                   table.column("copy").to_numpy())
+                skip = lo - int(bucket_starts[first])
+                mine = order[skip:skip + hi - lo]
+                results += _write_sorted(table.take(pa.array(mine)), [images[i] for i in mine.tolist()], lo,
+                                         output, prefix, samples_per_shard, total, attempt)
         if results:
             cols = list(zip(*results))
             yield pa.RecordBatch.from_arrays(
@@ -519,12 +541,31 @@ def _write_from_runs(runs: Sequence[str], holes: np.ndarray, shards_per_writer: 
 
 # -- the job --------------------------------------------------------------------------
 
-def _long_array(values: Sequence[int]):
-    """A literal array<bigint> column, built in one call (``F.lit`` of a list
-    makes one JVM call per element)."""
-    from pyspark.sql import functions as F
+def bucket_bits(copies: int, samples_per_shard: int) -> int:
+    """Bits of the placement hash that name its bucket: about
+    ``BUCKETS_PER_SHARD`` buckets per shard for ``copies`` (an estimate is
+    enough: it only sets how finely runs are cut), at most ``MAX_BUCKET_BITS``."""
+    wanted = max(1, math.ceil(BUCKETS_PER_SHARD * max(1, copies) / samples_per_shard))
+    return min(MAX_BUCKET_BITS, (wanted - 1).bit_length())
 
-    return F.expr("array(" + ", ".join(f"{int(v)}L" for v in values) + ")")
+
+def _copies_estimate(selection_path: str, resample_dir: str | None) -> int:
+    """Copies in the selection: the resampler's total when its stats are there,
+    else the selection's rows from the Parquet footers (at most a few fewer)."""
+    if resample_dir and sio.exists(sio.join(resample_dir, "stats.json")):
+        stats = json.loads(sio.read_bytes(sio.join(resample_dir, "stats.json")))
+        if isinstance(stats.get("total_copies"), int):
+            return stats["total_copies"]
+    rows = 0
+    try:
+        paths = sio.expand_paths(selection_path)
+    except FileNotFoundError:  # Spark reads what it reads, and says what is wrong
+        return 0
+    for path in paths:
+        fs, p = sio.filesystem(path)
+        with fs.open(p, "rb") as fh:
+            rows += pq.ParquetFile(fh).metadata.num_rows
+    return rows
 
 
 def _clean(output: str) -> None:
@@ -545,8 +586,8 @@ def _config_from(resample_dir: str | None, total: int) -> tuple[ResampleConfig, 
 
 def run(spark, job: ShardJob) -> Manifest:
     """Write the shards; return the manifest (also at ``output/manifest.json``)."""
+    from pyspark.sql import Observation
     from pyspark.sql import functions as F
-    from pyspark.sql import Window
 
     t0 = time.time()
     stages = StageTimer()
@@ -585,70 +626,58 @@ def run(spark, job: ShardJob) -> Manifest:
     tasks = min(n_files, 4 * spark.sparkContext.defaultParallelism)
     storage = sio.storage_config()
     spill_dir = sio.join(job.spill_dir or sio.join(job.output, TEMPORARY), f"spill-{uuid.uuid4().hex[:12]}")
+    copies_estimate = _copies_estimate(selection_path, resample_dir)
+    bits = bucket_bits(copies_estimate, job.samples_per_shard)
     try:
-        # Stage 1: place every selected copy, from the selection alone. Copies
-        # sort by h = xxhash64(key, copy, seed) read as unsigned, then key and
-        # copy: within fixed hash ranges (its top bits, where the sign is
-        # constant), so the order does not depend on the number of ranges. One
-        # aggregation counts the copies per range (giving each range its first
-        # position) and checks the selection. A row with copies < 1
-        # still yields one row here, so that the check sees it.
-        samples = selection.select("key", "weight", F.col("copies").alias("copies_asked"), F.explode(F.sequence(
-            F.lit(0), F.greatest(F.coalesce(F.col("copies"), F.lit(0)), F.lit(1)) - 1)).alias("copy"))
-        samples = samples.withColumn("h", F.xxhash64(F.col("key"), F.col("copy"), F.lit(job.seed).cast("long")))
-        samples = samples.withColumn("range", F.shiftrightunsigned(F.col("h"), 64 - RANGE_BITS).cast("int"))
-        per_range = (samples.groupBy("range")
-                     .agg(F.count(F.lit(1)).alias("copies"),
-                          F.sum(F.when(F.col("copy") == 0, 1).otherwise(0)).alias("rows"),
-                          F.min(F.coalesce(F.col("copies_asked"), F.lit(0))).alias("min_copies")).collect())
-        unique = sum(int(r["rows"]) for r in per_range)  # selection rows
-        if unique == 0:
-            raise SchemaError("selection is empty", file=selection_path)
-        min_copies = min(int(r["min_copies"]) for r in per_range)
-        if min_copies < 1:
-            raise SchemaError(f"copies must be > 0 (found {min_copies})", file=selection_path)
-        counts = {r["range"]: int(r["copies"]) for r in per_range}
-        requested_total = sum(counts.values())
-        offsets, acc = [], 0
-        for r in range(1 << RANGE_BITS):
-            offsets.append(acc)
-            acc += counts.get(r, 0)
-        rank = F.row_number().over(Window.partitionBy("range").orderBy("h", "key", "copy"))
-        placed = samples.withColumn(
-            "position", F.element_at(_long_array(offsets), F.col("range") + 1) + rank - 1)
-        placed_shards = math.ceil(requested_total / job.samples_per_shard)
-        copies = placed.select(
-            "key", "weight", F.col("copy").cast("int").alias("copy"),
-            (F.col("position") / job.samples_per_shard).cast("long").cast("int").alias("shard"),
-            (F.col("position") % job.samples_per_shard).cast("int").alias("slot"))
-        stages.lap("place")
-
-        # Stage 2: find each copy's example in the index (a key the index lacks
-        # keeps its copies' places, as holes), read every image once, in source
-        # order, and check it; the good copies go to sorted run files (one
-        # batch per placed shard), the bad ones are reported with the
-        # positions they leave empty.
+        # Stage 1: each copy, with its placement hash h (its order in the
+        # output), meets its example's source location in the index (a key the
+        # index lacks is reported); every image is read once, in source order,
+        # and checked; the good copies go to run files sorted by h, the bad
+        # examples are reported. The selection is checked on the way.
+        observed = Observation("selection")
+        asked = F.coalesce(F.col("copies"), F.lit(0))
+        facts = [F.count(F.lit(1)).alias("rows"), F.sum(F.greatest(asked, F.lit(0)).cast("long")).alias("copies"),
+                 F.min(asked).alias("min_copies")]
+        copies = (selection.observe(observed, *facts)
+                  .where(asked > 0)
+                  .select("key", "weight", F.explode(F.sequence(F.lit(0), F.col("copies") - 1)).alias("copy"))
+                  .withColumn("h", F.xxhash64(F.col("key"), F.col("copy"), F.lit(job.seed).cast("long"))))
         spilled = (copies.join(located, on="key", how="left")
                    .repartition(tasks, "file").sortWithinPartitions("file", "row", "key", "copy")
-                   .mapInArrow(_spill_partition(column, storage, spill_dir, placed_shards, job.samples_per_shard,
-                                                job.run_bytes), SPILLED_SCHEMA)
-                   .collect())  # a row per run and per bad example: small
+                   .mapInArrow(_spill_partition(column, storage, spill_dir, bits, job.run_bytes), SPILLED_SCHEMA)
+                   .collect())  # a row per run, per bad example and per task: small
+        try:
+            facts = observed.get
+        except Exception:  # noqa: BLE001 - no metrics when nothing was selected: count directly
+            facts = selection.agg(*facts).first()
+        unique, requested_total = int(facts["rows"]), int(facts["copies"] or 0)
+        if unique == 0:
+            raise SchemaError("selection is empty", file=selection_path)
+        if int(facts["min_copies"]) < 1:
+            raise SchemaError(f"copies must be > 0 (found {int(facts['min_copies'])})", file=selection_path)
         duplicated = [r["key"] for r in spilled if r["reason"] == DUPLICATE]
         if duplicated:
             raise SchemaError(f"{len(duplicated)} keys appear in more than one row (first: "
                               f"{sorted(duplicated)[:3]})", file=selection_path)
         runs = [r for r in spilled if r["path"] is not None]
         bad_found = sorted((r for r in spilled if r["key"] is not None), key=lambda r: r["key"])
-        holes = np.sort(np.array([p for r in bad_found for p in r["positions"]], np.int64))
+        dropped = sum(int(r["rows"]) for r in bad_found)
         total = sum(int(r["rows"]) for r in runs)
-        if total + holes.size > requested_total:  # a copy met two index rows
+        if total + dropped > requested_total:  # a copy met two index rows
             dup = (located.join(selection.select("key"), on="key").groupBy("key").count()
                    .where("count > 1").select("key").orderBy("key").first())
             raise SchemaError(f"key {dup['key'] if dup else '?'!r} appears more than once in the source index",
                               file=job.index)
-        if total + holes.size != requested_total:
-            raise ValueError(f"internal error: runs hold {total} copies and {holes.size} were dropped, "
+        if total + dropped != requested_total:
+            raise ValueError(f"internal error: runs hold {total} copies and {dropped} were dropped, "
                              f"expected {requested_total}")
+        per_bucket = np.zeros(1 << bits, np.int64)
+        for r in spilled:
+            if r["buckets"] is not None:
+                np.add.at(per_bucket, np.asarray(r["buckets"], np.int64), np.asarray(r["counts"], np.int64))
+        bucket_starts = np.concatenate([[0], np.cumsum(per_bucket)])
+        if bucket_starts[-1] != total:
+            raise ValueError(f"internal error: buckets tally {bucket_starts[-1]} copies, runs hold {total}")
         run_paths = sorted(r["path"] for r in runs)
         n_bad = len(bad_found)
         if n_bad / unique > job.max_bad_fraction:
@@ -661,15 +690,15 @@ def run(spark, job: ShardJob) -> Manifest:
         num_shards = math.ceil(total / job.samples_per_shard)
         stages.lap("fetch")
 
-        # Stage 4: each writer takes whole final shards (positions compacted over
-        # the holes), reads their batches of every run and writes them.
+        # Stage 2: each writer takes whole shards, reads their buckets' batches
+        # of every run, ranks the copies by h and writes the tars.
         sample_bytes = max(1.0, sum(int(r["bytes"]) for r in runs) / total)
         parallelism = spark.sparkContext.defaultParallelism
         shards_per_writer = max(1, min(int(job.writer_bytes // (sample_bytes * job.samples_per_shard)),
                                        math.ceil(num_shards / (2 * parallelism))))
         writers = math.ceil(num_shards / shards_per_writer)
         rows = (spark.range(0, writers, 1, writers)
-                .mapInArrow(_write_from_runs(run_paths, holes, shards_per_writer, num_shards, job.output,
+                .mapInArrow(_write_from_runs(run_paths, bucket_starts, bits, shards_per_writer, job.output,
                                              job.prefix, job.samples_per_shard, total, storage), WRITTEN_SCHEMA)
                 .collect())
         stages.lap("write")

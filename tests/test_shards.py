@@ -252,14 +252,20 @@ def test_gather_binary_equals_take():
     assert W.gather_binary(pool, np.zeros(0, np.int64)).to_pylist() == []
 
 
-def test_compaction_over_holes():
-    holes = np.array([0, 3, 4, 9], np.int64)
-    good = [p for p in range(12) if p not in holes.tolist()]
-    for final, placed in enumerate(good):
-        assert W.placed_position(final, holes) == placed
-    shard, slot = W.final_places(np.array(good) // 5, np.array(good) % 5, holes, 5)
-    assert (shard * 5 + slot).tolist() == list(range(len(good)))
-    assert W.placed_position(3, np.zeros(0, np.int64)) == 3
+def test_hash_order_is_unsigned_then_key_then_copy():
+    h = np.array([5, -1, 5, 2 ** 62, 5, -(2 ** 63)], np.int64)  # -1 and -2**63 are the largest unsigned
+    keys = pa.array(["b", "a", "a", "z", "a", "y"])
+    copies = np.array([0, 0, 1, 0, 0, 0])
+    order = W.hash_order(h, keys, copies)
+    assert order.tolist() == [4, 2, 0, 3, 5, 1]
+    assert W.bucket_of(h, 1).tolist() == [0, 1, 0, 0, 0, 1]
+    assert W.bucket_of(h, 0).tolist() == [0] * 6
+
+
+def test_bucket_bits():
+    assert W.bucket_bits(30000, 1000) == 6  # 60 buckets wanted: 64
+    assert W.bucket_bits(1, 1000) == 0 and W.bucket_bits(0, 10) == 0
+    assert W.bucket_bits(10 ** 12, 1) == W.MAX_BUCKET_BITS
 
 
 def test_rerun_and_incomplete_output(spark, resampled, tmp_path):

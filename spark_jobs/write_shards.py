@@ -69,6 +69,8 @@ MAX_BUCKET_BITS = 20
 #: A run is cut into record batches of about 1/RUN_BATCHES of its image bytes
 #: (at bucket boundaries): the unit a shard writer reads (4 MiB for 64 MiB runs).
 RUN_BATCHES = 16
+#: Fetch tasks per core; each reads a contiguous range of the index's files.
+FETCH_TASKS_PER_CORE = 2
 #: Bytes of images one shard-writing task reads (it takes whole shards).
 WRITER_BYTES = 1 << 30
 
@@ -549,6 +551,47 @@ def bucket_bits(copies: int, samples_per_shard: int) -> int:
     return min(MAX_BUCKET_BITS, (wanted - 1).bit_length())
 
 
+def spark_hash_int(value: int, seed: int = 42) -> int:
+    """Spark's ``hash()`` of an int (Murmur3 x86_32, seed 42): what places a
+    row in ``repartition(n, column)``, partition ``pmod(hash, n)``."""
+    mask = 0xFFFFFFFF
+
+    def rotl(x: int, r: int) -> int:
+        return ((x << r) | (x >> (32 - r))) & mask
+
+    k1 = rotl((value & mask) * 0xCC9E2D51 & mask, 15) * 0x1B873593 & mask
+    h1 = (rotl(seed ^ k1, 13) * 5 + 0xE6546B64) & mask
+    h1 ^= 4
+    h1 = ((h1 ^ (h1 >> 16)) * 0x85EBCA6B) & mask
+    h1 = ((h1 ^ (h1 >> 13)) * 0xC2B2AE35) & mask
+    h1 ^= h1 >> 16
+    return h1 - (1 << 32) if h1 >= 1 << 31 else h1
+
+
+def partition_keys(n: int) -> list[int]:
+    """For each partition p < n, the smallest int k >= 0 that ``repartition(n,
+    column)`` sends to partition p: rows keyed k go there, and only there."""
+    keys: dict[int, int] = {}
+    k = 0
+    while len(keys) < n:
+        keys.setdefault(spark_hash_int(k) % n, k)
+        k += 1
+    return [keys[p] for p in range(n)]
+
+
+def contiguous_groups(items: int, groups: int) -> np.ndarray:
+    """Group of each of ``items`` ordered items: ``groups`` contiguous runs
+    of sizes differing by at most one."""
+    return (np.arange(items) * groups) // max(1, items)
+
+
+def _spark_file_path(uri: str) -> str:
+    """A path as ``inputFiles()`` gives it, written as ``_metadata.file_path``
+    is (Hadoop's ``Path.toUri``: ``file:///x`` is ``file:/x``)."""
+    scheme, sep, rest = uri.partition(":///")
+    return f"{scheme}:/{rest}" if sep and "/" not in scheme else uri
+
+
 def _copies_estimate(selection_path: str, resample_dir: str | None) -> int:
     """Copies in the selection: the resampler's total when its stats are there,
     else the selection's rows from the Parquet footers (at most a few fewer)."""
@@ -622,8 +665,13 @@ def run(spark, job: ShardJob) -> Manifest:
         (F.col("uri") if column == "uri" else F.lit(None).cast("string")).alias("uri"))
 
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(IMAGE_BATCH_ROWS))
-    n_files = max(1, len(index.inputFiles()))
-    tasks = min(n_files, 4 * spark.sparkContext.defaultParallelism)
+    files = sorted(index.inputFiles())
+    tasks = max(1, min(len(files), FETCH_TASKS_PER_CORE * spark.sparkContext.defaultParallelism))
+    # Each fetch task takes a contiguous range of about as many files as the
+    # others (rows of a file the table misses, if any, are spread by hash).
+    task_of_file = spark.createDataFrame(
+        [(_spark_file_path(f), key) for f, key in zip(files, np.asarray(partition_keys(tasks))[
+            contiguous_groups(len(files), tasks)].tolist())], "file string, task int")
     storage = sio.storage_config()
     spill_dir = sio.join(job.spill_dir or sio.join(job.output, TEMPORARY), f"spill-{uuid.uuid4().hex[:12]}")
     copies_estimate = _copies_estimate(selection_path, resample_dir)
@@ -642,8 +690,8 @@ def run(spark, job: ShardJob) -> Manifest:
                   .where(asked > 0)
                   .select("key", "weight", F.explode(F.sequence(F.lit(0), F.col("copies") - 1)).alias("copy"))
                   .withColumn("h", F.xxhash64(F.col("key"), F.col("copy"), F.lit(job.seed).cast("long"))))
-        spilled = (copies.join(located, on="key", how="left")
-                   .repartition(tasks, "file").sortWithinPartitions("file", "row", "key", "copy")
+        spilled = (copies.join(located.join(F.broadcast(task_of_file), on="file", how="left"), on="key", how="left")
+                   .repartition(tasks, F.coalesce(F.col("task"), F.hash("file"))).sortWithinPartitions("file", "row", "key", "copy")
                    .mapInArrow(_spill_partition(column, storage, spill_dir, bits, job.run_bytes), SPILLED_SCHEMA)
                    .collect())  # a row per run, per bad example and per task: small
         try:

@@ -268,6 +268,22 @@ def test_bucket_bits():
     assert W.bucket_bits(10 ** 12, 1) == W.MAX_BUCKET_BITS
 
 
+def test_fetch_tasks_take_contiguous_files_one_group_per_partition(spark):
+    from pyspark.sql import functions as F
+    values = [0, 1, -1, 7, 2 ** 31 - 1, -(2 ** 31), 123456789]
+    got = spark.createDataFrame([(v,) for v in values], "v int").select(F.hash("v").alias("h")).collect()
+    assert [r["h"] for r in got] == [W.spark_hash_int(v) for v in values]
+    for n in (1, 3, 8):
+        keys = W.partition_keys(n)
+        rows = (spark.createDataFrame([(k,) for k in keys], "k int").repartition(n, "k")
+                .select("k", F.spark_partition_id().alias("p")).collect())
+        assert {r["k"]: r["p"] for r in rows} == {k: p for p, k in enumerate(keys)}
+    assert W.contiguous_groups(10, 4).tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 3, 3]
+    assert W.contiguous_groups(2, 4).tolist() == [0, 2]
+    assert W._spark_file_path("file:///tmp/a%20b.parquet") == "file:/tmp/a%20b.parquet"
+    assert W._spark_file_path("s3a://bucket/x.parquet") == "s3a://bucket/x.parquet"
+
+
 def test_rerun_and_incomplete_output(spark, resampled, tmp_path):
     source, sel_dir, _ = resampled
     out = str(tmp_path / "shards")

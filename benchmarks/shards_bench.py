@@ -14,10 +14,10 @@ selected once:
 * ``write_shards``: this project's Spark job (place, fetch, write,
   manifest) on ``--master``.
 
-Runs them in rounds, one of each per round (so that a slow spell of this
-shared machine hits all alike; dirty pages are flushed before each), and
-prints MB/s of image payload for each (best of ``--repeat`` rounds) and
-write_shards' throughput per core used against TarWriter's (goal: >= 0.8x).
+Runs them in ``--rounds`` rounds of ``--repeat`` runs of each (dirty pages
+flushed before each run), and prints MB/s of image payload for each (best
+run) and write_shards' throughput per core used against TarWriter's (goal:
+>= 0.8x).
 Nothing is asserted.
 """
 
@@ -108,7 +108,8 @@ def main(argv=None) -> int:
     ap.add_argument("--samples-per-shard", type=int, default=1000)
     ap.add_argument("--master", default="local[2]")
     ap.add_argument("--work", default="/tmp/shards-bench")
-    ap.add_argument("--repeat", type=int, default=3, help="runs of each; the best is reported")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each per round; the best is reported")
+    ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args(argv)
     index = os.path.join(args.work, f"index-{args.images}")
     payload = make_index(index, args.images)
@@ -124,21 +125,26 @@ def main(argv=None) -> int:
     out = os.path.join(args.work, "ours")
     W.run(spark, W.ShardJob(selection=selection, index=index, output=out + "-warm",
                             samples_per_shard=args.samples_per_shard, overwrite=True))
-    # Side by side: each round runs the three once, so that a slow spell of
-    # this shared machine hits them alike.
+    # Side by side: each round runs every contender --repeat times back to
+    # back (each in its steady state: the Spark job's JVM and Python workers
+    # warm, like a single process's), and the rounds alternate, so that a slow
+    # spell of this shared machine does not fall on one contender only.
     raws, tars, ours, manifest = [], [], [], None
-    for _ in range(args.repeat):
-        raws.append(raw_copy(index, os.path.join(args.work, "raw.bin")))
-        tars.append(tar_writer(index, os.path.join(args.work, "tarwriter"), args.samples_per_shard))
-        settled()
-        start = time.perf_counter()
-        m = W.run(spark, W.ShardJob(selection=selection, index=index, output=out,
-                                    samples_per_shard=args.samples_per_shard, overwrite=True))
-        ours.append(time.perf_counter() - start)
-        if ours[-1] == min(ours):
-            manifest = m
-        print(f"round {len(ours)}: raw {raws[-1]:.2f}s, TarWriter {tars[-1]:.2f}s, write_shards {ours[-1]:.2f}s",
-              flush=True)
+    for r in range(args.rounds):
+        raws += [raw_copy(index, os.path.join(args.work, "raw.bin")) for _ in range(args.repeat)]
+        tars += [tar_writer(index, os.path.join(args.work, "tarwriter"), args.samples_per_shard)
+                 for _ in range(args.repeat)]
+        for _ in range(args.repeat):
+            settled()
+            start = time.perf_counter()
+            m = W.run(spark, W.ShardJob(selection=selection, index=index, output=out,
+                                        samples_per_shard=args.samples_per_shard, overwrite=True))
+            ours.append(time.perf_counter() - start)
+            if ours[-1] == min(ours):
+                manifest = m
+        seconds = {name: " ".join(f"{t:.2f}" for t in ts[-args.repeat:])
+                   for name, ts in (("raw", raws), ("TarWriter", tars), ("write_shards", ours))}
+        print(f"round {r + 1} (s): " + ", ".join(f"{k} {v}" for k, v in seconds.items()), flush=True)
     t_raw, t_tar, t_ours = min(raws), min(tars), min(ours)
     spark.stop()
     per_core = (mb / t_ours / cores) / (mb / t_tar)

@@ -336,6 +336,20 @@ def test_byte_identical_across_parallelism_and_task_failures(resampled, tmp_path
     assert digests["local[1]"] == digests["local[3,4]"]
 
 
+def test_shards_do_not_depend_on_buckets_or_fetch_tasks(spark, resampled, tmp_path, monkeypatch):
+    # Buckets (from an estimate of the copies) and the grouping of files into
+    # fetch tasks only decide how the work is cut, never where a copy goes.
+    source, sel_dir, _ = resampled
+    digests = []
+    for buckets_per_shard, tasks_per_core in ((2, 2), (64, 1), (1, 5)):
+        monkeypatch.setattr(W, "BUCKETS_PER_SHARD", buckets_per_shard)
+        monkeypatch.setattr(W, "FETCH_TASKS_PER_CORE", tasks_per_core)
+        out = str(tmp_path / f"b{buckets_per_shard}")
+        W.run(spark, W.ShardJob(selection=sel_dir, index=source.index_path, output=out, samples_per_shard=300))
+        digests.append({f: sio.file_sha256(os.path.join(out, f)) for f in os.listdir(out) if f.endswith(".tar")})
+    assert len(digests[0]) > 1 and digests[0] == digests[1] == digests[2]
+
+
 def test_verify_names_the_damaged_shard(spark, resampled, tmp_path):
     source, sel_dir, _ = resampled
     out = str(tmp_path / "shards")

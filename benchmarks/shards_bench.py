@@ -2,7 +2,7 @@
 
 ::
 
-    .venv/bin/python -m benchmarks.shards_bench [--images 30000] [--master local[2]]
+    .venv/bin/python -m benchmarks.shards_bench [--images 30000] [--repeat 3] [--rounds 2] [--master local[2]]
 
 On one generated index of ~25 KB JPEGs (inline bytes), every example
 selected once:
@@ -11,8 +11,8 @@ selected once:
   back to back to one file (the I/O floor);
 * ``TarWriter``: one process reads the index and writes the same samples
   (image + json) with ``webdataset.TarWriter`` into shards of the same size;
-* ``write_shards``: this project's Spark job (place, fetch, write,
-  manifest) on ``--master``.
+* ``write_shards``: this project's Spark job (fetch, write, manifest) on
+  ``--master``.
 
 Runs them in ``--rounds`` rounds of ``--repeat`` runs of each (dirty pages
 flushed before each run), and prints MB/s of image payload for each (best

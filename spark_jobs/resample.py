@@ -48,7 +48,7 @@ from schemas import (Hierarchy, ResampleConfig, SchemaError, parse_size, read_me
 from schemas import io as sio
 
 from . import sampling as S
-from .session import StageTimer, add_spark_arguments, inject_failure, run_cli
+from .session import StageTimer, add_spark_arguments, inject_failure, observed_metrics, run_cli
 
 __all__ = ["ResampleJob", "LabelSets", "keyed", "distinct_label_sets", "weigh_label_sets",
            "candidate_bounds", "draw", "write_drawn", "run", "main"]
@@ -387,10 +387,9 @@ def write_drawn(drawn, path: str, mode: str = "overwrite") -> tuple[dict[int, in
         F.count(F.col("key")).alias("rows"),
         F.sum(F.when(is_row, F.col("copies").cast("long"))).alias("copies"))
     observed.where(is_row).select("key", "copies", "weight").write.mode(mode).parquet(path)
-    try:
-        metrics = obs.get
-    except Exception as e:  # noqa: BLE001 - Spark delivered no metrics for the write
-        raise ValueError(f"internal error: the draw's tallies did not come back with the write of {path}") from e
+    metrics = observed_metrics(obs)
+    if metrics is None:
+        raise ValueError(f"internal error: the draw's tallies did not come back with the write of {path}")
     per_set: dict[int, int] = {}
     histogram: dict[int, int] = {}
     for t in metrics["tallies"]:

@@ -9,7 +9,7 @@ import sys
 import time
 
 __all__ = ["get_session", "local_driver_memory", "local_cores", "inject_failure", "add_spark_arguments",
-           "run_job", "run_cli", "StageTimer"]
+           "run_job", "run_cli", "StageTimer", "observed_metrics"]
 
 #: Environment variable that makes the first attempt of each task fail (tests
 #: of retries): a comma-separated list of stage names, or ``all``.
@@ -98,6 +98,16 @@ class StageTimer:
         now = time.perf_counter()
         self.timings[name] = round(now - self._tick, 3)
         self._tick = now
+
+
+def observed_metrics(observation):
+    """The metrics row of a ``pyspark.sql.Observation`` after its action, or
+    ``None`` where Spark delivered none (e.g. the observed plan was pruned as
+    empty)."""
+    try:
+        return observation.get
+    except Exception:  # noqa: BLE001 - Spark raises a JVM assertion error, not a documented one
+        return None
 
 
 def inject_failure(stage: str) -> None:

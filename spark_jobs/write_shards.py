@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 from schemas import Manifest, ResampleConfig, SchemaError, ShardInfo, parse_size
 from schemas import io as sio
 
-from .session import StageTimer, add_spark_arguments, inject_failure, run_cli
+from .session import StageTimer, add_spark_arguments, inject_failure, observed_metrics, run_cli
 from .shards import SHARD_NAME_RE, image_extension, sample_json, sample_key, shard_name, write_tar
 
 __all__ = ["ShardJob", "run", "main", "resolve_selection"]
@@ -112,7 +112,7 @@ def resolve_selection(path: str) -> tuple[str, str | None]:
     return path, None
 
 
-# -- stage 3: read, check and spill the images, in source order ---------------------
+# -- stage 1, fetch: read, check and spill the images, in source order --------------
 
 
 def _examples(table: pa.Table) -> np.ndarray:
@@ -302,16 +302,13 @@ def _write_run(batches: list[pa.RecordBatch], pool: list[pa.Array], spill_dir: s
              .append_column("image", images))
     buckets = bucket_of(table.column("h").to_numpy(), bucket_bits)
     tally += np.bincount(buckets, minlength=tally.size)
-    # Cut where a bucket starts, once a batch holds batch_bytes of images.
+    # Cut at the first bucket start past each multiple of batch_bytes of images.
     starts = np.flatnonzero(np.diff(buckets, prepend=-1))
     offsets = _offsets(images)
-    cuts, last = [0], 0
-    for s in starts[1:].tolist():
-        if offsets[s] - offsets[last] >= batch_bytes:
-            cuts.append(s)
-            last = s
-    cuts.append(table.num_rows)
-    first_buckets = [int(buckets[c]) for c in cuts[:-1]] if table.num_rows else []
+    marks = np.arange(1, offsets[-1] // batch_bytes + 1) * batch_bytes
+    after = np.searchsorted(offsets[starts], marks, side="left")
+    cuts = np.unique(np.concatenate([[0], starts[after[after < starts.size]], [table.num_rows]])).tolist()
+    first_buckets = buckets[cuts[:-1]].tolist()
     schema = table.schema.with_metadata({"first_buckets": json.dumps(first_buckets)})
     cols = [c.chunk(0) if c.num_chunks else pa.array([], c.type) for c in table.columns]
     path = sio.join(spill_dir, f"run-{attempt}-{index:04d}.arrow")
@@ -385,7 +382,7 @@ def _good_copies(table: pa.Table, bounds: np.ndarray, examples: np.ndarray, head
     carried = table.select(["key", "copy", "h", "labels", "weight"]).take(pa.array(rows))
     return pa.RecordBatch.from_arrays(
         [*(c.combine_chunks() for c in carried.columns),
-         pa.array(owner + first_image, pa.int64()), pa.array([exts[i] for i in owner.tolist()], pa.string())],
+         pa.array(owner + first_image, pa.int64()), pa.array(exts, pa.string()).take(pa.array(owner))],
         names=["key", "copy", "h", "labels", "weight", "image_ref", "ext"])
 
 
@@ -411,7 +408,7 @@ def _read_inline(path: str, rows: np.ndarray) -> Iterator[tuple[np.ndarray, pa.A
                 yield members[s:s + IMAGE_BATCH_ROWS], images.slice(s, IMAGE_BATCH_ROWS)
 
 
-# -- stage 4: write shards --------------------------------------------------------------
+# -- stage 2: write shards --------------------------------------------------------------
 
 WRITTEN_SCHEMA = "shard int, temp string, samples long, bytes long, sha256 string, labels string"
 
@@ -450,13 +447,13 @@ def binary_views(array: pa.Array) -> list:
     return [data[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
-def _write_sorted(table: pa.Table, images: list, first: int, output: str, prefix: str, samples_per_shard: int, total: int,
-                  attempt: str) -> list[tuple]:
-    """Write the copies of ``table`` with their ``images`` (memoryviews), in
-    order, as the shards from position ``first`` (a shard's first) on, each shard streamed to ``output/_temporary/<name>.<attempt>``;
-    nothing is final until the driver renames what successful attempts
-    reported. Images are read in place (memoryviews), never copied before the
-    tar block that holds them."""
+def _write_sorted(table: pa.Table, images: list, first: int, output: str, prefix: str, samples_per_shard: int,
+                  total: int, attempt: str) -> list[tuple]:
+    """Write the copies of ``table`` with their ``images`` (memoryviews, never
+    copied before the tar block that holds them), in order, as the shards
+    from position ``first`` (a shard's first) on, each streamed to
+    ``output/_temporary/<name>.<attempt>``; nothing is final until the driver
+    renames what successful attempts reported."""
     cols = [table.column(c).to_pylist() for c in ("key", "copy", "ext", "labels", "weight")]
     labels_flat = pc.list_flatten(table.column("labels")).to_numpy(zero_copy_only=False)
     label_offsets = np.concatenate([[0], np.cumsum(pc.list_value_length(table.column("labels"))
@@ -592,13 +589,18 @@ def _spark_file_path(uri: str) -> str:
     return f"{scheme}:/{rest}" if sep and "/" not in scheme else uri
 
 
-def _copies_estimate(selection_path: str, resample_dir: str | None) -> int:
+def _resample_stats(resample_dir: str | None) -> dict | None:
+    """The resampler's stats.json beside the selection, if there is one."""
+    if resample_dir and sio.exists(sio.join(resample_dir, "stats.json")):
+        return json.loads(sio.read_bytes(sio.join(resample_dir, "stats.json")))
+    return None
+
+
+def _copies_estimate(selection_path: str, stats: dict | None) -> int:
     """Copies in the selection: the resampler's total when its stats are there,
     else the selection's rows from the Parquet footers (at most a few fewer)."""
-    if resample_dir and sio.exists(sio.join(resample_dir, "stats.json")):
-        stats = json.loads(sio.read_bytes(sio.join(resample_dir, "stats.json")))
-        if isinstance(stats.get("total_copies"), int):
-            return stats["total_copies"]
+    if stats and isinstance(stats.get("total_copies"), int):
+        return stats["total_copies"]
     rows = 0
     try:
         paths = sio.expand_paths(selection_path)
@@ -620,9 +622,9 @@ def _clean(output: str) -> None:
     fs.makedirs(p, exist_ok=True)
 
 
-def _config_from(resample_dir: str | None, total: int) -> tuple[ResampleConfig, dict]:
-    if resample_dir and sio.exists(sio.join(resample_dir, "stats.json")):
-        stats = json.loads(sio.read_bytes(sio.join(resample_dir, "stats.json")))
+def _config_from(stats: dict | None, total: int) -> tuple[ResampleConfig, dict]:
+    """The resampler's configuration and input fingerprints, for the manifest."""
+    if stats:
         return ResampleConfig.from_dict(stats["config"]), stats.get("inputs", {})
     return ResampleConfig(target="unknown", size=max(total, 1)), {}
 
@@ -669,13 +671,13 @@ def run(spark, job: ShardJob) -> Manifest:
     tasks = max(1, min(len(files), FETCH_TASKS_PER_CORE * spark.sparkContext.defaultParallelism))
     # Each fetch task takes a contiguous range of about as many files as the
     # others (rows of a file the table misses, if any, are spread by hash).
-    task_of_file = spark.createDataFrame(
-        [(_spark_file_path(f), key) for f, key in zip(files, np.asarray(partition_keys(tasks))[
-            contiguous_groups(len(files), tasks)].tolist())], "file string, task int")
+    task_keys = np.asarray(partition_keys(tasks))[contiguous_groups(len(files), tasks)].tolist()
+    task_of_file = spark.createDataFrame([(_spark_file_path(f), k) for f, k in zip(files, task_keys)],
+                                         "file string, task int")
     storage = sio.storage_config()
     spill_dir = sio.join(job.spill_dir or sio.join(job.output, TEMPORARY), f"spill-{uuid.uuid4().hex[:12]}")
-    copies_estimate = _copies_estimate(selection_path, resample_dir)
-    bits = bucket_bits(copies_estimate, job.samples_per_shard)
+    resample_stats = _resample_stats(resample_dir)
+    bits = bucket_bits(_copies_estimate(selection_path, resample_stats), job.samples_per_shard)
     try:
         # Stage 1: each copy, with its placement hash h (its order in the
         # output), meets its example's source location in the index (a key the
@@ -684,20 +686,19 @@ def run(spark, job: ShardJob) -> Manifest:
         # examples are reported. The selection is checked on the way.
         observed = Observation("selection")
         asked = F.coalesce(F.col("copies"), F.lit(0))
-        facts = [F.count(F.lit(1)).alias("rows"), F.sum(F.greatest(asked, F.lit(0)).cast("long")).alias("copies"),
-                 F.min(asked).alias("min_copies")]
-        copies = (selection.observe(observed, *facts)
+        measures = [F.count(F.lit(1)).alias("rows"),
+                    F.sum(F.greatest(asked, F.lit(0)).cast("long")).alias("copies"), F.min(asked).alias("min_copies")]
+        copies = (selection.observe(observed, *measures)
                   .where(asked > 0)
                   .select("key", "weight", F.explode(F.sequence(F.lit(0), F.col("copies") - 1)).alias("copy"))
                   .withColumn("h", F.xxhash64(F.col("key"), F.col("copy"), F.lit(job.seed).cast("long"))))
-        spilled = (copies.join(located.join(F.broadcast(task_of_file), on="file", how="left"), on="key", how="left")
-                   .repartition(tasks, F.coalesce(F.col("task"), F.hash("file"))).sortWithinPartitions("file", "row", "key", "copy")
+        spilled = (copies.join(located, on="key", how="left").join(F.broadcast(task_of_file), on="file", how="left")
+                   .repartition(tasks, F.coalesce(F.col("task"), F.hash("file")))
+                   .drop("task").sortWithinPartitions("file", "row", "key", "copy")
                    .mapInArrow(_spill_partition(column, storage, spill_dir, bits, job.run_bytes), SPILLED_SCHEMA)
                    .collect())  # a row per run, per bad example and per task: small
-        try:
-            facts = observed.get
-        except Exception:  # noqa: BLE001 - no metrics when nothing was selected: count directly
-            facts = selection.agg(*facts).first()
+        # No metrics come back when nothing was selected: then count directly.
+        facts = observed_metrics(observed) or selection.agg(*measures).first()
         unique, requested_total = int(facts["rows"]), int(facts["copies"] or 0)
         if unique == 0:
             raise SchemaError("selection is empty", file=selection_path)
@@ -774,7 +775,7 @@ def run(spark, job: ShardJob) -> Manifest:
     if tmp[0].exists(tmp[1]):
         tmp[0].rm(tmp[1], recursive=True)
 
-    config, resample_inputs = _config_from(resample_dir, requested_total)
+    config, resample_inputs = _config_from(resample_stats, requested_total)
     manifest = Manifest(
         config=config,
         inputs={"selection": sio.listing_fingerprint(selection_path), "index": sio.listing_fingerprint(job.index),

@@ -245,7 +245,7 @@ def candidate_bounds(plan: S.ClassPlan, sigmas: float = S.CANDIDATE_SIGMAS) -> t
     """Per plan class: the inclusive bound on ``order`` under which its records
     are drawn from (``sampling.candidate_bound``), and the expected number of
     such records in all."""
-    needed = np.minimum(plan.counts, plan.records)
+    needed = S.ranks_needed(plan.draw, plan.counts, plan.records, sigmas)
     bounds = np.array([S.candidate_bound(k, m, sigmas) for k, m in zip(needed.tolist(), plan.records.tolist())],
                       dtype=np.int64)
     share = (bounds.astype(np.float64) + 2.0 ** 63 + 1) / 2.0 ** 64

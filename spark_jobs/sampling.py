@@ -53,6 +53,7 @@ __all__ = [
     "rank_copies",
     "CANDIDATE_SIGMAS",
     "ORDER_MAX",
+    "ranks_needed",
     "candidate_bound",
     "sort_class",
     "scheme_label_weights",
@@ -396,6 +397,33 @@ def rank_copies(draw: str, count: int, records: int, seed: int, class_id: int) -
 #: ~1e-11 per class even for the smallest allotments.
 CANDIDATE_SIGMAS = 8.0
 ORDER_MAX = (1 << 63) - 1
+
+
+def ranks_needed(draw: str, counts: np.ndarray, records: np.ndarray,
+                 sigmas: float = CANDIDATE_SIGMAS) -> np.ndarray:
+    """Per class: how many of its first ranks :func:`rank_copies` can give
+    copies to (an upper bound with a margin of ``sigmas`` standard deviations).
+
+    ``systematic`` (and elastic) needs exactly ``min(count, records)``.
+    ``multinomial`` gives copies to the D distinct records that ``count``
+    uniform draws hit, ``E[D] = m·(1 - p)`` with ``p = (1 - 1/m)^count``; the
+    number of empty records has variance at most ``m·p·(1 - p)`` (its
+    indicators are negatively associated). A class needing more than this is
+    drawn again in full by the job, so the margin is about cost, not
+    correctness.
+    """
+    counts = np.asarray(counts, np.int64)
+    records = np.asarray(records, np.int64)
+    exact = np.minimum(counts, records)
+    if draw != "multinomial":
+        return exact
+    m = np.maximum(records, 1).astype(np.float64)
+    p = np.exp(counts * np.log1p(-1.0 / np.where(m > 1, m, 2.0)))
+    p = np.where(m > 1, p, 0.0)
+    mean = m * (1.0 - p)
+    spread = np.sqrt(m * p * (1.0 - p))
+    bound = np.ceil(mean + sigmas * (spread + 1.0)).astype(np.int64)
+    return np.minimum(exact, np.maximum(bound, 0))
 
 
 def candidate_bound(needed: int, records: int, sigmas: float = CANDIDATE_SIGMAS) -> int:

@@ -286,6 +286,21 @@ def test_candidate_bound_keeps_enough_records():
         assert (order <= bound).sum() >= needed
 
 
+
+def test_ranks_needed_covers_rank_copies_and_is_tighter_than_count():
+    counts = np.array([0, 1, 5, 1000, 3000, 20000, 7, 50])
+    records = np.array([10, 1, 1, 4000, 3000, 5000, 7, 100_000])
+    sys_needed = S.ranks_needed("systematic", counts, records)
+    assert sys_needed.tolist() == np.minimum(counts, records).tolist()
+    needed = S.ranks_needed("multinomial", counts, records)
+    assert (needed <= np.minimum(counts, records)).all()
+    # Draws comparable to the class size hit far fewer distinct records than draws.
+    assert needed[4] < 0.75 * counts[4] and needed[5] < records[5]
+    for seed in range(20):
+        for k, (c, m) in enumerate(zip(counts.tolist(), records.tolist())):
+            assert S.rank_copies("multinomial", c, m, seed, k).size <= needed[k]
+    assert S.ranks_needed("multinomial", counts, records, sigmas=-2.0)[4] < needed[4]
+
 # -- schemes ------------------------------------------------------------------------
 
 def test_scheme_weights():

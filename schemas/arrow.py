@@ -25,6 +25,7 @@ __all__ = [
     "TARGET_HISTOGRAM_SCHEMA",
     "WEIGHTS_SCHEMA",
     "SELECTION_SCHEMA",
+    "LABEL_SETS_SCHEMA",
     "with_metadata",
     "read_metadata",
 ]
@@ -75,6 +76,15 @@ SELECTION_SCHEMA = pa.schema([
     pa.field("key", pa.string(), nullable=False),
     pa.field("copies", pa.int32(), nullable=False),
     pa.field("weight", pa.float64(), nullable=False),
+])
+
+#: An index's distinct label lists (resample ``--label-sets``): ``lsid`` =
+#: Spark's ``xxhash64(labels)``, ``n`` records carry exactly that list;
+#: metadata: ``fingerprint`` (the inputs it was counted over), ``records``.
+LABEL_SETS_SCHEMA = pa.schema([
+    pa.field("lsid", pa.int64(), nullable=False),
+    pa.field("labels", pa.list_(pa.int32())),
+    pa.field("n", pa.int64(), nullable=False),
 ])
 
 

@@ -179,12 +179,19 @@ def fingerprint_paths(path: str, suffix: str = "") -> str:
     return h.hexdigest()
 
 
-def listing_fingerprint(path: str, suffix: str = ".parquet") -> str:
+#: fsspec ``info()`` fields that change when an object is rewritten (local
+#: files, S3, GCS, Azure), for :func:`listing_fingerprint` ``versions``.
+_VERSION_FIELDS = ("mtime", "ETag", "LastModified", "generation", "etag", "last_modified")
+
+
+def listing_fingerprint(path: str, suffix: str = ".parquet", versions: bool = False) -> str:
     """Cheap fingerprint of a large dataset: file names and sizes, not contents.
 
     For a 300M-record index (terabytes with inline images) hashing content
     is too slow; rewritten files change size in practice, and Parquet files
-    are immutable once written.
+    are immutable once written. ``versions``: also each file's modification
+    time or object version (ETag, generation), so that a rewrite of the same
+    size shows too.
     """
     files = expand_paths(path, suffix=suffix)
     base = path.rstrip("/")
@@ -192,7 +199,12 @@ def listing_fingerprint(path: str, suffix: str = ".parquet") -> str:
     for f in files:
         fs, p = filesystem(f)
         rel = f[len(base):] if f.startswith(base) else os.path.basename(f)
-        h.update(f"{rel}\0{fs.size(p)}\n".encode())
+        if versions:
+            info = fs.info(p)
+            stamp = "\0".join(f"{k}={info[k]}" for k in _VERSION_FIELDS if info.get(k) is not None)
+            h.update(f"{rel}\0{info.get('size')}\0{stamp}\n".encode())
+        else:
+            h.update(f"{rel}\0{fs.size(p)}\n".encode())
     return h.hexdigest()
 
 

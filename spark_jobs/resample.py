@@ -6,7 +6,7 @@
       --size 80M --matcher same|elastic [--draw multinomial|systematic] \\
       [--aggregate mean|max|sum] [--scheme adaptive|entire|subset|topk-uniform|reversed] \\
       [--labels vocab.parquet] [--subset-labels NAME,...] [--top-k K] \\
-      [--exclude KEYS.parquet] [--seed 0] --output DIR [--master local[*]]
+      [--exclude KEYS.parquet] [--label-sets PATH] [--seed 0] --output DIR [--master local[*]]
 
 Writes ``DIR/selection/`` (Parquet: key, copies, weight), ``DIR/stats.json``,
 ``DIR/label_stats.parquet``, ``DIR/label_stats.png`` and, last, ``DIR/_SUCCESS``.
@@ -20,9 +20,14 @@ Inside a class, records are ranked by ``order = xxhash64(key, seed)`` (ties by
 key) and the copies go by rank (``sampling.rank_copies``). Only the records
 whose order hash is under a per-class bound, about as many as the class can
 select, leave their scan task: one shuffle of roughly N rows groups them by
-class for the draw, which writes the selection directly (its per-class tallies
-come back as metrics of that write). Nothing depends on Spark's partitions,
-and task retries recompute the same classes from the same inputs.
+class for the draw, whose tasks write the selection's Parquet files
+themselves (under attempt-specific names; the driver keeps the files of the
+successful attempts) and return only tallies. Nothing depends on Spark's
+partitions, and task retries recompute the same classes from the same inputs.
+
+The label-set table can be kept between runs (``--label-sets``): it depends
+on the index alone, so every run over one index (targets, sizes, schemes)
+can skip that full scan (``spark_jobs.label_sets``).
 """
 
 from __future__ import annotations
@@ -42,13 +47,16 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from schemas import (Hierarchy, ResampleConfig, SchemaError, parse_size, read_metadata,
+from schemas import (SELECTION_SCHEMA, Hierarchy, ResampleConfig, SchemaError, parse_size, read_metadata,
                      validate_weights)
 from schemas import io as sio
 
+from . import label_sets as LS
 from . import sampling as S
-from .session import StageTimer, add_spark_arguments, inject_failure, observed_metrics, run_cli
+from .label_sets import distinct_label_sets
+from .session import StageTimer, add_spark_arguments, inject_failure, run_cli, task_attempt_id
 
 __all__ = ["ResampleJob", "LabelSets", "keyed", "distinct_label_sets", "weigh_label_sets",
            "candidate_bounds", "draw", "write_drawn", "run", "main"]
@@ -80,6 +88,7 @@ class ResampleJob:
     target: str | None = None
     temperature: float | None = None
     rows_per_partition: int = DEFAULT_ROWS_PER_PARTITION
+    label_sets: str | None = None
     candidate_sigmas: float = S.CANDIDATE_SIGMAS
     overwrite: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -139,14 +148,6 @@ def label_weights_for(job: ResampleJob) -> tuple[S.LabelWeights | None, dict[str
 
 # -- Spark stages (thin: the arithmetic is in spark_jobs.sampling) -----------------
 
-def _labels_column():
-    """The index's label list as array<int>; a null list reads as empty (both
-    are bad input, reported together)."""
-    from pyspark.sql import functions as F
-
-    return F.coalesce(F.col("labels").cast("array<int>"), F.array().cast("array<int>"))
-
-
 def keyed(index_df, seed: int):
     """index (key, labels, ...) -> key, labels, order, lsid.
 
@@ -157,35 +158,13 @@ def keyed(index_df, seed: int):
     """
     from pyspark.sql import functions as F
 
-    labels = _labels_column()
+    labels = LS.labels_column()
     return index_df.select(
         F.col("key").cast("string").alias("key"),
         labels.alias("labels"),
         F.xxhash64(F.col("key"), F.lit(seed).cast("long")).alias("order"),
         F.xxhash64(labels).alias("lsid"),
     )
-
-
-def distinct_label_sets(index_df) -> pa.Table:
-    """lsid, labels, n (records): one row per distinct label list, sorted by lsid.
-
-    Groups by the list itself (a hash aggregate on the array, no sort), then
-    hashes the few distinct lists exactly as :func:`keyed` does per record;
-    two lists with one ``lsid`` (a 64-bit collision) are an error.
-    """
-    from pyspark.sql import functions as F
-
-    labels = _labels_column()
-    rows = (index_df.groupBy(labels.alias("labels")).agg(F.count(F.lit(1)).alias("n"))
-            .select(F.xxhash64("labels").alias("lsid"), "labels", "n").collect())
-    rows.sort(key=lambda r: r["lsid"])
-    for a, b in zip(rows, rows[1:]):
-        if a["lsid"] == b["lsid"]:
-            raise ValueError(f"64-bit hash collision between label lists {a['labels']} and {b['labels']}; "
-                             "please report it")
-    return pa.table({"lsid": pa.array([r["lsid"] for r in rows], pa.int64()),
-                     "labels": pa.array([r["labels"] for r in rows], pa.list_(pa.int32())),
-                     "n": pa.array([r["n"] for r in rows], pa.int64())})
 
 
 def weigh_label_sets(sets: pa.Table, lw: S.LabelWeights | None, aggregate: str) -> pa.Table:
@@ -253,18 +232,26 @@ def candidate_bounds(plan: S.ClassPlan, sigmas: float = S.CANDIDATE_SIGMAS) -> t
     return bounds, expected
 
 
-#: The draw's rows: one per selected example (key set, tally null), and tally
-#: rows (key null): per class ``lsid`` with its total copies in ``tally``,
-#: per copies value ``copies`` with the number of examples in ``tally``.
-DRAWN_SCHEMA = "key string, copies int, weight double, lsid long, tally long"
+#: What a drawing task returns (it writes its selected rows itself): a row
+#: per file written (``file``: its temporary path, ``tally``: its rows); per
+#: class, ``lsid`` with its copies drawn in ``tally``; per copies value,
+#: ``copies`` with the number of examples in ``tally``; per class whose
+#: records disagree with the count, ``lsid``, ``copies`` = -1 and the records
+#: seen in ``tally``.
+DRAWN_SCHEMA = "file string, copies int, lsid long, tally long"
+#: Where drawing tasks write, under the selection, before the driver commits.
+ATTEMPTS_DIR = "_attempts"
 
 
-def _draw_partition(plan: S.ClassPlan, full: np.ndarray, class_w: np.ndarray):
-    """mapInArrow over whole classes: candidate (key, order, lsid) -> selected
-    (key, copies, weight, lsid). A class with fewer candidates than it selects
-    (its bound fell short: below 1e-11 rare) yields nothing; the driver sees
-    its total missing and draws it again from all its records. ``full[k]``:
-    plan class k sends every record."""
+def _draw_partition(plan: S.ClassPlan, full: np.ndarray, class_w: np.ndarray, selection: str, name: str,
+                    storage: dict):
+    """mapInArrow over whole classes: candidate (key, order, lsid) -> the
+    selected (key, copies, weight), written as one Parquet file under
+    ``selection/_attempts`` (``part-<name>-<partition>``, attempt-specific),
+    and tally rows (``DRAWN_SCHEMA``). A class with fewer candidates than it
+    selects (its bound fell short: below 1e-11 rare) draws nothing; the
+    driver sees its total missing and draws it again from all its records.
+    ``full[k]``: plan class k sends every record."""
 
     def draw_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         collected = list(batches)
@@ -290,67 +277,71 @@ def _draw_partition(plan: S.ClassPlan, full: np.ndarray, class_w: np.ndarray):
         have = np.diff(np.append(starts, n))
         cls = plan.index_of(sl[starts])
         m = plan.records[cls]
-        if np.any(have > m) or np.any(full[cls] & (have != m)):
-            j = int(np.flatnonzero((have > m) | (full[cls] & (have != m)))[0])
-            raise ValueError(f"label set {int(sl[starts[j]])} has {int(have[j])} records here but "
-                             f"{int(m[j])} when counted: did the index change during the job?")
+        # More records than counted (or a whole class that differs): the count was of other data.
+        # Such a class draws nothing; a flag row tells the driver.
+        disagree = (have > m) | (full[cls] & (have != m))
         copies = np.zeros(n, np.int64)
-        short = np.zeros(starts.size, bool)
+        short = disagree.copy()
         if plan.draw == "systematic":
             base, extra = np.divmod(plan.counts[cls], m)
-            short = have < np.where(base > 0, m, extra)
+            short |= have < np.where(base > 0, m, extra)
             rank = np.arange(n) - np.repeat(starts, have)
             copies = np.repeat(base, have) + (rank < np.repeat(extra, have))
             copies[np.repeat(short, have)] = 0
         else:
             for j, k in enumerate(cls.tolist()):
+                if short[j]:
+                    continue
                 by_rank = S.rank_copies(plan.draw, int(plan.counts[k]), int(plan.records[k]), plan.seed,
                                         int(plan.class_ids[k]))
                 if by_rank.size > have[j]:
                     short[j] = True
                 else:
                     copies[starts[j]:starts[j] + by_rank.size] = by_rank
-        chosen = perm[copies > 0]
-        weights = class_w[np.repeat(cls, have)[copies > 0]]
-        out = table.take(pa.array(chosen))
+        picked = copies > 0
+        selected = pa.Table.from_arrays(
+            [table.column("key").take(pa.array(perm[picked])).combine_chunks(),
+             pa.array(copies[picked].astype(np.int32), pa.int32()),
+             pa.array(class_w[np.repeat(cls, have)[picked]], pa.float64())], schema=SELECTION_SCHEMA)
+        path = ""
+        if selected.num_rows:
+            from pyspark import TaskContext
+
+            ctx = TaskContext.get()
+            part = f"part-{name}-{ctx.partitionId() if ctx else 0:05d}.parquet"
+            path = sio.join(selection, ATTEMPTS_DIR, f"{part}.{task_attempt_id()}")
+            sio.apply_storage_config(storage)
+            fs, p = sio.filesystem(path)
+            fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
+            with fs.open(p, "wb") as fh:
+                pq.write_table(selected, fh)
         inject_failure("draw")
-        step = 65536
-        for start in range(0, out.num_rows, step):
-            part = out.slice(start, step)
-            yield pa.RecordBatch.from_arrays(
-                [part.column("key").combine_chunks(),
-                 pa.array(copies[copies > 0][start:start + step].astype(np.int32), pa.int32()),
-                 pa.array(weights[start:start + step], pa.float64()),
-                 part.column("lsid").combine_chunks(),
-                 pa.nulls(part.num_rows, pa.int64())],
-                names=DRAWN_NAMES)
-        yield _tally_batch(sl[starts][~short], np.add.reduceat(copies, starts)[~short], copies[copies > 0])
+        yield _tally_batch(sl[starts][~short], np.add.reduceat(copies, starts)[~short], copies[picked],
+                           sl[starts][disagree], have[disagree], path, selected.num_rows)
     return draw_partition
 
 
-DRAWN_NAMES = ["key", "copies", "weight", "lsid", "tally"]
-
-
-def _tally_batch(class_ids: np.ndarray, class_copies: np.ndarray, copies: np.ndarray) -> pa.RecordBatch:
-    """Tally rows for one drawing task: copies per class drawn here, and the
-    histogram of copies per selected example."""
+def _tally_batch(class_ids: np.ndarray, class_copies: np.ndarray, copies: np.ndarray,
+                 disagree_ids: np.ndarray, disagree_records: np.ndarray, path: str, rows: int) -> pa.RecordBatch:
+    """One drawing task's tally rows (``DRAWN_SCHEMA``)."""
     values, counts = np.unique(copies, return_counts=True)
-    k, h = class_ids.size, values.size
-    return pa.RecordBatch.from_arrays(
-        [pa.nulls(k + h, pa.string()),
-         pa.array(np.concatenate([np.zeros(k, np.int64), values]).astype(np.int32),
-                  mask=np.arange(k + h) < k),
-         pa.nulls(k + h, pa.float64()),
-         pa.array(np.concatenate([class_ids, np.zeros(h, np.int64)]), mask=np.arange(k + h) >= k),
-         pa.array(np.concatenate([class_copies, counts]).astype(np.int64), pa.int64())],
-        names=DRAWN_NAMES)
+    k, h, d = class_ids.size, values.size, disagree_ids.size
+    f = 1 if path else 0
+    return pa.RecordBatch.from_pydict({
+        "file": [path] * f + [None] * (k + h + d),
+        "copies": [None] * (f + k) + values.tolist() + [-1] * d,
+        "lsid": [None] * f + class_ids.tolist() + [None] * h + disagree_ids.tolist(),
+        "tally": [rows] * f + class_copies.tolist() + counts.tolist() + disagree_records.tolist(),
+    }, schema=pa.schema([("file", pa.string()), ("copies", pa.int32()), ("lsid", pa.int64()),
+                         ("tally", pa.int64())]))
 
 
 def draw(spark, keyed_df, plan: S.ClassPlan, bounds: np.ndarray, partitions: int, class_w: np.ndarray,
-         only: np.ndarray | None = None):
+         selection: str, name: str, only: np.ndarray | None = None):
     """Keep each class's records under its bound, group whole classes into
-    ``partitions`` tasks and draw them. ``only``: a mask of plan classes to
-    draw (the rest are skipped)."""
+    ``partitions`` tasks and draw them; the tasks write ``part-<name>-*``
+    files for ``selection`` (see :func:`write_drawn`). ``only``: a mask of
+    plan classes to draw (the rest are skipped)."""
     from pyspark.sql import functions as F
 
     active = plan.counts > 0 if only is None else only & (plan.counts > 0)
@@ -362,47 +353,70 @@ def draw(spark, keyed_df, plan: S.ClassPlan, bounds: np.ndarray, partitions: int
             .where(F.col("order") <= F.col("bound"))
             .select("key", "order", "lsid")
             .repartition(partitions, "lsid")
-            .mapInArrow(_draw_partition(plan, full, class_w), DRAWN_SCHEMA))
+            .mapInArrow(_draw_partition(plan, full, class_w, selection, name, sio.storage_config()), DRAWN_SCHEMA))
 
 
 # -- statistics ---------------------------------------------------------------------
 
-def write_drawn(drawn, path: str, mode: str = "overwrite") -> tuple[dict[int, int], dict[int, int], int, int]:
-    """Write the draw's selected rows (key, copies, weight) to Parquet at
-    ``path``; return copies per label set, the histogram of copies per example,
-    total copies and unique examples.
+@dataclass
+class Drawn:
+    """What one draw wrote: copies per label set, the histogram of copies per
+    example, total copies, unique examples, and the classes whose records
+    disagreed with the count (lsid -> records seen; they drew nothing)."""
 
-    The drawing tasks' tally rows are gathered by an ``Observation`` during
-    the write (metrics of successful attempts only), so the draw runs once and
-    is never cached; the written rows are counted natively too and must agree.
-    """
-    from pyspark.sql import Observation
-    from pyspark.sql import functions as F
+    per_set: dict[int, int]
+    histogram: dict[int, int]
+    total: int
+    unique: int
+    disagree: dict[int, int]
 
-    obs = Observation("draw")
-    is_row = F.col("key").isNotNull()
-    observed = drawn.observe(
-        obs,
-        F.collect_list(F.when(~is_row, F.struct("lsid", "copies", "tally"))).alias("tallies"),
-        F.count(F.col("key")).alias("rows"),
-        F.sum(F.when(is_row, F.col("copies").cast("long"))).alias("copies"))
-    observed.where(is_row).select("key", "copies", "weight").write.mode(mode).parquet(path)
-    metrics = observed_metrics(obs)
-    if metrics is None:
-        raise ValueError(f"internal error: the draw's tallies did not come back with the write of {path}")
+    def add(self, other: "Drawn") -> None:
+        self.per_set.update(other.per_set)
+        for k, v in other.histogram.items():
+            self.histogram[k] = self.histogram.get(k, 0) + v
+        self.histogram = dict(sorted(self.histogram.items()))
+        self.total += other.total
+        self.unique += other.unique
+        self.disagree.update(other.disagree)
+
+
+def write_drawn(drawn, selection: str, fresh: bool = True) -> Drawn:
+    """Run the draw: its tasks write the selected rows (key, copies, weight)
+    under ``selection/_attempts``; the driver renames the files of the
+    successful attempts (the ones ``collect`` returns) into ``selection``,
+    checks their rows, and returns the tallies. ``fresh``: clear
+    ``selection`` first (else add to it: the redraw of short classes)."""
+    fs, root = sio.filesystem(selection)
+    if fresh and fs.exists(root):
+        fs.rm(root, recursive=True)
     per_set: dict[int, int] = {}
     histogram: dict[int, int] = {}
-    for t in metrics["tallies"]:
-        if t["lsid"] is not None:
+    disagree: dict[int, int] = {}
+    files: dict[str, int] = {}
+    for t in drawn.collect():
+        if t["file"] is not None:
+            files[t["file"]] = int(t["tally"])
+        elif t["lsid"] is None:
+            histogram[int(t["copies"])] = histogram.get(int(t["copies"]), 0) + int(t["tally"])
+        elif t["copies"] is None:
             per_set[int(t["lsid"])] = per_set.get(int(t["lsid"]), 0) + int(t["tally"])
         else:
-            histogram[int(t["copies"])] = histogram.get(int(t["copies"]), 0) + int(t["tally"])
+            disagree[int(t["lsid"])] = int(t["tally"])
+    written = 0
+    for temp in sorted(files):
+        final = sio.join(selection, temp.rsplit("/", 1)[-1].rsplit(".", 1)[0])
+        fs.mv(sio.filesystem(temp)[1], sio.filesystem(final)[1])
+        with fs.open(sio.filesystem(final)[1], "rb") as fh:
+            written += pq.ParquetFile(fh).metadata.num_rows
+    attempts = sio.filesystem(sio.join(selection, ATTEMPTS_DIR))[1]
+    if fs.exists(attempts):
+        fs.rm(attempts, recursive=True)  # what failed attempts left
     total = sum(k * n for k, n in histogram.items())
     unique = sum(histogram.values())
-    if (unique, total) != (int(metrics["rows"]), int(metrics["copies"] or 0)) or sum(per_set.values()) != total:
-        raise ValueError(f"internal error: wrote {metrics['rows']} rows with {metrics['copies']} copies, "
-                         f"the draw tallied {unique} with {total}")
-    return per_set, dict(sorted(histogram.items())), total, unique
+    if written != unique or sum(files.values()) != unique or sum(per_set.values()) != total:
+        raise ValueError(f"internal error: wrote {written} rows to {selection}, the draw tallied {unique} "
+                         f"examples with {total} copies")
+    return Drawn(per_set, dict(sorted(histogram.items())), total, unique, disagree)
 
 
 def label_distributions(desired: dict[int, int], realised: dict[int, int]) -> pa.Table:
@@ -482,6 +496,72 @@ def _bad_label_error(spark, job: ResampleJob, weighted_sets: pa.Table) -> Schema
                        key=row["key"] if row else None)
 
 
+def _check_label_sets(spark, job: ResampleJob, weighted_sets: pa.Table) -> None:
+    """Raise for an index with no records, bad label lists, or no weight at all."""
+    n_col = weighted_sets.column("n").to_numpy()
+    if int(n_col.sum()) == 0:
+        raise SchemaError("source index has no examples" + (" left after --exclude" if job.exclude else ""),
+                          file=job.index)
+    if pc.any(weighted_sets.column("bad")).as_py():
+        raise _bad_label_error(spark, job, weighted_sets)
+    if int(n_col[weighted_sets.column("q").to_numpy() > 0].sum()) == 0:
+        raise ValueError(f"no example of {job.index} has a non-zero weight under scheme {job.scheme!r}")
+
+
+@dataclass
+class Drawing:
+    """What the draws wrote to the selection, and how they were planned."""
+
+    plan: S.ClassPlan
+    drawn: Drawn
+    partitions: int
+    expected_candidates: int
+    redrawn: int
+
+
+def _plan_and_draw(spark, job: ResampleJob, keyed_df, weighted_sets: pa.Table, selection: str,
+                   stages: StageTimer, stored: bool) -> Drawing | None:
+    """Plan the classes' copies from the label-set table, draw them into
+    ``selection`` and check the totals. Where a class's records disagree
+    with the table: ``None`` if the table was ``stored`` (read from
+    ``--label-sets``: count again), else an error (the index changed)."""
+    plan = S.make_class_plan(job.matcher, job.draw, job.size, job.seed, weighted_sets.column("lsid").to_numpy(),
+                             weighted_sets.column("n").to_numpy(), weighted_sets.column("q").to_numpy())
+    # The label-set table is sorted by lsid (distinct_label_sets), as are the plan's classes.
+    class_w = weighted_sets.column("w").to_numpy()[
+        np.searchsorted(weighted_sets.column("lsid").to_numpy(), plan.class_ids)]
+    bounds, expected_candidates = candidate_bounds(plan, job.candidate_sigmas)
+    # Whole waves of tasks: a last wave of one task on an idle cluster costs as much as a full one.
+    cores = max(1, spark.sparkContext.defaultParallelism)
+    partitions = cores * math.ceil(max(1, math.ceil(expected_candidates / job.rows_per_partition)) / cores)
+    stages.lap("plan")
+
+    # The draw goes straight to the selection; its tallies come back with the write.
+    drawn = write_drawn(draw(spark, keyed_df, plan, bounds, partitions, class_w, selection, "draw"), selection)
+    stages.lap("draw")
+    planned = dict(zip(plan.class_ids.tolist(), plan.counts.tolist()))
+    short = np.array(sorted(c for c, k in planned.items() if k and drawn.per_set.get(c, 0) != k), np.int64)
+    if short.size and not drawn.disagree:  # a class's bound fell short: draw it again from all its records
+        redo_mask = np.isin(plan.class_ids, short)
+        if any(drawn.per_set.get(c, 0) for c in short.tolist()):
+            raise ValueError("internal error: a class that fell short drew copies")
+        drawn.add(write_drawn(draw(spark, keyed_df, plan, np.where(redo_mask, S.ORDER_MAX, bounds),
+                                   max(1, min(partitions, int(short.size))), class_w, selection, "redraw",
+                                   only=redo_mask), selection, fresh=False))
+        stages.lap("redraw")
+    if drawn.disagree:
+        if stored:
+            return None
+        lsid, seen = next(iter(sorted(drawn.disagree.items())))
+        counted = int(weighted_sets.column("n").to_numpy()[np.searchsorted(
+            weighted_sets.column("lsid").to_numpy(), lsid)])
+        raise ValueError(f"label set {lsid} has {seen} records in a drawing task but {counted} when counted: "
+                         f"did {job.index} change during the job?")
+    if drawn.total != job.size or any(drawn.per_set.get(c, 0) != k for c, k in planned.items() if k):
+        raise ValueError(f"internal error: drew {drawn.total} copies, expected {job.size} split as planned")
+    return Drawing(plan, drawn, partitions, expected_candidates, int(short.size))
+
+
 def run(spark, job: ResampleJob) -> dict[str, Any]:
     """Run the job with ``spark``; return the stats written to stats.json."""
     t0 = time.time()
@@ -502,34 +582,15 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
         excluded = spark.read.parquet(job.exclude).select("key").distinct()
         index_df = index_df.join(excluded, on="key", how="left_anti")
     stages = StageTimer()
-
+    fingerprints = _fingerprints(job)
+    hint, sets_key = None, {}
+    if job.label_sets:
+        # The label-set table depends on the index (and --exclude) only: every run over them can share it.
+        sets_key = {"index": sio.listing_fingerprint(job.index, versions=True),
+                    "exclude": fingerprints.get("exclude")}
+        hint = LS.read_label_sets(job.label_sets, sets_key)
     keyed_df = keyed(index_df, job.seed)
-    weighted_sets = weigh_label_sets(distinct_label_sets(index_df), lw, job.aggregate)
-    stages.lap("label_sets")
-    n_records = int(pc.sum(weighted_sets.column("n")).as_py() or 0)
-    if n_records == 0:
-        raise SchemaError("source index has no examples" + (" left after --exclude" if job.exclude else ""),
-                          file=job.index)
-    if pc.any(weighted_sets.column("bad")).as_py():
-        raise _bad_label_error(spark, job, weighted_sets)
-    sets = LabelSets.from_table(weighted_sets)
-    q_col = weighted_sets.column("q").to_numpy()
-    n_col = weighted_sets.column("n").to_numpy()
-    positive = int(n_col[q_col > 0].sum())
-    if positive == 0:
-        raise ValueError(f"no example of {job.index} has a non-zero weight under scheme {job.scheme!r}")
-    plan = S.make_class_plan(job.matcher, job.draw, job.size, job.seed,
-                             weighted_sets.column("lsid").to_numpy(), n_col, q_col)
-    # The label-set table is sorted by lsid (distinct_label_sets), as are the plan's classes.
-    class_w = weighted_sets.column("w").to_numpy()[
-        np.searchsorted(weighted_sets.column("lsid").to_numpy(), plan.class_ids)]
-    bounds, expected_candidates = candidate_bounds(plan, job.candidate_sigmas)
-    # Whole waves of tasks: a last wave of one task on an idle cluster costs as much as a full one.
-    cores = max(1, spark.sparkContext.defaultParallelism)
-    partitions = cores * math.ceil(max(1, math.ceil(expected_candidates / job.rows_per_partition)) / cores)
-    stages.lap("plan")
 
-    planned = dict(zip(plan.class_ids.tolist(), plan.counts.tolist()))
     local = _is_local(job.output)
     final = job.output[len("file://"):] if job.output.startswith("file://") else job.output
     if local:
@@ -540,32 +601,39 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
         work = job.output  # object stores: written in place, _SUCCESS last
     selection = sio.join(work, "selection")
     try:
-        # The draw goes straight to the selection; its tallies come back with the write.
-        per_set, histogram, total_copies, unique = write_drawn(
-            draw(spark, keyed_df, plan, bounds, partitions, class_w), selection)
-        stages.lap("draw")
-        short = np.array(sorted(c for c, k in planned.items() if k and per_set.get(c, 0) != k), np.int64)
-        if short.size:  # a class's bound fell short: draw it again from all its records
-            redo_mask = np.isin(plan.class_ids, short)
-            if any(per_set.get(c, 0) for c in short.tolist()):
-                raise ValueError("internal error: a class that fell short drew copies")
-            more = write_drawn(draw(spark, keyed_df, plan, np.where(redo_mask, S.ORDER_MAX, bounds),
-                                    max(1, min(partitions, int(short.size))), class_w, only=redo_mask),
-                               selection, mode="append")
-            per_set.update(more[0])
-            for k, v in more[1].items():
-                histogram[k] = histogram.get(k, 0) + v
-            histogram = dict(sorted(histogram.items()))
-            total_copies += more[2]
-            unique += more[3]
-            stages.lap("redraw")
-        if total_copies != job.size or any(per_set.get(c, 0) != k for c, k in planned.items() if k):
-            raise ValueError(f"internal error: drew {total_copies} copies, expected {job.size} "
-                             "split as planned")
+        while True:
+            counted = hint is None
+            if counted:
+                sets_table = distinct_label_sets(index_df)
+                if job.label_sets:
+                    LS.write_label_sets(sets_table, job.label_sets, sets_key)
+            else:
+                sets_table = hint
+            stages.lap("label_sets")
+            weighted_sets = weigh_label_sets(sets_table, lw, job.aggregate)
+            try:
+                _check_label_sets(spark, job, weighted_sets)
+            except ValueError:
+                if counted:
+                    raise
+                hint = None  # bad input is only ever reported from a fresh count
+                continue
+            drawing = _plan_and_draw(spark, job, keyed_df, weighted_sets, selection, stages, stored=not counted)
+            if drawing is not None:
+                break
+            print(f"resample: the label-set table {job.label_sets} does not match the records of "
+                  f"{job.index}; counting again", file=sys.stderr)
+            hint = None
     except BaseException:
         if local:
             shutil.rmtree(work, ignore_errors=True)
         raise
+    plan, per_set, histogram = drawing.plan, drawing.drawn.per_set, drawing.drawn.histogram
+    total_copies, unique = drawing.drawn.total, drawing.drawn.unique
+    sets = LabelSets.from_table(weighted_sets)
+    n_records = int(pc.sum(weighted_sets.column("n")).as_py())
+    q_col, n_col = weighted_sets.column("q").to_numpy(), weighted_sets.column("n").to_numpy()
+    positive = int(n_col[q_col > 0].sum())
     copies_hist = {str(k): v for k, v in histogram.items()}
     label_stats = label_distributions(sets.desired_label_mass(), sets.per_label(per_set))
 
@@ -577,12 +645,14 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
     stats: dict[str, Any] = {
         "config": config.to_dict(),
         "job": {"index": job.index, "weights": job.weights, "labels": job.labels,
-                "exclude": job.exclude, "partitions": partitions,
+                "exclude": job.exclude, "partitions": drawing.partitions,
                 "weight_bits": S.WEIGHT_BITS, "label_sets": int(weighted_sets.num_rows),
+                "label_set_table": job.label_sets,
+                "label_sets_counted": counted,
                 "drawing_label_sets": int((plan.counts > 0).sum()),
-                "expected_candidates": expected_candidates,
-                "candidate_sigmas": job.candidate_sigmas, "redrawn_label_sets": int(short.size)},
-        "inputs": _fingerprints(job),
+                "expected_candidates": drawing.expected_candidates,
+                "candidate_sigmas": job.candidate_sigmas, "redrawn_label_sets": drawing.redrawn},
+        "inputs": fingerprints,
         "source_examples": n_records,
         "examples_with_weight": positive,
         "total_copies": total_copies,
@@ -647,6 +717,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset-labels", default="", help="comma-separated label names (scheme subset)")
     p.add_argument("--top-k", type=int, help="top-K labels by weight (topk-uniform, reversed, adaptive)")
     p.add_argument("--exclude", help="Parquet with a 'key' column: keys never to select")
+    p.add_argument("--label-sets", metavar="PATH",
+                   help="the index's label-set table (a Parquet file): read when it was counted over this index "
+                        "and --exclude (checked against the records during the draw), else counted and written "
+                        "here. Share one per index across runs (targets, sizes, schemes) to skip a full scan")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target", help="target name recorded in stats.json (default: from the weights)")
     p.add_argument("--output", required=True)
@@ -663,7 +737,7 @@ def job_from_args(args: argparse.Namespace) -> ResampleJob:
         labels=args.labels,
         subset_labels=tuple(s.strip() for s in args.subset_labels.split(",") if s.strip()),
         top_k=args.top_k, exclude=args.exclude, seed=args.seed, target=args.target,
-        rows_per_partition=args.rows_per_partition, overwrite=args.overwrite)
+        rows_per_partition=args.rows_per_partition, overwrite=args.overwrite, label_sets=args.label_sets)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,9 +7,10 @@ import os
 import re
 import sys
 import time
+import uuid
 
 __all__ = ["get_session", "local_driver_memory", "local_cores", "inject_failure", "add_spark_arguments",
-           "run_job", "run_cli", "StageTimer", "observed_metrics"]
+           "run_job", "run_cli", "StageTimer", "observed_metrics", "task_attempt_id"]
 
 #: Environment variable that makes the first attempt of each task fail (tests
 #: of retries): a comma-separated list of stage names, or ``all``.
@@ -108,6 +109,16 @@ def observed_metrics(observation):
         return observation.get
     except Exception:  # noqa: BLE001 - Spark raises a JVM assertion error, not a documented one
         return None
+
+
+def task_attempt_id() -> str:
+    """``stage-partition-attempt-random`` inside a Spark task (``local-random``
+    outside one): unique to this task attempt, for its temporary file names."""
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    base = f"{ctx.stageId()}-{ctx.partitionId()}-{ctx.attemptNumber()}" if ctx else "local"
+    return f"{base}-{uuid.uuid4().hex[:8]}"
 
 
 def inject_failure(stage: str) -> None:

@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 from schemas import Manifest, ResampleConfig, SchemaError, ShardInfo, parse_size
 from schemas import io as sio
 
-from .session import StageTimer, add_spark_arguments, inject_failure, observed_metrics, run_cli
+from .session import StageTimer, add_spark_arguments, inject_failure, observed_metrics, run_cli, task_attempt_id
 from .shards import SHARD_NAME_RE, image_extension, sample_json, sample_key, shard_name, write_tar
 
 __all__ = ["ShardJob", "run", "main", "resolve_selection"]
@@ -206,7 +206,7 @@ def _spill_partition(column: str, storage: dict, spill_dir: str, bucket_bits: in
 
     def spill(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         sio.apply_storage_config(storage)
-        attempt = _attempt_id()
+        attempt = task_attempt_id()
         gathered: list[pa.RecordBatch] = []
         pool: list[pa.Array] = []  # the images read, referenced by the gathered rows
         bad: list[tuple[str, str, int]] = []
@@ -255,15 +255,6 @@ def _spill_partition(column: str, storage: dict, spill_dir: str, bucket_bits: in
             names=["path", "rows", "bytes", "key", "reason", "buckets", "counts"])
 
     return spill
-
-
-def _attempt_id() -> str:
-    """``stage-partition-attempt-random``: unique to this task attempt."""
-    from pyspark import TaskContext
-
-    ctx = TaskContext.get()
-    base = f"{ctx.stageId()}-{ctx.partitionId()}-{ctx.attemptNumber()}" if ctx else "local"
-    return f"{base}-{uuid.uuid4().hex[:8]}"
 
 
 def hash_order(h: np.ndarray, keys: pa.Array | pa.ChunkedArray, copies: np.ndarray) -> np.ndarray:
@@ -509,7 +500,7 @@ def _write_from_runs(runs: Sequence[str], bucket_starts: np.ndarray, bucket_bits
 
     def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         sio.apply_storage_config(storage)
-        attempt = _attempt_id()
+        attempt = task_attempt_id()
         results = []
         for batch in batches:
             for w in batch.column(0).to_pylist():

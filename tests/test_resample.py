@@ -11,8 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from schemas import WEIGHTS_SCHEMA, SchemaError
+from schemas import WEIGHTS_SCHEMA, SchemaError, read_metadata
 from schemas import io as sio
+from spark_jobs import label_sets as LS
 from spark_jobs import resample as R
 from spark_jobs import sampling as S
 from tests.helpers import reference_weights, run_module, write_weights
@@ -337,14 +338,109 @@ def test_partitioning_and_task_retries_do_not_change_the_result(multi_label, tmp
         proc = run_module("spark_jobs.resample", "--index", source.index_path, "--weights", weights,
                           "--size", "1500", "--matcher", "same", "--seed", "4", "--output", out,
                           "--master", master, "--driver-memory", "1g", "--rows-per-partition", "400",
-                          env=env)
+                          "--label-sets", str(tmp_path / "label-sets.parquet"), env=env)
         assert "resample: 1500 samples" in proc.stdout
         if env:  # the retries really happened
             assert "injected failure" in proc.stderr
         outputs[master] = selection_of(out)
+        # The first run counts the label sets; the others read them (and still agree).
+        stats = json.loads(open(os.path.join(out, "stats.json")).read())
+        assert stats["job"]["label_sets_counted"] == (master == "local[1]")
+        # One file per drawing task that selected anything; failed attempts' files are gone.
+        names = os.listdir(os.path.join(out, "selection"))
+        assert names and all(n.startswith("part-draw-") and n.endswith(".parquet") for n in names), names
     first = outputs["local[1]"]
     assert outputs["local[4]"] == first and outputs["local[2,4]"] == first
 
+
+
+# -- the label-set table kept between runs (--label-sets) ----------------------------------
+
+def _copy_index(source_path, dest):
+    os.makedirs(dest)
+    for i, f in enumerate(sio.expand_paths(source_path)):
+        pq.write_table(pq.read_table(f), os.path.join(dest, f"part-{i}.parquet"))
+    return str(dest)
+
+
+def test_label_set_table_is_counted_once_then_reused(spark, multi_label, tmp_path):
+    source, weights, _ = multi_label
+    table = str(tmp_path / "sets.parquet")
+    runs = {}
+    for name, matcher, sets in [("plain", "same", None), ("first", "same", table), ("again", "same", table),
+                                ("plain-elastic", "elastic", None), ("elastic", "elastic", table)]:
+        job = R.ResampleJob(index=source.index_path, weights=weights, size=900, seed=3, matcher=matcher,
+                            output=str(tmp_path / name), label_sets=sets)
+        runs[name] = (R.run(spark, job)["job"]["label_sets_counted"], selection_of(job.output))
+    assert [runs[n][0] for n in ("plain", "first", "again", "elastic")] == [True, True, False, False]
+    assert runs["first"][1] == runs["plain"][1] == runs["again"][1]
+    assert runs["elastic"][1] == runs["plain-elastic"][1]
+    stored = pq.read_table(table)
+    assert stored.schema.names == ["lsid", "labels", "n"]
+    records = sio.read_parquet(source.index_path).num_rows
+    assert read_metadata(stored.schema)["records"] == sum(stored.column("n").to_pylist()) == records
+
+
+def test_label_set_table_of_other_inputs_is_counted_again(spark, multi_label, tmp_path, capsys):
+    source, weights, _ = multi_label
+    index = _copy_index(source.index_path, tmp_path / "index")
+    table = str(tmp_path / "sets.parquet")
+
+    def run(name, **kw):
+        job = R.ResampleJob(index=index, weights=weights, size=700, seed=5, output=str(tmp_path / name), **kw)
+        return R.run(spark, job)["job"]["label_sets_counted"], selection_of(job.output)
+
+    assert run("a", label_sets=table)[0]
+    # The index gains a file: the stored table is for other inputs.
+    extra = pq.read_table(sio.expand_paths(index)[0]).slice(0, 50)
+    pq.write_table(extra.set_column(0, "key", pa.array([f"extra/{i}" for i in range(50)])),
+                   os.path.join(index, "part-extra.parquet"))
+    counted, with_table = run("b", label_sets=table)
+    assert counted and with_table == run("b-plain")[1]
+    assert "counted over other inputs" in capsys.readouterr().err
+    assert read_metadata(pq.read_table(table).schema)["records"] == sio.read_parquet(index).num_rows
+    # --exclude is part of the inputs too.
+    pq.write_table(pa.table({"key": ["extra/1"]}), str(tmp_path / "exclude.parquet"))
+    counted, excluded = run("c", label_sets=table, exclude=str(tmp_path / "exclude.parquet"))
+    assert counted and "extra/1" not in excluded
+    # An unreadable table is counted again and replaced.
+    open(table, "wb").write(b"not parquet")
+    counted, _ = run("d", label_sets=table)
+    assert counted and "unreadable label-set table" in capsys.readouterr().err
+    assert not run("e", label_sets=table)[0]
+
+
+def test_label_set_table_that_disagrees_with_the_records_is_counted_again(spark, multi_label, tmp_path, capsys):
+    """Same listing, wrong counts (as if a file were rewritten in place with
+    the same size and time): the drawing tasks see classes with more records
+    than the table says, and the job counts and draws again."""
+    source, weights, _ = multi_label
+    index = _copy_index(source.index_path, tmp_path / "index")
+    table = str(tmp_path / "sets.parquet")
+    job = R.ResampleJob(index=index, weights=weights, size=800, seed=6, output=str(tmp_path / "plain"))
+    R.run(spark, job)
+    expected = selection_of(job.output)
+    true_sets = LS.distinct_label_sets(spark.read.parquet(index))
+    halved = true_sets.set_column(2, "n", pa.array((true_sets.column("n").to_numpy() + 1) // 2, pa.int64()))
+    LS.write_label_sets(halved, table, {"index": sio.listing_fingerprint(index, versions=True), "exclude": None})
+    job = R.ResampleJob(index=index, weights=weights, size=800, seed=6, output=str(tmp_path / "hinted"),
+                        label_sets=table)
+    stats = R.run(spark, job)
+    assert "does not match the records" in capsys.readouterr().err
+    assert stats["job"]["label_sets_counted"] and selection_of(job.output) == expected
+    assert pq.read_table(table).column("n").to_pylist() == true_sets.column("n").to_pylist()
+
+
+def test_listing_fingerprint_with_versions_sees_a_same_size_rewrite(tmp_path):
+    d = tmp_path / "idx"
+    d.mkdir()
+    f = d / "part-0.parquet"
+    f.write_bytes(b"a" * 100)
+    plain, versioned = sio.listing_fingerprint(str(d)), sio.listing_fingerprint(str(d), versions=True)
+    f.write_bytes(b"b" * 100)
+    os.utime(f, (1_000_000_000, 1_000_000_000))
+    assert sio.listing_fingerprint(str(d)) == plain
+    assert sio.listing_fingerprint(str(d), versions=True) != versioned
 
 # -- bad inputs ---------------------------------------------------------------------------
 

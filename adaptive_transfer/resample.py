@@ -10,6 +10,7 @@
 Layout under ``--out`` (a local path or URL)::
 
     weights/<target>-<fingerprint>/          importance weights (reused while inputs are unchanged)
+    label-sets/index-<fingerprint>.parquet   the index's label-set table (shared by every run over it)
     <target>/<size>-<matcher>-<fingerprint>/
         resample/                            selection, stats.json, label_stats.png
         shards/                              shard-*.tar, manifest.json, _SUCCESS
@@ -96,6 +97,8 @@ def plan(args: argparse.Namespace, log=print) -> dict:
     return {"target": target, "source": source_name, "index": index, "labels": labels, "model": model,
             "root": root, "size": size, "options": options, "inputs": inputs,
             "weights_dir": sio.join(args.out, "weights", f"{target.name}-{weights_key[:12]}"),
+            # One per index, shared by every target, size and matcher (spark_jobs.label_sets).
+            "label_sets": sio.join(args.out, "label-sets", f"index-{inputs['index'][:12]}.parquet"),
             "resample_dir": sio.join(base, "resample"), "shards_dir": sio.join(base, "shards")}
 
 
@@ -135,7 +138,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
                                        size=o["size"], matcher=o["matcher"], draw=o["draw"],
                                        aggregate=o["aggregate"], seed=o["seed"], labels=p["labels"],
                                        target=target.name, temperature=args.temperature,
-                                       output=p["resample_dir"]))
+                                       output=p["resample_dir"], label_sets=p["label_sets"]))
     log(f"[3/4] shards -> {p['shards_dir']}")
     manifest = W.run(spark, W.ShardJob(selection=p["resample_dir"], index=p["index"], output=p["shards_dir"],
                                        samples_per_shard=o["samples_per_shard"], seed=o["seed"]))

@@ -549,15 +549,17 @@ def _plan_and_draw(spark, job: ResampleJob, keyed_df, weighted_sets: pa.Table, s
                                    max(1, min(partitions, int(short.size))), class_w, selection, "redraw",
                                    only=redo_mask), selection, fresh=False))
         stages.lap("redraw")
-    if drawn.disagree:
+    missing = sorted(c for c, k in planned.items() if k and drawn.per_set.get(c, 0) != k)
+    if drawn.disagree or missing:
+        # Classes with more records than counted, or none where the count says some: other data.
         if stored:
             return None
-        lsid, seen = next(iter(sorted(drawn.disagree.items())))
-        counted = int(weighted_sets.column("n").to_numpy()[np.searchsorted(
-            weighted_sets.column("lsid").to_numpy(), lsid)])
-        raise ValueError(f"label set {lsid} has {seen} records in a drawing task but {counted} when counted: "
-                         f"did {job.index} change during the job?")
-    if drawn.total != job.size or any(drawn.per_set.get(c, 0) != k for c, k in planned.items() if k):
+        sets_n = dict(zip(weighted_sets.column("lsid").to_pylist(), weighted_sets.column("n").to_pylist()))
+        lsid, seen = (next(iter(sorted(drawn.disagree.items()))) if drawn.disagree
+                      else (missing[0], "too few"))
+        raise ValueError(f"label set {lsid} has {seen} records in a drawing task but {sets_n.get(lsid)} when "
+                         f"counted: did {job.index} change during the job?")
+    if drawn.total != job.size:
         raise ValueError(f"internal error: drew {drawn.total} copies, expected {job.size} split as planned")
     return Drawing(plan, drawn, partitions, expected_candidates, int(short.size))
 

@@ -429,6 +429,16 @@ def test_label_set_table_that_disagrees_with_the_records_is_counted_again(spark,
     assert "does not match the records" in capsys.readouterr().err
     assert stats["job"]["label_sets_counted"] and selection_of(job.output) == expected
     assert pq.read_table(table).column("n").to_pylist() == true_sets.column("n").to_pylist()
+    # A label list that no record carries (and one real list missing).
+    ghost = pa.table({"lsid": [12345], "labels": pa.array([[0, 1, 2]], LABELS),
+                      "n": [true_sets.column("n")[0].as_py()]}, schema=true_sets.schema)
+    LS.write_label_sets(pa.concat_tables([true_sets.slice(1), ghost]).sort_by("lsid"), table,
+                        {"index": sio.listing_fingerprint(index, versions=True), "exclude": None})
+    job = R.ResampleJob(index=index, weights=weights, size=800, seed=6, output=str(tmp_path / "ghost"),
+                        label_sets=table)
+    stats = R.run(spark, job)
+    assert "does not match the records" in capsys.readouterr().err
+    assert stats["job"]["label_sets_counted"] and selection_of(job.output) == expected
 
 
 def test_listing_fingerprint_with_versions_sees_a_same_size_rewrite(tmp_path):

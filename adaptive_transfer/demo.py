@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stats = R.run(spark, R.ResampleJob(index=data.index, weights=os.path.join(weights, "weights.parquet"),
                                                labels=data.labels, size=args.size, seed=args.seed,
                                                target="demo", output=os.path.join(run_dir, "resample"),
-                                               **options))
+                                               label_sets=os.path.join(out, "label-sets.parquet"), **options))
             shutil.copy(os.path.join(run_dir, "resample", "label_stats.png"),
                         os.path.join(report_dir, f"label_stats-{slug}.png"))
             manifest = W.run(spark, W.ShardJob(selection=os.path.join(run_dir, "resample"), index=data.index,

@@ -10,7 +10,7 @@ import time
 import uuid
 
 __all__ = ["get_session", "local_driver_memory", "local_cores", "inject_failure", "add_spark_arguments",
-           "run_job", "run_cli", "StageTimer", "observed_metrics", "task_attempt_id"]
+           "run_job", "run_cli", "StageTimer", "observed_metrics", "task_attempt_id", "set_confs"]
 
 #: Environment variable that makes the first attempt of each task fail (tests
 #: of retries): a comma-separated list of stage names, or ``all``.
@@ -109,6 +109,22 @@ def observed_metrics(observation):
         return observation.get
     except Exception:  # noqa: BLE001 - Spark raises a JVM assertion error, not a documented one
         return None
+
+
+def set_confs(spark, settings: dict[str, str]):
+    """Set runtime SQL confs; return a function that restores what was there
+    before (unsets what was not set)."""
+    before = {k: spark.conf.get(k, None) for k in settings}
+    for k, v in settings.items():
+        spark.conf.set(k, v)
+
+    def restore() -> None:
+        for k, v in before.items():
+            if v is None:
+                spark.conf.unset(k)
+            else:
+                spark.conf.set(k, v)
+    return restore
 
 
 def task_attempt_id() -> str:

@@ -50,7 +50,8 @@ import pyarrow.parquet as pq
 from schemas import Manifest, ResampleConfig, SchemaError, ShardInfo, parse_size
 from schemas import io as sio
 
-from .session import StageTimer, add_spark_arguments, inject_failure, observed_metrics, run_cli, task_attempt_id
+from .session import (StageTimer, add_spark_arguments, inject_failure, observed_metrics, run_cli,
+                      set_confs, task_attempt_id)
 from .shards import SHARD_NAME_RE, image_extension, sample_json, sample_key, shard_name, write_tar
 
 __all__ = ["ShardJob", "run", "main", "resolve_selection"]
@@ -657,7 +658,6 @@ def run(spark, job: ShardJob) -> Manifest:
         F.col("_metadata.file_path").alias("file"), F.col("_metadata.row_index").alias("row"),
         (F.col("uri") if column == "uri" else F.lit(None).cast("string")).alias("uri"))
 
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(IMAGE_BATCH_ROWS))
     files = sorted(index.inputFiles())
     tasks = max(1, min(len(files), FETCH_TASKS_PER_CORE * spark.sparkContext.defaultParallelism))
     # Each fetch task takes a contiguous range of about as many files as the
@@ -669,6 +669,12 @@ def run(spark, job: ShardJob) -> Manifest:
     spill_dir = sio.join(job.spill_dir or sio.join(job.output, TEMPORARY), f"spill-{uuid.uuid4().hex[:12]}")
     resample_stats = _resample_stats(resample_dir)
     bits = bucket_bits(_copies_estimate(selection_path, resample_stats), job.samples_per_shard)
+    # Arrow batches of images; the index is scanned for keys and labels only,
+    # so split it by count (one split per fetch task), not by file bytes that
+    # are mostly the images this scan skips.
+    restore_confs = set_confs(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(IMAGE_BATCH_ROWS),
+                                      "spark.sql.files.maxPartitionBytes": str(1 << 50),
+                                      "spark.sql.files.minPartitionNum": str(tasks)})
     try:
         # Stage 1: each copy, with its placement hash h (its order in the
         # output), meets its example's source location in the index (a key the
@@ -743,7 +749,7 @@ def run(spark, job: ShardJob) -> Manifest:
                 .collect())
         stages.lap("write")
     finally:
-        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "65536")
+        restore_confs()
         spill = sio.filesystem(spill_dir)
         if spill[0].exists(spill[1]):
             spill[0].rm(spill[1], recursive=True)

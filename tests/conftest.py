@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from schemas.synthetic import SourceSpec, TargetSpec, generate_source, generate_target
+from tests.helpers import free_port
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +30,26 @@ def spark():
                                                        "spark.default.parallelism": "4"})
     yield session
     session.stop()
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """A local S3-compatible server (moto) on loopback; fsspec's s3:// points at it."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3_ENDPOINT_URL": endpoint}.items():
+        monkeypatch.setenv(k, v)
+    import fsspec
+    # Options set on the driver travel to the Spark tasks (schemas.io.storage_config).
+    options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+    fsspec.config.conf["s3"] = dict(options)
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
+    fs.mkdir("bucket")
+    yield fs
+    fsspec.config.conf.pop("s3", None)
+    server.stop()

@@ -452,6 +452,27 @@ def test_listing_fingerprint_with_versions_sees_a_same_size_rewrite(tmp_path):
     assert sio.listing_fingerprint(str(d)) == plain
     assert sio.listing_fingerprint(str(d), versions=True) != versioned
 
+
+def test_output_and_label_set_table_on_object_storage(spark, multi_label, tmp_path, s3_server):
+    """Selection files go from the drawing tasks to the object store through
+    fsspec (Spark's own writers are not involved), are committed by the
+    driver, and the result equals a local run's."""
+    source, weights, _ = multi_label
+    local = R.ResampleJob(index=source.index_path, weights=weights, size=600, seed=8, output=str(tmp_path / "local"))
+    R.run(spark, local)
+    out = "s3://bucket/resample/run1"
+    for sets_counted in (True, False):
+        job = R.ResampleJob(index=source.index_path, weights=weights, size=600, seed=8, output=out,
+                            overwrite=True, label_sets="s3://bucket/label-sets/index.parquet")
+        assert R.run(spark, job)["job"]["label_sets_counted"] is sets_counted
+    fs = s3_server
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("bucket/resample/run1"))
+    assert names == ["_SUCCESS", "label_stats.parquet", "label_stats.png", "selection", "stats.json"]
+    assert all(p.rsplit("/", 1)[-1].startswith("part-draw-") for p in fs.ls("bucket/resample/run1/selection"))
+    remote = sio.read_parquet(out + "/selection")
+    assert dict(zip(remote.column("key").to_pylist(), remote.column("copies").to_pylist())) == \
+        selection_of(local.output)
+
 # -- bad inputs ---------------------------------------------------------------------------
 
 def test_label_outside_weights_table(spark, tmp_path):

@@ -23,7 +23,7 @@ from spark_jobs import resample as R
 from spark_jobs import shards as SH
 from spark_jobs import verify as V
 from spark_jobs import write_shards as W
-from tests.helpers import free_port, reference_weights, run_module, write_weights
+from tests.helpers import reference_weights, run_module, write_weights
 
 LABELS = pa.list_(pa.int32())
 
@@ -416,29 +416,6 @@ def test_bad_selection_inputs(spark, source_data, tmp_path):
 
 
 # -- object storage -------------------------------------------------------------------------
-
-@pytest.fixture
-def s3_server(monkeypatch):
-    """A local S3-compatible server (moto) on loopback; fsspec's s3:// points at it."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                 "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3_ENDPOINT_URL": endpoint}.items():
-        monkeypatch.setenv(k, v)
-    import fsspec
-    # Options set on the driver travel to the Spark tasks (schemas.io.storage_config).
-    options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
-    fsspec.config.conf["s3"] = dict(options)
-    fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
-    fs.mkdir("bucket")
-    yield fs
-    fsspec.config.conf.pop("s3", None)
-    server.stop()
-
 
 def test_uri_images_and_shards_on_object_storage(spark, tmp_path, s3_server):
     from schemas.synthetic import encode_image

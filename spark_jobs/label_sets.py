@@ -12,8 +12,10 @@ index's files by name, size and modification time (or object version), and
 the ``--exclude`` file's content. Parquet files are immutable once written,
 so a rewrite shows in the listing. The drawing tasks also check every class
 they see against the table (no more records than counted; exactly as many in
-a class drawn whole): a disagreement makes the job count again, rewrite the
-file and draw again.
+a class drawn whole; none that the table names but no record has): a
+disagreement makes the job count again, rewrite the file and draw again. A
+file rewritten in place with the same name, size and modification time
+whose classes only shrank would pass unnoticed.
 """
 
 from __future__ import annotations

@@ -536,7 +536,7 @@ def _plan_and_draw(spark, job: ResampleJob, keyed_df, weighted_sets: pa.Table, s
     partitions = cores * math.ceil(max(1, math.ceil(expected_candidates / job.rows_per_partition)) / cores)
     stages.lap("plan")
 
-    # The draw goes straight to the selection; its tallies come back with the write.
+    # The drawing tasks write the selection; their tallies come back through collect (write_drawn).
     drawn = write_drawn(draw(spark, keyed_df, plan, bounds, partitions, class_w, selection, "draw"), selection)
     stages.lap("draw")
     planned = dict(zip(plan.class_ids.tolist(), plan.counts.tolist()))

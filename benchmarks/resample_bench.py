@@ -170,8 +170,8 @@ def main(argv=None) -> int:
         for spec in ["first-run"] + args.matchers.split(","):
             matcher, _, draw = ("same/multinomial" if spec == "first-run" else spec).partition("/")
             job = R.ResampleJob(index=index, weights=weights, size=size, matcher=matcher,
-                                draw=draw or "multinomial", output=os.path.join(args.work, f"out-{spec.replace('/', '-')}"),
-                                overwrite=True, label_sets=label_sets)
+                                draw=draw or "multinomial", overwrite=True, label_sets=label_sets,
+                                output=os.path.join(args.work, f"out-{spec.replace('/', '-')}"))
             row[spec] = float("inf")
             for _ in range(args.repeat):
                 if spec == "first-run" and os.path.exists(label_sets):

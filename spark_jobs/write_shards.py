@@ -72,6 +72,8 @@ MAX_BUCKET_BITS = 20
 RUN_BATCHES = 16
 #: Fetch tasks per core; each reads a contiguous range of the index's files.
 FETCH_TASKS_PER_CORE = 2
+#: Shard writers per core (fewer shards each, so a slow one delays the stage less).
+WRITERS_PER_CORE = 2
 #: Bytes of images one shard-writing task reads (it takes whole shards).
 WRITER_BYTES = 1 << 30
 
@@ -741,7 +743,7 @@ def run(spark, job: ShardJob) -> Manifest:
         sample_bytes = max(1.0, sum(int(r["bytes"]) for r in runs) / total)
         parallelism = spark.sparkContext.defaultParallelism
         shards_per_writer = max(1, min(int(job.writer_bytes // (sample_bytes * job.samples_per_shard)),
-                                       math.ceil(num_shards / (2 * parallelism))))
+                                       math.ceil(num_shards / (WRITERS_PER_CORE * parallelism))))
         writers = math.ceil(num_shards / shards_per_writer)
         rows = (spark.range(0, writers, 1, writers)
                 .mapInArrow(_write_from_runs(run_paths, bucket_starts, bits, shards_per_writer, job.output,

@@ -222,6 +222,19 @@ def apply_storage_config(conf: dict) -> None:
         fsspec.config.conf.setdefault(protocol, {}).update(options)
 
 
+def remove_tree(path: str) -> None:
+    """Remove ``path`` (a file or a directory tree) if it exists."""
+    fs, p = filesystem(path)
+    if fs.exists(p):
+        fs.rm(p, recursive=True)
+
+
+def move(src: str, dst: str) -> None:
+    """Rename ``src`` to ``dst`` on one filesystem (a copy and delete on object stores)."""
+    fs, p = filesystem(src)
+    fs.mv(p, filesystem(dst)[1])
+
+
 def clear_output(path: str, owned: Callable[[str], bool]) -> None:
     """Remove what an earlier, incomplete (or overwritten) run left at ``path``.
 

@@ -115,9 +115,7 @@ def run(spark, train_root: str, hierarchy: str, words: str, output: str, inline:
     if unknown:
         raise SchemaError(f"training folders {unknown[:5]} are not in the hierarchy", file=hierarchy)
     vocab, ids = build_vocabulary(leaves, parent, read_words(words))
-    fs, p = sio.filesystem(output)
-    if fs.exists(p):
-        fs.rm(p, recursive=True)
+    sio.remove_tree(output)
     rows = pa.table({"key": [k for k, _, _ in entries],
                      "labels": pa.array([[ids[w]] for _, w, _ in entries], pa.list_(pa.int32())),
                      "uri": [u for _, _, u in entries]})

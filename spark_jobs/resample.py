@@ -386,9 +386,8 @@ def write_drawn(drawn, selection: str, fresh: bool = True) -> Drawn:
     successful attempts (the ones ``collect`` returns) into ``selection``,
     checks their rows, and returns the tallies. ``fresh``: clear
     ``selection`` first (else add to it: the redraw of short classes)."""
-    fs, root = sio.filesystem(selection)
-    if fresh and fs.exists(root):
-        fs.rm(root, recursive=True)
+    if fresh:
+        sio.remove_tree(selection)
     per_set: dict[int, int] = {}
     histogram: dict[int, int] = {}
     disagree: dict[int, int] = {}
@@ -405,12 +404,11 @@ def write_drawn(drawn, selection: str, fresh: bool = True) -> Drawn:
     written = 0
     for temp in sorted(files):
         final = sio.join(selection, temp.rsplit("/", 1)[-1].rsplit(".", 1)[0])
-        fs.mv(sio.filesystem(temp)[1], sio.filesystem(final)[1])
-        with fs.open(sio.filesystem(final)[1], "rb") as fh:
+        sio.move(temp, final)
+        fs, p = sio.filesystem(final)
+        with fs.open(p, "rb") as fh:
             written += pq.ParquetFile(fh).metadata.num_rows
-    attempts = sio.filesystem(sio.join(selection, ATTEMPTS_DIR))[1]
-    if fs.exists(attempts):
-        fs.rm(attempts, recursive=True)  # what failed attempts left
+    sio.remove_tree(sio.join(selection, ATTEMPTS_DIR))  # what failed attempts left
     total = sum(k * n for k, n in histogram.items())
     unique = sum(histogram.values())
     if written != unique or sum(files.values()) != unique or sum(per_set.values()) != total:
@@ -496,16 +494,20 @@ def _bad_label_error(spark, job: ResampleJob, weighted_sets: pa.Table) -> Schema
                        key=row["key"] if row else None)
 
 
-def _check_label_sets(spark, job: ResampleJob, weighted_sets: pa.Table) -> None:
-    """Raise for an index with no records, bad label lists, or no weight at all."""
+def _check_label_sets(spark, job: ResampleJob, weighted_sets: pa.Table) -> tuple[int, int]:
+    """Records, and records with a non-zero weight; raise for an index with
+    no records, bad label lists, or no weight at all."""
     n_col = weighted_sets.column("n").to_numpy()
-    if int(n_col.sum()) == 0:
+    records = int(n_col.sum())
+    if records == 0:
         raise SchemaError("source index has no examples" + (" left after --exclude" if job.exclude else ""),
                           file=job.index)
     if pc.any(weighted_sets.column("bad")).as_py():
         raise _bad_label_error(spark, job, weighted_sets)
-    if int(n_col[weighted_sets.column("q").to_numpy() > 0].sum()) == 0:
+    positive = int(n_col[weighted_sets.column("q").to_numpy() > 0].sum())
+    if positive == 0:
         raise ValueError(f"no example of {job.index} has a non-zero weight under scheme {job.scheme!r}")
+    return records, positive
 
 
 @dataclass
@@ -540,7 +542,12 @@ def _plan_and_draw(spark, job: ResampleJob, keyed_df, weighted_sets: pa.Table, s
     drawn = write_drawn(draw(spark, keyed_df, plan, bounds, partitions, class_w, selection, "draw"), selection)
     stages.lap("draw")
     planned = dict(zip(plan.class_ids.tolist(), plan.counts.tolist()))
-    short = np.array(sorted(c for c, k in planned.items() if k and drawn.per_set.get(c, 0) != k), np.int64)
+
+    def unmet() -> list[int]:
+        """Classes whose drawn copies are not what the plan gave them."""
+        return sorted(c for c, k in planned.items() if k and drawn.per_set.get(c, 0) != k)
+
+    short = np.array(unmet(), np.int64)
     if short.size and not drawn.disagree:  # a class's bound fell short: draw it again from all its records
         redo_mask = np.isin(plan.class_ids, short)
         if any(drawn.per_set.get(c, 0) for c in short.tolist()):
@@ -549,7 +556,7 @@ def _plan_and_draw(spark, job: ResampleJob, keyed_df, weighted_sets: pa.Table, s
                                    max(1, min(partitions, int(short.size))), class_w, selection, "redraw",
                                    only=redo_mask), selection, fresh=False))
         stages.lap("redraw")
-    missing = sorted(c for c, k in planned.items() if k and drawn.per_set.get(c, 0) != k)
+    missing = unmet()
     if drawn.disagree or missing:
         # Classes with more records than counted, or none where the count says some: other data.
         if stored:
@@ -614,7 +621,7 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
             stages.lap("label_sets")
             weighted_sets = weigh_label_sets(sets_table, lw, job.aggregate)
             try:
-                _check_label_sets(spark, job, weighted_sets)
+                n_records, positive = _check_label_sets(spark, job, weighted_sets)
             except ValueError:
                 if counted:
                     raise
@@ -633,9 +640,6 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
     plan, per_set, histogram = drawing.plan, drawing.drawn.per_set, drawing.drawn.histogram
     total_copies, unique = drawing.drawn.total, drawing.drawn.unique
     sets = LabelSets.from_table(weighted_sets)
-    n_records = int(pc.sum(weighted_sets.column("n")).as_py())
-    q_col, n_col = weighted_sets.column("q").to_numpy(), weighted_sets.column("n").to_numpy()
-    positive = int(n_col[q_col > 0].sum())
     copies_hist = {str(k): v for k, v in histogram.items()}
     label_stats = label_distributions(sets.desired_label_mass(), sets.per_label(per_set))
 

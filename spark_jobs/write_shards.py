@@ -752,9 +752,7 @@ def run(spark, job: ShardJob) -> Manifest:
         stages.lap("write")
     finally:
         restore_confs()
-        spill = sio.filesystem(spill_dir)
-        if spill[0].exists(spill[1]):
-            spill[0].rm(spill[1], recursive=True)
+        sio.remove_tree(spill_dir)
 
     by_shard = {}
     for r in rows:
@@ -762,17 +760,14 @@ def run(spark, job: ShardJob) -> Manifest:
     if sorted(by_shard) != list(range(num_shards)):
         raise ValueError(f"internal error: shards written {sorted(by_shard)[:10]}..., expected 0..{num_shards - 1}")
     shards, label_counts = [], {}
-    fs, _ = sio.filesystem(job.output)
     for s in range(num_shards):
         r = by_shard[s]
         name = shard_name(job.prefix, s)
-        fs.mv(sio.filesystem(r["temp"])[1], sio.filesystem(sio.join(job.output, name))[1])
+        sio.move(r["temp"], sio.join(job.output, name))
         shards.append(ShardInfo(name=name, samples=int(r["samples"]), bytes=int(r["bytes"]), sha256=r["sha256"]))
         for label, n in json.loads(r["labels"]).items():
             label_counts[int(label)] = label_counts.get(int(label), 0) + n
-    tmp = sio.filesystem(sio.join(job.output, TEMPORARY))
-    if tmp[0].exists(tmp[1]):
-        tmp[0].rm(tmp[1], recursive=True)
+    sio.remove_tree(sio.join(job.output, TEMPORARY))
 
     config, resample_inputs = _config_from(resample_stats, requested_total)
     manifest = Manifest(

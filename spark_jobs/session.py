@@ -10,7 +10,7 @@ import time
 import uuid
 
 __all__ = ["get_session", "local_driver_memory", "local_cores", "inject_failure", "add_spark_arguments",
-           "run_job", "run_cli", "StageTimer", "observed_metrics", "task_attempt_id", "set_confs"]
+           "run_job", "run_cli", "StageTimer", "observed_metrics", "task_attempt_id", "set_confs", "read_parquet_columns"]
 
 #: Environment variable that makes the first attempt of each task fail (tests
 #: of retries): a comma-separated list of stage names, or ``all``.
@@ -125,6 +125,35 @@ def set_confs(spark, settings: dict[str, str]):
             else:
                 spark.conf.set(k, v)
     return restore
+
+
+def read_parquet_columns(spark, path: str, columns: list[str]):
+    """``spark.read.parquet(path)`` narrowed to those of ``columns`` the data
+    has, typed from the first file's footer (read with pyarrow).
+
+    A plain ``spark.read.parquet`` runs a Spark job to infer the schema (about
+    50 ms of a short job); this reads one footer instead. Falls back to
+    Spark's inference where the path lists no file or a column's type has no
+    Spark equivalent, so Spark's own errors and types stand there.
+    """
+    import pyarrow.parquet as pq
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    from schemas import io as sio
+
+    try:
+        first = sio.expand_paths(path)[0]
+        fs, p = sio.filesystem(first)
+        with fs.open(p, "rb") as fh:
+            footer = pq.read_schema(fh)
+        present = [c for c in columns if c in footer.names]
+        schema = from_arrow_schema(footer.empty_table().select(present).schema) if present else None
+    except (FileNotFoundError, TypeError, NotImplementedError):
+        schema = None
+    if schema is None:
+        df = spark.read.parquet(path)
+        return df.select([c for c in columns if c in df.columns])
+    return spark.read.schema(schema).parquet(path)
 
 
 def task_attempt_id() -> str:

@@ -50,8 +50,8 @@ import pyarrow.parquet as pq
 from schemas import Manifest, ResampleConfig, SchemaError, ShardInfo, parse_size
 from schemas import io as sio
 
-from .session import (StageTimer, add_spark_arguments, inject_failure, observed_metrics, run_cli,
-                      set_confs, task_attempt_id)
+from .session import (StageTimer, add_spark_arguments, inject_failure, observed_metrics, read_parquet_columns,
+                      run_cli, set_confs, task_attempt_id)
 from .shards import SHARD_NAME_RE, image_extension, sample_json, sample_key, shard_name, write_tar
 
 __all__ = ["ShardJob", "run", "main", "resolve_selection"]
@@ -642,7 +642,7 @@ def run(spark, job: ShardJob) -> Manifest:
     if resample_dir and not sio.exists(sio.join(resample_dir, "_SUCCESS")):
         raise FileNotFoundError(f"{resample_dir}: no _SUCCESS; the resampler did not finish, so this "
                                 "selection is not a result")
-    selection = spark.read.parquet(selection_path)
+    selection = read_parquet_columns(spark, selection_path, ["key", "copies", "weight"])
     for col in ("key", "copies"):
         if col not in selection.columns:
             raise SchemaError(f"selection has no '{col}' column", file=selection_path)
@@ -650,10 +650,10 @@ def run(spark, job: ShardJob) -> Manifest:
         selection = selection.withColumn("weight", F.lit(0.0))
     selection = selection.select(F.col("key").cast("string"), F.col("copies").cast("int"),
                                  F.col("weight").cast("double"))
-    index = spark.read.parquet(job.index)
+    index = read_parquet_columns(spark, job.index, ["key", "labels", "image", "uri"])
     column = "image" if "image" in index.columns else "uri" if "uri" in index.columns else None
     if column is None or "key" not in index.columns or "labels" not in index.columns:
-        raise SchemaError(f"source index needs key, labels and image or uri (has {index.columns})",
+        raise SchemaError(f"source index needs key, labels and image or uri (of these it has {index.columns})",
                           file=job.index)
     located = index.select(
         F.col("key").cast("string").alias("key"), F.col("labels").cast("array<int>").alias("labels"),
@@ -665,8 +665,9 @@ def run(spark, job: ShardJob) -> Manifest:
     # Each fetch task takes a contiguous range of about as many files as the
     # others (rows of a file the table misses, if any, are spread by hash).
     task_keys = np.asarray(partition_keys(tasks))[contiguous_groups(len(files), tasks)].tolist()
-    task_of_file = spark.createDataFrame([(_spark_file_path(f), k) for f, k in zip(files, task_keys)],
-                                         "file string, task int")
+    # From Arrow: a local relation, which needs no Spark job (a list of rows would).
+    task_of_file = spark.createDataFrame(pa.table({"file": pa.array([_spark_file_path(f) for f in files], pa.string()),
+                                                   "task": pa.array(task_keys, pa.int32())}))
     storage = sio.storage_config()
     spill_dir = sio.join(job.spill_dir or sio.join(job.output, TEMPORARY), f"spill-{uuid.uuid4().hex[:12]}")
     resample_stats = _resample_stats(resample_dir)

@@ -110,6 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="/tmp/shards-bench")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each per round; the best is reported")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="untimed write_shards runs first (the JVM compiles Spark's code paths over many runs)")
     args = ap.parse_args(argv)
     index = os.path.join(args.work, f"index-{args.images}")
     payload = make_index(index, args.images)
@@ -123,8 +125,10 @@ def main(argv=None) -> int:
     spark = get_session("shards-bench", args.master)
     cores = spark.sparkContext.defaultParallelism
     out = os.path.join(args.work, "ours")
-    W.run(spark, W.ShardJob(selection=selection, index=index, output=out + "-warm",
-                            samples_per_shard=args.samples_per_shard, overwrite=True))
+    for _ in range(args.warmup):
+        W.run(spark, W.ShardJob(selection=selection, index=index, output=out + "-warm",
+                                samples_per_shard=args.samples_per_shard, overwrite=True))
+    shutil.rmtree(out + "-warm", ignore_errors=True)
     # Side by side: each round runs every contender --repeat times back to
     # back (each in its steady state: the Spark job's JVM and Python workers
     # warm, like a single process's), and the rounds alternate, so that a slow

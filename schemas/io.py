@@ -19,6 +19,8 @@ import pyarrow.parquet as pq
 
 __all__ = [
     "filesystem",
+    "is_local",
+    "punch_holes",
     "expand_paths",
     "read_parquet",
     "iter_parquet_batches",
@@ -121,11 +123,12 @@ def read_bytes(path: str) -> bytes:
         return fh.read()
 
 
-def write_bytes_atomic(path: str, data: bytes | str) -> None:
+def write_bytes_atomic(path: str, data: bytes | str, durable: bool = True) -> None:
     """Write ``data`` so that ``path`` is either absent/old or complete.
 
-    Local files: write a unique temporary file beside it, fsync, rename.
-    Object stores: a single PUT is already atomic.
+    Local files: write a unique temporary file beside it, fsync (unless not
+    ``durable``: for files that need not outlive a crash of the machine),
+    rename. Object stores: a single PUT is already atomic.
     """
     if isinstance(data, str):
         data = data.encode()
@@ -137,8 +140,9 @@ def write_bytes_atomic(path: str, data: bytes | str) -> None:
         tmp = f"{p}.tmp-{uuid.uuid4().hex}"
         with open(tmp, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, p)
     else:
         with fs.open(p, "wb") as fh:
@@ -227,6 +231,41 @@ def remove_tree(path: str) -> None:
     fs, p = filesystem(path)
     if fs.exists(p):
         fs.rm(p, recursive=True)
+
+
+def is_local(path: str) -> bool:
+    """Whether ``path`` is on the local (POSIX) filesystem."""
+    return isinstance(filesystem(path)[0], LocalFileSystem)
+
+
+_PUNCH_HOLE = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE (linux/falloc.h)
+
+
+def punch_holes(path: str, ranges: Sequence[tuple[int, int]]) -> int:
+    """Release the ``[start, end)`` byte ranges of a local file (Linux
+    ``fallocate`` punch hole): they read as zeros from then on, and their page
+    cache and disk blocks are freed; the size is unchanged. Returns the bytes
+    released: 0 where the platform or filesystem cannot do it (nothing else
+    changes then)."""
+    import ctypes
+
+    try:
+        fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return 0
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    released = 0
+    fd = os.open(filesystem(path)[1], os.O_WRONLY)
+    try:
+        for start, end in ranges:
+            if end <= start:
+                continue
+            if fallocate(fd, _PUNCH_HOLE, start, end - start) != 0:
+                return released  # EOPNOTSUPP and the like: keep the bytes
+            released += end - start
+    finally:
+        os.close(fd)
+    return released
 
 
 def move(src: str, dst: str) -> None:

@@ -10,7 +10,8 @@ import time
 import uuid
 
 __all__ = ["get_session", "local_driver_memory", "local_cores", "inject_failure", "add_spark_arguments",
-           "run_job", "run_cli", "StageTimer", "observed_metrics", "task_attempt_id", "set_confs", "read_parquet_columns"]
+           "run_job", "run_cli", "StageTimer", "observed_metrics", "task_attempt_id", "set_confs",
+           "read_parquet_columns"]
 
 #: Environment variable that makes the first attempt of each task fail (tests
 #: of retries): a comma-separated list of stage names, or ``all``.

@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 import uuid
@@ -183,9 +184,10 @@ def _fetched(table: pa.Table, bounds: np.ndarray, column: str, emit) -> Iterator
             yield emit(table, bounds, np.asarray(chunk, np.int64), images, data)
 
 
-SPILLED_SCHEMA = ("path string, rows long, bytes long, "  # a run file written...
-                  "key string, reason string, "  # ... or a bad example (rows: its copies)...
-                  "buckets array<int>, counts array<long>")  # ... or the task's good copies per bucket
+SPILLED_SCHEMA = ("path string, rows long, bytes long, "  # a run file written (buckets: each batch's
+                  "key string, reason string, "  # first; offsets: where each batch starts, then where the
+                  "buckets array<int>, counts array<long>, "  # last ends), or a bad example (rows: its
+                  "offsets array<long>")  # copies), or the task's good copies per bucket (buckets, counts)
 #: The ``reason`` of a key the selection holds in more than one row (not a bad image).
 DUPLICATE = "in more than one selection row"
 #: The ``reason`` of a selected key the index does not hold.
@@ -246,16 +248,17 @@ def _spill_partition(column: str, storage: dict, spill_dir: str, bucket_bits: in
                                    tally))
         inject_failure("spill")  # after the runs are written: they must be ignored
         used = np.flatnonzero(tally)
-        none = [None] * (len(runs) + len(bad))
+        no_runs, no_bad = [None] * len(runs), [None] * len(bad)
         yield pa.RecordBatch.from_arrays(
-            [pa.array([r[0] for r in runs] + [None] * (len(bad) + 1), pa.string()),
-             pa.array([r[1] for r in runs] + [b[2] for b in bad] + [None], pa.int64()),
-             pa.array([r[2] for r in runs] + [None] * (len(bad) + 1), pa.int64()),
-             pa.array([None] * len(runs) + [b[0] for b in bad] + [None], pa.string()),
-             pa.array([None] * len(runs) + [b[1] for b in bad] + [None], pa.string()),
-             pa.array(none + [used.astype(np.int32)], pa.list_(pa.int32())),
-             pa.array(none + [tally[used]], pa.list_(pa.int64()))],
-            names=["path", "rows", "bytes", "key", "reason", "buckets", "counts"])
+            [pa.array([r.path for r in runs] + no_bad + [None], pa.string()),
+             pa.array([r.rows for r in runs] + [b[2] for b in bad] + [None], pa.int64()),
+             pa.array([r.bytes for r in runs] + no_bad + [None], pa.int64()),
+             pa.array(no_runs + [b[0] for b in bad] + [None], pa.string()),
+             pa.array(no_runs + [b[1] for b in bad] + [None], pa.string()),
+             pa.array([r.first_buckets for r in runs] + no_bad + [used.astype(np.int32)], pa.list_(pa.int32())),
+             pa.array(no_runs + no_bad + [tally[used]], pa.list_(pa.int64())),
+             pa.array([r.offsets for r in runs] + no_bad + [None], pa.list_(pa.int64()))],
+            names=["path", "rows", "bytes", "key", "reason", "buckets", "counts", "offsets"])
 
     return spill
 
@@ -281,14 +284,26 @@ def bucket_of(h: np.ndarray, bucket_bits: int) -> np.ndarray:
     return (np.asarray(h, np.int64).view(np.uint64) >> np.uint64(64 - bucket_bits)).astype(np.int64)
 
 
+@dataclass(frozen=True)
+class Run:
+    """A run file: its path, copies (rows) and image bytes, and its record
+    batches' layout: each batch's first bucket and byte offsets (where each
+    starts, then where the last ends)."""
+
+    path: str
+    rows: int
+    bytes: int
+    first_buckets: tuple[int, ...]
+    offsets: tuple[int, ...]
+
+
 def _write_run(batches: list[pa.RecordBatch], pool: list[pa.Array], spill_dir: str, attempt: str, index: int,
-               bucket_bits: int, batch_bytes: int, tally: np.ndarray) -> tuple[str, int, int]:
+               bucket_bits: int, batch_bytes: int, tally: np.ndarray) -> Run:
     """Write one run file (see :func:`_spill_partition`): the gathered rows in
     :func:`hash_order` with their images taken from ``pool`` (the one copy of
     the bytes), in record batches of about ``batch_bytes`` of images cut
     at bucket boundaries; the schema's ``first_buckets`` metadata holds each
-    batch's first bucket. Adds the rows per bucket to ``tally``; returns
-    ``(path, rows, bytes)``."""
+    batch's first bucket. Adds the rows per bucket to ``tally``."""
     meta = pa.Table.from_batches(batches).combine_chunks()
     perm = hash_order(meta.column("h").to_numpy(), meta.column("key"), meta.column("copy").to_numpy())
     images = gather_binary(pool, meta.column("image_ref").to_numpy()[perm])
@@ -308,11 +323,14 @@ def _write_run(batches: list[pa.RecordBatch], pool: list[pa.Array], spill_dir: s
     path = sio.join(spill_dir, f"run-{attempt}-{index:04d}.arrow")
     fs, p = sio.filesystem(path)
     fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
+    # The first batch follows the magic (8 bytes with padding) and the schema message.
+    offsets = [8 + schema.serialize().size]
     with fs.open(p, "wb") as fh:
         with pa.ipc.new_file(fh, schema) as out:
             for a, b in zip(cuts[:-1], cuts[1:]):
                 out.write_batch(pa.record_batch([c.slice(a, b - a) for c in cols], schema=schema))
-    return path, table.num_rows, int(table.nbytes)
+                offsets.append(fh.tell())
+    return Run(path, table.num_rows, int(table.nbytes), tuple(first_buckets), tuple(offsets))
 
 
 def _read_runs(paths: Sequence[str], first: int, last: int, bucket_bits: int) -> tuple[pa.Table, list]:
@@ -404,7 +422,12 @@ def _read_inline(path: str, rows: np.ndarray) -> Iterator[tuple[np.ndarray, pa.A
 
 # -- stage 2: write shards --------------------------------------------------------------
 
-WRITTEN_SCHEMA = "shard int, temp string, samples long, bytes long, sha256 string, labels string"
+#: A row per shard; ``released``: run bytes released after it was written; ``reused``: an earlier
+#: attempt wrote it.
+WRITTEN_SCHEMA = ("shard int, temp string, samples long, bytes long, sha256 string, labels string, "
+                  "released long, reused boolean")
+#: The four bytes that start every message of an Arrow IPC file (a record batch, or the end of the batches).
+_IPC_CONTINUATION = b"\xff\xff\xff\xff"
 
 
 def gather_binary(pool: Sequence[pa.Array], refs: np.ndarray) -> pa.Array:
@@ -442,17 +465,17 @@ def binary_views(array: pa.Array) -> list:
 
 
 def _write_sorted(table: pa.Table, images: list, first: int, output: str, prefix: str, samples_per_shard: int,
-                  total: int, attempt: str) -> list[tuple]:
+                  total: int, attempt: str) -> Iterator[tuple]:
     """Write the copies of ``table`` with their ``images`` (memoryviews, never
     copied before the tar block that holds them), in order, as the shards
     from position ``first`` (a shard's first) on, each streamed to
-    ``output/_temporary/<name>.<attempt>``; nothing is final until the driver
-    renames what successful attempts reported."""
+    ``output/_temporary/<name>.<attempt>``; yields each shard's row (the
+    first six ``WRITTEN_SCHEMA`` fields) once its file is closed. Nothing
+    is final until the driver renames what successful attempts reported."""
     cols = [table.column(c).to_pylist() for c in ("key", "copy", "ext", "labels", "weight")]
     labels_flat = pc.list_flatten(table.column("labels")).to_numpy(zero_copy_only=False)
     label_offsets = np.concatenate([[0], np.cumsum(pc.list_value_length(table.column("labels"))
                                                    .to_numpy(zero_copy_only=False))])
-    results = []
     for a in range(0, table.num_rows, samples_per_shard):
         b = min(table.num_rows, a + samples_per_shard)
         shard = (first + a) // samples_per_shard
@@ -474,9 +497,8 @@ def _write_sorted(table: pa.Table, images: list, first: int, output: str, prefix
         want = min(samples_per_shard, total - shard * samples_per_shard)
         if n != want:
             raise ValueError(f"internal error: shard {shard} has {n} samples, expected {want}")
-        results.append((shard, temp, n, size, digest,
-                        json.dumps({int(v): int(c) for v, c in zip(values, counts)}, sort_keys=True)))
-    return results
+        yield (shard, temp, n, size, digest, json.dumps({int(v): int(c) for v, c in zip(values, counts)},
+                                                        sort_keys=True))
 
 
 def _concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -493,43 +515,138 @@ def _runs_of(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return starts, np.append(starts[1:], values.size)
 
 
-def _write_from_runs(runs: Sequence[str], bucket_starts: np.ndarray, bucket_bits: int, shards_per_writer: int,
-                     output: str, prefix: str, samples_per_shard: int, total: int, storage: dict):
+def _write_from_runs(runs: Sequence[Run], bucket_starts: np.ndarray, bucket_bits: int, shards_per_writer: int,
+                     output: str, prefix: str, samples_per_shard: int, total: int, storage: dict,
+                     release: bool):
     """mapInArrow over writer ids: writer w writes shards ``w*shards_per_writer
     ...``. Their positions fall in a few buckets (``bucket_starts[b]``: the
     position of bucket b's first copy); it reads those buckets' copies from
     every run, ranks them in :func:`hash_order` and writes the tars. One
-    ``WRITTEN_SCHEMA`` row per shard."""
+    ``WRITTEN_SCHEMA`` row per shard.
+
+    With ``release`` (runs on a local filesystem, no speculative attempts),
+    each closed shard gets a receipt (``<temp>.json``, written atomically),
+    and then the run batches that only this writer reads and that hold no
+    copy of a shard still to write are punched out of the run files
+    (:func:`schemas.io.punch_holes`): the page cache (or disk) holds each
+    image about once, not twice. A retry of the writer reuses the shards its
+    earlier attempts left receipts for, and reads the runs only from the
+    first shard without one.
+    """
 
     def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from pyspark import TaskContext
+
         sio.apply_storage_config(storage)
         attempt = task_attempt_id()
+        ctx = TaskContext.get()
+        retry = ctx is not None and ctx.attemptNumber() > 0
         results = []
         for batch in batches:
             for w in batch.column(0).to_pylist():
                 lo = int(w) * shards_per_writer * samples_per_shard
                 hi = min(total, (int(w) + 1) * shards_per_writer * samples_per_shard)  # positions
-                first = int(np.searchsorted(bucket_starts, lo, side="right")) - 1
+                reused = _receipts(output, prefix, lo, hi, samples_per_shard) if release and retry else []
+                results += reused
+                todo = lo + len(reused) * samples_per_shard
+                if todo >= hi:
+                    continue
+                first = int(np.searchsorted(bucket_starts, todo, side="right")) - 1
                 last = int(np.searchsorted(bucket_starts, hi - 1, side="right")) - 1
-                table, images = _read_runs(runs, first, last, bucket_bits)
+                table, images = _read_runs([r.path for r in runs], first, last, bucket_bits)
                 expected = int(bucket_starts[last + 1] - bucket_starts[first])
                 if len(images) != expected:
                     raise ValueError(f"internal error: runs hold {len(images)} copies of buckets "
                                      f"{first}..{last}, tallied {expected}")
                 order = hash_order(table.column("h").to_numpy(), table.column("key"),
                                    table.column("copy").to_numpy())
-                skip = lo - int(bucket_starts[first])
-                mine = order[skip:skip + hi - lo]
-                results += _write_sorted(table.take(pa.array(mine)), [images[i] for i in mine.tolist()], lo,
-                                         output, prefix, samples_per_shard, total, attempt)
+                skip = todo - int(bucket_starts[first])
+                mine = order[skip:skip + hi - todo]
+                pending = _releasable(runs, bucket_starts, bucket_bits, lo, hi) if release else []
+                for row in _write_sorted(table.take(pa.array(mine)), [images[i] for i in mine.tolist()], todo,
+                                         output, prefix, samples_per_shard, total, attempt):
+                    released = 0
+                    if release:
+                        sio.write_bytes_atomic(row[1] + ".json", json.dumps(dict(zip(_RECEIPT, row))),
+                                              durable=False)  # for retries in this job only
+                        done = min(total, (row[0] + 1) * samples_per_shard)  # positions written
+                        ready = [p for p in pending if p[0] <= done]
+                        pending = pending[len(ready):]
+                        released = _release(ready)
+                    results.append(row + (released, False))
+                    inject_failure("released")  # a shard is written, its runs may be released
         if results:
             cols = list(zip(*results))
             yield pa.RecordBatch.from_arrays(
                 [pa.array(cols[0], pa.int32()), pa.array(cols[1], pa.string()), pa.array(cols[2], pa.int64()),
-                 pa.array(cols[3], pa.int64()), pa.array(cols[4], pa.string()), pa.array(cols[5], pa.string())],
-                names=["shard", "temp", "samples", "bytes", "sha256", "labels"])
+                 pa.array(cols[3], pa.int64()), pa.array(cols[4], pa.string()), pa.array(cols[5], pa.string()),
+                 pa.array(cols[6], pa.int64()), pa.array(cols[7], pa.bool_())],
+                names=["shard", "temp", "samples", "bytes", "sha256", "labels", "released", "reused"])
 
     return write
+
+
+#: The fields of a shard's receipt (``WRITTEN_SCHEMA`` but ``released``).
+_RECEIPT = ("shard", "temp", "samples", "bytes", "sha256", "labels")
+
+
+def _receipts(output: str, prefix: str, lo: int, hi: int, samples_per_shard: int) -> list[tuple]:
+    """The rows of the leading shards of positions ``[lo, hi)`` that an
+    earlier attempt finished: a receipt whose temporary file is there, whole.
+    Stops at the first shard without one."""
+    temporary = sio.join(output, TEMPORARY)
+    fs, p = sio.filesystem(temporary)
+    names = sorted(n.rsplit("/", 1)[-1] for n in fs.ls(p, detail=False)) if fs.exists(p) else []
+    rows = []
+    for shard in range(lo // samples_per_shard, math.ceil(hi / samples_per_shard)):
+        stem = shard_name(prefix, shard) + "."
+        for name in (n for n in names if n.startswith(stem) and n.endswith(".json")):
+            receipt = json.loads(sio.read_bytes(sio.join(temporary, name)))
+            tfs, tp = sio.filesystem(receipt["temp"])
+            if receipt["shard"] == shard and tfs.exists(tp) and tfs.size(tp) == receipt["bytes"]:
+                rows.append(tuple(receipt[k] for k in _RECEIPT) + (0, True))
+                break
+        else:
+            break
+    return rows
+
+
+def _releasable(runs: Sequence[Run], bucket_starts: np.ndarray, bucket_bits: int, lo: int,
+                hi: int) -> list[tuple[int, str, int, int]]:
+    """The run batches whose copies all have positions in ``[lo, hi)`` (one
+    writer's, so no other writer reads them): ``(end position, path, start
+    byte, end byte)``, by end position (a batch may go once every position
+    before its end position is written)."""
+    found = []
+    for run in runs:
+        firsts = np.asarray(run.first_buckets, np.int64)
+        if firsts.size == 0:
+            continue
+        begin = bucket_starts[firsts]
+        end = bucket_starts[np.append(firsts[1:], 1 << bucket_bits)]
+        for i in np.flatnonzero((begin >= lo) & (end <= hi) & (end > begin)).tolist():
+            found.append((int(end[i]), run.path, int(run.offsets[i]), int(run.offsets[i + 1])))
+    return sorted(found)
+
+
+def _release(batches: Sequence[tuple[int, str, int, int]]) -> int:
+    """Punch the given run batches out of their files; returns the bytes
+    released. A range that does not start and end where Arrow IPC messages
+    start (the layout is not what was recorded, or it is already released) is
+    left alone."""
+    by_path: dict[str, list[tuple[int, int]]] = {}
+    for _, path, start, end in batches:
+        by_path.setdefault(path, []).append((start, end))
+    released = 0
+    for path, ranges in by_path.items():
+        fd = os.open(sio.filesystem(path)[1], os.O_RDONLY)
+        try:
+            whole = [(a, b) for a, b in ranges
+                     if os.pread(fd, 4, a) == _IPC_CONTINUATION and os.pread(fd, 4, b) == _IPC_CONTINUATION]
+        finally:
+            os.close(fd)
+        released += sio.punch_holes(path, whole)
+    return released
 
 
 # -- the job --------------------------------------------------------------------------
@@ -722,12 +839,13 @@ def run(spark, job: ShardJob) -> Manifest:
                              f"expected {requested_total}")
         per_bucket = np.zeros(1 << bits, np.int64)
         for r in spilled:
-            if r["buckets"] is not None:
+            if r["counts"] is not None:  # a task's tally
                 np.add.at(per_bucket, np.asarray(r["buckets"], np.int64), np.asarray(r["counts"], np.int64))
         bucket_starts = np.concatenate([[0], np.cumsum(per_bucket)])
         if bucket_starts[-1] != total:
             raise ValueError(f"internal error: buckets tally {bucket_starts[-1]} copies, runs hold {total}")
-        run_paths = sorted(r["path"] for r in runs)
+        run_files = sorted((Run(r["path"], int(r["rows"]), int(r["bytes"]), tuple(r["buckets"]), tuple(r["offsets"]))
+                            for r in runs), key=lambda run: run.path)
         n_bad = len(bad_found)
         if n_bad / unique > job.max_bad_fraction:
             raise ValueError(f"{n_bad} of {unique} selected examples have a missing or unrecognisable "
@@ -741,14 +859,20 @@ def run(spark, job: ShardJob) -> Manifest:
 
         # Stage 2: each writer takes whole shards, reads their buckets' batches
         # of every run, ranks the copies by h and writes the tars.
-        sample_bytes = max(1.0, sum(int(r["bytes"]) for r in runs) / total)
+        spill_bytes = sum(run.bytes for run in run_files)
+        sample_bytes = max(1.0, spill_bytes / total)
         parallelism = spark.sparkContext.defaultParallelism
         shards_per_writer = max(1, min(int(job.writer_bytes // (sample_bytes * job.samples_per_shard)),
                                        math.ceil(num_shards / (WRITERS_PER_CORE * parallelism))))
         writers = math.ceil(num_shards / shards_per_writer)
+        # Release consumed run batches while writing, where the runs are local
+        # and no speculative attempt of a writer can still need them.
+        release = (sio.is_local(spill_dir)
+                   and spark.sparkContext.getConf().get("spark.speculation", "false").lower() != "true")
         rows = (spark.range(0, writers, 1, writers)
-                .mapInArrow(_write_from_runs(run_paths, bucket_starts, bits, shards_per_writer, job.output,
-                                             job.prefix, job.samples_per_shard, total, storage), WRITTEN_SCHEMA)
+                .mapInArrow(_write_from_runs(run_files, bucket_starts, bits, shards_per_writer, job.output,
+                                             job.prefix, job.samples_per_shard, total, storage, release),
+                            WRITTEN_SCHEMA)
                 .collect())
         stages.lap("write")
     finally:
@@ -779,6 +903,9 @@ def run(spark, job: ShardJob) -> Manifest:
         label_distribution=label_counts, bad_records=bad_records,
         extra={"samples_per_shard": job.samples_per_shard, "prefix": job.prefix, "seed": job.seed,
                "requested_samples": requested_total, "bad_examples": n_bad, "image_source": column,
+               "spill": {"run_bytes": sum(run.offsets[-1] for run in run_files),
+                         "released_while_writing": sum(int(r["released"]) for r in by_shard.values()),
+                         "shards_reused_by_retries": sum(bool(r["reused"]) for r in by_shard.values())},
                "seconds": round(time.time() - t0, 2), "timings": stages.timings})
     sio.write_bytes_atomic(manifest_path, manifest.to_json())
     sio.write_bytes_atomic(sio.join(job.output, "_SUCCESS"), "")

@@ -550,3 +550,24 @@ def test_local_cores_from_the_master():
     assert [local_cores(m) for m in ("local", "local[3]", "local[2,4]", "yarn", "spark://h:7077")] == [
         1, 3, 2, None, None]
     assert local_cores("local[*]") == (os.cpu_count() or 1)
+
+
+def test_read_parquet_columns_types_from_the_footer(spark, tmp_path):
+    """No schema-inference job: the narrowed columns keep the files' types,
+    missing ones are left out, and a path with no file gets Spark's own error."""
+    from spark_jobs.session import read_parquet_columns
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        pq.write_table(pa.table({"key": [f"k{i}"], "labels": pa.array([[i, 7]], pa.list_(pa.int32())),
+                                 "n": pa.array([i], pa.int64()), "extra": [b"x"]}), data / f"part-{i}.parquet")
+    df = read_parquet_columns(spark, str(data), ["key", "labels", "n", "uri"])
+    assert df.columns == ["key", "labels", "n"]
+    assert [f.dataType.simpleString() for f in df.schema.fields] == ["string", "array<int>", "bigint"]
+    assert sorted((r["key"], list(r["labels"]), r["n"]) for r in df.collect()) == [("k0", [0, 7], 0),
+                                                                                  ("k1", [1, 7], 1)]
+    from pyspark.errors import AnalysisException
+
+    with pytest.raises(AnalysisException, match="PATH_NOT_FOUND|does not exist"):
+        read_parquet_columns(spark, str(tmp_path / "missing"), ["key"])

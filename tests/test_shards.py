@@ -262,6 +262,58 @@ def test_hash_order_is_unsigned_then_key_then_copy():
     assert W.bucket_of(h, 0).tolist() == [0] * 6
 
 
+def _run_file(tmp_path, n=40, bits=3, batch_bytes=300):
+    """A run file of n copies (100-byte images) sorted by h, cut at bucket
+    boundaries every ~batch_bytes of images, as a fetch task writes it."""
+    rng = np.random.default_rng(1)
+    h = rng.integers(-(2 ** 63), 2 ** 63 - 1, n, dtype=np.int64)
+    images = pa.array([bytes([i]) * 100 for i in range(n)], pa.binary())
+    batch = pa.RecordBatch.from_arrays(
+        [pa.array([f"k{i}" for i in range(n)]), pa.array(np.zeros(n, np.int32)), pa.array(h),
+         pa.array([[1]] * n, LABELS), pa.array(np.ones(n)), pa.array(np.arange(n), pa.int64()),
+         pa.array(["jpg"] * n)], names=["key", "copy", "h", "labels", "weight", "image_ref", "ext"])
+    tally = np.zeros(1 << bits, np.int64)
+    run = W._write_run([batch], [images], str(tmp_path), "t", 0, bits, batch_bytes, tally)
+    return run, tally
+
+
+def test_run_layout_and_release(tmp_path):
+    # The offsets a fetch task reports are where the run's record batches start
+    # (and where the last ends); releasing one leaves the others readable.
+    run, tally = _run_file(tmp_path)
+    assert len(run.first_buckets) > 2 and len(run.offsets) == len(run.first_buckets) + 1
+    with pa.memory_map(run.path) as source:
+        reader = pa.ipc.open_file(source)
+        before = [reader.get_batch(i).to_pylist() for i in range(reader.num_record_batches)]
+    data = open(run.path, "rb").read()
+    assert all(data[o:o + 4] == b"\xff\xff\xff\xff" for o in run.offsets)
+    size = len(data)
+    assert W._release([(0, run.path, run.offsets[1], run.offsets[2])]) == run.offsets[2] - run.offsets[1]
+    # Already released, or not where a batch starts: left alone.
+    assert W._release([(0, run.path, run.offsets[1], run.offsets[2])]) == 0
+    assert W._release([(0, run.path, run.offsets[2] + 8, run.offsets[3])]) == 0
+    data = open(run.path, "rb").read()
+    assert len(data) == size and data[run.offsets[1]:run.offsets[2]] == bytes(run.offsets[2] - run.offsets[1])
+    with pa.memory_map(run.path) as source:
+        reader = pa.ipc.open_file(source)
+        for i in [0] + list(range(2, reader.num_record_batches)):
+            assert reader.get_batch(i).to_pylist() == before[i]
+    assert sio.punch_holes(run.path, [(0, 0)]) == 0
+
+
+def test_releasable_batches_belong_to_one_writer():
+    runs = [W.Run("a", 0, 0, (0, 2, 5), (10, 20, 30, 40)), W.Run("b", 0, 0, (0, 4), (10, 50, 90)),
+            W.Run("c", 0, 0, (), (10,))]
+    # 8 buckets; bucket b holds positions bucket_starts[b] .. bucket_starts[b + 1] - 1.
+    bucket_starts = np.array([0, 3, 6, 9, 12, 15, 18, 21, 24])
+    # Writer of positions [0, 12): a's batch of buckets 0-1 (positions 0-5) and
+    # b's of buckets 0-3 (0-11); a's buckets 2-4 (6-14) reach the next writer.
+    assert W._releasable(runs, bucket_starts, 3, 0, 12) == [(6, "a", 10, 20), (12, "b", 10, 50)]
+    assert W._releasable(runs, bucket_starts, 3, 12, 24) == [(24, "a", 30, 40), (24, "b", 50, 90)]
+    assert W._releasable(runs, bucket_starts, 3, 6, 24) == [(15, "a", 20, 30), (24, "a", 30, 40),
+                                                            (24, "b", 50, 90)]
+
+
 def test_bucket_bits():
     assert W.bucket_bits(30000, 1000) == 6  # 60 buckets wanted: 64
     assert W.bucket_bits(1, 1000) == 0 and W.bucket_bits(0, 10) == 0
@@ -314,21 +366,27 @@ def test_byte_identical_across_parallelism_and_task_failures(resampled, tmp_path
     source, sel_dir, _ = resampled
     # One task at a time, against three at a time with every first attempt of
     # the fetch and write tasks failing (after writing its runs for a fetch
-    # task, mid-write for the shards), and runs in a --spill-dir of its own,
-    # ~100 KB each (so each fetch task writes many).
-    runs = {"local[1]": {}, "local[3,4]": {"ADAPTIVE_TRANSFER_FAIL_FIRST_ATTEMPT": "spill,write"}}
+    # task, mid-write for the shards), and runs in a --spill-dir of its own;
+    # runs of ~100 KB (so each fetch task writes many).
+    # Then two at a time, every first writer attempt failing after its first
+    # shard, whose receipt and released run batches the retry must respect.
+    runs = {"local[1]": {}, "local[3,4]": {"ADAPTIVE_TRANSFER_FAIL_FIRST_ATTEMPT": "spill,write"},
+            "local[2,4]": {"ADAPTIVE_TRANSFER_FAIL_FIRST_ATTEMPT": "released"}}
     digests = {}
     spill = tmp_path / "spill"
     for master, env in runs.items():
         out = str(tmp_path / master.replace("[", "_").replace("]", "").replace(",", "_"))
-        extra = ["--spill-dir", str(spill), "--run-bytes", "100K"] if env else []
+        extra = ["--run-bytes", "100K"] + (["--spill-dir", str(spill)] if env else [])
         proc = run_module("spark_jobs.write_shards", "--selection", sel_dir, "--index", source.index_path,
                           "--output", out, "--samples-per-shard", "400", "--master", master,
                           "--driver-memory", "1g", *extra, env=env)
+        for stage in env.get("ADAPTIVE_TRANSFER_FAIL_FIRST_ATTEMPT", "").split(","):
+            assert not stage or f"injected failure in stage '{stage}'" in proc.stderr
         if env:
-            for stage in ("spill", "write"):
-                assert f"injected failure in stage '{stage}'" in proc.stderr
             assert os.listdir(spill) == []  # this job's runs, orphans included, are gone
+        spilled = json.load(open(os.path.join(out, "manifest.json")))["extra"]["spill"]
+        assert spilled["released_while_writing"] > 0  # runs of 100K: batches of ~6K, some one writer's
+        assert (spilled["shards_reused_by_retries"] > 0) == (master == "local[2,4]")
         files = sorted(f for f in os.listdir(out) if f.endswith(".tar"))
         assert sorted(os.listdir(out)) == sorted(files + ["_SUCCESS", "manifest.json"])  # no partial file
         digests[master] = {f: sio.file_sha256(os.path.join(out, f)) for f in files}

@@ -25,9 +25,11 @@ samples-per-shard is its shard. No stage sorts the selection for this:
 2. **write**: the exact bucket tallies give every bucket its first position;
    each writer task takes whole shards, reads the batches of their buckets
    from every run, ranks those copies by ``h`` and writes the tars, with fixed
-   tar metadata, under attempt-specific temporary names; the driver keeps
-   what successful attempts reported, renames, writes ``manifest.json`` and
-   then ``_SUCCESS``.
+   tar metadata, under attempt-specific temporary names (local runs: once a
+   shard is written, the run batches no other writer or later shard needs
+   are punched out, so the page cache holds each image about once); the
+   driver keeps what successful attempts reported, renames, writes
+   ``manifest.json`` and then ``_SUCCESS``.
 """
 
 from __future__ import annotations

@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=15,
                     help="untimed write_shards runs first: the JVM's JIT compilers spend 1 to 1.7 CPU-s per "
-                         "707 MB run for the first few runs, under 0.6 s after about 15")
+                         "707 MB run for the first few runs, 0.3 to 0.7 s after about 15")
     args = ap.parse_args(argv)
     index = os.path.join(args.work, f"index-{args.images}")
     payload = make_index(index, args.images)

@@ -351,7 +351,11 @@ def _read_runs(paths: Sequence[str], first: int, last: int, bucket_bits: int) ->
             ends = starts[1:] + [1 << bucket_bits]
             for i, (a, b) in enumerate(zip(starts, ends)):
                 if a <= last and b > first:
-                    parts.append(reader.get_batch(i))
+                    try:
+                        parts.append(reader.get_batch(i))
+                    except (pa.ArrowInvalid, OSError) as e:  # zeros where a released batch was
+                        raise RuntimeError(f"run {path}: batch {i} cannot be read ({e}); was it released by "
+                                           "another attempt, or its receipt removed? Rerun the job") from e
     parts = [b for b in parts if b.num_rows]
     if not parts:
         return pa.table({}), []

@@ -299,6 +299,8 @@ def test_run_layout_and_release(tmp_path):
         for i in [0] + list(range(2, reader.num_record_batches)):
             assert reader.get_batch(i).to_pylist() == before[i]
     assert sio.punch_holes(run.path, [(0, 0)]) == 0
+    with pytest.raises(RuntimeError, match=r"batch 1 cannot be read .*Rerun the job"):
+        W._read_runs([run.path], 0, 7, 3)  # a writer that needs a released batch says so
 
 
 def test_releasable_batches_belong_to_one_writer():

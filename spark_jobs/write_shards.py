@@ -25,7 +25,7 @@ samples-per-shard is its shard. No stage sorts the selection for this:
 2. **write**: the exact bucket tallies give every bucket its first position;
    each writer task takes whole shards, reads the batches of their buckets
    from every run, ranks those copies by ``h`` and writes the tars, with fixed
-   tar metadata, under attempt-specific temporary names (local runs: once a
+   tar metadata, under attempt-specific temporary names (in local mode: once a
    shard is written, the run batches no other writer or later shard needs
    are punched out, so the page cache holds each image about once); the
    driver keeps what successful attempts reported, renames, writes
@@ -530,7 +530,7 @@ def _write_from_runs(runs: Sequence[Run], bucket_starts: np.ndarray, bucket_bits
     every run, ranks them in :func:`hash_order` and writes the tars. One
     ``WRITTEN_SCHEMA`` row per shard.
 
-    With ``release`` (runs on a local filesystem, no speculative attempts),
+    With ``release`` (local mode, runs on the local filesystem, no speculation),
     each closed shard gets a receipt (``<temp>.json``, written atomically),
     and then the run batches that only this writer reads and that hold no
     copy of a shard still to write are punched out of the run files
@@ -871,9 +871,11 @@ def run(spark, job: ShardJob) -> Manifest:
         shards_per_writer = max(1, min(int(job.writer_bytes // (sample_bytes * job.samples_per_shard)),
                                        math.ceil(num_shards / (WRITERS_PER_CORE * parallelism))))
         writers = math.ceil(num_shards / shards_per_writer)
-        # Release consumed run batches while writing, where the runs are local
-        # and no speculative attempt of a writer can still need them.
-        release = (sio.is_local(spill_dir)
+        # Release consumed run batches while writing where the runs are local
+        # files and no other attempt of a writer can still be reading them:
+        # local mode (a failed attempt has stopped; on a cluster an attempt on
+        # a lost executor may still run) without speculative attempts.
+        release = (spark.sparkContext.master.startswith("local") and sio.is_local(spill_dir)
                    and spark.sparkContext.getConf().get("spark.speculation", "false").lower() != "true")
         rows = (spark.range(0, writers, 1, writers)
                 .mapInArrow(_write_from_runs(run_files, bucket_starts, bits, shards_per_writer, job.output,

@@ -11,7 +11,7 @@ import uuid
 
 __all__ = ["get_session", "local_driver_memory", "local_cores", "inject_failure", "add_spark_arguments",
            "run_job", "run_cli", "StageTimer", "observed_metrics", "task_attempt_id", "set_confs",
-           "read_parquet_columns"]
+           "read_parquet_columns", "task_attempt_number"]
 
 #: Environment variable that makes the first attempt of each task fail (tests
 #: of retries): a comma-separated list of stage names, or ``all``.
@@ -137,6 +137,7 @@ def read_parquet_columns(spark, path: str, columns: list[str]):
     Spark's inference where the path lists no file or a column's type has no
     Spark equivalent, so Spark's own errors and types stand there.
     """
+    import pyarrow as pa
     import pyarrow.parquet as pq
     from pyspark.sql.pandas.types import from_arrow_schema
 
@@ -148,13 +149,22 @@ def read_parquet_columns(spark, path: str, columns: list[str]):
         with fs.open(p, "rb") as fh:
             footer = pq.read_schema(fh)
         present = [c for c in columns if c in footer.names]
-        schema = from_arrow_schema(footer.empty_table().select(present).schema) if present else None
+        schema = from_arrow_schema(pa.schema([footer.field(c) for c in present])) if present else None
     except (FileNotFoundError, TypeError, NotImplementedError):
         schema = None
     if schema is None:
         df = spark.read.parquet(path)
         return df.select([c for c in columns if c in df.columns])
     return spark.read.schema(schema).parquet(path)
+
+
+def task_attempt_number() -> int | None:
+    """The attempt number of the Spark task this runs in (0 for the first),
+    ``None`` outside a task."""
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    return ctx.attemptNumber() if ctx is not None else None
 
 
 def task_attempt_id() -> str:
@@ -174,11 +184,10 @@ def inject_failure(stage: str) -> None:
         return
     if wanted != "all" and stage not in wanted.split(","):
         return
-    from pyspark import TaskContext
+    if task_attempt_number() == 0:
+        from pyspark import TaskContext
 
-    ctx = TaskContext.get()
-    if ctx is not None and ctx.attemptNumber() == 0:
-        raise RuntimeError(f"injected failure in stage {stage!r}, partition {ctx.partitionId()}")
+        raise RuntimeError(f"injected failure in stage {stage!r}, partition {TaskContext.get().partitionId()}")
 
 
 def add_spark_arguments(parser) -> None:

@@ -54,7 +54,7 @@ from schemas import Manifest, ResampleConfig, SchemaError, ShardInfo, parse_size
 from schemas import io as sio
 
 from .session import (StageTimer, add_spark_arguments, inject_failure, observed_metrics, read_parquet_columns,
-                      run_cli, set_confs, task_attempt_id)
+                      run_cli, set_confs, task_attempt_id, task_attempt_number)
 from .shards import SHARD_NAME_RE, image_extension, sample_json, sample_key, shard_name, write_tar
 
 __all__ = ["ShardJob", "run", "main", "resolve_selection"]
@@ -541,12 +541,9 @@ def _write_from_runs(runs: Sequence[Run], bucket_starts: np.ndarray, bucket_bits
     """
 
     def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        from pyspark import TaskContext
-
         sio.apply_storage_config(storage)
         attempt = task_attempt_id()
-        ctx = TaskContext.get()
-        retry = ctx is not None and ctx.attemptNumber() > 0
+        retry = (task_attempt_number() or 0) > 0
         results = []
         for batch in batches:
             for w in batch.column(0).to_pylist():
@@ -592,7 +589,7 @@ def _write_from_runs(runs: Sequence[Run], bucket_starts: np.ndarray, bucket_bits
     return write
 
 
-#: The fields of a shard's receipt (``WRITTEN_SCHEMA`` but ``released``).
+#: The fields of a shard's receipt (the first six of ``WRITTEN_SCHEMA``).
 _RECEIPT = ("shard", "temp", "samples", "bytes", "sha256", "labels")
 
 
@@ -865,8 +862,7 @@ def run(spark, job: ShardJob) -> Manifest:
 
         # Stage 2: each writer takes whole shards, reads their buckets' batches
         # of every run, ranks the copies by h and writes the tars.
-        spill_bytes = sum(run.bytes for run in run_files)
-        sample_bytes = max(1.0, spill_bytes / total)
+        sample_bytes = max(1.0, sum(run.bytes for run in run_files) / total)
         parallelism = spark.sparkContext.defaultParallelism
         shards_per_writer = max(1, min(int(job.writer_bytes // (sample_bytes * job.samples_per_shard)),
                                        math.ceil(num_shards / (WRITERS_PER_CORE * parallelism))))

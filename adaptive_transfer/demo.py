@@ -56,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from spark_jobs import resample as R
     from spark_jobs import verify as V
     from spark_jobs import write_shards as W
+    from schemas.stage_output import is_complete
     from spark_jobs.session import get_session
 
     t0 = time.time()
@@ -70,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         data = D.ensure_demo_data(os.path.join(out, "demo-data"), spark, args.generalist_steps, log)
         weights = os.path.join(out, "weights")
-        if not os.path.exists(os.path.join(weights, "_SUCCESS")):
+        if not is_complete(weights):
             log("importance weights (Beam DirectRunner)")
             IW.run(["--source-index", data.index, "--labels", data.labels, "--target-images", data.target,
                     "--target-layout", "food101", "--target-name", "demo", "--model", data.generalist,
@@ -97,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not check.ok:
                 raise RuntimeError(f"verify failed for {slug}: {check.problems[:3]}")
             log(f"{name}: pre-train {args.pretrain_steps} steps on {manifest.total_samples} samples")
-            if not os.path.exists(os.path.join(run_dir, "pretrain", "generalist.pt")):
+            if not is_complete(os.path.join(run_dir, "pretrain")):
                 D.run_pretrain(os.path.join(run_dir, "shards", "manifest.json"), data.labels,
                                os.path.join(run_dir, "pretrain"), args.pretrain_steps, seed=args.seed, log=log)
             log(f"{name}: fine-tune {args.finetune_steps} steps")

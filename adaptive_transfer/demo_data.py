@@ -4,7 +4,7 @@ Under ``DIR``: ``source/`` (index + vocabulary, schemas.synthetic),
 ``target/`` (Food-101 layout, mostly the 'food' branch) and ``generalist/``
 (a small CNN pre-trained on the entire source: the paper's generalist, made
 with the project's own resampler, shard writer and trainer). Each part is
-made once and reused (marked complete by ``_SUCCESS``).
+made once and reused (a finished stage output, ``schemas.stage_output``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from schemas.stage_output import StageOutput
 from schemas.synthetic import SourceSpec, TargetSpec, generate_source, generate_target
 
 __all__ = ["DemoData", "DEMO_SOURCE", "DEMO_TARGET", "ensure_demo_data"]
@@ -35,31 +36,25 @@ class DemoData:
     generalist: str
 
 
-def _done(path: str) -> bool:
-    return os.path.exists(os.path.join(path, "_SUCCESS"))
-
-
-def _mark(path: str) -> None:
-    open(os.path.join(path, "_SUCCESS"), "w").close()
-
-
 def ensure_demo_data(root: str, spark=None, generalist_steps: int = 300, log=print) -> DemoData:
-    """Make (or reuse) the demo source, target and generalist under ``root``."""
+    """Make (or reuse) the demo source, target and generalist under ``root``
+    (each one a finished stage output: ``schemas.stage_output``)."""
     source, target, gen = (os.path.join(root, d) for d in ("source", "target", "generalist"))
-    if not _done(source):
-        log(f"[demo data] generating the source ({DEMO_SOURCE.num_examples} examples)")
-        generate_source(source, DEMO_SOURCE)
-        _mark(source)
-    if not _done(target):
-        log("[demo data] generating the target (Food-101 layout)")
-        generate_target(target, DEMO_TARGET)
-        _mark(target)
+    parts = [(source, "demo source", f"generating the source ({DEMO_SOURCE.num_examples} examples)",
+              lambda work: generate_source(work, DEMO_SOURCE)),
+             (target, "demo target", "generating the target (Food-101 layout)",
+              lambda work: generate_target(work, DEMO_TARGET))]
     data = DemoData(root, os.path.join(source, "index"), os.path.join(source, "labels.parquet"), target,
                     os.path.join(gen, "pretrain", "generalist.pt"))
-    if not _done(gen):
-        log("[demo data] training the generalist on the entire source")
-        train_on_entire_source(data, gen, spark, generalist_steps, log)
-        _mark(gen)
+    parts.append((gen, "demo generalist", "training the generalist on the entire source",
+                  lambda work: train_on_entire_source(data, work, spark, generalist_steps, log)))
+    for path, stage, what, make in parts:
+        out = StageOutput(path, stage)
+        if out.check():
+            continue
+        log(f"[demo data] {what}")
+        with out.build() as work:
+            make(work)
     return data
 
 

@@ -32,6 +32,7 @@ from typing import Sequence
 
 from schemas import format_size, parse_size
 from schemas import io as sio
+from schemas.stage_output import is_complete
 from schemas.targets import list_target
 
 from .registry import load_source, load_target
@@ -123,7 +124,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
     t0 = time.time()
     p = plan(args, log)
     target = p["target"]
-    if sio.exists(sio.join(p["weights_dir"], "_SUCCESS")):
+    if is_complete(p["weights_dir"]):
         log(f"[1/4] weights: reusing {p['weights_dir']}")
     else:
         log(f"[1/4] weights: Beam ({args.runner}) -> {p['weights_dir']}")

@@ -35,6 +35,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from schemas import (SchemaError, read_metadata, validate_histogram, validate_vocabulary,
                      with_metadata)
 from schemas import io as sio
+from schemas.stage_output import StageOutput
 from schemas.targets import list_target
 
 from .label_counts import CountSourceLabels, match_files
@@ -43,10 +44,10 @@ from .target_histogram import TargetHistogram
 from .weights import (counts_table, entropy, histogram_table, importance_weights,
                       mean_from_fixed_point)
 
-__all__ = ["build_parser", "build_pipeline", "write_outputs", "run", "main", "OUTPUT_FILES"]
+__all__ = ["build_parser", "check_inputs", "build_pipeline", "write_outputs", "run", "main", "OUTPUT_FILES"]
 
 OUTPUT_FILES = ("label_counts.parquet", "target_histogram.parquet", "weights.parquet", "summary.json",
-                "weights.png", "_SUCCESS")
+                "weights.png", "_SUCCESS", "_STAGE")
 TOP_LABELS = 20
 
 
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail when more target images than this are unreadable (default 0.01)")
     p.add_argument("--batch-size", type=int, default=64, help="inference batch size (default 64)")
     p.add_argument("--output", required=True)
+    p.add_argument("--overwrite", action="store_true", help="redo a complete output")
     return p
 
 
@@ -149,34 +151,37 @@ def write_outputs(_, *, config: dict, counts, sums=None, bad_count: int = 0, bad
     sio.write_bytes_atomic(sio.join(out, "summary.json"), json.dumps(summary, indent=2) + "\n")
     plot_top_weights(weights, names, sio.join(out, "weights.png"),
                      title=f"{config['target_name']}: top source labels by importance weight")
-    sio.write_bytes_atomic(sio.join(out, "_SUCCESS"), "")
     return summary
 
 
-def build_pipeline(p: beam.Pipeline, args: argparse.Namespace) -> dict:
-    """Add the transforms to ``p``; return the run's configuration."""
+def check_inputs(args: argparse.Namespace) -> dict[str, Any]:
+    """Read and check every input (vocabulary, index listing, generalist or
+    precomputed P_t, target image list) before the output is touched; return
+    the run's configuration (its ``output`` is set once writing begins)."""
     vocab = sio.read_parquet(args.labels)
     validate_vocabulary(vocab, args.labels)
+    if not args.temperature > 0:
+        raise ValueError(f"--temperature must be positive, got {args.temperature}")
+    if not 0 <= args.max_bad_fraction <= 1:
+        raise ValueError(f"--max-bad-fraction must be in [0, 1], got {args.max_bad_fraction}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     label_ids = np.sort(vocab.column("label_id").to_numpy().astype(np.int64))
     names = dict(zip(vocab.column("label_id").to_pylist(), vocab.column("name").to_pylist()))
     files = match_files(args.source_index)
     config: dict[str, Any] = {
         "label_ids": label_ids.tolist(), "names": {str(k): v for k, v in names.items()},
-        "output": args.output, "temperature": args.temperature,
+        "output": None, "temperature": args.temperature, "source_files": files,
         "max_bad_fraction": args.max_bad_fraction, "target_images": args.target_images,
         "target_name": args.target_name or (args.target_images or args.target_histogram or "target")
         .rstrip("/").rsplit("/", 1)[-1],
         "inputs": {"source_index_files": len(files), "labels": sio.fingerprint_paths(args.labels)},
     }
-    counts = (p | "SourceFiles" >> beam.Create(files)
-                | "CountSourceLabels" >> CountSourceLabels(label_ids))
-    side: dict[str, Any] = {"counts": beam.pvalue.AsSingleton(counts)}
     if args.target_histogram:
         p_target, meta = _aligned_histogram(args.target_histogram, label_ids)
         config.update(num_images=meta.get("num_images"), model_fingerprint=meta.get("model_fingerprint"),
-                      temperature=meta.get("temperature", args.temperature))
+                      temperature=meta.get("temperature", args.temperature), precomputed=p_target.tolist())
         config["inputs"]["target_histogram"] = sio.fingerprint_paths(args.target_histogram)
-        extra = {"precomputed": p_target.tolist()}
     else:
         if not (args.target_images and args.model):
             raise ValueError("give --target-images and --model, or --target-histogram")
@@ -185,12 +190,26 @@ def build_pipeline(p: beam.Pipeline, args: argparse.Namespace) -> dict:
         ckpt = read_generalist(args.model, vocab)
         split = list_target(args.target_images, args.target_layout, args.target_split)
         config.update(model_fingerprint=checkpoint_fingerprint(args.model),
-                      model_label_ids=[int(i) for i in ckpt["label_ids"]])
+                      model_label_ids=[int(i) for i in ckpt["label_ids"]], target_paths=list(split.paths),
+                      preprocess=preprocess_spec(ckpt).to_dict())
         config["inputs"].update(model=config["model_fingerprint"], target_layout=args.target_layout,
                                 target_split=args.target_split)
-        hist = (p | "TargetImages" >> beam.Create(split.paths)
-                  | "TargetHistogram" >> TargetHistogram(args.model, preprocess_spec(ckpt).to_dict(),
-                                                         args.temperature, args.batch_size))
+    return config
+
+
+def build_pipeline(p: beam.Pipeline, args: argparse.Namespace, config: dict[str, Any]) -> None:
+    """Add the transforms to ``p`` for a configuration from :func:`check_inputs`."""
+    label_ids = np.asarray(config["label_ids"], np.int64)
+    counts = (p | "SourceFiles" >> beam.Create(config["source_files"])
+                | "CountSourceLabels" >> CountSourceLabels(label_ids))
+    side: dict[str, Any] = {"counts": beam.pvalue.AsSingleton(counts)}
+    written = {k: v for k, v in config.items() if k not in ("source_files", "target_paths", "precomputed")}
+    if "precomputed" in config:
+        extra = {"precomputed": config["precomputed"]}
+    else:
+        hist = (p | "TargetImages" >> beam.Create(config["target_paths"])
+                  | "TargetHistogram" >> TargetHistogram(args.model, config["preprocess"], args.temperature,
+                                                         args.batch_size))
         side["sums"] = beam.pvalue.AsSingleton(hist["sums"])
         side["bad_count"] = beam.pvalue.AsSingleton(hist["bad"] | "CountBad" >> beam.combiners.Count.Globally())
         side["bad_names"] = beam.pvalue.AsSingleton(
@@ -198,18 +217,30 @@ def build_pipeline(p: beam.Pipeline, args: argparse.Namespace) -> dict:
             | "First100Bad" >> beam.combiners.Top.Smallest(100))
         extra = {}
     _ = (p | "Once" >> beam.Create([None])
-           | "WriteOutputs" >> beam.Map(write_outputs, config=config, **side, **extra))
-    return config
+           | "WriteOutputs" >> beam.Map(write_outputs, config=written, **side, **extra))
 
 
 def run(argv: Sequence[str] | None = None) -> dict:
-    """Parse ``argv`` (own flags + Beam options), run the pipeline, return the summary."""
+    """Parse ``argv`` (own flags + Beam options), run the pipeline, return the
+    summary (with ``"reused": True`` where a finished output was there: no
+    work done). Every input is checked before the output is touched; the
+    outputs are built aside and committed whole (``schemas.stage_output``)."""
     args, beam_args = build_parser().parse_known_args(argv)
-    if sio.exists(sio.join(args.output, "_SUCCESS")):
-        sio.filesystem(args.output)[0].rm(sio.filesystem(sio.join(args.output, "_SUCCESS"))[1])
+    output = StageOutput(args.output, "importance_weights")
     options = _pin_runner(PipelineOptions(beam_args))
-    with beam.Pipeline(options=options) as p:
-        build_pipeline(p, args)
+    config = check_inputs(args)
+    if output.check(args.overwrite):
+        print(output.skip_line(), file=sys.stderr)
+        return {**json.loads(sio.read_bytes(sio.join(args.output, "summary.json"))), "reused": True}
+    work = output.begin()
+    config["output"] = work
+    try:
+        with beam.Pipeline(options=options) as p:
+            build_pipeline(p, args, config)
+    except BaseException:
+        output.abort(work)
+        raise
+    output.commit(work)
     return json.loads(sio.read_bytes(sio.join(args.output, "summary.json")))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
-from typing import Callable, Iterator, Sequence
+from typing import Sequence
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -23,7 +23,6 @@ __all__ = [
     "punch_holes",
     "expand_paths",
     "read_parquet",
-    "iter_parquet_batches",
     "write_parquet_atomic",
     "write_bytes_atomic",
     "read_bytes",
@@ -34,7 +33,8 @@ __all__ = [
     "listing_fingerprint",
     "storage_config",
     "apply_storage_config",
-    "clear_output",
+    "remove_tree",
+    "move",
 ]
 
 _GLOB_CHARS = set("*?[")
@@ -88,20 +88,6 @@ def read_parquet(path: str, columns: Sequence[str] | None = None) -> pa.Table:
         with fs.open(p, "rb") as fh:
             tables.append(pq.read_table(fh, columns=list(columns) if columns else None))
     return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
-
-
-def iter_parquet_batches(paths: Sequence[str], columns: Sequence[str] | None = None,
-                         batch_size: int = 65536) -> Iterator[tuple[str, int, pa.RecordBatch]]:
-    """Yield ``(file, first_row_in_file, batch)`` over the given Parquet files."""
-    for f in paths:
-        fs, p = filesystem(f)
-        with fs.open(p, "rb") as fh:
-            pf = pq.ParquetFile(fh)
-            offset = 0
-            for batch in pf.iter_batches(batch_size=batch_size,
-                                         columns=list(columns) if columns else None):
-                yield f, offset, batch
-                offset += batch.num_rows
 
 
 def exists(path: str) -> bool:
@@ -272,23 +258,3 @@ def move(src: str, dst: str) -> None:
     """Rename ``src`` to ``dst`` on one filesystem (a copy and delete on object stores)."""
     fs, p = filesystem(src)
     fs.mv(p, filesystem(dst)[1])
-
-
-def clear_output(path: str, owned: Callable[[str], bool]) -> None:
-    """Remove what an earlier, incomplete (or overwritten) run left at ``path``.
-
-    ``owned(name)`` says whether a top-level entry is one the job writes. A
-    directory holding anything else is refused with a ``ValueError`` naming
-    it, so a mistyped ``--output`` never deletes someone's data.
-    """
-    fs, p = filesystem(path)
-    if not fs.exists(p):
-        return
-    if not fs.isdir(p):
-        raise ValueError(f"{path}: exists and is not a directory")
-    names = [e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(p, detail=False)]
-    foreign = sorted(n for n in names if not (owned(n) or ".tmp-" in n))
-    if foreign:
-        raise ValueError(f"{path} holds {foreign[:5]}, which this job did not write; "
-                         "give an empty or new output directory")
-    fs.rm(p, recursive=True)

@@ -15,19 +15,22 @@
 The vocabulary holds the training wnids and all their ancestors (ids in
 sorted wnid order, so the same inputs give the same ids). Writes
 ``DIR/index/part-*.parquet`` (key, labels, and ``uri`` or, with
-``--inline-images``, ``image``) then ``DIR/labels.parquet`` and ``DIR/_SUCCESS``.
+``--inline-images``, ``image``), ``DIR/labels.parquet``, ``DIR/summary.json``
+and, last, ``DIR/_SUCCESS``; ``--overwrite`` redoes a finished output.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Iterator, Sequence
 
 import pyarrow as pa
 
 from schemas import SchemaError, VOCABULARY_SCHEMA, validate_vocabulary
 from schemas import io as sio
+from schemas.stage_output import StageOutput
 from schemas.targets import IMAGE_EXTENSIONS
 
 from .session import add_spark_arguments, run_job
@@ -107,7 +110,12 @@ def _read_images(storage: dict):
 
 
 def run(spark, train_root: str, hierarchy: str, words: str, output: str, inline: bool = False,
-        files: int = 64) -> dict:
+        files: int = 64, overwrite: bool = False) -> dict:
+    """Build the index and vocabulary in ``output``; return the summary (with
+    ``"reused": True`` where a finished output was there). Every input is
+    read and checked first; the output is built aside and committed whole
+    (``schemas.stage_output``): nothing this stage did not write is deleted."""
+    out = StageOutput(output, "build_index")
     entries = list_training_images(train_root)
     parent = read_hierarchy(hierarchy)
     leaves = sorted({w for _, w, _ in entries})
@@ -115,20 +123,24 @@ def run(spark, train_root: str, hierarchy: str, words: str, output: str, inline:
     if unknown:
         raise SchemaError(f"training folders {unknown[:5]} are not in the hierarchy", file=hierarchy)
     vocab, ids = build_vocabulary(leaves, parent, read_words(words))
-    sio.remove_tree(output)
+    if files < 1:
+        raise ValueError(f"--files must be >= 1, got {files}")
+    if out.check(overwrite):
+        print(out.skip_line(), file=sys.stderr)
+        return {**json.loads(sio.read_bytes(sio.join(output, "summary.json"))), "reused": True}
     rows = pa.table({"key": [k for k, _, _ in entries],
                      "labels": pa.array([[ids[w]] for _, w, _ in entries], pa.list_(pa.int32())),
                      "uri": [u for _, _, u in entries]})
-    df = spark.createDataFrame(rows).repartitionByRange(max(1, min(files, rows.num_rows)), "key")
-    if inline:
-        df = df.mapInArrow(_read_images(sio.storage_config()), "key string, labels array<int>, image binary")
-    df.sortWithinPartitions("key").write.parquet(sio.join(output, "index"))
-    sio.write_parquet_atomic(vocab.select(["label_id", "name", "parent_id"]).cast(VOCABULARY_SCHEMA),
-                             sio.join(output, "labels.parquet"))
     summary = {"examples": rows.num_rows, "classes": len(leaves), "labels": vocab.num_rows,
                "inline_images": inline, "train_root": train_root}
-    sio.write_bytes_atomic(sio.join(output, "summary.json"), json.dumps(summary, indent=2) + "\n")
-    sio.write_bytes_atomic(sio.join(output, "_SUCCESS"), "")
+    with out.build() as work:
+        df = spark.createDataFrame(rows).repartitionByRange(max(1, min(files, rows.num_rows)), "key")
+        if inline:
+            df = df.mapInArrow(_read_images(sio.storage_config()), "key string, labels array<int>, image binary")
+        df.sortWithinPartitions("key").write.parquet(sio.join(work, "index"))
+        sio.write_parquet_atomic(vocab.select(["label_id", "name", "parent_id"]).cast(VOCABULARY_SCHEMA),
+                                 sio.join(work, "labels.parquet"))
+        sio.write_bytes_atomic(sio.join(work, "summary.json"), json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -141,11 +153,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--output", required=True)
     ap.add_argument("--inline-images", action="store_true", help="copy image bytes into the index")
     ap.add_argument("--files", type=int, default=64, help="Parquet files to write (default 64)")
+    ap.add_argument("--overwrite", action="store_true", help="redo a complete output")
     add_spark_arguments(ap)
     args = ap.parse_args(argv)
     return run_job("build_index", args.master, args.driver_memory,
                    lambda spark: run(spark, args.imagenet_train, args.hierarchy, args.words, args.output,
-                                     args.inline_images, args.files),
+                                     args.inline_images, args.files, args.overwrite),
                    lambda s: f"{s['examples']} examples, {s['classes']} classes, {s['labels']} labels "
                              f"-> {args.output}")
 

@@ -25,11 +25,16 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from schemas import LABEL_SETS_SCHEMA, read_metadata, with_metadata
 from schemas import io as sio
 
-__all__ = ["labels_column", "distinct_label_sets", "read_label_sets", "write_label_sets"]
+__all__ = ["labels_column", "distinct_label_sets", "check_label_sets_path", "read_label_sets",
+           "write_label_sets"]
+
+#: Recorded in the table's metadata: what wrote it (a file without it is not replaced).
+WRITTEN_BY = "spark_jobs.label_sets"
 
 
 def labels_column():
@@ -62,19 +67,35 @@ def distinct_label_sets(index_df) -> pa.Table:
                      "n": pa.array([r["n"] for r in rows], pa.int64())}, schema=LABEL_SETS_SCHEMA)
 
 
+def check_label_sets_path(path: str) -> None:
+    """Refuse ``path`` (``ValueError`` naming it) unless it is absent or a
+    label-set table this project wrote: the job may replace only those."""
+    if not sio.exists(path):
+        return
+    fs, p = sio.filesystem(path)
+    if fs.isdir(p):
+        raise ValueError(f"--label-sets {path} is a directory; give a file path (e.g. label-sets.parquet)")
+    try:
+        with fs.open(p, "rb") as fh:
+            schema = pq.read_schema(fh)
+        meta = read_metadata(schema)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise ValueError(f"--label-sets {path} exists and is not a readable label-set table ({e}); it is "
+                         "left as it is: give another path or remove it") from None
+    if meta.get("written_by") != WRITTEN_BY or not set(LABEL_SETS_SCHEMA.names) <= set(schema.names):
+        raise ValueError(f"--label-sets {path} exists and is not a label-set table written by this project; "
+                         "it is left as it is: give another path")
+
+
 def read_label_sets(path: str, fingerprint: dict[str, Any]) -> pa.Table | None:
     """The table stored at ``path`` if it was counted over inputs with this
     ``fingerprint``; ``None`` (with a line on stderr saying why) if there is
-    none, it is for other inputs, or it cannot be read."""
+    none or it is for other inputs. Call :func:`check_label_sets_path` first."""
     if not sio.exists(path):
         return None
-    try:
-        table = sio.read_parquet(path)
-        meta = read_metadata(table.schema)
-        table = table.select(LABEL_SETS_SCHEMA.names).cast(LABEL_SETS_SCHEMA)
-    except (OSError, ValueError, KeyError, pa.ArrowException) as e:
-        print(f"resample: ignoring unreadable label-set table {path} ({e}); counting again", file=sys.stderr)
-        return None
+    table = sio.read_parquet(path)
+    meta = read_metadata(table.schema)
+    table = table.select(LABEL_SETS_SCHEMA.names).cast(LABEL_SETS_SCHEMA)
     if meta.get("fingerprint") != fingerprint:
         print(f"resample: label-set table {path} was counted over other inputs; counting again",
               file=sys.stderr)
@@ -84,5 +105,6 @@ def read_label_sets(path: str, fingerprint: dict[str, Any]) -> pa.Table | None:
 
 def write_label_sets(table: pa.Table, path: str, fingerprint: dict[str, Any]) -> None:
     """Store ``table`` at ``path`` (atomically) with the inputs' fingerprint."""
-    meta = {"fingerprint": fingerprint, "records": int(pc.sum(table.column("n")).as_py() or 0)}
+    meta = {"written_by": WRITTEN_BY, "fingerprint": fingerprint,
+            "records": int(pc.sum(table.column("n")).as_py() or 0)}
     sio.write_parquet_atomic(with_metadata(table.cast(LABEL_SETS_SCHEMA), meta), path)

@@ -35,11 +35,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Iterator, Sequence
@@ -52,6 +49,7 @@ import pyarrow.parquet as pq
 from schemas import (SELECTION_SCHEMA, Hierarchy, ResampleConfig, SchemaError, parse_size, read_metadata,
                      validate_weights)
 from schemas import io as sio
+from schemas.stage_output import StageOutput
 
 from . import label_sets as LS
 from . import sampling as S
@@ -64,8 +62,6 @@ __all__ = ["ResampleJob", "LabelSets", "keyed", "distinct_label_sets", "weigh_la
 #: Candidate records per partition of the drawing stage (the whole partition
 #: is held in one Python worker's memory: ~170 bytes a record, measured).
 DEFAULT_ROWS_PER_PARTITION = 1_000_000
-#: What the job writes in its output directory.
-OUTPUT_ENTRIES = {"selection", "stats.json", "label_stats.parquet", "label_stats.png", "_SUCCESS"}
 
 
 @dataclass
@@ -282,22 +278,16 @@ def _draw_partition(plan: S.ClassPlan, full: np.ndarray, class_w: np.ndarray, se
         disagree = (have > m) | (full[cls] & (have != m))
         copies = np.zeros(n, np.int64)
         short = disagree.copy()
-        if plan.draw == "systematic":
-            base, extra = np.divmod(plan.counts[cls], m)
-            short |= have < np.where(base > 0, m, extra)
-            rank = np.arange(n) - np.repeat(starts, have)
-            copies = np.repeat(base, have) + (rank < np.repeat(extra, have))
-            copies[np.repeat(short, have)] = 0
-        else:
-            for j, k in enumerate(cls.tolist()):
-                if short[j]:
-                    continue
-                by_rank = S.rank_copies(plan.draw, int(plan.counts[k]), int(plan.records[k]), plan.seed,
-                                        int(plan.class_ids[k]))
-                if by_rank.size > have[j]:
-                    short[j] = True
-                else:
-                    copies[starts[j]:starts[j] + by_rank.size] = by_rank
+        # Copies by rank of every other class (sampling.rank_copies, all at once); a
+        # class that gives copies to more ranks than it has candidates is short.
+        live = np.flatnonzero(~short)
+        lengths, by_rank = S.rank_copies_many(plan.draw, plan.counts[cls[live]], m[live], plan.seed,
+                                              plan.class_ids[cls[live]])
+        fits = lengths <= have[live]
+        short[live[~fits]] = True
+        rank = np.arange(by_rank.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        keep = np.repeat(fits, lengths)
+        copies[(np.repeat(starts[live], lengths) + rank)[keep]] = by_rank[keep]
         picked = copies > 0
         selected = pa.Table.from_arrays(
             [table.column("key").take(pa.array(perm[picked])).combine_chunks(),
@@ -469,14 +459,6 @@ def plot_label_stats(stats: pa.Table, path: str, names: dict[int, str] | None = 
 
 # -- the job ------------------------------------------------------------------------
 
-def _is_local(path: str) -> bool:
-    return "://" not in path or path.startswith("file://")
-
-
-def _complete(output: str) -> bool:
-    return sio.exists(sio.join(output, "_SUCCESS"))
-
-
 def _bad_label_error(spark, job: ResampleJob, weighted_sets: pa.Table) -> SchemaError:
     """Name the file and key of the first example (smallest key) whose label list is bad."""
     from pyspark.sql import functions as F
@@ -508,6 +490,27 @@ def _check_label_sets(spark, job: ResampleJob, weighted_sets: pa.Table) -> tuple
     if positive == 0:
         raise ValueError(f"no example of {job.index} has a non-zero weight under scheme {job.scheme!r}")
     return records, positive
+
+
+def _check_unique_keys(spark, job: ResampleJob, selection: str) -> None:
+    """Refuse an index holding a selected key in more than one record: with
+    different label lists its records fall in different classes, and both could
+    be selected. One aggregation over the selection (at most N rows, not the
+    index); then a filter of the index for the first such key, to name its
+    files."""
+    from pyspark.sql import functions as F
+
+    dup = (spark.read.parquet(selection).groupBy("key").count().where(F.col("count") > 1)
+           .orderBy("key").first())
+    if dup is None:
+        return
+    key = dup["key"]
+    rows = (spark.read.parquet(job.index).where(F.col("key") == key)
+            .select("_metadata.file_path", LS.labels_column().alias("labels")).collect())
+    where = "; ".join(f"{r['file_path']} (labels {list(r['labels'])})"
+                      for r in sorted(rows, key=lambda r: (r["file_path"], list(r["labels"]))))
+    raise SchemaError(f"key is not unique: {len(rows)} records of the source index have it: {where}",
+                      file=job.index, key=key)
 
 
 @dataclass
@@ -571,25 +574,51 @@ def _plan_and_draw(spark, job: ResampleJob, keyed_df, weighted_sets: pa.Table, s
     return Drawing(plan, drawn, partitions, expected_candidates, int(short.size))
 
 
-def run(spark, job: ResampleJob) -> dict[str, Any]:
-    """Run the job with ``spark``; return the stats written to stats.json."""
-    t0 = time.time()
-    if _complete(job.output) and not job.overwrite:
-        print(f"resample: {job.output} is complete (_SUCCESS); nothing to do "
-              "(--overwrite to redo)", file=sys.stderr)
-        return json.loads(sio.read_bytes(sio.join(job.output, "stats.json")))
-    sio.clear_output(job.output, lambda name: name in OUTPUT_ENTRIES)
-    lw, info = label_weights_for(job)
-    config = job.config()
-
+def read_index(spark, job: ResampleJob):
+    """The index (less the ``--exclude`` keys), checked to have what the job reads."""
     index_df = spark.read.parquet(job.index)
     names = set(index_df.columns)
     if "key" not in names or "labels" not in names:
         raise SchemaError(f"source index has no 'key'/'labels' column (columns: {sorted(names)})",
                           file=job.index)
     if job.exclude:
-        excluded = spark.read.parquet(job.exclude).select("key").distinct()
-        index_df = index_df.join(excluded, on="key", how="left_anti")
+        excluded = spark.read.parquet(job.exclude)
+        if "key" not in excluded.columns:
+            raise SchemaError(f"--exclude needs a 'key' column (columns: {sorted(excluded.columns)})",
+                              file=job.exclude)
+        index_df = index_df.join(excluded.select("key").distinct(), on="key", how="left_anti")
+    return index_df
+
+
+def run(spark, job: ResampleJob) -> dict[str, Any]:
+    """Run the job with ``spark``; return the stats written to stats.json
+    (with ``"reused": True`` where a finished output was there: no work done).
+
+    Every input is read and checked before the output is touched; the result
+    is built aside and committed whole (``schemas.stage_output``)."""
+    t0 = time.time()
+    output = StageOutput(job.output, "resample")
+    lw, info = label_weights_for(job)
+    index_df = read_index(spark, job)
+    if job.label_sets:
+        LS.check_label_sets_path(job.label_sets)
+    if output.check(job.overwrite):
+        print(output.skip_line(), file=sys.stderr)
+        return {**json.loads(sio.read_bytes(sio.join(job.output, "stats.json"))), "reused": True}
+    work = output.begin()
+    try:
+        stats = _resample_into(spark, job, lw, info, index_df, work, t0)
+    except BaseException:
+        output.abort(work)
+        raise
+    output.commit(work)
+    return stats
+
+
+def _resample_into(spark, job: ResampleJob, lw: S.LabelWeights | None, info: dict[str, Any], index_df, work: str,
+                   t0: float) -> dict[str, Any]:
+    """Count, plan and draw into ``work``; write the statistics; return them."""
+    config = job.config()
     stages = StageTimer()
     fingerprints = _fingerprints(job)
     hint, sets_key = None, {}
@@ -599,44 +628,32 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
                     "exclude": fingerprints.get("exclude")}
         hint = LS.read_label_sets(job.label_sets, sets_key)
     keyed_df = keyed(index_df, job.seed)
-
-    local = _is_local(job.output)
-    final = job.output[len("file://"):] if job.output.startswith("file://") else job.output
-    if local:
-        parent = os.path.dirname(os.path.abspath(final)) or "."
-        os.makedirs(parent, exist_ok=True)
-        work = os.path.join(parent, f".{os.path.basename(final)}.tmp-{uuid.uuid4().hex[:12]}")
-    else:
-        work = job.output  # object stores: written in place, _SUCCESS last
     selection = sio.join(work, "selection")
-    try:
-        while True:
-            counted = hint is None
+    while True:
+        counted = hint is None
+        if counted:
+            sets_table = distinct_label_sets(index_df)
+            if job.label_sets:
+                LS.write_label_sets(sets_table, job.label_sets, sets_key)
+        else:
+            sets_table = hint
+        stages.lap("label_sets")
+        weighted_sets = weigh_label_sets(sets_table, lw, job.aggregate)
+        try:
+            n_records, positive = _check_label_sets(spark, job, weighted_sets)
+        except ValueError:
             if counted:
-                sets_table = distinct_label_sets(index_df)
-                if job.label_sets:
-                    LS.write_label_sets(sets_table, job.label_sets, sets_key)
-            else:
-                sets_table = hint
-            stages.lap("label_sets")
-            weighted_sets = weigh_label_sets(sets_table, lw, job.aggregate)
-            try:
-                n_records, positive = _check_label_sets(spark, job, weighted_sets)
-            except ValueError:
-                if counted:
-                    raise
-                hint = None  # bad input is only ever reported from a fresh count
-                continue
-            drawing = _plan_and_draw(spark, job, keyed_df, weighted_sets, selection, stages, stored=not counted)
-            if drawing is not None:
-                break
-            print(f"resample: the label-set table {job.label_sets} does not match the records of "
-                  f"{job.index}; counting again", file=sys.stderr)
-            hint = None
-    except BaseException:
-        if local:
-            shutil.rmtree(work, ignore_errors=True)
-        raise
+                raise
+            hint = None  # bad input is only ever reported from a fresh count
+            continue
+        drawing = _plan_and_draw(spark, job, keyed_df, weighted_sets, selection, stages, stored=not counted)
+        if drawing is not None:
+            break
+        print(f"resample: the label-set table {job.label_sets} does not match the records of "
+              f"{job.index}; counting again", file=sys.stderr)
+        hint = None
+    _check_unique_keys(spark, job, selection)
+    stages.lap("unique_keys")
     plan, per_set, histogram = drawing.plan, drawing.drawn.per_set, drawing.drawn.histogram
     total_copies, unique = drawing.drawn.total, drawing.drawn.unique
     sets = LabelSets.from_table(weighted_sets)
@@ -691,9 +708,6 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
     sio.write_parquet_atomic(label_stats.drop(["realised_copies"]), sio.join(work, "label_stats.parquet"))
     plot_label_stats(label_stats, sio.join(work, "label_stats.png"), vocab_names)
     sio.write_bytes_atomic(sio.join(work, "stats.json"), json.dumps(stats, indent=2) + "\n")
-    sio.write_bytes_atomic(sio.join(work, "_SUCCESS"), "")
-    if local and work != final:
-        os.rename(work, final)  # cleared at the start: a stale result is never mixed in
     return stats
 
 

@@ -210,11 +210,15 @@ def run_cli(prog: str, args, make_job, run, describe) -> int:
 
 
 def run_job(prog: str, master: str | None, driver_memory: str | None, work, describe) -> int:
-    """The shared ``main`` of the jobs: start Spark, ``work(spark)``, stop it.
+    """The shared ``main`` of the jobs: start Spark, ``work(spark)``, stop it
+    (a session that was already active, e.g. a caller's, is used and left running).
 
     Bad input (``ValueError``, ``FileNotFoundError``) is a one-line error and
     exit status 1; success prints ``describe(result)``.
     """
+    from pyspark.sql import SparkSession
+
+    started = SparkSession.getActiveSession() is None  # a caller's session is left running
     spark = get_session(f"adaptive-transfer {prog}", master, driver_memory=driver_memory)
     try:
         result = work(spark)
@@ -222,6 +226,7 @@ def run_job(prog: str, master: str | None, driver_memory: str | None, work, desc
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     finally:
-        spark.stop()
+        if started:
+            spark.stop()
     print(f"{prog}: {describe(result)}")
     return 0

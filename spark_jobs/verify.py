@@ -22,6 +22,7 @@ from typing import Sequence
 
 from schemas import Manifest
 from schemas import io as sio
+from schemas.stage_output import is_complete
 
 from .shards import SHARD_NAME_RE, image_extension, parse_sample_key, read_tar_samples, shard_name
 
@@ -95,7 +96,7 @@ def _check_shard(path: str, name: str, expected) -> tuple[int, list[str]]:
 def verify(directory: str) -> VerifyReport:
     """Verify ``directory``; never raises for damage, reports it."""
     report = VerifyReport(directory)
-    if not sio.exists(sio.join(directory, "_SUCCESS")):
+    if not is_complete(directory):
         report.problems.append(f"{directory}: no _SUCCESS (the write did not finish)")
     manifest_path = sio.join(directory, "manifest.json")
     try:

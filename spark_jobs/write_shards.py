@@ -52,10 +52,11 @@ import pyarrow.parquet as pq
 
 from schemas import Manifest, ResampleConfig, SchemaError, ShardInfo, parse_size
 from schemas import io as sio
+from schemas.stage_output import StageOutput, require_complete
 
 from .session import (StageTimer, add_spark_arguments, inject_failure, observed_metrics, read_parquet_columns,
                       run_cli, set_confs, task_attempt_id, task_attempt_number)
-from .shards import SHARD_NAME_RE, image_extension, sample_json, sample_key, shard_name, write_tar
+from .shards import image_extension, sample_json, sample_key, shard_name, write_tar
 
 __all__ = ["ShardJob", "run", "main", "resolve_selection"]
 
@@ -83,7 +84,13 @@ WRITER_BYTES = 1 << 30
 
 @dataclass
 class ShardJob:
-    """One shard-writing run (the command line, typed)."""
+    """One shard-writing run (the command line, typed).
+
+    ``allow_uri_prefixes``: where a ``uri`` index's images may be read from
+    (``--allow-uri-prefix``, schemas.uri_policy); None: the index's own storage.
+    ``uri_prefixes`` (set here, not an argument) is the effective list, in
+    normal form: what the fetch enforces and the manifest records.
+    """
 
     selection: str
     index: str
@@ -96,8 +103,17 @@ class ShardJob:
     spill_dir: str | None = None
     run_bytes: int = RUN_BYTES
     writer_bytes: int = WRITER_BYTES
+    allow_uri_prefixes: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
+        from schemas.uri_policy import canonical_prefix, default_prefixes
+
+        if isinstance(self.allow_uri_prefixes, str):
+            self.allow_uri_prefixes = (self.allow_uri_prefixes,)
+        if self.allow_uri_prefixes is None:
+            self.uri_prefixes = default_prefixes(self.index)
+        else:
+            self.uri_prefixes = tuple(dict.fromkeys(canonical_prefix(p) for p in self.allow_uri_prefixes))
         if self.samples_per_shard < 1:
             raise ValueError(f"--samples-per-shard must be >= 1, got {self.samples_per_shard}")
         if not self.prefix or "/" in self.prefix:
@@ -145,7 +161,8 @@ def _duplicated(table: pa.Table, bounds: np.ndarray) -> list[str]:
     return sorted(set(table.column("key").take(pa.array(bounds[:-1][np.unique(wrong)])).to_pylist()))
 
 
-def _fetched(table: pa.Table, bounds: np.ndarray, column: str, emit) -> Iterator[pa.RecordBatch]:
+def _fetched(table: pa.Table, bounds: np.ndarray, column: str, emit,
+             uri_prefixes: Sequence[str] = ()) -> Iterator[pa.RecordBatch]:
     """Read the images of copy rows sorted by (file, row, key, copy)
     (examples start at ``bounds``), once per example and in source order (per
     file, by row, only the row groups needed; per ``uri``, sorted), and
@@ -153,7 +170,9 @@ def _fetched(table: pa.Table, bounds: np.ndarray, column: str, emit) -> Iterator
     (first the examples the index lacks, with ``NOT_IN_INDEX``): ``bounds``
     delimit the examples' copy rows, ``examples`` index them, ``heads`` are the first 16 bytes of each
     image (or why it could not be read), ``images`` the bytes as an Arrow
-    array."""
+    array. A ``uri`` is read only when it lies under one of ``uri_prefixes``
+    (schemas.uri_policy; none: nothing is read), and then in the normal form
+    checked; one outside is a bad example, the policy's verdict its reason."""
     first = bounds[:-1]
     file_col = table.column("file").take(pa.array(first))
     missing = pc.is_null(file_col).to_numpy(zero_copy_only=False)
@@ -172,14 +191,20 @@ def _fetched(table: pa.Table, bounds: np.ndarray, column: str, emit) -> Iterator
     else:
         uris = table.column("uri").take(pa.array(first)).to_pylist()
         order = sorted(present.tolist(), key=lambda i: (uris[i] or "", i))
+        from schemas.uri_policy import check_uris, read_target
+
         for s in range(0, len(order), IMAGE_BATCH_ROWS):
             chunk = order[s:s + IMAGE_BATCH_ROWS]
             images = []
-            for i in chunk:
+            verdicts = check_uris(uri_prefixes, [uris[i] for i in chunk])
+            for i, verdict in zip(chunk, verdicts):
                 try:
                     if not uris[i]:
                         raise ValueError("no uri")
-                    images.append(sio.read_bytes(uris[i]))
+                    if verdict.reason is not None:  # not fetched: a bad example, like an unreadable one
+                        images.append(verdict.reason)
+                        continue
+                    images.append(read_target(verdict.target))
                 except Exception as e:  # noqa: BLE001 - a missing image is counted, not fatal
                     images.append(f"unreadable uri {uris[i]!r}: {type(e).__name__}: {e}"[:300])
             data = pa.array([x if isinstance(x, bytes) else None for x in images], pa.binary())
@@ -196,7 +221,8 @@ DUPLICATE = "in more than one selection row"
 NOT_IN_INDEX = "not in the source index"
 
 
-def _spill_partition(column: str, storage: dict, spill_dir: str, bucket_bits: int, run_bytes: int):
+def _spill_partition(column: str, storage: dict, spill_dir: str, bucket_bits: int, run_bytes: int,
+                     uri_prefixes: Sequence[str]):
     """mapInArrow, the fetch pass: copy rows (sorted by file, row, key, copy)
     -> the good copies, with images, in sorted *run* files, the bad examples
     and the task's tally of good copies per bucket (``SPILLED_SCHEMA``: a row
@@ -208,7 +234,8 @@ def _spill_partition(column: str, storage: dict, spill_dir: str, bucket_bits: in
     into record batches at bucket boundaries (:func:`_write_run`). Image
     bytes go from the Parquet read to the run file without entering the JVM;
     the file name is unique to the attempt, and only the runs of successful
-    attempts are reported.
+    attempts are reported. Only uris under ``uri_prefixes`` are read
+    (:func:`_fetched`).
     """
 
     def spill(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -238,7 +265,7 @@ def _spill_partition(column: str, storage: dict, spill_dir: str, bucket_bits: in
         if duplicated:  # reported, nothing read: the driver refuses the selection
             bad.extend((key, DUPLICATE, 0) for key in duplicated)
             table, bounds = table.slice(0, 0), bounds[:1]
-        for batch in _fetched(table, bounds, column, place):
+        for batch in _fetched(table, bounds, column, place, uri_prefixes):
             gathered.append(batch)
             size += pool[-1].nbytes
             if size >= run_bytes:
@@ -727,15 +754,6 @@ def _copies_estimate(selection_path: str, stats: dict | None) -> int:
     return rows
 
 
-def _clean(output: str) -> None:
-    """Remove an earlier incomplete run's shards, manifest and temporaries
-    (and refuse a directory holding anything else)."""
-    sio.clear_output(output, lambda name: bool(SHARD_NAME_RE.match(name))
-                     or name in ("manifest.json", "_SUCCESS", TEMPORARY))
-    fs, p = sio.filesystem(output)
-    fs.makedirs(p, exist_ok=True)
-
-
 def _config_from(stats: dict | None, total: int) -> tuple[ResampleConfig, dict]:
     """The resampler's configuration and input fingerprints, for the manifest."""
     if stats:
@@ -744,24 +762,19 @@ def _config_from(stats: dict | None, total: int) -> tuple[ResampleConfig, dict]:
 
 
 def run(spark, job: ShardJob) -> Manifest:
-    """Write the shards; return the manifest (also at ``output/manifest.json``)."""
-    from pyspark.sql import Observation
+    """Write the shards; return the manifest (also at ``output/manifest.json``).
+
+    Every input is checked before the output is touched; the shards are built
+    aside and committed whole (``schemas.stage_output``)."""
     from pyspark.sql import functions as F
 
     t0 = time.time()
     stages = StageTimer()
-
-    manifest_path = sio.join(job.output, "manifest.json")
-    if sio.exists(sio.join(job.output, "_SUCCESS")) and not job.overwrite:
-        print(f"write_shards: {job.output} is complete (_SUCCESS); nothing to do (--overwrite to redo)",
-              file=sys.stderr)
-        return Manifest.from_json(sio.read_bytes(manifest_path).decode(), manifest_path)
-    _clean(job.output)
+    output = StageOutput(job.output, "write_shards")
 
     selection_path, resample_dir = resolve_selection(job.selection)
-    if resample_dir and not sio.exists(sio.join(resample_dir, "_SUCCESS")):
-        raise FileNotFoundError(f"{resample_dir}: no _SUCCESS; the resampler did not finish, so this "
-                                "selection is not a result")
+    if resample_dir:
+        require_complete(resample_dir, "the resampler")
     selection = read_parquet_columns(spark, selection_path, ["key", "copies", "weight"])
     for col in ("key", "copies"):
         if col not in selection.columns:
@@ -779,6 +792,26 @@ def run(spark, job: ShardJob) -> Manifest:
         F.col("key").cast("string").alias("key"), F.col("labels").cast("array<int>").alias("labels"),
         F.col("_metadata.file_path").alias("file"), F.col("_metadata.row_index").alias("row"),
         (F.col("uri") if column == "uri" else F.lit(None).cast("string")).alias("uri"))
+    if output.check(job.overwrite):  # every input is checked: the output may be touched now
+        print(output.skip_line(), file=sys.stderr)
+        manifest_path = sio.join(job.output, "manifest.json")
+        return Manifest.from_json(sio.read_bytes(manifest_path).decode(), manifest_path)
+    work = output.begin()
+    try:
+        manifest = _write_into(spark, job, work, selection, selection_path, resample_dir, index, column, located,
+                               stages, t0)
+    except BaseException:
+        output.abort(work)
+        raise
+    output.commit(work)
+    return manifest
+
+
+def _write_into(spark, job: ShardJob, work: str, selection, selection_path: str, resample_dir: str | None, index,
+                column: str, located, stages: StageTimer, t0: float) -> Manifest:
+    """Fetch, spill and write the shards and the manifest into ``work``."""
+    from pyspark.sql import Observation
+    from pyspark.sql import functions as F
 
     files = sorted(index.inputFiles())
     tasks = max(1, min(len(files), FETCH_TASKS_PER_CORE * spark.sparkContext.defaultParallelism))
@@ -789,7 +822,7 @@ def run(spark, job: ShardJob) -> Manifest:
     task_of_file = spark.createDataFrame(pa.table({"file": pa.array([_spark_file_path(f) for f in files], pa.string()),
                                                    "task": pa.array(task_keys, pa.int32())}))
     storage = sio.storage_config()
-    spill_dir = sio.join(job.spill_dir or sio.join(job.output, TEMPORARY), f"spill-{uuid.uuid4().hex[:12]}")
+    spill_dir = sio.join(job.spill_dir or sio.join(work, TEMPORARY), f"spill-{uuid.uuid4().hex[:12]}")
     resample_stats = _resample_stats(resample_dir)
     bits = bucket_bits(_copies_estimate(selection_path, resample_stats), job.samples_per_shard)
     # Arrow batches of images; the index is scanned for keys and labels only,
@@ -815,7 +848,8 @@ def run(spark, job: ShardJob) -> Manifest:
         spilled = (copies.join(located, on="key", how="left").join(F.broadcast(task_of_file), on="file", how="left")
                    .repartition(tasks, F.coalesce(F.col("task"), F.hash("file")))
                    .drop("task").sortWithinPartitions("file", "row", "key", "copy")
-                   .mapInArrow(_spill_partition(column, storage, spill_dir, bits, job.run_bytes), SPILLED_SCHEMA)
+                   .mapInArrow(_spill_partition(column, storage, spill_dir, bits, job.run_bytes, job.uri_prefixes),
+                               SPILLED_SCHEMA)
                    .collect())  # a row per run, per bad example and per task: small
         # No metrics come back when nothing was selected: then count directly.
         facts = observed_metrics(observed) or selection.agg(*measures).first()
@@ -874,7 +908,7 @@ def run(spark, job: ShardJob) -> Manifest:
         release = (spark.sparkContext.master.startswith("local") and sio.is_local(spill_dir)
                    and spark.sparkContext.getConf().get("spark.speculation", "false").lower() != "true")
         rows = (spark.range(0, writers, 1, writers)
-                .mapInArrow(_write_from_runs(run_files, bucket_starts, bits, shards_per_writer, job.output,
+                .mapInArrow(_write_from_runs(run_files, bucket_starts, bits, shards_per_writer, work,
                                              job.prefix, job.samples_per_shard, total, storage, release),
                             WRITTEN_SCHEMA)
                 .collect())
@@ -892,11 +926,11 @@ def run(spark, job: ShardJob) -> Manifest:
     for s in range(num_shards):
         r = by_shard[s]
         name = shard_name(job.prefix, s)
-        sio.move(r["temp"], sio.join(job.output, name))
+        sio.move(r["temp"], sio.join(work, name))
         shards.append(ShardInfo(name=name, samples=int(r["samples"]), bytes=int(r["bytes"]), sha256=r["sha256"]))
         for label, n in json.loads(r["labels"]).items():
             label_counts[int(label)] = label_counts.get(int(label), 0) + n
-    sio.remove_tree(sio.join(job.output, TEMPORARY))
+    sio.remove_tree(sio.join(work, TEMPORARY))
 
     config, resample_inputs = _config_from(resample_stats, requested_total)
     manifest = Manifest(
@@ -911,8 +945,7 @@ def run(spark, job: ShardJob) -> Manifest:
                          "released_while_writing": sum(int(r["released"]) for r in by_shard.values()),
                          "shards_reused_by_retries": sum(bool(r["reused"]) for r in by_shard.values())},
                "seconds": round(time.time() - t0, 2), "timings": stages.timings})
-    sio.write_bytes_atomic(manifest_path, manifest.to_json())
-    sio.write_bytes_atomic(sio.join(job.output, "_SUCCESS"), "")
+    sio.write_bytes_atomic(sio.join(work, "manifest.json"), manifest.to_json())
     return manifest
 
 
@@ -934,6 +967,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image bytes a fetch task sorts in memory per run file (default 64 MiB: "
                         "memory per task is about twice this; larger runs mean fewer, larger reads "
                         "for the writers, e.g. on object storage)")
+    p.add_argument("--allow-uri-prefix", action="append", metavar="PREFIX",
+                   help="repeatable: read a uri index's images only under these directories or URL "
+                        "prefixes (a local path, file://, s3://bucket/..., gs://, hdfs://host/..., "
+                        "http(s)://host/...; matched on path components after normalising; '..' is "
+                        "refused). Given, it replaces the default: the index's own storage (its "
+                        "scheme and bucket, or for a local index the directory containing the index "
+                        "path). Any other uri is a bad example (see --max-bad-fraction)")
     add_spark_arguments(p)
     return p
 
@@ -945,7 +985,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     samples_per_shard=args.samples_per_shard, prefix=args.prefix,
                                     seed=args.seed, overwrite=args.overwrite,
                                     max_bad_fraction=args.max_bad_fraction, spill_dir=args.spill_dir,
-                                    run_bytes=args.run_bytes),
+                                    run_bytes=args.run_bytes, allow_uri_prefixes=args.allow_uri_prefix),
                    run, lambda job, m: f"{m.total_samples} samples ({m.unique_examples} unique) in "
                                        f"{len(m.shards)} shards -> {job.output}")
 

@@ -124,18 +124,3 @@ def test_fingerprint_changes_with_content(tmp_path):
     assert f1 == sio.fingerprint_paths(str(tmp_path / "a"))
     (tmp_path / "a" / "x.bin").write_bytes(b"2")
     assert sio.fingerprint_paths(str(tmp_path / "a")) != f1
-
-
-def test_clear_output_removes_only_a_jobs_own_leftovers(tmp_path):
-    out = tmp_path / "out"
-    (out / "selection").mkdir(parents=True)
-    (out / "selection" / "part-0.parquet").write_bytes(b"x")
-    (out / "stats.json.tmp-1234").write_text("{}")
-    sio.clear_output(str(out), lambda name: name in {"selection", "stats.json"})
-    assert not out.exists()
-    sio.clear_output(str(out), lambda name: True)  # nothing there: nothing to do
-    (out / "thesis.tex").parent.mkdir()
-    (out / "thesis.tex").write_text("years of work")
-    with pytest.raises(ValueError, match=r"holds \['thesis.tex'\], which this job did not write"):
-        sio.clear_output(str(out), lambda name: name in {"selection"})
-    assert (out / "thesis.tex").exists()

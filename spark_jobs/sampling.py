@@ -51,6 +51,7 @@ __all__ = [
     "ClassPlan",
     "make_class_plan",
     "rank_copies",
+    "rank_copies_many",
     "CANDIDATE_SIGMAS",
     "ORDER_MAX",
     "ranks_needed",
@@ -367,22 +368,48 @@ def rank_copies(draw: str, count: int, records: int, seed: int, class_id: int) -
     (seeded by (seed, class)), sorted in decreasing order; assigning it to
     the records in hash order (a uniformly random permutation) gives exactly
     the multinomial distribution. The result is non-increasing, all > 0,
-    and at most ``min(count, records)`` long.
+    and at most ``min(count, records)`` long. (One class of
+    :func:`rank_copies_many`.)
     """
-    count, records = int(count), int(records)
-    if count <= 0:
+    if int(count) <= 0:
         return np.zeros(0, np.int64)
-    if records <= 0:
-        raise ValueError(f"class {class_id} must produce {count} copies but has no records")
+    return rank_copies_many(draw, [count], [records], seed, [class_id])[1]
+
+
+def rank_copies_many(draw: str, counts: Sequence[int] | np.ndarray, records: Sequence[int] | np.ndarray,
+                     seed: int, class_ids: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`rank_copies` for many classes at once: ``(lengths, copies)``.
+
+    ``copies`` is the concatenation of ``rank_copies(draw, counts[k],
+    records[k], seed, class_ids[k])`` over k, and ``lengths[k]`` the size of
+    class k's part (0 where ``counts[k] <= 0``). ``systematic`` is computed
+    in one vectorised pass, whatever the number of classes; ``multinomial``
+    draws each class from its own random stream.
+    """
+    counts = np.asarray(counts, np.int64).reshape(-1)
+    records = np.asarray(records, np.int64).reshape(-1)
+    class_ids = np.asarray(class_ids, np.int64).reshape(-1)
+    live = counts > 0
+    empty = live & (records <= 0)
+    if empty.any():
+        k = int(np.flatnonzero(empty)[0])
+        raise ValueError(f"class {int(class_ids[k])} must produce {int(counts[k])} copies but has no records")
     if draw == "systematic":
-        base, extra = divmod(count, records)
-        if base == 0:
-            return np.ones(extra, np.int64)
-        out = np.full(records, base, np.int64)
-        out[:extra] += 1
-        return out
-    if draw != "multinomial":
+        base, extra = np.divmod(np.where(live, counts, 0), np.maximum(records, 1))
+        lengths = np.where(base > 0, records, extra)
+        rank = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        return lengths, np.repeat(base, lengths) + (rank < np.repeat(extra, lengths))
+    if draw != "multinomial" and live.any():
         raise ValueError(f"unknown draw {draw!r}")
+    parts = [_occupancy(c, m, seed, k) for c, m, k in
+             zip(counts[live].tolist(), records[live].tolist(), class_ids[live].tolist())]
+    lengths = np.zeros(counts.size, np.int64)
+    lengths[live] = [p.size for p in parts]
+    return lengths, np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def _occupancy(count: int, records: int, seed: int, class_id: int) -> np.ndarray:
+    """Multinomial :func:`rank_copies` of one class (``count``, ``records`` > 0)."""
     rng = np.random.default_rng([seed, _TAG_WITHIN, int(class_id) & _MASK64])
     if count < records:
         _, occupancy = np.unique(rng.integers(0, records, size=count), return_counts=True)

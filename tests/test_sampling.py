@@ -275,6 +275,29 @@ def test_rank_copies():
         S.rank_copies("systematic", 3, 0, 0, 1)
 
 
+def test_rank_copies_many_is_rank_copies_per_class():
+    lengths, copies = S.rank_copies_many("systematic", [7, 0, 2, 5, -1], [3, 4, 5, 5, 2], 0, [1, 2, 3, 4, 5])
+    assert lengths.tolist() == [3, 0, 2, 5, 0] and copies.tolist() == [3, 2, 2, 1, 1, 1, 1, 1, 1, 1]
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        k = int(rng.integers(0, 30))
+        counts, records = rng.integers(-2, 60, k), rng.integers(1, 25, k)
+        ids = rng.integers(-(1 << 62), 1 << 62, k)
+        for draw in ("systematic", "multinomial"):
+            lengths, copies = S.rank_copies_many(draw, counts, records, 9, ids)
+            parts = np.split(copies, np.cumsum(lengths)[:-1]) if k else []
+            assert len(parts) == k and copies.dtype == np.int64
+            for c, m, cid, part in zip(counts.tolist(), records.tolist(), ids.tolist(), parts):
+                assert part.tolist() == S.rank_copies(draw, c, m, 9, cid).tolist()
+                if draw == "systematic" and c > 0:  # by hand: floor for all, one more for the first ranks
+                    base, extra = divmod(c, m)
+                    assert part.tolist() == ([base + 1] * extra + [base] * (m - extra) if base else [1] * extra)
+    with pytest.raises(ValueError, match="class 8 must produce 3 copies but has no records"):
+        S.rank_copies_many("systematic", [1, 3], [1, 0], 0, [7, 8])
+    with pytest.raises(ValueError, match="unknown draw"):
+        S.rank_copies_many("stratified", [1], [1], 0, [7])
+
+
 def test_candidate_bound_keeps_enough_records():
     rng = np.random.default_rng(0)
     assert S.candidate_bound(10, 60) == S.ORDER_MAX  # the margin covers the class

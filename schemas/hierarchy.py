@@ -41,7 +41,7 @@ class Hierarchy:
     def roots(self) -> list[int]:
         return sorted(lid for lid, p in self.parent_of.items() if p is None)
 
-    def descendants(self, label_id: int, include_self: bool = True) -> np.ndarray:
+    def descendants(self, label_id: int) -> np.ndarray:
         """All labels at or below ``label_id`` (sorted int32 array)."""
         if label_id not in self.parent_of:
             raise ValueError(f"label {label_id} is not in the vocabulary")
@@ -50,8 +50,6 @@ class Hierarchy:
             node = stack.pop()
             out.append(node)
             stack.extend(self.children_of.get(node, ()))
-        if not include_self:
-            out.remove(label_id)
         return np.asarray(sorted(out), dtype=np.int32)
 
     def ids_for_name(self, name: str) -> list[int]:

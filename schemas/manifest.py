@@ -24,6 +24,7 @@ __all__ = [
     "ResampleConfig",
     "ShardInfo",
     "Manifest",
+    "check_shard_name",
 ]
 
 #: Bump when a reader of an older manifest would misread a newer one.
@@ -94,14 +95,33 @@ class ResampleConfig:
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def check_shard_name(name: object) -> None:
+    """A shard name must be a plain file name in the manifest's folder: a
+    non-empty string with no ``/``, ``\\`` or NUL, not starting with ``.``
+    (so not ``.`` or ``..`` either). Anything else could make a reader open a
+    file outside the folder; raises ``ValueError``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"shard name {name!r} is not a file name (must be a non-empty string)")
+    if "/" in name or "\\" in name or "\0" in name or name.startswith("."):
+        raise ValueError(f"shard name {name!r} is not a plain file name in the manifest's folder "
+                         "(no '/', '\\' or NUL, not starting with '.')")
+
+
 @dataclass(frozen=True)
 class ShardInfo:
-    """One tar shard: file name (relative to the manifest), samples, bytes, sha256."""
+    """One tar shard: file name (relative to the manifest), samples, bytes, sha256.
+
+    ``name`` is checked by :func:`check_shard_name`: a plain file name in the
+    manifest's folder, never a path.
+    """
 
     name: str
     samples: int
     bytes: int
     sha256: str
+
+    def __post_init__(self) -> None:
+        check_shard_name(self.name)
 
 
 @dataclass
@@ -161,8 +181,15 @@ class Manifest:
         for key in required:
             if key not in d:
                 raise SchemaError(f"manifest has no {key!r} field", file=file)
+        if not isinstance(d["shards"], list):
+            raise SchemaError("manifest 'shards' must be a list", file=file)
+        shards = []
+        for i, s in enumerate(d["shards"]):
+            try:
+                shards.append(ShardInfo(**s))
+            except (TypeError, ValueError) as e:
+                raise SchemaError(f"shard {i}: {e}", file=file) from None
         try:
-            shards = [ShardInfo(**s) for s in d["shards"]]
             return cls(
                 config=ResampleConfig.from_dict(d["config"]),
                 inputs=dict(d["inputs"]),

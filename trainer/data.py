@@ -36,9 +36,11 @@ from schemas.targets import list_target, read_item_bytes
 from .transforms import HashRNG, PreprocessSpec, decode_image, eval_transform, train_transform
 
 __all__ = ["shard_urls", "ShardStream", "TargetDataset", "LoaderState", "soft_targets", "collate",
-           "IMAGE_KEYS"]
+           "IMAGE_KEYS", "MAX_CONSECUTIVE_CORRUPT"]
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff")
+#: Default bound on corrupt samples in a row before :class:`ShardStream` gives up.
+MAX_CONSECUTIVE_CORRUPT = 1000
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
 
@@ -105,12 +107,24 @@ class ShardStream(IterableDataset):
     worker's stream resumes; loader worker ``i`` serves logical worker
     ``(i + state.batches) % num_workers`` so that a resumed DataLoader continues
     the round-robin exactly where the interrupted one stopped.
+
+    A sample that cannot be decoded (no image member, bad image bytes, bad
+    JSON, no labels) is counted and skipped. ``max_consecutive_corrupt``
+    (samples; default :data:`MAX_CONSECUTIVE_CORRUPT` = 1000, at least 1)
+    bounds how many corrupt samples in a row one worker skips: reaching it
+    raises ``ValueError`` naming the shard(s) those samples came from, since
+    an endless stream whose samples are all bad would otherwise never yield
+    and the run would hang. Samples skipped undecoded on resume do not count.
     """
 
     def __init__(self, urls: Sequence[str], spec: PreprocessSpec, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, shuffle_buffer: int = 1000, state: LoaderState | None = None,
-                 train: bool = True):
+                 train: bool = True, max_consecutive_corrupt: int = MAX_CONSECUTIVE_CORRUPT):
         super().__init__()
+        if isinstance(max_consecutive_corrupt, bool) or not isinstance(max_consecutive_corrupt, int) \
+                or max_consecutive_corrupt < 1:
+            raise ValueError(f"max_consecutive_corrupt must be an integer >= 1, got {max_consecutive_corrupt!r}")
+        self.max_consecutive_corrupt = max_consecutive_corrupt
         self.urls = list(urls)
         self.spec = spec
         self.seed = seed
@@ -173,7 +187,8 @@ class ShardStream(IterableDataset):
                              f"the same number (got {num_workers})")
         worker = (loader_worker + self.state.batches) % num_workers
         skip = self.state.positions[worker]
-        corrupt = 0
+        corrupt = 0  # corrupt samples since the last one yielded, i.e. in a row
+        bad_shards: dict[str, int] = {}  # where those came from, in first-seen order
         for position, sample in enumerate(self.raw_samples(worker, num_workers)):
             if position < skip:
                 continue  # already consumed before a restart: skipped undecoded
@@ -186,9 +201,22 @@ class ShardStream(IterableDataset):
                 labels = [int(l) for l in meta["labels"]]
             except Exception:  # noqa: BLE001 - a corrupt sample is counted and skipped
                 corrupt += 1
+                url = str(sample.get("__url__", "?"))
+                bad_shards[url] = bad_shards.get(url, 0) + 1
+                if corrupt >= self.max_consecutive_corrupt:
+                    raise ValueError(self._too_corrupt(corrupt, bad_shards, worker)) from None
                 continue
             yield torch.from_numpy(x), labels, worker, position + 1, corrupt
             corrupt = 0
+            bad_shards.clear()
+
+    def _too_corrupt(self, count: int, bad_shards: dict[str, int], worker: int) -> str:
+        shown = [f"{url} ({n})" for url, n in list(bad_shards.items())[:5]]
+        if len(bad_shards) > 5:
+            shown.append(f"and {len(bad_shards) - 5} more shard(s)")
+        return (f"{count} consecutive samples could not be decoded (rank {self.rank}, loader worker {worker}; "
+                f"limit --max-consecutive-corrupt {self.max_consecutive_corrupt}), from shard(s): "
+                f"{', '.join(shown)}; the shards are damaged or not image shards")
 
 
 def collate(batch):

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from schemas import io as sio
 
 from . import runtime as RT
-from .data import LoaderState, ShardStream, collate, shard_urls, soft_targets
+from .data import MAX_CONSECUTIVE_CORRUPT, LoaderState, ShardStream, collate, shard_urls, soft_targets
 from .models import DEFAULT_INPUT_SIZE, build_model, save_generalist
 from .optim import deepspeed_config, default_lr, default_warmup, make_optimizer, make_scheduler
 from .transforms import PreprocessSpec
@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=2, help="loader worker processes per rank")
     p.add_argument("--shuffle-buffer", type=int, default=2000)
+    p.add_argument("--max-consecutive-corrupt", type=int, default=MAX_CONSECUTIVE_CORRUPT, metavar="N",
+                   help="fail when a loader worker meets N undecodable samples in a row "
+                        f"(default {MAX_CONSECUTIVE_CORRUPT}); bad samples are otherwise counted and skipped")
     p.add_argument("--save-every", type=int, help="checkpoint every K steps (default steps/10)")
     p.add_argument("--keep-checkpoints", type=int, default=3, help="complete checkpoints kept (default 3)")
     p.add_argument("--log-every", type=int, default=10)
@@ -69,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _loader(urls, spec, args, info, state):
     stream = ShardStream(urls, spec, seed=args.seed, rank=info.rank, world_size=info.world_size,
-                         shuffle_buffer=args.shuffle_buffer, state=state)
+                         shuffle_buffer=args.shuffle_buffer, state=state,
+                         max_consecutive_corrupt=args.max_consecutive_corrupt)
     stream.check_split(args.num_workers)
     return torch.utils.data.DataLoader(
         stream, batch_size=args.batch_size // info.world_size, num_workers=args.num_workers,

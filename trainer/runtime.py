@@ -223,12 +223,32 @@ def write_json_main(path: str, data: dict) -> None:
 
 def cli_main(prog: str, parser, run, describe, argv=None) -> int:
     """Parse, run, report: bad input is a one-line error and exit status 1;
-    rank 0 prints ``describe(result, args)`` on success."""
+    rank 0 prints ``describe(result, args)`` on success.
+
+    A ``ValueError`` raised inside a DataLoader worker reaches the main
+    process re-raised by torch with the worker's whole traceback as its
+    message ("Caught ValueError in DataLoader worker process N. Original
+    Traceback ..."); the error line then shows only the original message and
+    the worker it came from."""
+    import re
+
     args = parser.parse_args(argv)
     try:
         result = run(args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        message = str(e)
+        m = re.match(r"Caught (\w+) (in DataLoader worker process \d+)\.\nOriginal Traceback", message)
+        if m:
+            # The traceback's own exception line (not indented, "[module.]Type: message") is the last
+            # such line; what follows it is the original message.
+            lines = message.rstrip("\n").split("\n")
+            head = re.compile(rf"^(?:[\w.]+\.)?{re.escape(m.group(1))}: ?")
+            for i in range(len(lines) - 1, 0, -1):
+                if head.match(lines[i]):
+                    original = " ".join([head.sub("", lines[i], count=1), *lines[i + 1:]]).strip()
+                    message = f"{original} ({m.group(2)})"
+                    break
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"{prog}: {describe(result, args)}")

@@ -16,7 +16,8 @@
 #
 #   make resample TARGET=food101 SIZE=80M [SOURCE=jft MATCHER=same|elastic
 #        DRAW=multinomial|systematic SEED=0 RUNNER=DirectRunner SPARK_MASTER=local[*]
-#        OUT=out TARGET_ROOT=... MODEL=generalist.pt SAMPLES_PER_SHARD=10000]
+#        OUT=out TARGET_ROOT=... MODEL=generalist.pt SAMPLES_PER_SHARD=10000
+#        ALLOW_URI_PREFIX="gs://images/ /data/imagenet/train"]
 #        weights (Beam) -> resample (Spark) -> shards (Spark) -> verify, reusing
 #        finished stages. TARGET=demo runs the same path on generated data.
 
@@ -39,6 +40,7 @@ OUT ?= out
 TARGET_ROOT ?=
 MODEL ?=
 SAMPLES_PER_SHARD ?= 10000
+ALLOW_URI_PREFIX ?=
 
 .PHONY: install test demo resample clean distclean
 
@@ -66,7 +68,7 @@ resample: install
 	  $(if $(SOURCE),--source "$(SOURCE)") --matcher "$(MATCHER)" --draw "$(DRAW)" --seed "$(SEED)" \
 	  --runner "$(RUNNER)" $(if $(SPARK_MASTER),--spark-master "$(SPARK_MASTER)") --out "$(OUT)" \
 	  $(if $(TARGET_ROOT),--target-root "$(TARGET_ROOT)") $(if $(MODEL),--model "$(MODEL)") \
-	  --samples-per-shard "$(SAMPLES_PER_SHARD)"
+	  --samples-per-shard "$(SAMPLES_PER_SHARD)" $(foreach p,$(ALLOW_URI_PREFIX),--allow-uri-prefix "$(p)")
 
 clean:
 	rm -rf $(DEMO_OUT) $(OUT) .pytest_cache build *.egg-info

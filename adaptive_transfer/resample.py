@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-root", help="where the target data lives (overrides the config)")
     p.add_argument("--model", help="generalist checkpoint (overrides the source config)")
     p.add_argument("--samples-per-shard", type=int, default=10000)
+    p.add_argument("--allow-uri-prefix", action="append", default=[], metavar="PREFIX",
+                   help="where a uri index's images may be read from, repeatable (default: the source "
+                        "config's image_root or train_root, else the index's own storage)")
     return p
 
 
@@ -95,7 +98,10 @@ def plan(args: argparse.Namespace, log=print) -> dict:
     run_key = _hash({"weights": weights_key, **options})
     label = f"{format_size(size)}-{args.matcher}" + (f"-{args.draw}" if args.matcher == "same" else "")
     base = sio.join(args.out, target.name, f"{label}-{run_key[:12]}")
+    image_root = source.extra.get("image_root") or source.extra.get("train_root")
+    allowed = args.allow_uri_prefix or ([image_root] if image_root else None)
     return {"target": target, "source": source_name, "index": index, "labels": labels, "model": model,
+            "allow_uri_prefixes": allowed,
             "root": root, "size": size, "options": options, "inputs": inputs,
             "weights_dir": sio.join(args.out, "weights", f"{target.name}-{weights_key[:12]}"),
             # One per index, shared by every target, size and matcher (spark_jobs.label_sets).
@@ -142,7 +148,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
                                        output=p["resample_dir"], label_sets=p["label_sets"]))
     log(f"[3/4] shards -> {p['shards_dir']}")
     manifest = W.run(spark, W.ShardJob(selection=p["resample_dir"], index=p["index"], output=p["shards_dir"],
-                                       samples_per_shard=o["samples_per_shard"], seed=o["seed"]))
+                                       samples_per_shard=o["samples_per_shard"], seed=o["seed"],
+                                       allow_uri_prefixes=p["allow_uri_prefixes"]))
     log("[4/4] verify")
     report = V.verify(p["shards_dir"])
     if not report.ok:

@@ -6,9 +6,11 @@ A stage's output is a directory (``--output``) that it owns:
    :meth:`StageOutput.begin`; nothing here touches the output before that.
    :meth:`StageOutput.check` is read-only.
 2. **Only what the stage wrote is ever deleted.** The stage marks a directory
-   as its own when it creates it: a small ``_STAGE`` file naming the stage.
-   An existing non-empty directory without *this* stage's marker is refused
-   with a message naming the path, whatever the file names inside.
+   as its own when it creates it: a small ``_STAGE`` file naming the stage
+   (and, once committed, the top-level entries it wrote). An existing
+   non-empty directory without *this* stage's marker is refused with a
+   message naming the path, whatever the file names inside; so is one of
+   its own that has since gained entries it did not write.
 3. **Build aside, commit, ``_SUCCESS`` last.** On a local (POSIX) filesystem
    the stage builds in a temporary sibling ``.NAME.tmp-<id>`` and the commit
    renames it into place, so a finished earlier result stays intact until the
@@ -86,9 +88,22 @@ def _entries(path: str) -> list[str] | None:
     return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(p, detail=False))
 
 
-def _marker_text(stage: str) -> str:
-    return json.dumps({"stage": stage, "host": socket.gethostname(), "pid": os.getpid(),
-                       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+def _marker_text(stage: str, entries: list[str] | None = None) -> str:
+    marker = {"stage": stage, "host": socket.gethostname(), "pid": os.getpid(),
+              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if entries is not None:
+        marker["entries"] = sorted(entries)
+    return json.dumps(marker)
+
+
+def _written(path: str) -> list[str] | None:
+    """The top-level entries the stage recorded at its commit (``None``: not
+    committed, e.g. an in-place build that was cut off: all of it is the stage's)."""
+    try:
+        entries = json.loads(sio.read_bytes(sio.join(path, MARKER))).get("entries")
+    except (ValueError, AttributeError, OSError):
+        return None
+    return entries if isinstance(entries, list) else None
 
 
 def _process_gone(marker: dict) -> bool:
@@ -134,6 +149,11 @@ class StageOutput:
             return None
         owner = stage_of(self.path)
         if owner == self.stage:
+            written = _written(self.path)
+            foreign = sorted(set(names) - set(written or ()) - {MARKER, SUCCESS})
+            if written is not None and foreign:
+                return (f"{self.path} holds {', '.join(foreign[:5])}, which {self.stage} did not write; nothing "
+                        "there is deleted: move those away or give a new output directory")
             return None
         if owner is None:
             shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
@@ -196,6 +216,7 @@ class StageOutput:
     def commit(self, work: str) -> None:
         """Finish: ``_SUCCESS`` last, then (temporary sibling) rename into place;
         a finished result this stage wrote there before is replaced."""
+        self._mark(work, entries=[n for n in _entries(work) or [] if n not in (MARKER, SUCCESS)])
         sio.write_bytes_atomic(sio.join(work, SUCCESS), "")
         if work == self.path:
             return
@@ -255,8 +276,9 @@ class StageOutput:
                 removed.append(candidate)
         return removed
 
-    def _mark(self, directory: str) -> None:
-        sio.write_bytes_atomic(sio.join(directory, MARKER), _marker_text(self.stage), durable=False)
+    def _mark(self, directory: str, entries: list[str] | None = None) -> None:
+        """Write the marker; at commit, with the top-level ``entries`` written."""
+        sio.write_bytes_atomic(sio.join(directory, MARKER), _marker_text(self.stage, entries), durable=False)
 
     def _clear(self, directory: str) -> None:
         """Remove ``directory``, which carries this stage's marker (checked)."""

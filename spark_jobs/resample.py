@@ -492,16 +492,32 @@ def _check_label_sets(spark, job: ResampleJob, weighted_sets: pa.Table) -> tuple
     return records, positive
 
 
+def _selection_keys(storage: dict):
+    """mapInArrow over selection file paths: each file's keys, read through
+    fsspec (Spark need not have the selection's filesystem: object stores)."""
+
+    def read(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        sio.apply_storage_config(storage)
+        for batch in batches:
+            for path in batch.column("file").to_pylist():
+                fs, p = sio.filesystem(path)
+                with fs.open(p, "rb") as fh:
+                    yield from pq.ParquetFile(fh).iter_batches(columns=["key"])
+    return read
+
+
 def _check_unique_keys(spark, job: ResampleJob, selection: str) -> None:
     """Refuse an index holding a selected key in more than one record: with
     different label lists its records fall in different classes, and both could
-    be selected. One aggregation over the selection (at most N rows, not the
-    index); then a filter of the index for the first such key, to name its
-    files."""
+    be selected. One aggregation over the selection's keys (at most N rows, not
+    the index: one task per selection file reads them); then a filter of the
+    index for the first such key, to name its files."""
     from pyspark.sql import functions as F
 
-    dup = (spark.read.parquet(selection).groupBy("key").count().where(F.col("count") > 1)
-           .orderBy("key").first())
+    files = sio.expand_paths(selection)
+    paths = spark.createDataFrame(pa.table({"file": pa.array(files, pa.string())})).repartition(len(files))
+    dup = (paths.mapInArrow(_selection_keys(sio.storage_config()), "key string")
+           .groupBy("key").count().where(F.col("count") > 1).orderBy("key").first())
     if dup is None:
         return
     key = dup["key"]

@@ -133,3 +133,18 @@ def test_object_store_output_is_written_in_place_success_last(s3_server):
     with pytest.raises(ValueError, match="was not written by resample"):
         StageOutput("s3://bucket/theirs", "resample").begin()
     assert s3_server.cat("bucket/theirs/data.bin") == b"x"
+
+
+def test_entries_added_to_a_finished_output_are_never_deleted(tmp_path):
+    path = tmp_path / "out"
+    out = StageOutput(str(path), "stage-a")
+    _build(out, {"result.txt": "one", "part-0": "p"})
+    assert json.loads((path / MARKER).read_text())["entries"] == ["part-0", "result.txt"]
+    (path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds notes.txt, which stage-a did not write"):
+        out.check(overwrite=True)
+    with pytest.raises(ValueError, match="holds notes.txt"):
+        _build(out, {"result.txt": "two"})
+    assert (path / "notes.txt").read_text() == "mine" and (path / "result.txt").read_text() == "one"
+    assert os.listdir(tmp_path) == ["out"]  # the refused build's temporary is gone too
+    assert out.check() is True  # without --overwrite the finished result is still just reused

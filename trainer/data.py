@@ -31,6 +31,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from schemas import Manifest
 from schemas import io as sio
+from schemas.stage_output import require_complete
 from schemas.targets import list_target, read_item_bytes
 
 from .transforms import HashRNG, PreprocessSpec, decode_image, eval_transform, train_transform
@@ -49,8 +50,7 @@ def shard_urls(spec: str) -> list[str]:
     brace pattern such as ``out/shard-{000000..000099}.tar``."""
     if spec.endswith(".json"):
         base = spec.rsplit("/", 1)[0] if "/" in spec else "."
-        if not sio.exists(sio.join(base, "_SUCCESS")):
-            raise FileNotFoundError(f"{base}: no _SUCCESS; these shards are not a finished result")
+        require_complete(base, "write_shards")
         manifest = Manifest.from_json(sio.read_bytes(spec).decode(), spec)
         return [sio.join(base, s.name) for s in manifest.shards]
     m = _BRACE.search(spec)

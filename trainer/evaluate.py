@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--output", required=True)
+    p.add_argument("--overwrite", action="store_true", help="redo a complete output")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -44,11 +45,15 @@ def run(args: argparse.Namespace) -> dict:
     probe = TargetDataset(args.target_root, args.target, args.split, spec=None, train=False)
     model, spec, ckpt = load_finetuned(args.checkpoint, probe.classes, device=str(info.device))
     dataset = TargetDataset(args.target_root, args.target, args.split, spec, train=False)
+    output, work, finished = RT.start_output(args.output, "evaluate", args.overwrite, info)
+    if finished is not None:
+        return finished
     metrics = evaluate(model, dataset, dataset.classes, info.device, args.batch_size, args.num_workers)
     result = {"target": args.target, "target_root": args.target_root, "split": args.split,
               "checkpoint": args.checkpoint, "checkpoint_fingerprint": checkpoint_fingerprint(args.checkpoint),
               "architecture": ckpt["architecture"], **metrics}
-    RT.write_json_main(os.path.join(args.output, "metrics.json"), result)
+    RT.write_json_main(os.path.join(work or args.output, "metrics.json"), result)
+    RT.commit_output(output, work)
     return result
 
 

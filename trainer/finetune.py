@@ -8,7 +8,7 @@
 
 Paper (§4): 20k steps, batch 256, SGD with momentum, linear warmup over 2k
 steps then cosine decay; defaults keep the 10% warmup for any ``--steps``.
-Writes ``FT_DIR/model.pt`` (fine-tuned checkpoint) and ``FT_DIR/metrics.json``
+Writes ``FT_DIR/model.pt`` (fine-tuned checkpoint), ``FT_DIR/metrics.json`` and ``FT_DIR/_SUCCESS``
 (top-1, mean per-class accuracy on ``--eval-split``, the training curve).
 """
 
@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--deepspeed-config", help="a DeepSpeed JSON config instead of the generated one")
     p.add_argument("--output", required=True)
+    p.add_argument("--overwrite", action="store_true", help="redo a complete output")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -109,6 +110,9 @@ def run(args: argparse.Namespace) -> dict:
     if test.classes != train.classes:
         raise ValueError(f"{args.eval_split} and {args.train_split} splits have different classes")
     classes = train.classes
+    output, work, finished = RT.start_output(args.output, "finetune", args.overwrite, info)
+    if finished is not None:
+        return finished
 
     torch.manual_seed(args.seed)
     if init:
@@ -159,10 +163,10 @@ def run(args: argparse.Namespace) -> dict:
         "curve": curve,
     }
     if info.is_main:
-        os.makedirs(args.output, exist_ok=True)
-        save_finetuned(os.path.join(args.output, "model.pt"), engine.module, architecture, classes, spec,
+        save_finetuned(os.path.join(work, "model.pt"), engine.module, architecture, classes, spec,
                        extra={"init": init, "steps": args.steps, "target": args.target})
-    RT.write_json_main(os.path.join(args.output, "metrics.json"), result)
+    RT.write_json_main(os.path.join(work or args.output, "metrics.json"), result)
+    RT.commit_output(output, work)
     return result
 
 

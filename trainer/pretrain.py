@@ -4,13 +4,16 @@
 
     python -m trainer.pretrain --shards DIR/manifest.json --labels vocab.parquet \\
       --model small|resnet50|inception_v3 --steps N --batch-size B [--lr ...] \\
-      [--warmup-steps ...] [--seed 0] [--resume] [--deepspeed-config ds.json] --output CKPT_DIR
+      [--warmup-steps ...] [--seed 0] [--resume | --overwrite] [--deepspeed-config ds.json] --output CKPT_DIR
     deepspeed --num_gpus 8 --module trainer.pretrain ...            # one node
     deepspeed --hostfile hosts --module trainer.pretrain ...        # many nodes
 
 Writes ``CKPT_DIR/checkpoints/step*/`` (DeepSpeed, every ``--save-every``
 steps and at the end), ``CKPT_DIR/train_log.jsonl``, ``CKPT_DIR/metrics.json``
-and, at the end, ``CKPT_DIR/generalist.pt`` (schemas.checkpoint format).
+and, at the end, ``CKPT_DIR/generalist.pt`` (schemas.checkpoint format) and
+``CKPT_DIR/_SUCCESS``. ``CKPT_DIR`` is pretrain's own (``schemas.stage_output``):
+a rerun of a finished run does nothing; an unfinished one is continued with
+``--resume`` or started again with ``--overwrite``, never mixed with a new run.
 
 ``--batch-size`` is the global batch (the paper: 1024), split evenly over ranks.
 Targets are the paper's: softmax cross-entropy on the multi-hot label vector
@@ -23,6 +26,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 from typing import Sequence
 
 import numpy as np
@@ -30,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from schemas import io as sio
+from schemas.stage_output import MARKER, StageOutput
 
 from . import runtime as RT
 from .data import MAX_CONSECUTIVE_CORRUPT, LoaderState, ShardStream, collate, shard_urls, soft_targets
@@ -63,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoints", type=int, default=3, help="complete checkpoints kept (default 3)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again: remove what an earlier pretrain run wrote in --output")
     p.add_argument("--stop-after", type=int, help="stop (after checkpointing) at this step; for preemptible runs")
     p.add_argument("--deepspeed-config", help="a DeepSpeed JSON config instead of the generated one")
     p.add_argument("--output", required=True)
@@ -95,12 +102,43 @@ def _write_rank_report(args, info, urls, workers, module, state) -> None:
                            json.dumps(report, indent=2) + "\n")
 
 
+def _prepare_output(args: argparse.Namespace, info) -> dict | None:
+    """The output protocol (``schemas.stage_output``) for a run directory
+    whose checkpoints are its resume point: written in place. Returns the
+    finished run's metrics where there is nothing to do. A new run never
+    mixes with an earlier one's checkpoints: ``--resume`` continues it,
+    ``--overwrite`` removes what pretrain wrote there, otherwise it is refused.
+    Every rank checks (read-only, so all fail alike); rank 0 writes."""
+    if not sio.is_local(args.output):
+        raise ValueError(f"--output {args.output}: checkpoints are written to a local or shared POSIX "
+                         "directory (every node must see the same one), not a URL")
+    output = StageOutput(args.output, "pretrain", in_place=True)
+    if output.check(args.overwrite):
+        if info.is_main:
+            print(output.skip_line(), file=sys.stderr)
+        return {**json.loads(sio.read_bytes(os.path.join(args.output, "metrics.json"))), "reused": True}
+    earlier = [n for n in (os.listdir(args.output) if os.path.isdir(args.output) else []) if n != MARKER]
+    if earlier and not (args.resume or args.overwrite):
+        raise ValueError(f"{args.output} holds an earlier pre-training run ({', '.join(sorted(earlier)[:4])}); "
+                         "pass --resume to continue it or --overwrite to start again, or give a new --output")
+    RT.barrier()  # every rank has checked before rank 0 changes anything
+    if info.is_main and args.resume and not args.overwrite:
+        output.resume()
+    elif info.is_main:
+        output.begin()
+    RT.barrier()
+    return None
+
+
 def run(args: argparse.Namespace) -> dict:
     info = RT.setup_distributed()
     vocab = sio.read_parquet(args.labels)
     label_ids = sorted(int(i) for i in vocab.column("label_id").to_pylist())
     index_of = {lid: i for i, lid in enumerate(label_ids)}
     urls = shard_urls(args.shards)
+    finished = _prepare_output(args, info)
+    if finished is not None:
+        return finished
     spec = PreprocessSpec(args.input_size or DEFAULT_INPUT_SIZE.get(args.model, 224))
     lr = args.lr if args.lr is not None else default_lr(args.batch_size, "pretrain")
     warmup = args.warmup_steps if args.warmup_steps is not None else default_warmup(args.steps, "pretrain")
@@ -182,6 +220,9 @@ def run(args: argparse.Namespace) -> dict:
             save_generalist(os.path.join(args.output, "generalist.pt"), engine.module, args.model, label_ids,
                             spec, vocab, extra={"steps": args.steps, "shards": args.shards, "seed": args.seed})
     RT.write_json_main(os.path.join(args.output, "metrics.json"), result)
+    if end == args.steps and info.is_main:
+        StageOutput(args.output, "pretrain", in_place=True).commit(args.output)  # _SUCCESS last
+    RT.barrier()
     return result
 
 

@@ -27,10 +27,11 @@ import torch
 import torch.distributed as dist
 
 from schemas import io as sio
+from schemas.stage_output import StageOutput
 
 __all__ = ["DistInfo", "setup_distributed", "initialize", "SafeCheckpointEngine", "save_checkpoint",
            "resume_tag", "load_checkpoint", "average_buffers", "all_gather_longs", "Progress", "barrier",
-           "write_json_main", "cli_main"]
+           "write_json_main", "start_output", "commit_output", "cli_main"]
 
 TAG_PREFIX = "step"
 COMPLETE = "COMPLETE"
@@ -218,6 +219,32 @@ def write_json_main(path: str, data: dict) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         sio.write_bytes_atomic(path, json.dumps(data, indent=2) + "\n")
+    barrier()
+
+
+def start_output(path: str, stage: str, overwrite: bool, info: DistInfo) -> tuple[StageOutput, str | None,
+                                                                                 dict | None]:
+    """The output protocol (``schemas.stage_output``) for a run that writes
+    its results at the end (finetune, evaluate), once its inputs are read:
+    ``(output, work, None)`` where rank 0 builds in ``work`` (``None`` on the
+    other ranks) and commits with :func:`commit_output`; ``(output, None,
+    metrics)`` where a finished result is there (nothing to do: said in one
+    line). Every rank checks (read-only), so all fail alike."""
+    if not sio.is_local(path):
+        raise ValueError(f"--output {path}: give a local or shared POSIX directory, not a URL")
+    output = StageOutput(path, stage)
+    if output.check(overwrite):
+        if info.is_main:
+            print(output.skip_line(), file=sys.stderr)
+        return output, None, {**json.loads(sio.read_bytes(os.path.join(path, "metrics.json"))), "reused": True}
+    barrier()
+    return output, (output.begin() if info.is_main else None), None
+
+
+def commit_output(output: StageOutput, work: str | None) -> None:
+    """Rank 0 commits what it built (``_SUCCESS`` last); every rank then waits."""
+    if work is not None:
+        output.commit(work)
     barrier()
 
 

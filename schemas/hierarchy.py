@@ -1,4 +1,4 @@
-"""The label hierarchy of a vocabulary table: descendants, ancestors, names.
+"""The label hierarchy of a vocabulary table: descendants and names.
 
 Hand-picked subsets (the paper's "JFT - Bird", "JFT - Animal", ...) are every
 label at or below a named node.
@@ -37,10 +37,6 @@ class Hierarchy:
         for lid, name in zip(ids, names):
             self._ids_by_name[name].append(lid)
 
-    @property
-    def roots(self) -> list[int]:
-        return sorted(lid for lid, p in self.parent_of.items() if p is None)
-
     def descendants(self, label_id: int) -> np.ndarray:
         """All labels at or below ``label_id`` (sorted int32 array)."""
         if label_id not in self.parent_of:
@@ -67,18 +63,3 @@ class Hierarchy:
             for lid in self.ids_for_name(name):
                 found.update(self.descendants(lid).tolist())
         return np.asarray(sorted(found), dtype=np.int32)
-
-    def ancestors(self, label_id: int) -> list[int]:
-        """Labels above ``label_id``, nearest first."""
-        out = []
-        node = self.parent_of[label_id]
-        while node is not None:
-            out.append(node)
-            node = self.parent_of[node]
-        return out
-
-    def depth(self, label_id: int) -> int:
-        return len(self.ancestors(label_id))
-
-    def leaves(self) -> list[int]:
-        return sorted(lid for lid in self.parent_of if not self.children_of.get(lid))

@@ -9,8 +9,6 @@ batch of a 300M-row index.
 from __future__ import annotations
 
 import math
-from typing import Iterable
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -20,7 +18,6 @@ from .errors import SchemaError
 __all__ = [
     "check_index_schema",
     "validate_index_batch",
-    "check_unique_keys",
     "validate_vocabulary",
     "validate_weights",
     "validate_histogram",
@@ -132,22 +129,6 @@ def validate_index_batch(batch: pa.RecordBatch | pa.Table, *, num_labels: int | 
         if bad is not None:
             raise SchemaError("uri is null or empty and there is no image column", file=file,
                               row=row_offset + bad, key=_key_at(batch, bad))
-
-
-def check_unique_keys(keys: pa.Array | pa.ChunkedArray | Iterable[str], file: str | None = None) -> None:
-    """Fail on the first key that appears twice (names the key and both rows)."""
-    arr = keys if isinstance(keys, (pa.Array, pa.ChunkedArray)) else pa.array(list(keys), pa.string())
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    if pc.count_distinct(arr).as_py() == len(arr):
-        return
-    order = pc.sort_indices(arr).to_numpy()
-    sorted_keys = arr.take(pa.array(order))
-    same = pc.equal(sorted_keys[1:], sorted_keys[:-1]).to_numpy(zero_copy_only=False)
-    j = int(np.flatnonzero(same)[0])
-    first, second = sorted((int(order[j]), int(order[j + 1])))
-    raise SchemaError(f"duplicate key (also at row {first})", file=file, row=second,
-                      key=sorted_keys[j].as_py())
 
 
 def validate_vocabulary(table: pa.Table, file: str | None = None) -> None:

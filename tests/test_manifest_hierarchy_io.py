@@ -79,8 +79,9 @@ def test_hierarchy_descendants_and_names():
     animal_names = {h.name_of[i] for i in h.descendants(animal)}
     assert {"animal", "bird", "dog", "cat", "sparrow", "pug"} - animal_names == {"pug"}  # truncated to 2 leaves
     assert len(h.descendants(animal)) == 1 + 3 + 3 * 2
-    assert h.ancestors(h.ids_for_name("eagle")[0]) == [bird, animal]
-    assert h.depth(animal) == 0 and h.roots == sorted(h.ids_for_name(r)[0] for r in ("animal", "vehicle", "food", "plant"))
+    assert h.parent_of[h.ids_for_name("eagle")[0]] == bird and h.parent_of[bird] == animal
+    assert h.parent_of[animal] is None and sorted(h.children_of[animal]) == sorted(
+        h.ids_for_name(g)[0] for g in ("bird", "dog", "cat"))
     union = h.descendants_of_names(["bird", "car"])
     assert len(union) == 6
     with pytest.raises(ValueError, match="label name 'birds' is not in the vocabulary; did you mean 'bird'"):

@@ -4,8 +4,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from schemas import (SchemaError, check_index_schema, check_unique_keys, validate_histogram,
-                     validate_index_batch, validate_vocabulary, validate_weights)
+from schemas import (SchemaError, check_index_schema, validate_histogram, validate_index_batch, validate_vocabulary,
+                     validate_weights)
 from schemas.synthetic import make_vocabulary
 
 LABELS = pa.list_(pa.int32())
@@ -97,12 +97,6 @@ def test_index_schema_missing_key_and_wrong_types():
         == "f: column 'labels' must be list<int32>, got string"
     assert check_index_schema(pa.schema([("key", pa.string()), ("labels", LABELS),
                                          ("uri", pa.string())])) == "uri"
-
-
-def test_duplicate_keys():
-    assert error_of(check_unique_keys, pa.array(["a", "b", "c", "b"]), "f.parquet") \
-        == "f.parquet, row 3, key 'b': duplicate key (also at row 1)"
-    check_unique_keys(pa.array(["a", "b", "c"]), "f.parquet")
 
 
 def vocab(ids, names, parents):

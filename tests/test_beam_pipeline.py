@@ -21,7 +21,7 @@ from beam_pipelines import importance_weights as IW
 from beam_pipelines.label_counts import CountSourceLabels, SumLabelCounts, LabelCounts, match_files
 from beam_pipelines.target_histogram import BAD_IMAGES, ReadAndPreprocess, TargetHistogram
 from beam_pipelines.weights import (importance_weights, mean_from_fixed_point, quantize_probabilities,
-                                    softmax)
+                                    softmax)  # softmax is under test here; the oracle below has its own
 from schemas import SchemaError
 from schemas import io as sio
 from schemas.targets import list_target
@@ -45,6 +45,14 @@ def generalist(tmp_path_factory, source_data):
     return path
 
 
+def reference_softmax(logits, temperature):
+    """softmax(logits / T) over the last axis in float64, written independently of the pipeline."""
+    z = np.asarray(logits, np.float64) / float(temperature)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
 def reference_p_target(checkpoint, paths, temperature, batch_size=BATCH):
     """P_t the plain way: forward passes in fixed-size padded batches, numpy softmax, mean."""
     model, preprocess = load_generalist(checkpoint)
@@ -57,7 +65,7 @@ def reference_p_target(checkpoint, paths, temperature, batch_size=BATCH):
             real = len(chunk)
             if real < batch_size:
                 x = torch.cat([x, x.new_zeros((batch_size - real, *x.shape[1:]))])
-            probs.append(softmax(model(x)[:real].numpy(), temperature))
+            probs.append(reference_softmax(model(x)[:real].numpy(), temperature))
     mean = np.concatenate(probs).mean(axis=0)
     by_label = dict(zip(ckpt["label_ids"], mean))
     return np.array([by_label[i] for i in sorted(by_label)])
@@ -79,10 +87,13 @@ def test_fixed_point_sums_are_exact_and_order_free():
     parts = [quantize_probabilities(p[i:i + 37]) for i in range(0, 300, 37)]
     hi = sum(h.astype(object) for h, _ in parts)
     lo = sum(l.astype(object) for _, l in parts)
-    one_go = quantize_probabilities(p[::-1][:256])
     mean = mean_from_fixed_point(hi, lo, 300)
     np.testing.assert_allclose(mean, p.mean(axis=0), rtol=1e-13)
-    assert one_go[0].dtype == np.int64
+    # All 300 rows in one go, in reverse order: the same limb sums and mean, bit for bit.
+    one_hi, one_lo = quantize_probabilities(p[::-1])
+    assert one_hi.dtype == np.int64 and one_lo.dtype == np.int64
+    assert one_hi.tolist() == hi.tolist() and one_lo.tolist() == lo.tolist()
+    assert (mean_from_fixed_point(one_hi, one_lo, 300) == mean).all()
     # Another grouping of the same rows gives bit-identical sums.
     parts2 = [quantize_probabilities(p[i:i + 100]) for i in range(0, 300, 100)]
     assert (mean_from_fixed_point(sum(h.astype(object) for h, _ in parts2),
@@ -128,10 +139,10 @@ def test_label_outside_vocabulary_names_file_row_and_key(tmp_path):
     t = pa.table({"key": ["a/1", "a/2", "b/3"], "labels": pa.array([[0], [1], [0, 9]], pa.list_(pa.int32())),
                   "image": [b"x", b"y", b"z"]})
     pq.write_table(t, tmp_path / "part-0.parquet", row_group_size=2)
-    with pytest.raises(Exception) as err:
+    with pytest.raises(SchemaError, match=r"part-0\.parquet, row 2, key 'b/3': "
+                                          r"label 9 is not in the label vocabulary"):
         with BeamTestPipeline(options=beam.options.pipeline_options.PipelineOptions(PIPELINE_OPTIONS)) as p:
             _ = p | beam.Create([str(tmp_path / "part-0.parquet")]) | CountSourceLabels(np.array([0, 1]))
-    assert "part-0.parquet, row 2, key 'b/3': label 9 is not in the label vocabulary" in str(err.value)
 
 
 def test_target_histogram_transform(generalist, food_target):
@@ -232,7 +243,8 @@ def test_corrupt_images_are_counted_and_too_many_fail(source_data, food_target, 
     assert summary["unreadable_images"] == 3
     assert summary["target_images"] == len(paths) - 3
     assert summary["unreadable_image_names"] == sorted(paths[:3])
-    with pytest.raises(Exception, match=r"3 of 160 target images are unreadable \(1.88% > --max-bad-fraction 1.00%\)"):
+    with pytest.raises(ValueError, match=r"3 of 160 target images are unreadable "
+                                         r"\(1\.88% > --max-bad-fraction 1\.00%\)"):
         run_weights(source_data, str(root), generalist, tmp_path / "fail")
     assert not os.path.exists(tmp_path / "fail" / "_SUCCESS")
 

@@ -4,7 +4,11 @@ statistics, schemes, determinism (partitioning, files, retries) and errors."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
+from collections import Counter
+from fractions import Fraction
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +36,68 @@ def per_record(weighted_sets, lsid, column):
     """A label-set table's column looked up for each record's label set."""
     by = dict(zip(weighted_sets.column("lsid").to_pylist(), weighted_sets.column(column).to_pylist()))
     return np.array([by[i] for i in lsid.tolist()])
+
+
+# Spark's xxhash64, written out in plain Python for the oracle: the job ranks a record
+# in its class by xxhash64(key, seed) and groups records by xxhash64(labels) (seed 42,
+# each value hashed with the running hash as the seed; a string as its UTF-8 bytes,
+# a long as 8 and an int as 4 little-endian bytes, each by standard XXH64).
+_P1, _P2, _P3, _P4, _P5 = (11400714785074694791, 14029467366897019727, 1609587929392839161,
+                           9650029242287828579, 2870177450012600261)
+_M64 = (1 << 64) - 1
+
+
+def _rotl(x, r):
+    return ((x << r) | (x >> (64 - r))) & _M64
+
+
+def _xxh_round(acc, lane):
+    return _rotl((acc + lane * _P2) & _M64, 31) * _P1 & _M64
+
+
+def xxh64(data: bytes, seed: int) -> int:
+    """Standard XXH64 of ``data`` (unsigned 64-bit seed and result)."""
+    n, i, seed = len(data), 0, seed & _M64
+    if n >= 32:
+        v = [(seed + _P1 + _P2) & _M64, (seed + _P2) & _M64, seed, (seed - _P1) & _M64]
+        while i + 32 <= n:
+            v = [_xxh_round(a, int.from_bytes(data[i + 8 * j:i + 8 * j + 8], "little")) for j, a in enumerate(v)]
+            i += 32
+        h = (_rotl(v[0], 1) + _rotl(v[1], 7) + _rotl(v[2], 12) + _rotl(v[3], 18)) & _M64
+        for a in v:
+            h = ((h ^ _xxh_round(0, a)) * _P1 + _P4) & _M64
+    else:
+        h = (seed + _P5) & _M64
+    h = (h + n) & _M64
+    while i + 8 <= n:
+        h = (_rotl(h ^ _xxh_round(0, int.from_bytes(data[i:i + 8], "little")), 27) * _P1 + _P4) & _M64
+        i += 8
+    if i + 4 <= n:
+        h = (_rotl(h ^ (int.from_bytes(data[i:i + 4], "little") * _P1 & _M64), 23) * _P2 + _P3) & _M64
+        i += 4
+    while i < n:
+        h = _rotl(h ^ (data[i] * _P5 & _M64), 11) * _P1 & _M64
+        i += 1
+    h = (h ^ (h >> 33)) * _P2 & _M64
+    h = (h ^ (h >> 29)) * _P3 & _M64
+    return h ^ (h >> 32)
+
+
+def _signed(h: int) -> int:
+    return h - (1 << 64) if h >> 63 else h
+
+
+def spark_order_hash(key: str, seed: int) -> int:
+    """Spark's ``xxhash64(key, CAST(seed AS BIGINT))``."""
+    return _signed(xxh64(struct.pack("<q", seed), xxh64(key.encode("utf-8"), 42)))
+
+
+def spark_labels_hash(labels) -> int:
+    """Spark's ``xxhash64(labels)`` of an ``array<int>``."""
+    h = 42
+    for label in labels:
+        h = xxh64(struct.pack("<i", label), h)
+    return _signed(h)
 
 
 def write_index(path, keys, labels, nfiles=1):
@@ -110,18 +176,53 @@ def test_spark_equals_numpy_oracle(spark, multi_label, tmp_path, matcher, draw, 
     stats = R.run(spark, job)
     assert stats["job"]["partitions"] > 1
     got = selection_of(job.output)
-    lw, _ = R.label_weights_for(R.ResampleJob(index=source.index_path, weights=weights, size=size,
-                                              output="unused"))
-    keyed = R.keyed(spark.read.parquet(source.index_path), 3)
-    weighted_sets = R.weigh_label_sets(R.distinct_label_sets(keyed), lw, "mean")
-    records = keyed.toArrow()
-    keys = records.column("key").to_pylist()
-    lsid = records.column("lsid").to_numpy()
-    copies, _ = S.sample_in_memory(keys, lsid, records.column("order").to_numpy(),
-                                   per_record(weighted_sets, lsid, "q"), size, matcher, draw, seed=3)
+    # The oracle's inputs, computed here from the files without spark_jobs: each record's
+    # integer weight (the largest label weight is 2**52, rounded half to even; an example's is
+    # the mean of its labels', rounded half up), its class (its label list's hash) and its
+    # rank key (its key's hash with the seed).
+    index = pq.read_table(source.index_path, columns=["key", "labels"])
+    keys = index.column("key").to_pylist()
+    labels = index.column("labels").to_pylist()
+    table = pq.read_table(weights)
+    weight_of = dict(zip(table.column("label_id").to_pylist(), table.column("weight").to_pylist()))
+    scale = 2.0 ** 52 / max(weight_of.values())
+    q_of = {label: round(w * scale) for label, w in weight_of.items()}
+    q = [(sum(q_of[label] for label in ls) + len(ls) // 2) // len(ls) for ls in labels]
+    lsid = np.array([spark_labels_hash(ls) for ls in labels], np.int64)
+    order = np.array([spark_order_hash(k, 3) for k in keys], np.int64)
+    # The single-process sampler on those inputs draws exactly what the job drew.
+    copies, _ = S.sample_in_memory(keys, lsid, order, np.array(q, np.int64), size, matcher, draw, seed=3)
     expected = {k: int(c) for k, c in zip(keys, copies) if c > 0}
     assert got == expected
     assert sum(got.values()) == size
+    # DESIGN.md section 4 from the weights alone, with no sampler: copies only where q > 0;
+    # systematic: e(x) = N*q(x)/sum(q) rounded down or up; elastic: pi(x) = min(1, c*q(x)) with
+    # sum(pi) = N, each example at most once, each label set's count rounded down or up.
+    assert all(q[i] > 0 for i, k in enumerate(keys) if k in got)
+    if matcher == "same" and draw == "systematic":
+        total = sum(q)
+        for k, qx in zip(keys, q):
+            e = Fraction(size * qx, total)
+            assert math.floor(e) <= got.get(k, 0) <= math.ceil(e), (k, e, got.get(k, 0))
+    if matcher == "elastic":
+        assert set(got.values()) == {1}
+        records_of_q = Counter(q)
+        left, mass = size, sum(q)
+        for v in sorted(records_of_q, reverse=True):  # water-filling: saturate from the top
+            if v == 0 or Fraction(left, mass) * v < 1:
+                break
+            left, mass = left - records_of_q[v], mass - v * records_of_q[v]
+        c = Fraction(left, mass)
+        members: dict[tuple, list] = {}
+        for k, ls, qx in zip(keys, labels, q):
+            members.setdefault(tuple(ls), []).append((k, qx))
+        for group in members.values():
+            taken, qx = sum(k in got for k, _ in group), group[0][1]
+            if c * qx >= 1:
+                assert taken == len(group)
+            else:
+                share = c * qx * len(group)
+                assert math.floor(share) <= taken <= math.ceil(share), (group, share, taken)
 
 
 @pytest.mark.parametrize("matcher,draw", [("same", "multinomial"), ("elastic", "systematic")])

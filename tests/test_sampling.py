@@ -39,16 +39,14 @@ def test_quantize_rejects_bad_weights(weights, message):
 
 
 @pytest.mark.parametrize("aggregate,expected", [
-    ("mean", [1.0, 2.5, 4.0]), ("max", [1.0, 4.0, 4.0]), ("sum", [1.0, 5.0, 4.0]),
+    # Label weights [1, 0, 4]; examples [0], [0, 2], [2, 1, 2] (a repeated label counts twice):
+    # mean = 1, (1+4)/2, (4+0+4)/3; max = 1, 4, 4; sum = 1, 1+4, 4+0+4.
+    ("mean", [1.0, 2.5, 8.0 / 3]), ("max", [1.0, 4.0, 4.0]), ("sum", [1.0, 5.0, 8.0]),
 ])
 def test_example_weights_aggregate(aggregate, expected):
     lw = lw_for([1.0, 0.0, 4.0])  # label 1 has weight 0
     offsets, values = lists([[0], [0, 2], [2, 1, 2]])
     w, q, bad = S.example_weights(offsets, values, lw, aggregate)
-    if aggregate == "mean":
-        expected = [1.0, 2.5, 8.0 / 3]
-    if aggregate == "sum":
-        expected = [1.0, 5.0, 8.0]
     assert not bad.any()
     np.testing.assert_allclose(w, expected)
     np.testing.assert_allclose(q / lw.scale, expected, rtol=1e-15)

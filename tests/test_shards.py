@@ -499,6 +499,23 @@ def test_uri_images_and_shards_on_object_storage(spark, tmp_path, s3_server):
     report = V.verify(out)
     assert report.ok, report.problems
     assert report.samples == 18
-    with fs.open("bucket/shards/run1/shard-000000.tar", "rb") as fh:
-        names = [m.name for m in tarfile.open(fileobj=io.BytesIO(fh.read())).getmembers()]
-    assert any(n.endswith(".png") for n in names) or any(n.endswith(".jpg") for n in names)
+    # Every copy of image i is in the shards with the extension of its bytes (PNG for i % 3 == 0,
+    # JPEG otherwise; the key's ".JPEG" does not count), and its bytes unchanged.
+    exts, image_bytes = {}, {}
+    for shard in range(4):
+        with fs.open(f"bucket/shards/run1/shard-{shard:06d}.tar", "rb") as fh:
+            tar = tarfile.open(fileobj=io.BytesIO(fh.read()))
+            members = {mem.name: tar.extractfile(mem).read() for mem in tar.getmembers()}
+        for name, data in members.items():
+            if name.endswith(".json"):
+                meta = json.loads(data)
+                stem = name[:-len(".json")]
+                (image_name,) = [n for n in members if n != name and n.rsplit(".", 1)[0] == stem]
+                sample = (meta["key"], meta["copy"])
+                assert sample not in exts
+                exts[sample] = image_name.rsplit(".", 1)[1]
+                image_bytes[sample] = members[image_name]
+    assert exts == {(f"s3img/{i}.JPEG", c): "png" if i % 3 == 0 else "jpg"
+                    for i in range(12) for c in range(1 + i % 2)}
+    uri_of = dict(zip(keys, uris))
+    assert all(data == fs.cat(uri_of[key]) for (key, _), data in image_bytes.items())

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from schemas import io as sio
+from schemas.targets import list_target, read_item_bytes
 from spark_jobs import resample as R
 from spark_jobs import write_shards as W
 from tests.helpers import free_port, ROOT, reference_weights, run_module, write_weights
@@ -21,7 +22,7 @@ from trainer.data import LoaderState, ShardStream, collate, shard_urls, soft_tar
 from trainer.finetune import index_batches
 from trainer.models import load_finetuned, load_generalist, read_generalist
 from trainer.optim import default_lr, default_warmup, warmup_cosine
-from trainer.transforms import PreprocessSpec
+from trainer.transforms import PreprocessSpec, decode_image, eval_transform
 
 
 # -- pure parts ------------------------------------------------------------------------------
@@ -284,12 +285,26 @@ def test_finetune_and_evaluate(pretrained, food_target, tmp_path):
                       "--lr", "0.05", "--output", str(ft), "--log-every", "10")
     assert "step 30/30" in proc.stdout
     metrics = json.loads((ft / "metrics.json").read_text())
-    assert metrics["examples"] == 80 and 0.0 <= metrics["top1"] <= 1.0
+    assert metrics["examples"] == 80
     assert set(metrics["per_class"]) == set(food_target.classes)
     losses = [c["loss"] for c in metrics["curve"]]
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     model, spec, ckpt = load_finetuned(str(ft / "model.pt"), food_target.classes)
     assert model.fc.out_features == 8 and ckpt["extra"]["init"] == str(out / "generalist.pt")
+    # The metrics recomputed independently: the saved model's predictions on the test split, counted by hand.
+    test_split = list_target(food_target.root, "food101", "test")
+    x = torch.stack([torch.from_numpy(eval_transform(decode_image(read_item_bytes(p)), spec))
+                     for p in test_split.paths])
+    with torch.no_grad():
+        pred = model(x).argmax(dim=1).numpy()
+    labels = np.array(test_split.labels)
+    hits = pred == labels
+    assert len(labels) == 80 and metrics["top1"] == hits.sum() / 80
+    by_class = {c: hits[labels == k].mean() for k, c in enumerate(test_split.classes)}
+    assert {c: m["accuracy"] for c, m in metrics["per_class"].items()} == pytest.approx(by_class, rel=1e-15)
+    assert {c: m["examples"] for c, m in metrics["per_class"].items()} == \
+        {c: int((labels == k).sum()) for k, c in enumerate(test_split.classes)}
+    assert metrics["mean_per_class_accuracy"] == pytest.approx(np.mean(list(by_class.values())), rel=1e-12)
     ev = tmp_path / "ev"
     run_module("trainer.evaluate", "--target", "food101", "--target-root", food_target.root,
                "--checkpoint", str(ft / "model.pt"), "--output", str(ev))

@@ -28,7 +28,7 @@ from typing import Iterator, Sequence
 
 import pyarrow as pa
 
-from schemas import SchemaError, VOCABULARY_SCHEMA, validate_vocabulary
+from schemas import SchemaError, VOCABULARY_SCHEMA, validate_index_batch, validate_vocabulary
 from schemas import io as sio
 from schemas.stage_output import StageOutput
 from schemas.targets import IMAGE_EXTENSIONS
@@ -131,6 +131,7 @@ def run(spark, train_root: str, hierarchy: str, words: str, output: str, inline:
     rows = pa.table({"key": [k for k, _, _ in entries],
                      "labels": pa.array([[ids[w]] for _, w, _ in entries], pa.list_(pa.int32())),
                      "uri": [u for _, _, u in entries]})
+    validate_index_batch(rows, label_ids=vocab.column("label_id").to_numpy(), file=train_root)
     summary = {"examples": rows.num_rows, "classes": len(leaves), "labels": vocab.num_rows,
                "inline_images": inline, "train_root": train_root}
     with out.build() as work:

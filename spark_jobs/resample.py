@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -518,15 +519,24 @@ def _check_unique_keys(spark, job: ResampleJob, selection: str) -> None:
     paths = spark.createDataFrame(pa.table({"file": pa.array(files, pa.string())})).repartition(len(files))
     dup = (paths.mapInArrow(_selection_keys(sio.storage_config()), "key string")
            .groupBy("key").count().where(F.col("count") > 1).orderBy("key").first())
-    if dup is None:
-        return
-    key = dup["key"]
+    if dup is not None:
+        raise _not_unique(spark, job, dup["key"])
+
+
+#: What ``sampling.sort_class`` raises in a drawing task for a key two records of one class share.
+_DUPLICATE_IN_CLASS = re.compile(r"duplicate key (?P<q>['\"])(?P<key>.*?)(?P=q) in the source index")
+
+
+def _not_unique(spark, job: ResampleJob, key: str) -> SchemaError:
+    """The error for a key the index holds more than once, naming its files and labels."""
+    from pyspark.sql import functions as F
+
     rows = (spark.read.parquet(job.index).where(F.col("key") == key)
             .select("_metadata.file_path", LS.labels_column().alias("labels")).collect())
     where = "; ".join(f"{r['file_path']} (labels {list(r['labels'])})"
                       for r in sorted(rows, key=lambda r: (r["file_path"], list(r["labels"]))))
-    raise SchemaError(f"key is not unique: {len(rows)} records of the source index have it: {where}",
-                      file=job.index, key=key)
+    return SchemaError(f"key is not unique: {len(rows)} records of the source index have it: {where}",
+                       file=job.index, key=key)
 
 
 @dataclass
@@ -662,7 +672,13 @@ def _resample_into(spark, job: ResampleJob, lw: S.LabelWeights | None, info: dic
                 raise
             hint = None  # bad input is only ever reported from a fresh count
             continue
-        drawing = _plan_and_draw(spark, job, keyed_df, weighted_sets, selection, stages, stored=not counted)
+        try:
+            drawing = _plan_and_draw(spark, job, keyed_df, weighted_sets, selection, stages, stored=not counted)
+        except Exception as e:  # noqa: BLE001 - a drawing task's error reaches here as Spark's, not ours
+            duplicate = _DUPLICATE_IN_CLASS.search(str(e))
+            if duplicate is None:
+                raise
+            raise _not_unique(spark, job, duplicate["key"]) from None
         if drawing is not None:
             break
         print(f"resample: the label-set table {job.label_sets} does not match the records of "

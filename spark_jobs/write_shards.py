@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from schemas import Manifest, ResampleConfig, SchemaError, ShardInfo, parse_size
+from schemas import Manifest, ResampleConfig, SchemaError, ShardInfo, check_index_schema, parse_size
 from schemas import io as sio
 from schemas.stage_output import StageOutput, require_complete
 
@@ -768,6 +768,8 @@ def run(spark, job: ShardJob) -> Manifest:
     aside and committed whole (``schemas.stage_output``)."""
     from pyspark.sql import functions as F
 
+    from pyspark.sql.pandas.types import to_arrow_schema
+
     t0 = time.time()
     stages = StageTimer()
     output = StageOutput(job.output, "write_shards")
@@ -784,10 +786,7 @@ def run(spark, job: ShardJob) -> Manifest:
     selection = selection.select(F.col("key").cast("string"), F.col("copies").cast("int"),
                                  F.col("weight").cast("double"))
     index = read_parquet_columns(spark, job.index, ["key", "labels", "image", "uri"])
-    column = "image" if "image" in index.columns else "uri" if "uri" in index.columns else None
-    if column is None or "key" not in index.columns or "labels" not in index.columns:
-        raise SchemaError(f"source index needs key, labels and image or uri (of these it has {index.columns})",
-                          file=job.index)
+    column = check_index_schema(to_arrow_schema(index.schema), file=job.index)  # "image" or "uri"
     located = index.select(
         F.col("key").cast("string").alias("key"), F.col("labels").cast("array<int>").alias("labels"),
         F.col("_metadata.file_path").alias("file"), F.col("_metadata.row_index").alias("row"),

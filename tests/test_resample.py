@@ -381,9 +381,10 @@ def test_outputs_and_rerun(spark, multi_label, tmp_path):
     out = str(tmp_path / "out")
     job = R.ResampleJob(index=source.index_path, weights=weights, size=800, labels=source.labels_path,
                         matcher="elastic", output=out)
-    R.run(spark, job)
-    assert sorted(os.listdir(out)) == ["_SUCCESS", "label_stats.parquet", "label_stats.png", "selection",
+    first = R.run(spark, job)
+    assert sorted(os.listdir(out)) == ["_STAGE", "_SUCCESS", "label_stats.parquet", "label_stats.png", "selection",
                                        "stats.json"]
+    assert "reused" not in first
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".out.tmp")]
     stats = json.loads(open(os.path.join(out, "stats.json")).read())
     assert stats["config"]["size"] == 800 and stats["config"]["target"] == "test"
@@ -392,9 +393,8 @@ def test_outputs_and_rerun(spark, multi_label, tmp_path):
     assert ls.schema.names == ["label_id", "desired", "realised"]
     assert ls.column("desired").to_numpy().sum() == pytest.approx(1.0)
     assert open(os.path.join(out, "label_stats.png"), "rb").read(4) == b"\x89PNG"
-    before = os.stat(os.path.join(out, "_SUCCESS")).st_mtime_ns
-    R.run(spark, job)  # complete: nothing to do
-    assert os.stat(os.path.join(out, "_SUCCESS")).st_mtime_ns == before
+    again = R.run(spark, job)  # complete: nothing to do, and the job says so
+    assert again.pop("reused") is True and again == stats
     # An incomplete output (no _SUCCESS) is redone from scratch.
     os.remove(os.path.join(out, "_SUCCESS"))
     open(os.path.join(out, "selection", "part-stale.parquet"), "wb").write(b"junk")
@@ -504,11 +504,13 @@ def test_label_set_table_of_other_inputs_is_counted_again(spark, multi_label, tm
     pq.write_table(pa.table({"key": ["extra/1"]}), str(tmp_path / "exclude.parquet"))
     counted, excluded = run("c", label_sets=table, exclude=str(tmp_path / "exclude.parquet"))
     assert counted and "extra/1" not in excluded
-    # An unreadable table is counted again and replaced.
+    # A file that is not a table this project wrote is refused and left alone.
     open(table, "wb").write(b"not parquet")
-    counted, _ = run("d", label_sets=table)
-    assert counted and "unreadable label-set table" in capsys.readouterr().err
-    assert not run("e", label_sets=table)[0]
+    with pytest.raises(ValueError, match="exists and is not a readable label-set table"):
+        run("d", label_sets=table)
+    assert open(table, "rb").read() == b"not parquet" and not os.path.exists(tmp_path / "d")
+    os.remove(table)
+    assert run("d", label_sets=table)[0] and not run("e", label_sets=table)[0]
 
 
 def test_label_set_table_that_disagrees_with_the_records_is_counted_again(spark, multi_label, tmp_path, capsys):
@@ -568,7 +570,7 @@ def test_output_and_label_set_table_on_object_storage(spark, multi_label, tmp_pa
         assert R.run(spark, job)["job"]["label_sets_counted"] is sets_counted
     fs = s3_server
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("bucket/resample/run1"))
-    assert names == ["_SUCCESS", "label_stats.parquet", "label_stats.png", "selection", "stats.json"]
+    assert names == ["_STAGE", "_SUCCESS", "label_stats.parquet", "label_stats.png", "selection", "stats.json"]
     assert all(p.rsplit("/", 1)[-1].startswith("part-draw-") for p in fs.ls("bucket/resample/run1/selection"))
     remote = sio.read_parquet(out + "/selection")
     assert dict(zip(remote.column("key").to_pylist(), remote.column("copies").to_pylist())) == \
@@ -605,8 +607,10 @@ def test_empty_index(spark, tmp_path):
 def test_duplicate_keys_in_index(spark, tmp_path):
     index = write_index(str(tmp_path / "idx"), ["a/1", "a/2", "a/1"], [[0], [0], [0]])
     weights = write_table_weights(str(tmp_path / "w.parquet"), [0], [1.0])
-    with pytest.raises(Exception, match="duplicate key 'a/1' in the source index"):
+    with pytest.raises(SchemaError, match=r"key 'a/1': key is not unique: 2 records of the source index have it: "
+                                          r".*part-0.parquet \(labels \[0\]\); .*part-0.parquet \(labels \[0\]\)"):
         R.run(spark, R.ResampleJob(index=index, weights=weights, size=2, output=str(tmp_path / "out")))
+    assert not os.path.exists(tmp_path / "out")
 
 
 @pytest.mark.parametrize("size,message", [("0", "size must be positive"),

@@ -3,11 +3,14 @@ WebDataset-readable, deterministic, atomic under failures, object storage."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 
@@ -167,7 +170,8 @@ def test_shards_hold_every_copy_exactly(spark, resampled, tmp_path):
     sizes = [s["samples"] for s in manifest["shards"]]
     assert sizes[:-1] == [300] * (len(sizes) - 1) and 0 < sizes[-1] <= 300 and sum(sizes) == 2500
     assert [s["name"] for s in manifest["shards"]] == [f"shard-{i:06d}.tar" for i in range(len(sizes))]
-    assert sorted(os.listdir(out)) == sorted(["_SUCCESS", "manifest.json"] + [s["name"] for s in manifest["shards"]])
+    assert sorted(os.listdir(out)) == sorted(["_STAGE", "_SUCCESS", "manifest.json"]
+                                             + [s["name"] for s in manifest["shards"]])
     assert manifest["total_samples"] == 2500 and manifest["unique_examples"] == len(want)
     assert manifest["config"]["matcher"] == "same" and manifest["config"]["size"] == 2500
     assert set(manifest["inputs"]) >= {"selection", "index", "resample.weights"}
@@ -338,29 +342,34 @@ def test_fetch_tasks_take_contiguous_files_one_group_per_partition(spark):
     assert W._spark_file_path("s3a://bucket/x.parquet") == "s3a://bucket/x.parquet"
 
 
-def test_rerun_and_incomplete_output(spark, resampled, tmp_path):
+def test_rerun_and_incomplete_output(spark, resampled, tmp_path, capsys):
     source, sel_dir, _ = resampled
     out = str(tmp_path / "shards")
     job = W.ShardJob(selection=os.path.join(sel_dir, "selection"), index=source.index_path, output=out,
                      samples_per_shard=1000)
-    W.run(spark, job)
-    before = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in os.listdir(out)}
-    W.run(spark, job)  # complete: no work
-    assert {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in os.listdir(out)} == before
-    os.remove(os.path.join(out, "_SUCCESS"))
-    os.makedirs(os.path.join(out, "_temporary"))
-    open(os.path.join(out, "_temporary", "shard-000000.tar.junk"), "wb").write(b"partial")
-    open(os.path.join(out, "shard-000009.tar"), "wb").write(b"stale")
-    W.run(spark, job)
-    assert sorted(os.listdir(out)) == ["_SUCCESS", "manifest.json", "shard-000000.tar", "shard-000001.tar",
-                                       "shard-000002.tar"]
+    first = W.run(spark, job)
+    listing = ["_STAGE", "_SUCCESS", "manifest.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert sorted(os.listdir(out)) == listing
+    capsys.readouterr()
+    assert W.run(spark, job) == first  # complete: no work, and the job says so
+    assert f"write_shards: {out} is complete (_SUCCESS); nothing to do" in capsys.readouterr().err
+    # A run killed mid-build left its temporary beside the output: the next run removes it.
+    stale = tmp_path / ".shards.tmp-killed"
+    (stale / "_temporary").mkdir(parents=True)
+    (stale / "_temporary" / "shard-000000.tar.junk").write_bytes(b"partial")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    (stale / "_STAGE").write_text(json.dumps({"stage": "write_shards", "host": os.uname().nodename,
+                                              "pid": int(dead)}))
+    W.run(spark, dataclasses.replace(job, overwrite=True))
+    assert sorted(os.listdir(out)) == listing and not stale.exists()
+    assert sorted(os.listdir(tmp_path)) == ["shards"]
     assert V.verify(out).ok
-    # A directory holding anything the job did not write is never cleared.
-    os.remove(os.path.join(out, "_SUCCESS"))
+    # A file the job did not write, added to its finished output, is never cleared.
     open(os.path.join(out, "notes.txt"), "w").write("mine")
-    with pytest.raises(ValueError, match=r"holds \['notes.txt'\], which this job did not write"):
-        W.run(spark, job)
-    assert os.path.exists(os.path.join(out, "notes.txt"))
+    with pytest.raises(ValueError, match=r"holds notes.txt, which write_shards did not write"):
+        W.run(spark, dataclasses.replace(job, overwrite=True))
+    assert open(os.path.join(out, "notes.txt")).read() == "mine" and V.verify(out).ok
 
 
 @pytest.mark.slow
@@ -390,7 +399,7 @@ def test_byte_identical_across_parallelism_and_task_failures(resampled, tmp_path
         assert spilled["released_while_writing"] > 0  # runs of 100K: batches of ~6K, some one writer's
         assert (spilled["shards_reused_by_retries"] > 0) == (master == "local[2,4]")
         files = sorted(f for f in os.listdir(out) if f.endswith(".tar"))
-        assert sorted(os.listdir(out)) == sorted(files + ["_SUCCESS", "manifest.json"])  # no partial file
+        assert sorted(os.listdir(out)) == sorted(files + ["_STAGE", "_SUCCESS", "manifest.json"])  # no partial file
         digests[master] = {f: sio.file_sha256(os.path.join(out, f)) for f in files}
         assert run_module("spark_jobs.verify", out).returncode == 0
     assert digests["local[1]"] == digests["local[3,4]"]
@@ -492,10 +501,11 @@ def test_uri_images_and_shards_on_object_storage(spark, tmp_path, s3_server):
                              "weight": [1.0] * 12}), tmp_path / "selection.parquet")
     out = "s3://bucket/shards/run1"
     m = W.run(spark, W.ShardJob(selection=str(tmp_path / "selection.parquet"), index=str(tmp_path / "index.parquet"),
-                                output=out, samples_per_shard=5))
+                                output=out, samples_per_shard=5, allow_uri_prefixes=["s3://bucket/images/"]))
     assert m.total_samples == 18 and len(m.shards) == 4
+    assert m.extra["allowed_uri_prefixes"] == ["s3://bucket/images/"]
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("bucket/shards/run1")) == [
-        "_SUCCESS", "manifest.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar", "shard-000003.tar"]
+        "_STAGE", "_SUCCESS", "manifest.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar", "shard-000003.tar"]
     report = V.verify(out)
     assert report.ok, report.problems
     assert report.samples == 18

@@ -223,9 +223,20 @@ def test_resume_gives_the_same_parameters(shards, tmp_path):
     run_module("trainer.pretrain", *pretrain_args(shards, resumed, 8, "--num-workers", "2", "--stop-after", "4",
                                                   "--save-every", "4"))
     assert not (resumed / "generalist.pt").exists()
+    # A new run (no --resume) into the stopped run's directory is refused: runs are never mixed.
+    saved = sorted(os.listdir(resumed / "checkpoints"))
+    proc = run_module("trainer.pretrain", *pretrain_args(shards, resumed, 8, "--num-workers", "2"), check=False)
+    assert proc.returncode == 1
+    assert f"{resumed} holds an earlier pre-training run" in proc.stderr and "--resume" in proc.stderr
+    assert sorted(os.listdir(resumed / "checkpoints")) == saved
     proc = run_module("trainer.pretrain", *pretrain_args(shards, resumed, 8, "--num-workers", "2", "--resume",
                                                          "--save-every", "4"))
     assert "[resume] from step000000004 (step 4)" in proc.stdout
+    assert (resumed / "_SUCCESS").exists() and (resumed / "_STAGE").exists()
+    # A rerun of the finished run does nothing and says so.
+    proc = run_module("trainer.pretrain", *pretrain_args(shards, straight, 8, "--num-workers", "2"))
+    assert f"pretrain: {straight} is complete (_SUCCESS); nothing to do" in proc.stderr
+    assert "step 1/8" not in proc.stdout
     a = read_generalist(str(straight / "generalist.pt"))["state_dict"]
     b = read_generalist(str(resumed / "generalist.pt"))["state_dict"]
     for k in a:

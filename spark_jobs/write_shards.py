@@ -4,7 +4,8 @@
 
     python -m spark_jobs.write_shards --selection DIR --index PATH --output DIR \\
       [--samples-per-shard 10000] [--prefix shard] [--seed 0] [--overwrite] \\
-      [--max-bad-fraction 0.001] [--spill-dir DIR] [--run-bytes 64M] [--master local[*]]
+      [--max-bad-fraction 0.001] [--spill-dir DIR] [--run-bytes 64M] [--max-side N [--quality 90]] \\
+      [--master local[*]]
 
 Where a copy goes: copies are ordered by ``h = xxhash64(key, copy, seed)``
 read as unsigned (ties, practically never, by key then copy), and a good
@@ -15,7 +16,10 @@ samples-per-shard is its shard. No stage sorts the selection for this:
 1. **fetch**: each copy meets its example's source location (file, row) in
    the index, never its image bytes; each image is read once, in source order
    (per file, by row, only the row groups needed; per ``uri``, sorted),
-   checked from its bytes, and the good copies go into Arrow IPC *run* files
+   checked from its bytes (with ``--max-side N``: an image whose longer side
+   exceeds N is replaced by its re-encoding, :func:`shards.reencode_image`,
+   once per example; one that cannot be decoded is a bad example), and the
+   good copies go into Arrow IPC *run* files
    beside the output, sorted by ``h`` and cut into record batches at *bucket*
    boundaries (a bucket: the copies sharing the top bits of ``h``, about two
    per shard). This is the one exchange of image bytes, done in Python so
@@ -56,7 +60,8 @@ from schemas.stage_output import StageOutput, require_complete
 
 from .session import (StageTimer, add_spark_arguments, inject_failure, observed_metrics, read_parquet_columns,
                       run_cli, set_confs, task_attempt_id, task_attempt_number)
-from .shards import image_extension, sample_json, sample_key, shard_name, write_tar
+from .shards import (REENCODE_QUALITY, encoder_version, image_extension, reencode_image, sample_json, sample_key,
+                     shard_name, write_tar)
 
 __all__ = ["ShardJob", "run", "main", "resolve_selection"]
 
@@ -90,6 +95,9 @@ class ShardJob:
     (``--allow-uri-prefix``, schemas.uri_policy); None: the index's own storage.
     ``uri_prefixes`` (set here, not an argument) is the effective list, in
     normal form: what the fetch enforces and the manifest records.
+    ``max_side``: re-encode the images whose longer side exceeds it
+    (``--max-side``; None: every image as the index holds it) as JPEGs of
+    ``quality`` (``--quality``, default 90).
     """
 
     selection: str
@@ -104,6 +112,8 @@ class ShardJob:
     run_bytes: int = RUN_BYTES
     writer_bytes: int = WRITER_BYTES
     allow_uri_prefixes: Sequence[str] | None = None
+    max_side: int | None = None
+    quality: int | None = None
 
     def __post_init__(self) -> None:
         from schemas.uri_policy import canonical_prefix, default_prefixes
@@ -120,6 +130,19 @@ class ShardJob:
             raise ValueError(f"--prefix must be a plain file name prefix, got {self.prefix!r}")
         if self.run_bytes < 1:
             raise ValueError(f"--run-bytes must be >= 1, got {self.run_bytes}")
+        if self.max_side is not None and self.max_side < 1:
+            raise ValueError(f"--max-side must be >= 1, got {self.max_side}")
+        if self.quality is not None and self.max_side is None:
+            raise ValueError("--quality is the quality of images re-encoded for --max-side: give --max-side too")
+        if self.quality is not None and not 1 <= self.quality <= 100:
+            raise ValueError(f"--quality must be in 1..100, got {self.quality}")
+
+    @property
+    def reencode(self) -> tuple[int, int] | None:
+        """``(max_side, quality)`` when images are re-encoded, else None."""
+        if self.max_side is None:
+            return None
+        return self.max_side, REENCODE_QUALITY if self.quality is None else self.quality
 
 
 def resolve_selection(path: str) -> tuple[str, str | None]:
@@ -214,7 +237,8 @@ def _fetched(table: pa.Table, bounds: np.ndarray, column: str, emit,
 SPILLED_SCHEMA = ("path string, rows long, bytes long, "  # a run file written (buckets: each batch's
                   "key string, reason string, "  # first; offsets: where each batch starts, then where the
                   "buckets array<int>, counts array<long>, "  # last ends), or a bad example (rows: its
-                  "offsets array<long>")  # copies), or the task's good copies per bucket (buckets, counts)
+                  "offsets array<long>, "  # copies), or the task's good copies per bucket (buckets, counts)
+                  "reencoded array<long>")  # and the images it re-encoded: (images, bytes before, after)
 #: The ``reason`` of a key the selection holds in more than one row (not a bad image).
 DUPLICATE = "in more than one selection row"
 #: The ``reason`` of a selected key the index does not hold.
@@ -222,7 +246,7 @@ NOT_IN_INDEX = "not in the source index"
 
 
 def _spill_partition(column: str, storage: dict, spill_dir: str, bucket_bits: int, run_bytes: int,
-                     uri_prefixes: Sequence[str]):
+                     uri_prefixes: Sequence[str], reencode: tuple[int, int] | None = None):
     """mapInArrow, the fetch pass: copy rows (sorted by file, row, key, copy)
     -> the good copies, with images, in sorted *run* files, the bad examples
     and the task's tally of good copies per bucket (``SPILLED_SCHEMA``: a row
@@ -235,7 +259,9 @@ def _spill_partition(column: str, storage: dict, spill_dir: str, bucket_bits: in
     bytes go from the Parquet read to the run file without entering the JVM;
     the file name is unique to the attempt, and only the runs of successful
     attempts are reported. Only uris under ``uri_prefixes`` are read
-    (:func:`_fetched`).
+    (:func:`_fetched`). With ``reencode`` (``(max_side, quality)``) the
+    images larger than ``max_side`` are re-encoded before they are checked
+    (:func:`_reencoded`).
     """
 
     def spill(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -245,11 +271,14 @@ def _spill_partition(column: str, storage: dict, spill_dir: str, bucket_bits: in
         pool: list[pa.Array] = []  # the images read, referenced by the gathered rows
         bad: list[tuple[str, str, int]] = []
         tally = np.zeros(1 << bucket_bits, np.int64)
+        reencoded = np.zeros(3, np.int64)  # images, their bytes before, after
         pooled = size = 0
         batch_bytes = max(1, run_bytes // RUN_BATCHES)
 
         def place(table, bounds, examples, heads, images):
             nonlocal pooled
+            if reencode is not None:
+                heads, images = _reencoded(heads, images, *reencode, reencoded)
             batch = _good_copies(table, bounds, examples, heads, images, pooled, bad)
             pool.append(images)
             pooled += len(images)
@@ -286,8 +315,9 @@ def _spill_partition(column: str, storage: dict, spill_dir: str, bucket_bits: in
              pa.array(no_runs + [b[1] for b in bad] + [None], pa.string()),
              pa.array([r.first_buckets for r in runs] + no_bad + [used.astype(np.int32)], pa.list_(pa.int32())),
              pa.array(no_runs + no_bad + [tally[used]], pa.list_(pa.int64())),
-             pa.array([r.offsets for r in runs] + no_bad + [None], pa.list_(pa.int64()))],
-            names=["path", "rows", "bytes", "key", "reason", "buckets", "counts", "offsets"])
+             pa.array([r.offsets for r in runs] + no_bad + [None], pa.list_(pa.int64())),
+             pa.array(no_runs + no_bad + [reencoded], pa.list_(pa.int64()))],
+            names=["path", "rows", "bytes", "key", "reason", "buckets", "counts", "offsets", "reencoded"])
 
     return spill
 
@@ -406,6 +436,37 @@ def _verdicts(heads: list) -> tuple[list, list]:
         exts.append(ext)
         reasons.append(None if ext else "unrecognised image format")
     return exts, reasons
+
+
+def _reencoded(heads: list, images: pa.Array, max_side: int, quality: int,
+               totals: np.ndarray) -> tuple[list, pa.Array]:
+    """``(heads, images)`` of a fetched batch (see :func:`_fetched`) with
+    every image whose longer side exceeds ``max_side`` replaced by
+    :func:`shards.reencode_image` and the others left as they are, bytes and
+    all. An image whose size cannot be read or that cannot be decoded gets
+    the reason in place of its head (a bad example). Adds (images
+    re-encoded, their bytes before, after) to ``totals``."""
+    views = binary_views(images)
+    heads = list(heads)
+    replaced: dict[int, bytes] = {}
+    for i, head in enumerate(heads):
+        if head is None or isinstance(head, str):
+            continue  # already bad
+        try:
+            data = reencode_image(views[i], max_side, quality)
+        except Exception as e:  # noqa: BLE001 - an undecodable image is a bad example, not fatal
+            heads[i] = f"cannot be re-encoded for --max-side {max_side}: {type(e).__name__}: {e}"[:300]
+            continue
+        if data is not None:
+            replaced[i] = data
+            heads[i] = data[:16]
+            totals += (1, len(views[i]), len(data))
+    if not replaced:
+        return heads, images
+    mask = np.zeros(len(images), bool)
+    mask[list(replaced)] = True
+    new = pa.array([replaced[i] for i in sorted(replaced)], images.type)
+    return heads, pc.replace_with_mask(images, pa.array(mask), new)
 
 
 def _good_copies(table: pa.Table, bounds: np.ndarray, examples: np.ndarray, heads: list, images: pa.Array,
@@ -847,8 +908,8 @@ def _write_into(spark, job: ShardJob, work: str, selection, selection_path: str,
         spilled = (copies.join(located, on="key", how="left").join(F.broadcast(task_of_file), on="file", how="left")
                    .repartition(tasks, F.coalesce(F.col("task"), F.hash("file")))
                    .drop("task").sortWithinPartitions("file", "row", "key", "copy")
-                   .mapInArrow(_spill_partition(column, storage, spill_dir, bits, job.run_bytes, job.uri_prefixes),
-                               SPILLED_SCHEMA)
+                   .mapInArrow(_spill_partition(column, storage, spill_dir, bits, job.run_bytes, job.uri_prefixes,
+                                                job.reencode), SPILLED_SCHEMA)
                    .collect())  # a row per run, per bad example and per task: small
         # No metrics come back when nothing was selected: then count directly.
         facts = observed_metrics(observed) or selection.agg(*measures).first()
@@ -874,9 +935,11 @@ def _write_into(spark, job: ShardJob, work: str, selection, selection_path: str,
             raise ValueError(f"internal error: runs hold {total} copies and {dropped} were dropped, "
                              f"expected {requested_total}")
         per_bucket = np.zeros(1 << bits, np.int64)
+        reencoded = np.zeros(3, np.int64)
         for r in spilled:
             if r["counts"] is not None:  # a task's tally
                 np.add.at(per_bucket, np.asarray(r["buckets"], np.int64), np.asarray(r["counts"], np.int64))
+                reencoded += np.asarray(r["reencoded"], np.int64)
         bucket_starts = np.concatenate([[0], np.cumsum(per_bucket)])
         if bucket_starts[-1] != total:
             raise ValueError(f"internal error: buckets tally {bucket_starts[-1]} copies, runs hold {total}")
@@ -941,12 +1004,25 @@ def _write_into(spark, job: ShardJob, work: str, selection, selection_path: str,
         extra={"samples_per_shard": job.samples_per_shard, "prefix": job.prefix, "seed": job.seed,
                "requested_samples": requested_total, "bad_examples": n_bad, "image_source": column,
                "allowed_uri_prefixes": list(job.uri_prefixes) if column == "uri" else None,
+               "max_side": job.max_side, "reencoded": _reencode_record(job, reencoded),
                "spill": {"run_bytes": sum(run.offsets[-1] for run in run_files),
                          "released_while_writing": sum(int(r["released"]) for r in by_shard.values()),
                          "shards_reused_by_retries": sum(bool(r["reused"]) for r in by_shard.values())},
                "seconds": round(time.time() - t0, 2), "timings": stages.timings})
     sio.write_bytes_atomic(sio.join(work, "manifest.json"), manifest.to_json())
     return manifest
+
+
+def _reencode_record(job: ShardJob, totals: np.ndarray) -> dict | None:
+    """The manifest's record of ``--max-side`` re-encoding (None without it).
+    ``images``, ``bytes_before`` and ``bytes_after`` count examples (each
+    re-encoded once, whatever its copies)."""
+    if job.reencode is None:
+        return None
+    max_side, quality = job.reencode
+    return {"max_side": max_side, "quality": quality, "format": "JPEG baseline, 4:2:0, optimised Huffman",
+            "resample": "DCT scaling to >= 2x the target, then Lanczos", "encoder": encoder_version(),
+            "images": int(totals[0]), "bytes_before": int(totals[1]), "bytes_after": int(totals[2])}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -974,6 +1050,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "refused). Given, it replaces the default: the index's own storage (its "
                         "scheme and bucket, or for a local index the directory containing the index "
                         "path). Any other uri is a bad example (see --max-bad-fraction)")
+    p.add_argument("--max-side", type=int, metavar="N",
+                   help="re-encode every image whose longer side exceeds N pixels (scaled to N, aspect "
+                        "kept) as a JPEG (--quality; no metadata kept), as img2dataset does at download "
+                        "time: smaller shards, faster decoding; images of at most N are kept byte for byte. "
+                        "Every image's header is read: one whose size cannot be read, or that cannot be "
+                        "decoded when it must be re-encoded, is a bad example (see --max-bad-fraction). "
+                        "Default: images as the index holds them")
+    p.add_argument("--quality", type=int, metavar="Q",
+                   help=f"JPEG quality of images re-encoded for --max-side (1-100, default {REENCODE_QUALITY})")
     add_spark_arguments(p)
     return p
 
@@ -985,7 +1070,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     samples_per_shard=args.samples_per_shard, prefix=args.prefix,
                                     seed=args.seed, overwrite=args.overwrite,
                                     max_bad_fraction=args.max_bad_fraction, spill_dir=args.spill_dir,
-                                    run_bytes=args.run_bytes, allow_uri_prefixes=args.allow_uri_prefix),
+                                    run_bytes=args.run_bytes, allow_uri_prefixes=args.allow_uri_prefix,
+                                    max_side=args.max_side, quality=args.quality),
                    run, lambda job, m: f"{m.total_samples} samples ({m.unique_examples} unique) in "
                                        f"{len(m.shards)} shards -> {job.output}")
 

@@ -9,7 +9,9 @@ Pre-training stream (:class:`ShardStream`) is a deterministic function of
   ``num_workers``-th of those, so ranks and workers read disjoint shards;
 * samples are read with WebDataset's tar iterators, shuffled in a buffer
   driven by ``(seed, e, r, w)`` *before* decoding, then decoded with PIL and
-  augmented with an RNG seeded by the sample's position in the stream;
+  augmented with an RNG seeded by the sample's position in the stream
+  (``transforms.train_sample``: the crop box is drawn first, so a JPEG can
+  decode at a reduced scale where the box allows, ``decode_scaling``);
 * the stream is endless (epoch after epoch), so the DataLoader's round-robin
   over workers never goes out of step, and a resumed run skips exactly the
   samples already consumed (without decoding them): no sample is skipped or
@@ -21,6 +23,7 @@ Nothing is unpickled: samples are image bytes and JSON.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -34,10 +37,10 @@ from schemas import io as sio
 from schemas.stage_output import require_complete
 from schemas.targets import list_target, read_item_bytes
 
-from .transforms import HashRNG, PreprocessSpec, decode_image, eval_transform, train_transform
+from .transforms import DEFAULT_DECODE_SCALING, HashRNG, PreprocessSpec, decode_image, eval_transform, train_sample
 
 __all__ = ["shard_urls", "ShardStream", "TargetDataset", "LoaderState", "soft_targets", "collate",
-           "IMAGE_KEYS", "MAX_CONSECUTIVE_CORRUPT"]
+           "default_num_workers", "local_ranks", "IMAGE_KEYS", "MAX_CONSECUTIVE_CORRUPT"]
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff")
 #: Default bound on corrupt samples in a row before :class:`ShardStream` gives up.
@@ -59,6 +62,35 @@ def shard_urls(spec: str) -> list[str]:
     lo, hi = m.group(1), m.group(2)
     width = len(lo)
     return [spec[:m.start()] + f"{i:0{width}d}" + spec[m.end():] for i in range(int(lo), int(hi) + 1)]
+
+
+def local_ranks(environ=None) -> int:
+    """Ranks on this node, as the launcher says: ``LOCAL_WORLD_SIZE``
+    (torchrun), else ``LOCAL_SIZE`` (the deepspeed launcher, also its MPI
+    runners), else 1 (a plain ``python -m``)."""
+    environ = os.environ if environ is None else environ
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        value = environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
+def default_num_workers(cores: int | None = None, ranks: int | None = None, cap: int | None = None) -> int:
+    """Loader worker processes per rank when ``--num-workers`` is not given:
+    the cores this process may run on (``os.sched_getaffinity``: a cgroup or
+    ``taskset`` limit counts) shared evenly by the node's :func:`local_ranks`,
+    less one for the rank's own process (the training loop, receiving the
+    batches); at least 1, at most ``cap`` (pretrain: the shards each rank's
+    workers can split). A 16-core node with 8 GPUs gives 1 worker per rank,
+    a 128-core one 15. When a launcher pins each rank to cores of its own
+    (``deepspeed --bind_cores_to_rank``) the affinity is already the rank's
+    share: pass ``--num-workers`` there."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    ranks = local_ranks() if ranks is None else ranks
+    workers = max(1, cores // max(1, ranks) - 1)
+    return max(1, min(workers, cap)) if cap is not None else workers
 
 
 def soft_targets(label_lists: Sequence[Sequence[int]], index_of: dict[int, int], num_classes: int) -> torch.Tensor:
@@ -115,11 +147,17 @@ class ShardStream(IterableDataset):
     raises ``ValueError`` naming the shard(s) those samples came from, since
     an endless stream whose samples are all bad would otherwise never yield
     and the run would hang. Samples skipped undecoded on resume do not count.
+
+    ``decode_scaling`` (``transforms.DECODE_SCALINGS``; default
+    ``transforms.DEFAULT_DECODE_SCALING``) chooses how training samples are
+    decoded (:func:`transforms.train_sample`); evaluation samples are always
+    decoded whole.
     """
 
     def __init__(self, urls: Sequence[str], spec: PreprocessSpec, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, shuffle_buffer: int = 1000, state: LoaderState | None = None,
-                 train: bool = True, max_consecutive_corrupt: int = MAX_CONSECUTIVE_CORRUPT):
+                 train: bool = True, max_consecutive_corrupt: int = MAX_CONSECUTIVE_CORRUPT,
+                 decode_scaling: str = DEFAULT_DECODE_SCALING):
         super().__init__()
         if isinstance(max_consecutive_corrupt, bool) or not isinstance(max_consecutive_corrupt, int) \
                 or max_consecutive_corrupt < 1:
@@ -133,6 +171,7 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.state = state or LoaderState()
         self.train = train
+        self.decode_scaling = decode_scaling
 
     # -- which shards --------------------------------------------------------------
     def shards_for(self, epoch: int, worker: int, num_workers: int) -> list[str]:
@@ -196,8 +235,10 @@ class ShardStream(IterableDataset):
             try:
                 image_key = next(k for k in IMAGE_KEYS if k in sample)
                 meta = json.loads(sample["json"])
-                img = decode_image(sample[image_key])
-                x = train_transform(img, self.spec, rng) if self.train else eval_transform(img, self.spec)
+                if self.train:
+                    x = train_sample(sample[image_key], self.spec, rng, self.decode_scaling)
+                else:
+                    x = eval_transform(decode_image(sample[image_key]), self.spec)
                 labels = [int(l) for l in meta["labels"]]
             except Exception:  # noqa: BLE001 - a corrupt sample is counted and skipped
                 corrupt += 1
@@ -221,25 +262,30 @@ class ShardStream(IterableDataset):
 
 def collate(batch):
     """Stack images; keep label lists; the batch's worker, next position and
-    corrupt samples skipped (a batch always comes from one worker)."""
+    corrupt samples skipped (a batch always comes from one worker). In a
+    loader worker the images are stacked straight into shared memory
+    (``default_collate``), so the batch reaches the training process without
+    another copy."""
     xs, labels, workers, positions, corrupt = zip(*batch)
-    return torch.stack(xs), list(labels), workers[0], max(positions), sum(corrupt)
+    return torch.utils.data.default_collate(xs), list(labels), workers[0], max(positions), sum(corrupt)
 
 
 class TargetDataset(Dataset):
     """A target split in its real layout: ``(image tensor, class index)``.
 
     Training items are augmented with an RNG seeded by ``(seed, epoch, index)``
-    (set ``epoch`` between passes), so runs are reproducible.
+    (set ``epoch`` between passes), so runs are reproducible, and decoded as
+    ``decode_scaling`` says (:func:`transforms.train_sample`).
     """
 
     def __init__(self, root: str, layout: str, split: str, spec: PreprocessSpec | None, train: bool,
-                 seed: int = 0):
+                 seed: int = 0, decode_scaling: str = DEFAULT_DECODE_SCALING):
         self.split = list_target(root, layout, split)
         self.spec = spec
         self.train = train
         self.seed = seed
         self.epoch = 0
+        self.decode_scaling = decode_scaling
 
     @property
     def classes(self) -> list[str]:
@@ -250,10 +296,9 @@ class TargetDataset(Dataset):
 
     def __getitem__(self, i: int):
         path, label = self.split.items[i]
-        img = decode_image(read_item_bytes(path))
+        data = read_item_bytes(path)
         if self.train:
-            rng = HashRNG(self.seed, self.epoch, i, 0x7A)
-            x = train_transform(img, self.spec, rng)
+            x = train_sample(data, self.spec, HashRNG(self.seed, self.epoch, i, 0x7A), self.decode_scaling)
         else:
-            x = eval_transform(img, self.spec)
+            x = eval_transform(decode_image(data), self.spec)
         return torch.from_numpy(x), label

@@ -3,7 +3,8 @@
 ::
 
     python -m trainer.finetune --target food101|imagefolder|... --target-root PATH \\
-      --init CKPT_DIR/generalist.pt --steps N --batch-size B [--seed 0] --output FT_DIR
+      --init CKPT_DIR/generalist.pt --steps N --batch-size B [--seed 0] [--num-workers N] \\
+      [--decode-scaling draft|none] --output FT_DIR
     python -m trainer.finetune ... --init none --model small     # random initialisation
 
 Paper (§4): 20k steps, batch 256, SGD with momentum, linear warmup over 2k
@@ -26,12 +27,12 @@ import torch.nn.functional as F
 from schemas import io as sio
 
 from . import runtime as RT
-from .data import TargetDataset
+from .data import TargetDataset, default_num_workers
 from .evaluation import describe, evaluate
 from .models import (DEFAULT_INPUT_SIZE, build_model, checkpoint_fingerprint, load_generalist,
                      preprocess_spec, read_generalist, replace_head, save_finetuned)
 from .optim import deepspeed_config, default_lr, default_warmup, make_optimizer, make_scheduler
-from .transforms import PreprocessSpec
+from .transforms import DECODE_SCALINGS, DEFAULT_DECODE_SCALING, PreprocessSpec
 
 __all__ = ["build_parser", "index_batches", "run", "main"]
 
@@ -53,7 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-split", default="train")
     p.add_argument("--eval-split", default="test")
-    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--num-workers", type=int,
+                   help="loader worker processes per rank (default: the cores this process may use, shared "
+                        "by the node's ranks (LOCAL_WORLD_SIZE or LOCAL_SIZE), less one, at least 1)")
+    p.add_argument("--decode-scaling", choices=DECODE_SCALINGS, default=DEFAULT_DECODE_SCALING,
+                   help="training images: 'draft' decodes a JPEG at 1/2, 1/4 or 1/8 scale when its random crop "
+                        "still has at least the input size in pixels at that scale (other pixels: a different "
+                        f"resampling path); 'none' decodes whole (default {DEFAULT_DECODE_SCALING}). "
+                        "Evaluation always decodes whole")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--deepspeed-config", help="a DeepSpeed JSON config instead of the generated one")
     p.add_argument("--output", required=True)
@@ -105,7 +113,8 @@ def run(args: argparse.Namespace) -> dict:
     else:
         architecture = args.model
         spec = PreprocessSpec(args.input_size or DEFAULT_INPUT_SIZE.get(args.model, 224))
-    train = TargetDataset(args.target_root, args.target, args.train_split, spec, train=True, seed=args.seed)
+    train = TargetDataset(args.target_root, args.target, args.train_split, spec, train=True, seed=args.seed,
+                          decode_scaling=args.decode_scaling)
     test = TargetDataset(args.target_root, args.target, args.eval_split, spec, train=False)
     if test.classes != train.classes:
         raise ValueError(f"{args.eval_split} and {args.train_split} splits have different classes")
@@ -133,9 +142,10 @@ def run(args: argparse.Namespace) -> dict:
     engine, optimizer, scheduler = RT.initialize(model, optimizer, scheduler, config)
 
     micro = args.batch_size // info.world_size
+    num_workers = default_num_workers() if args.num_workers is None else args.num_workers
     batches = index_batches(len(train), micro, info.rank, info.world_size, args.seed)
     loader = torch.utils.data.DataLoader(_EpochIndexed(train), batch_sampler=batches,
-                                         num_workers=args.num_workers)
+                                         num_workers=num_workers)
     progress = RT.Progress(args.steps, 0, args.batch_size, args.log_every, info.is_main)
     curve = []
     engine.train()
@@ -153,13 +163,14 @@ def run(args: argparse.Namespace) -> dict:
 
     RT.average_buffers(engine.module)
     metrics = evaluate(engine.module, test, classes, info.device, batch_size=max(64, micro),
-                       num_workers=args.num_workers)
+                       num_workers=num_workers)
     result = {
         "target": args.target, "target_root": args.target_root, "init": init,
         "init_fingerprint": checkpoint_fingerprint(init) if init else None,
         "architecture": architecture, "steps": args.steps, "batch_size": args.batch_size, "lr": lr,
         "warmup_steps": warmup, "seed": args.seed, "world_size": info.world_size,
-        "train_images": len(train), "eval_split": args.eval_split, **metrics,
+        "train_images": len(train), "eval_split": args.eval_split, "loader_workers": num_workers,
+        "decode_scaling": args.decode_scaling, **metrics,
         "curve": curve,
     }
     if info.is_main:

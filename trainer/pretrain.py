@@ -4,7 +4,8 @@
 
     python -m trainer.pretrain --shards DIR/manifest.json --labels vocab.parquet \\
       --model small|resnet50|inception_v3 --steps N --batch-size B [--lr ...] \\
-      [--warmup-steps ...] [--seed 0] [--resume | --overwrite] [--deepspeed-config ds.json] --output CKPT_DIR
+      [--warmup-steps ...] [--seed 0] [--num-workers N] [--decode-scaling draft|none] \\
+      [--resume | --overwrite] [--deepspeed-config ds.json] --output CKPT_DIR
     deepspeed --num_gpus 8 --module trainer.pretrain ...            # one node
     deepspeed --hostfile hosts --module trainer.pretrain ...        # many nodes
 
@@ -37,10 +38,11 @@ from schemas import io as sio
 from schemas.stage_output import MARKER, StageOutput
 
 from . import runtime as RT
-from .data import MAX_CONSECUTIVE_CORRUPT, LoaderState, ShardStream, collate, shard_urls, soft_targets
+from .data import (MAX_CONSECUTIVE_CORRUPT, LoaderState, ShardStream, collate, default_num_workers, shard_urls,
+                   soft_targets)
 from .models import DEFAULT_INPUT_SIZE, build_model, save_generalist
 from .optim import deepspeed_config, default_lr, default_warmup, make_optimizer, make_scheduler
-from .transforms import PreprocessSpec
+from .transforms import DECODE_SCALINGS, DEFAULT_DECODE_SCALING, PreprocessSpec
 
 __all__ = ["build_parser", "main"]
 
@@ -59,7 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--input-size", type=int, help="model input side (default per architecture)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=2, help="loader worker processes per rank")
+    p.add_argument("--num-workers", type=int,
+                   help="loader worker processes per rank (default: the cores this process may use, shared "
+                        "by the node's ranks (LOCAL_WORLD_SIZE or LOCAL_SIZE), less one, at least 1 and at "
+                        "most the shards per rank; on --resume, the checkpoint's)")
+    p.add_argument("--decode-scaling", choices=DECODE_SCALINGS,
+                   help="'draft': decode a JPEG at 1/2, 1/4 or 1/8 scale when its random crop still has at "
+                        "least the input size in pixels at that scale (faster; a different resampling path, "
+                        "so other pixels); 'none': decode every image whole (default "
+                        f"{DEFAULT_DECODE_SCALING}; on --resume, the checkpoint's)")
     p.add_argument("--shuffle-buffer", type=int, default=2000)
     p.add_argument("--max-consecutive-corrupt", type=int, default=MAX_CONSECUTIVE_CORRUPT, metavar="N",
                    help="fail when a loader worker meets N undecodable samples in a row "
@@ -67,9 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, help="checkpoint every K steps (default steps/10)")
     p.add_argument("--keep-checkpoints", type=int, default=3, help="complete checkpoints kept (default 3)")
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start again: remove what an earlier pretrain run wrote in --output")
+    restart = p.add_mutually_exclusive_group()
+    restart.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    restart.add_argument("--overwrite", action="store_true",
+                         help="start again: remove what an earlier pretrain run wrote in --output")
     p.add_argument("--stop-after", type=int, help="stop (after checkpointing) at this step; for preemptible runs")
     p.add_argument("--deepspeed-config", help="a DeepSpeed JSON config instead of the generated one")
     p.add_argument("--output", required=True)
@@ -77,15 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _loader(urls, spec, args, info, state):
+def _loader(urls, spec, args, info, state, num_workers, decode_scaling):
     stream = ShardStream(urls, spec, seed=args.seed, rank=info.rank, world_size=info.world_size,
                          shuffle_buffer=args.shuffle_buffer, state=state,
-                         max_consecutive_corrupt=args.max_consecutive_corrupt)
-    stream.check_split(args.num_workers)
+                         max_consecutive_corrupt=args.max_consecutive_corrupt, decode_scaling=decode_scaling)
+    stream.check_split(num_workers)
     return torch.utils.data.DataLoader(
-        stream, batch_size=args.batch_size // info.world_size, num_workers=args.num_workers,
+        stream, batch_size=args.batch_size // info.world_size, num_workers=num_workers,
         collate_fn=collate, persistent_workers=False,
-        prefetch_factor=2 if args.num_workers else None)
+        prefetch_factor=2 if num_workers else None)
 
 
 def _write_rank_report(args, info, urls, workers, module, state) -> None:
@@ -104,29 +115,31 @@ def _write_rank_report(args, info, urls, workers, module, state) -> None:
 
 def _prepare_output(args: argparse.Namespace, info) -> dict | None:
     """The output protocol (``schemas.stage_output``) for a run directory
-    whose checkpoints are its resume point: written in place. Returns the
-    finished run's metrics where there is nothing to do. A new run never
-    mixes with an earlier one's checkpoints: ``--resume`` continues it,
-    ``--overwrite`` removes what pretrain wrote there, otherwise it is refused.
-    Every rank checks (read-only, so all fail alike); rank 0 writes."""
-    if not sio.is_local(args.output):
-        raise ValueError(f"--output {args.output}: checkpoints are written to a local or shared POSIX "
-                         "directory (every node must see the same one), not a URL")
+    whose checkpoints are its resume point: written in place. Call it once
+    every input and option is checked. Returns the finished run's metrics
+    where there is nothing to do. A new run never mixes with an earlier one's
+    checkpoints: ``--resume`` continues it, ``--overwrite`` removes what
+    pretrain wrote there, otherwise it is refused. Rank 0 decides and acts;
+    every rank follows its answer (no rank waits on a decision it cannot see)."""
     output = StageOutput(args.output, "pretrain", in_place=True)
-    if output.check(args.overwrite):
-        if info.is_main:
+
+    def decide() -> int:
+        if output.check(args.overwrite):
             print(output.skip_line(), file=sys.stderr)
-        return {**json.loads(sio.read_bytes(os.path.join(args.output, "metrics.json"))), "reused": True}
-    earlier = [n for n in (os.listdir(args.output) if os.path.isdir(args.output) else []) if n != MARKER]
-    if earlier and not (args.resume or args.overwrite):
-        raise ValueError(f"{args.output} holds an earlier pre-training run ({', '.join(sorted(earlier)[:4])}); "
-                         "pass --resume to continue it or --overwrite to start again, or give a new --output")
-    RT.barrier()  # every rank has checked before rank 0 changes anything
-    if info.is_main and args.resume and not args.overwrite:
-        output.resume()
-    elif info.is_main:
-        output.begin()
-    RT.barrier()
+            return RT.SKIP
+        earlier = [n for n in (os.listdir(output.path) if os.path.isdir(output.path) else []) if n != MARKER]
+        if earlier and not (args.resume or args.overwrite):
+            raise ValueError(f"{args.output} holds an earlier pre-training run ({', '.join(sorted(earlier)[:4])}); "
+                             "pass --resume to continue it or --overwrite to start again, or give a new --output")
+        if args.resume:
+            output.resume()
+        else:
+            output.begin()
+        return RT.GO
+
+    if RT.decide_on_rank0(decide, info.device) == RT.SKIP:
+        metrics = os.path.join(args.output, "metrics.json")
+        return {**(json.loads(sio.read_bytes(metrics)) if info.is_main else {}), "reused": True}
     return None
 
 
@@ -136,9 +149,9 @@ def run(args: argparse.Namespace) -> dict:
     label_ids = sorted(int(i) for i in vocab.column("label_id").to_pylist())
     index_of = {lid: i for i, lid in enumerate(label_ids)}
     urls = shard_urls(args.shards)
-    finished = _prepare_output(args, info)
-    if finished is not None:
-        return finished
+    if not sio.is_local(args.output):
+        raise ValueError(f"--output {args.output}: checkpoints are written to a local or shared POSIX "
+                         "directory (every node must see the same one), not a URL")
     spec = PreprocessSpec(args.input_size or DEFAULT_INPUT_SIZE.get(args.model, 224))
     lr = args.lr if args.lr is not None else default_lr(args.batch_size, "pretrain")
     warmup = args.warmup_steps if args.warmup_steps is not None else default_warmup(args.steps, "pretrain")
@@ -156,7 +169,11 @@ def run(args: argparse.Namespace) -> dict:
                                   log_every=args.log_every)
     engine, optimizer, scheduler = RT.initialize(model, optimizer, scheduler, config)
 
-    workers = max(1, args.num_workers)
+    num_workers = args.num_workers
+    if num_workers is None:
+        num_workers = default_num_workers(cap=max(1, len(urls) // info.world_size))
+    workers = max(1, num_workers)
+    decode_scaling = args.decode_scaling or DEFAULT_DECODE_SCALING
     state = LoaderState(workers=workers)
     start = 0
     log_path = os.path.join(args.output, "train_log.jsonl")
@@ -166,6 +183,14 @@ def run(args: argparse.Namespace) -> dict:
             client = RT.load_checkpoint(engine, ckpt_dir, tag)
             start = int(client["step"])
             per_rank = client["loader"]
+            if args.num_workers is None:  # the defaults follow the checkpoint
+                num_workers = workers = int(client["loader_workers"])
+            saved_scaling = client.get("decode_scaling", "none")  # checkpoints before the option: whole
+            if args.decode_scaling is None:
+                decode_scaling = saved_scaling
+            elif args.decode_scaling != saved_scaling:
+                raise ValueError(f"checkpoint {tag} decoded its samples with --decode-scaling {saved_scaling}; "
+                                 "resume with the same (the rest of the stream would have other pixels)")
             if len(per_rank) != info.world_size or client["loader_workers"] != workers:
                 raise ValueError(f"checkpoint {tag} was written by {len(per_rank)} rank(s) with "
                                  f"{client['loader_workers']} loader worker(s); resume with the same")
@@ -176,13 +201,15 @@ def run(args: argparse.Namespace) -> dict:
                 print(f"[resume] from {tag} (step {start})", flush=True)
         elif info.is_main:
             print(f"[resume] no complete checkpoint in {ckpt_dir}; starting from scratch", flush=True)
+    end = min(args.steps, args.stop_after) if args.stop_after else args.steps
+    loader = _loader(urls, spec, args, info, state, num_workers, decode_scaling)
+    finished = _prepare_output(args, info)  # every input and option is checked by now
+    if finished is not None:
+        return finished
     if info.is_main and start == 0:
         os.makedirs(args.output, exist_ok=True)
         open(log_path, "w").close()
-
-    end = min(args.steps, args.stop_after) if args.stop_after else args.steps
     progress = RT.Progress(args.steps, start, args.batch_size, args.log_every, info.is_main)
-    loader = _loader(urls, spec, args, info, state)
     it = iter(loader)
     engine.train()
     losses = []
@@ -204,7 +231,7 @@ def run(args: argparse.Namespace) -> dict:
         if (step + 1) % save_every == 0 or step + 1 == end:
             gathered = RT.all_gather_longs([state.batches, state.corrupt, *state.positions])
             RT.save_checkpoint(engine, ckpt_dir, step + 1, {
-                "step": step + 1, "loader": gathered, "loader_workers": workers,
+                "step": step + 1, "loader": gathered, "loader_workers": workers, "decode_scaling": decode_scaling,
                 "torch_rng": torch.get_rng_state(), "seed": args.seed}, keep=args.keep_checkpoints)
     del it, loader
 
@@ -212,7 +239,8 @@ def run(args: argparse.Namespace) -> dict:
     result = {"steps_done": end, "final_loss": losses[-1] if losses else None,
               "mean_loss_last_10": float(np.mean(losses[-10:])) if losses else None,
               "corrupt_samples_skipped": corrupt_total, "world_size": info.world_size,
-              "shards": len(urls), "lr": lr, "warmup_steps": warmup, "batch_size": args.batch_size}
+              "shards": len(urls), "lr": lr, "warmup_steps": warmup, "batch_size": args.batch_size,
+              "loader_workers": num_workers, "decode_scaling": decode_scaling}
     _write_rank_report(args, info, urls, workers, engine.module, state)
     if end == args.steps:
         RT.average_buffers(engine.module)

@@ -5,22 +5,45 @@ computes P_t, and what evaluation uses: decode, RGB, resize the shorter side
 to ``resize``, centre crop ``input_size``, scale to [0, 1], normalise.
 ``train_transform`` adds the paper's augmentation (random resized crop and
 horizontal flip), driven by an explicit ``numpy.random.Generator``.
+
+``train_sample`` is what the trainer's loaders run on a sample's bytes: the
+crop box is drawn from the image's size (read from its header) *before*
+decoding, so that with ``decode_scaling="draft"`` a JPEG can be decoded at
+1/2, 1/4 or 1/8 of its size in the DCT domain (PIL ``Image.draft``,
+libjpeg-turbo's scaled IDCT) whenever the box, at that scale, still has at
+least ``input_size`` pixels on each side (:func:`draft_factor`): the final
+resize never enlarges what the full decode would have shrunk. The pixels
+differ from a full decode (a different resampling path: the scaled IDCT
+drops the block's high frequencies, then the bilinear resize shrinks by the
+remaining factor) and the random draws do not: the same box and flip, in
+the same order, as :func:`train_transform`. ``decode_scaling="none"`` gives
+exactly :func:`train_transform` of :func:`decode_image`.
 """
 
 from __future__ import annotations
 
 import io
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["PreprocessSpec", "HashRNG", "decode_image", "eval_transform", "train_transform",
-           "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["PreprocessSpec", "HashRNG", "decode_image", "eval_transform", "train_transform", "train_sample",
+           "crop_box", "draft_factor", "DECODE_SCALINGS", "DEFAULT_DECODE_SCALING", "IMAGENET_MEAN",
+           "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: ``decode_scaling`` values: decode every image whole, or let a JPEG decode
+#: at 1/2, 1/4 or 1/8 scale when the crop allows it (:func:`train_sample`).
+DECODE_SCALINGS = ("none", "draft")
+#: The trainer's default (benchmarks/README.md: the loader's throughput with
+#: each, measured on ImageNet-like JPEGs).
+DEFAULT_DECODE_SCALING = "draft"
+#: The DCT-domain scale denominators PIL's JPEG draft mode offers, largest first.
+DRAFT_FACTORS = (8, 4, 2)
 
 
 @dataclass(frozen=True)
@@ -95,13 +118,32 @@ def decode_image(data: bytes) -> Image.Image:
     """Decode encoded image bytes to an RGB PIL image; raises on corrupt data."""
     img = Image.open(io.BytesIO(data))
     img.load()  # force decoding now: truncated files fail here, not later
-    return img.convert("RGB")
+    return _rgb(img)
+
+
+def _rgb(img: Image.Image) -> Image.Image:
+    """``img`` in RGB (``convert`` copies even an RGB image: skipped then)."""
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+@lru_cache(maxsize=16)
+def _normalise_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(3, 256) float32: ``(v / 255 - mean[c]) / std[c]`` for every byte value
+    ``v``, computed in float32 exactly as the formula on a float32 image."""
+    values = np.arange(256, dtype=np.float32) / 255.0
+    return (values[None, :] - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]
 
 
 def _normalise(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    arr = (arr - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    """RGB image -> float32 CHW ``(x / 255 - mean) / std``: one table lookup
+    per channel (bit-identical to the formula, several times faster than
+    broadcasting over the channels' last axis)."""
+    arr = np.asarray(img)
+    table = _normalise_table(spec.mean, spec.std)
+    out = np.empty((3,) + arr.shape[:2], np.float32)
+    for c in range(3):
+        np.take(table[c], arr[:, :, c], out=out[c])
+    return out
 
 
 def eval_transform(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
@@ -115,25 +157,78 @@ def eval_transform(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     return _normalise(img, spec)
 
 
+def crop_box(width: int, height: int, rng: "np.random.Generator | HashRNG",
+             scale: tuple[float, float] = (0.08, 1.0),
+             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """The random resized crop's box ``(left, top, right, bottom)`` in an image
+    of ``width`` x ``height`` pixels: area a fraction in ``scale`` of the
+    image's, aspect ratio (width / height) log-uniform in ``ratio``, up to 10
+    tries, else the centred largest square. Draws only from ``rng``, so it
+    can run before the image is decoded."""
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+        cw, ch = int(round(np.sqrt(target * aspect))), int(round(np.sqrt(target / aspect)))
+        if 0 < cw <= width and 0 < ch <= height:
+            left, top = int(rng.integers(0, width - cw + 1)), int(rng.integers(0, height - ch + 1))
+            return left, top, left + cw, top + ch
+    side = min(width, height)  # fall back to a centre crop of the whole image
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+def draft_factor(box_width: int, box_height: int, output_size: int,
+                 factors: Sequence[int] = DRAFT_FACTORS) -> int:
+    """The largest scale denominator ``d`` in ``factors`` (else 1) at which a
+    crop box of ``box_width`` x ``box_height`` pixels still spans at least
+    ``output_size`` pixels each way (``box / d >= output_size``): decoding at
+    1/d then never leaves the crop fewer pixels than its output has."""
+    for d in sorted(factors, reverse=True):
+        if box_width >= d * output_size and box_height >= d * output_size:
+            return int(d)
+    return 1
+
+
+def _crop_resize_flip(img: Image.Image, box: Sequence[float], spec: PreprocessSpec,
+                      rng: "np.random.Generator | HashRNG") -> np.ndarray:
+    img = img.resize((spec.input_size, spec.input_size), Image.BILINEAR, box=tuple(box))
+    if rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return _normalise(img, spec)
+
+
 def train_transform(img: Image.Image, spec: PreprocessSpec, rng: "np.random.Generator | HashRNG",
                     scale: tuple[float, float] = (0.08, 1.0),
                     ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
     """Random resized crop (area ``scale``, aspect ``ratio``) + horizontal flip."""
     w, h = img.size
-    area = w * h
-    box = None
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
-        cw, ch = int(round(np.sqrt(target * aspect))), int(round(np.sqrt(target / aspect)))
-        if 0 < cw <= w and 0 < ch <= h:
-            left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-            box = (left, top, left + cw, top + ch)
-            break
-    if box is None:  # fall back to a centre crop of the whole image
-        side = min(w, h)
-        box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
-    img = img.resize((spec.input_size, spec.input_size), Image.BILINEAR, box=box)
-    if rng.random() < 0.5:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    return _normalise(img, spec)
+    return _crop_resize_flip(img, crop_box(w, h, rng, scale, ratio), spec, rng)
+
+
+def train_sample(data: bytes, spec: PreprocessSpec, rng: "np.random.Generator | HashRNG",
+                 decode_scaling: str = "none") -> np.ndarray:
+    """Encoded image bytes -> the augmented, normalised float32 CHW input:
+    the crop box first (from the header's size), then the decode, at a
+    reduced scale where ``decode_scaling="draft"`` and :func:`draft_factor`
+    allow (JPEG only), then :func:`train_transform`'s resize, flip and
+    normalisation. The draws are :func:`train_transform`'s, in its order;
+    with ``"none"`` the result equals ``train_transform(decode_image(data))``.
+    Raises on corrupt data."""
+    if decode_scaling not in DECODE_SCALINGS:
+        raise ValueError(f"decode_scaling must be one of {DECODE_SCALINGS}, got {decode_scaling!r}")
+    img = Image.open(io.BytesIO(data))
+    w, h = img.size
+    box: Sequence[float] = crop_box(w, h, rng)
+    if decode_scaling == "draft" and img.format == "JPEG":
+        d = draft_factor(box[2] - box[0], box[3] - box[1], spec.input_size)
+        if d > 1:
+            # PIL decodes at 1/s for the largest s in (8, 4, 2, 1) that is at most
+            # min(w // (w // d), h // (h // d)), which is d; the scale it chose is
+            # read back from the box it returns (decoded pixel x = source x / s).
+            drafted = img.draft("RGB", (w // d, h // d))
+            if drafted is not None:
+                s = w / drafted[1][2]
+                box = tuple(v / s for v in box)
+    img.load()  # truncated data fails here
+    return _crop_resize_flip(_rgb(img), box, spec, rng)

@@ -35,7 +35,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from schemas import (SchemaError, read_metadata, validate_histogram, validate_vocabulary,
                      with_metadata)
 from schemas import io as sio
-from schemas.stage_output import StageOutput
+from schemas.stage_output import StageOutput, require_finished_input
 from schemas.targets import list_target
 
 from .label_counts import CountSourceLabels, match_files
@@ -158,6 +158,10 @@ def check_inputs(args: argparse.Namespace) -> dict[str, Any]:
     """Read and check every input (vocabulary, index listing, generalist or
     precomputed P_t, target image list) before the output is touched; return
     the run's configuration (its ``output`` is set once writing begins)."""
+    for flag, path in (("--source-index", args.source_index), ("--labels", args.labels),
+                       ("--model", args.model), ("--target-histogram", args.target_histogram)):
+        if path:
+            require_finished_input(path, flag)
     vocab = sio.read_parquet(args.labels)
     validate_vocabulary(vocab, args.labels)
     if not args.temperature > 0:

@@ -15,15 +15,17 @@ A stage's output is a directory (``--output``) that it owns:
    the stage builds in a temporary sibling ``.NAME.tmp-<id>`` and the commit
    renames it into place, so a finished earlier result stays intact until the
    new one is complete. On object stores (no rename) the stage writes in
-   place after clearing what it wrote before, and ``_SUCCESS`` goes last: a
-   directory without it is never a result. A stage whose partial output is
-   its resume point (the trainer's checkpoints) writes in place everywhere
-   (``in_place=True``). :meth:`StageOutput.begin` removes the stale
-   temporaries of this stage's earlier killed runs (their process is gone).
+   place when there is no finished result there (nothing to lose), and
+   beside it, copied in at the commit, when there is one (``--overwrite``);
+   ``_SUCCESS`` goes last: a directory without it is never a result. A stage
+   whose partial output is its resume point (the trainer's checkpoints)
+   writes in place everywhere (``in_place=True``). The stale temporaries of
+   this stage's earlier killed runs (their process is gone) are removed.
 4. **A rerun over a finished output does no work** and says so in one line
    (:meth:`StageOutput.skip_line`), unless ``--overwrite``.
 
-Readers of a stage's result call :func:`is_complete` (``_SUCCESS``).
+Readers of a stage's result call :func:`require_complete` (a directory) or
+:func:`require_finished_input` (a file inside a stage's output).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ from typing import Iterator
 
 from . import io as sio
 
-__all__ = ["MARKER", "SUCCESS", "StageOutput", "is_complete", "require_complete", "stage_of"]
+__all__ = ["MARKER", "SUCCESS", "StageOutput", "is_complete", "require_complete", "require_finished_input",
+           "stage_of"]
 
 #: The file that marks a directory as a stage's own (JSON: the stage's name, who made it).
 MARKER = "_STAGE"
@@ -60,8 +63,17 @@ def require_complete(path: str, what: str) -> None:
         raise FileNotFoundError(f"{path}: no {SUCCESS}; {what} did not finish, so this is not a result")
 
 
-def _local_path(path: str) -> str:
-    return path[len("file://"):] if path.startswith("file://") else path
+def require_finished_input(path: str, what: str) -> None:
+    """Refuse an input file or directory that lies directly in a stage's
+    output directory (one with a marker) that is not finished: e.g. a
+    ``weights.parquet`` or ``generalist.pt`` of a run that was cut off."""
+    if any(c in path for c in "*?["):
+        return
+    parent = path.rstrip("/").rsplit("/", 1)[0] if "/" in path.rstrip("/") else "."
+    owner = stage_of(parent)
+    if owner is not None and not is_complete(parent):
+        raise FileNotFoundError(f"{what} {path}: {parent} is an unfinished {owner} output (no {SUCCESS}); "
+                                "finish or redo that stage first")
 
 
 def stage_of(path: str) -> str | None:
@@ -125,8 +137,11 @@ class StageOutput:
     """The output directory ``path`` of stage ``stage`` (e.g. ``"resample"``).
 
     ``in_place``: build in ``path`` itself everywhere (a stage whose partial
-    output is meaningful, like checkpoints to resume from); otherwise local
-    outputs are built in a temporary sibling and renamed into place.
+    output is meaningful, like checkpoints to resume from). Otherwise a local
+    output is built in a temporary sibling and renamed into place; on an
+    object store it is built in place when there is no finished result to
+    keep, and beside it (then copied in at the commit) when there is.
+    A local ``path`` is resolved (``file://`` forms, symlinks) once, here.
     """
 
     path: str
@@ -134,16 +149,18 @@ class StageOutput:
     in_place: bool = False
 
     def __post_init__(self) -> None:
-        self.path = self.path.rstrip("/") or "/"
         self.local = sio.is_local(self.path)
+        self.path = os.path.realpath(sio.filesystem(self.path)[1]) if self.local else self.path.rstrip("/")
 
     # -- read-only ------------------------------------------------------------------
     def is_complete(self) -> bool:
-        return is_complete(self.path)
+        """A finished result of this stage is there (``_SUCCESS`` and its marker)."""
+        return is_complete(self.path) and stage_of(self.path) == self.stage
 
     def refusal(self) -> str | None:
         """Why this stage may not write ``path`` (``None``: it may): a file, a
-        non-empty directory without this stage's marker, or another stage's."""
+        non-empty directory without this stage's marker, another stage's, or
+        one of its own that holds entries it did not write."""
         names = _entries(self.path)
         if not names:
             return None
@@ -163,10 +180,12 @@ class StageOutput:
                 "an empty or new output directory")
 
     def check(self, overwrite: bool = False) -> bool:
-        """Read-only check before any work: ``True`` when a finished result is
-        there and not ``overwrite`` (the stage then does nothing but report
-        :meth:`skip_line`). Raises ``ValueError`` when the stage may not write
-        ``path`` and must (``overwrite``, or no finished result)."""
+        """The check before any work: ``True`` when this stage's finished
+        result is there and not ``overwrite`` (the stage then does nothing but
+        report :meth:`skip_line`). Raises ``ValueError`` when the stage may not
+        write ``path`` and must. Changes nothing but removing this stage's
+        dead temporaries (:meth:`remove_stale`)."""
+        self.remove_stale()
         if self.is_complete() and not overwrite:
             return True
         reason = self.refusal()
@@ -186,18 +205,17 @@ class StageOutput:
         if reason:
             raise ValueError(reason)
         self.remove_stale()
-        if self.in_place or not self.local:
-            if self.is_complete():
+        if self.in_place or not (self.local or self.is_complete()):
+            # In place: nothing finished to keep (or a resumable stage's own).
+            if is_complete(self.path):
                 sio.remove_tree(sio.join(self.path, SUCCESS))  # no longer a result, from now on
             if _entries(self.path):
                 self._clear(self.path)
             self._mark(self.path)
             return self.path
-        final = _local_path(self.path)
-        parent, name = os.path.split(os.path.abspath(final))
-        os.makedirs(parent, exist_ok=True)
-        work = os.path.join(parent, f".{name}{_TMP}{uuid.uuid4().hex[:12]}")
-        os.makedirs(work)
+        work = self._sibling(_TMP)
+        if self.local:
+            os.makedirs(os.path.dirname(work), exist_ok=True)
         self._mark(work)
         return work
 
@@ -214,25 +232,29 @@ class StageOutput:
         return self.path
 
     def commit(self, work: str) -> None:
-        """Finish: ``_SUCCESS`` last, then (temporary sibling) rename into place;
-        a finished result this stage wrote there before is replaced."""
+        """Finish: ``_SUCCESS`` last. A temporary sibling is renamed into place
+        (local) or copied in (object store); a finished result this stage wrote
+        there before is replaced only now."""
         self._mark(work, entries=[n for n in _entries(work) or [] if n not in (MARKER, SUCCESS)])
-        sio.write_bytes_atomic(sio.join(work, SUCCESS), "")
         if work == self.path:
+            sio.write_bytes_atomic(sio.join(work, SUCCESS), "")
             return
-        final = os.path.abspath(_local_path(self.path))
-        if os.path.isdir(final) and not os.listdir(final):
-            os.rmdir(final)  # an empty directory (adopted): nothing to keep
-        if os.path.lexists(final):
-            reason = self.refusal()  # checked again: someone may have written there meanwhile
-            if reason:
-                raise ValueError(f"{reason} (the new result is kept at {work})")
-            old = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}{_OLD}{uuid.uuid4().hex[:12]}")
-            os.rename(final, old)
-            os.rename(work, final)
+        reason = self.refusal()  # checked again: someone may have written there meanwhile
+        if reason:
+            raise ValueError(f"{reason} (the new result is kept at {work})")
+        if not self.local:
+            self._copy_in(work)
+            return
+        sio.write_bytes_atomic(sio.join(work, SUCCESS), "")
+        if os.path.isdir(self.path) and not os.listdir(self.path):
+            os.rmdir(self.path)  # an empty directory (adopted): nothing to keep
+        if os.path.lexists(self.path):
+            old = self._sibling(_OLD)
+            os.rename(self.path, old)
+            os.rename(work, self.path)  # a crash between the renames: remove_stale puts `old` back
             self._clear(old)
         else:
-            os.rename(work, final)
+            os.rename(work, self.path)
 
     def abort(self, work: str) -> None:
         """Remove a failed build's temporary sibling (in place: leave it; without
@@ -253,17 +275,19 @@ class StageOutput:
         self.commit(work)
 
     def remove_stale(self) -> list[str]:
-        """Remove the temporary siblings (``.NAME.tmp-*``, ``.NAME.old-*``) of
-        this stage's earlier runs whose process has ended; returns them."""
+        """Tidy what this stage's earlier runs, now ended, left beside a local
+        ``path``: their temporaries (``.NAME.tmp-*``) are removed; a finished
+        result set aside by a commit that was cut off (``.NAME.old-*`` while
+        ``path`` is missing) is put back, else removed. Returns what it removed."""
         if not self.local:
             return []
-        final = os.path.abspath(_local_path(self.path))
-        parent, name = os.path.split(final)
+        parent, name = os.path.split(self.path)
         if not os.path.isdir(parent):
             return []
         removed = []
         for entry in sorted(os.listdir(parent)):
-            if not (entry.startswith(f".{name}{_TMP}") or entry.startswith(f".{name}{_OLD}")):
+            old = entry.startswith(f".{name}{_OLD}")
+            if not (old or entry.startswith(f".{name}{_TMP}")):
                 continue
             candidate = os.path.join(parent, entry)
             try:
@@ -271,17 +295,42 @@ class StageOutput:
                     marker = json.load(fh)
             except (OSError, ValueError):
                 continue  # not ours, or not readable: left alone
-            if marker.get("stage") == self.stage and (entry.startswith(f".{name}{_OLD}") or _process_gone(marker)):
+            if marker.get("stage") != self.stage:
+                continue
+            if old and not os.path.lexists(self.path):
+                os.rename(candidate, self.path)  # the previous result, back where it was
+            elif old or _process_gone(marker):
                 self._clear(candidate)
                 removed.append(candidate)
         return removed
+
+    def _sibling(self, kind: str) -> str:
+        parent, name = (os.path.split(self.path) if self.local else self.path.rsplit("/", 1))
+        return f"{parent}/.{name}{kind}{uuid.uuid4().hex[:12]}"
+
+    def _copy_in(self, work: str) -> None:
+        """Object stores: replace the finished result at ``path`` with ``work``'s
+        entries (server-side copies), ``_SUCCESS`` last, then drop ``work``."""
+        fs, final = sio.filesystem(self.path)
+        sio.remove_tree(sio.join(self.path, SUCCESS))  # no longer a result, from now on
+        for name in _entries(self.path) or []:
+            if name != MARKER:
+                sio.remove_tree(sio.join(self.path, name))
+        src = sio.filesystem(work)[1]
+        for name in _entries(work) or []:
+            fs.copy(f"{src}/{name}", f"{final}/{name}", recursive=True)
+        sio.write_bytes_atomic(sio.join(self.path, SUCCESS), "")
+        self._clear(work)
 
     def _mark(self, directory: str, entries: list[str] | None = None) -> None:
         """Write the marker; at commit, with the top-level ``entries`` written."""
         sio.write_bytes_atomic(sio.join(directory, MARKER), _marker_text(self.stage, entries), durable=False)
 
     def _clear(self, directory: str) -> None:
-        """Remove ``directory``, which carries this stage's marker (checked)."""
+        """Remove ``directory``, which carries this stage's marker (checked; one
+        already gone, e.g. tidied by a concurrent run, is fine)."""
+        if not sio.exists(directory):
+            return
         if stage_of(directory) != self.stage:
             raise ValueError(f"internal error: {directory} is not {self.stage}'s; not removing it")
         sio.remove_tree(directory)

@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 from schemas import (SELECTION_SCHEMA, Hierarchy, ResampleConfig, SchemaError, parse_size, read_metadata,
                      validate_weights)
 from schemas import io as sio
-from schemas.stage_output import StageOutput
+from schemas.stage_output import StageOutput, require_finished_input
 
 from . import label_sets as LS
 from . import sampling as S
@@ -624,6 +624,10 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
     is built aside and committed whole (``schemas.stage_output``)."""
     t0 = time.time()
     output = StageOutput(job.output, "resample")
+    for flag, path in (("--index", job.index), ("--weights", job.weights), ("--labels", job.labels),
+                       ("--exclude", job.exclude)):
+        if path:
+            require_finished_input(path, flag)
     lw, info = label_weights_for(job)
     index_df = read_index(spark, job)
     if job.label_sets:

@@ -56,7 +56,7 @@ import pyarrow.parquet as pq
 
 from schemas import Manifest, ResampleConfig, SchemaError, ShardInfo, check_index_schema, parse_size
 from schemas import io as sio
-from schemas.stage_output import StageOutput, require_complete
+from schemas.stage_output import StageOutput, require_complete, require_finished_input
 
 from .session import (StageTimer, add_spark_arguments, inject_failure, observed_metrics, read_parquet_columns,
                       run_cli, set_confs, task_attempt_id, task_attempt_number)
@@ -838,6 +838,7 @@ def run(spark, job: ShardJob) -> Manifest:
     selection_path, resample_dir = resolve_selection(job.selection)
     if resample_dir:
         require_complete(resample_dir, "the resampler")
+    require_finished_input(job.index, "--index")
     selection = read_parquet_columns(spark, selection_path, ["key", "copies", "weight"])
     for col in ("key", "copies"):
         if col not in selection.columns:

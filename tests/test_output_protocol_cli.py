@@ -98,8 +98,9 @@ def test_resample_overwrite_replaces_its_own_result_whole(spark, source_data, we
     assert stats["total_copies"] == 700
     after = tree_digest(finished_resample)
     assert after != before and MARKER in after and SUCCESS in after
-    assert not {p for p in after if p.startswith("selection/")} & {p for p in before if p.startswith("selection/")
-                                                                      and p not in after}
+    old_parts = {(p, d) for p, d in before.items() if p.startswith("selection/")}
+    new_parts = {(p, d) for p, d in after.items() if p.startswith("selection/")}
+    assert old_parts and new_parts and not old_parts & new_parts  # replaced whole: no old part file survives
     assert siblings(finished_resample) == []
 
 

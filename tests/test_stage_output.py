@@ -116,23 +116,82 @@ def test_in_place_output_resumes_and_clears_only_its_own(tmp_path):
     assert is_complete(path)
 
 
-def test_object_store_output_is_written_in_place_success_last(s3_server):
+def test_object_store_output_keeps_a_finished_result_until_the_new_one_is_complete(s3_server):
     path = "s3://bucket/runs/out"
     out = StageOutput(path, "resample")
-    _build(out, {"stats.json": "{\"v\": 1}"})
-    assert is_complete(path) and stage_of(path) == "resample"
+    with out.build() as work:
+        assert work == path  # nothing finished there: built in place
+        sio.write_bytes_atomic(sio.join(work, "stats.json"), '{"v": 1}')
+        sio.write_bytes_atomic(sio.join(work, "old-only.txt"), "x")
+        assert not is_complete(path)
+    assert out.is_complete() and stage_of(path) == "resample"
     with pytest.raises(RuntimeError):
-        with out.build() as work:
-            assert work == path
-            assert not is_complete(path)  # from the first write on it is not a result
-            raise RuntimeError("killed")
-    assert not is_complete(path)
-    _build(out, {"stats.json": "{\"v\": 2}"})
+        with out.build() as work:  # --overwrite of a finished result: built beside it
+            assert work.startswith("s3://bucket/runs/.out.tmp-")
+            sio.write_bytes_atomic(sio.join(work, "stats.json"), '{"v": 2}')
+            assert out.is_complete()  # the old result is still the result
+            raise RuntimeError("bad input found mid-job")
+    assert json.loads(sio.read_bytes(sio.join(path, "stats.json"))) == {"v": 1} and out.is_complete()
+    assert s3_server.ls("bucket/runs") == ["bucket/runs/out"]  # the failed build is gone
+    _build(out, {"stats.json": '{"v": 2}'})
     assert json.loads(sio.read_bytes(sio.join(path, "stats.json"))) == {"v": 2}
+    assert sorted(p.rsplit("/", 1)[-1] for p in s3_server.ls("bucket/runs/out")) == [MARKER, SUCCESS, "stats.json"]
+    assert s3_server.ls("bucket/runs") == ["bucket/runs/out"]
     s3_server.pipe("bucket/theirs/data.bin", b"x")
     with pytest.raises(ValueError, match="was not written by resample"):
         StageOutput("s3://bucket/theirs", "resample").begin()
     assert s3_server.cat("bucket/theirs/data.bin") == b"x"
+
+
+def test_success_without_this_stages_marker_is_not_its_result(tmp_path):
+    spark_output = tmp_path / "parquet"
+    spark_output.mkdir()
+    (spark_output / "part-0.parquet").write_bytes(b"x")
+    (spark_output / SUCCESS).write_text("")
+    with pytest.raises(ValueError, match="was not written by resample"):
+        StageOutput(str(spark_output), "resample").check()  # not "complete: nothing to do"
+    path = str(tmp_path / "weights")
+    _build(StageOutput(path, "importance_weights"), {"weights.parquet": "w"})
+    with pytest.raises(ValueError, match="is the output of importance_weights, not write_shards"):
+        StageOutput(path, "write_shards").check()
+
+
+def test_a_commit_cut_off_between_its_renames_puts_the_previous_result_back(tmp_path):
+    path = tmp_path / "out"
+    out = StageOutput(str(path), "stage-a")
+    _build(out, {"result.txt": "previous"})
+    set_aside = tmp_path / ".out.old-cutoff"
+    os.rename(path, set_aside)  # what a commit does just before its second rename
+    assert out.check() is True  # the previous result is back, and finished
+    assert (path / "result.txt").read_text() == "previous" and not set_aside.exists()
+
+
+def test_symlinked_and_file_url_outputs_are_the_real_directory(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    _build(StageOutput(str(link), "stage-a"), {"r": "1"})
+    assert link.is_symlink() and (real / "r").read_text() == "1" and (real / SUCCESS).exists()
+    _build(StageOutput(str(link), "stage-a"), {"r": "2"})  # replaced through the link
+    assert link.is_symlink() and (real / "r").read_text() == "2"
+    url = StageOutput(f"file://{tmp_path}/viaurl", "stage-a")
+    _build(url, {"r": "3"})
+    assert (tmp_path / "viaurl" / "r").read_text() == "3" and url.check() is True
+    assert sorted(os.listdir(tmp_path)) == ["link", "real", "viaurl"]
+
+
+def test_a_reader_refuses_a_file_inside_an_unfinished_output(tmp_path):
+    from schemas.stage_output import require_finished_input
+
+    out = StageOutput(str(tmp_path / "w"), "importance_weights", in_place=True)
+    work = out.begin()
+    sio.write_bytes_atomic(sio.join(work, "weights.parquet"), "half")
+    with pytest.raises(FileNotFoundError, match="is an unfinished importance_weights output"):
+        require_finished_input(str(tmp_path / "w" / "weights.parquet"), "--weights")
+    out.commit(work)
+    require_finished_input(str(tmp_path / "w" / "weights.parquet"), "--weights")
+    require_finished_input(str(tmp_path / "anywhere.parquet"), "--weights")  # not in a stage's output: fine
 
 
 def test_entries_added_to_a_finished_output_are_never_deleted(tmp_path):

@@ -16,6 +16,7 @@ import argparse
 import os
 from typing import Sequence
 
+from schemas.stage_output import require_finished_input
 
 from . import runtime as RT
 from .data import TargetDataset
@@ -42,18 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict:
     info = RT.setup_distributed()
+    require_finished_input(args.checkpoint, "--checkpoint")
     probe = TargetDataset(args.target_root, args.target, args.split, spec=None, train=False)
     model, spec, ckpt = load_finetuned(args.checkpoint, probe.classes, device=str(info.device))
     dataset = TargetDataset(args.target_root, args.target, args.split, spec, train=False)
     output, work, finished = RT.start_output(args.output, "evaluate", args.overwrite, info)
     if finished is not None:
         return finished
-    metrics = evaluate(model, dataset, dataset.classes, info.device, args.batch_size, args.num_workers)
-    result = {"target": args.target, "target_root": args.target_root, "split": args.split,
-              "checkpoint": args.checkpoint, "checkpoint_fingerprint": checkpoint_fingerprint(args.checkpoint),
-              "architecture": ckpt["architecture"], **metrics}
-    RT.write_json_main(os.path.join(work or args.output, "metrics.json"), result)
-    RT.commit_output(output, work)
+    with RT.building(output, work):
+        metrics = evaluate(model, dataset, dataset.classes, info.device, args.batch_size, args.num_workers)
+        result = {"target": args.target, "target_root": args.target_root, "split": args.split,
+                  "checkpoint": args.checkpoint, "checkpoint_fingerprint": checkpoint_fingerprint(args.checkpoint),
+                  "architecture": ckpt["architecture"], **metrics}
+        RT.write_json_main(os.path.join(work or args.output, "metrics.json"), result)
     return result
 
 

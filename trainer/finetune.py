@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from schemas import io as sio
+from schemas.stage_output import require_finished_input
 
 from . import runtime as RT
 from .data import TargetDataset, default_num_workers
@@ -108,6 +109,7 @@ def run(args: argparse.Namespace) -> dict:
     info = RT.setup_distributed()
     init = None if args.init.lower() in ("none", "random") else args.init
     if init:
+        require_finished_input(init, "--init")
         ckpt = read_generalist(init)
         architecture, spec = ckpt["architecture"], preprocess_spec(ckpt)
     else:
@@ -122,62 +124,62 @@ def run(args: argparse.Namespace) -> dict:
     output, work, finished = RT.start_output(args.output, "finetune", args.overwrite, info)
     if finished is not None:
         return finished
+    with RT.building(output, work):
 
-    torch.manual_seed(args.seed)
-    if init:
-        model, _ = load_generalist(init)
-        model.train()
-    else:
-        model = build_model(architecture, len(classes))
-    head_rng = torch.Generator().manual_seed(args.seed)
-    replace_head(model, len(classes), generator=head_rng)
-    model.to(info.device)
-    lr = args.lr if args.lr is not None else default_lr(args.batch_size, "finetune")
-    warmup = args.warmup_steps if args.warmup_steps is not None else default_warmup(args.steps, "finetune")
-    optimizer = make_optimizer(model, lr, args.momentum, args.weight_decay)
-    scheduler = make_scheduler(optimizer, args.steps, warmup)
-    config = (json.loads(sio.read_bytes(args.deepspeed_config)) if args.deepspeed_config else
-              deepspeed_config(args.batch_size, info.world_size, bf16=info.device.type == "cuda",
-                               log_every=args.log_every))
-    engine, optimizer, scheduler = RT.initialize(model, optimizer, scheduler, config)
+        torch.manual_seed(args.seed)
+        if init:
+            model, _ = load_generalist(init)
+            model.train()
+        else:
+            model = build_model(architecture, len(classes))
+        head_rng = torch.Generator().manual_seed(args.seed)
+        replace_head(model, len(classes), generator=head_rng)
+        model.to(info.device)
+        lr = args.lr if args.lr is not None else default_lr(args.batch_size, "finetune")
+        warmup = args.warmup_steps if args.warmup_steps is not None else default_warmup(args.steps, "finetune")
+        optimizer = make_optimizer(model, lr, args.momentum, args.weight_decay)
+        scheduler = make_scheduler(optimizer, args.steps, warmup)
+        config = (json.loads(sio.read_bytes(args.deepspeed_config)) if args.deepspeed_config else
+                  deepspeed_config(args.batch_size, info.world_size, bf16=info.device.type == "cuda",
+                                   log_every=args.log_every))
+        engine, optimizer, scheduler = RT.initialize(model, optimizer, scheduler, config)
 
-    micro = args.batch_size // info.world_size
-    num_workers = default_num_workers() if args.num_workers is None else args.num_workers
-    batches = index_batches(len(train), micro, info.rank, info.world_size, args.seed)
-    loader = torch.utils.data.DataLoader(_EpochIndexed(train), batch_sampler=batches,
-                                         num_workers=num_workers)
-    progress = RT.Progress(args.steps, 0, args.batch_size, args.log_every, info.is_main)
-    curve = []
-    engine.train()
-    it = iter(loader)
-    for step in range(args.steps):
-        x, y = next(it)
-        logits = engine(x.to(info.device))
-        loss = F.cross_entropy(logits.float(), y.to(info.device))
-        lr_now = optimizer.param_groups[0]["lr"]  # the rate this step uses
-        engine.backward(loss)
-        engine.step()
-        curve.append({"step": step + 1, "loss": float(loss.detach()), "lr": lr_now})
-        progress.update(step, curve[-1]["loss"], lr_now)
-    del it, loader
+        micro = args.batch_size // info.world_size
+        num_workers = default_num_workers() if args.num_workers is None else args.num_workers
+        batches = index_batches(len(train), micro, info.rank, info.world_size, args.seed)
+        loader = torch.utils.data.DataLoader(_EpochIndexed(train), batch_sampler=batches,
+                                             num_workers=num_workers)
+        progress = RT.Progress(args.steps, 0, args.batch_size, args.log_every, info.is_main)
+        curve = []
+        engine.train()
+        it = iter(loader)
+        for step in range(args.steps):
+            x, y = next(it)
+            logits = engine(x.to(info.device))
+            loss = F.cross_entropy(logits.float(), y.to(info.device))
+            lr_now = optimizer.param_groups[0]["lr"]  # the rate this step uses
+            engine.backward(loss)
+            engine.step()
+            curve.append({"step": step + 1, "loss": float(loss.detach()), "lr": lr_now})
+            progress.update(step, curve[-1]["loss"], lr_now)
+        del it, loader
 
-    RT.average_buffers(engine.module)
-    metrics = evaluate(engine.module, test, classes, info.device, batch_size=max(64, micro),
-                       num_workers=num_workers)
-    result = {
-        "target": args.target, "target_root": args.target_root, "init": init,
-        "init_fingerprint": checkpoint_fingerprint(init) if init else None,
-        "architecture": architecture, "steps": args.steps, "batch_size": args.batch_size, "lr": lr,
-        "warmup_steps": warmup, "seed": args.seed, "world_size": info.world_size,
-        "train_images": len(train), "eval_split": args.eval_split, "loader_workers": num_workers,
-        "decode_scaling": args.decode_scaling, **metrics,
-        "curve": curve,
-    }
-    if info.is_main:
-        save_finetuned(os.path.join(work, "model.pt"), engine.module, architecture, classes, spec,
-                       extra={"init": init, "steps": args.steps, "target": args.target})
-    RT.write_json_main(os.path.join(work or args.output, "metrics.json"), result)
-    RT.commit_output(output, work)
+        RT.average_buffers(engine.module)
+        metrics = evaluate(engine.module, test, classes, info.device, batch_size=max(64, micro),
+                           num_workers=num_workers)
+        result = {
+            "target": args.target, "target_root": args.target_root, "init": init,
+            "init_fingerprint": checkpoint_fingerprint(init) if init else None,
+            "architecture": architecture, "steps": args.steps, "batch_size": args.batch_size, "lr": lr,
+            "warmup_steps": warmup, "seed": args.seed, "world_size": info.world_size,
+            "train_images": len(train), "eval_split": args.eval_split, "loader_workers": num_workers,
+            "decode_scaling": args.decode_scaling, **metrics,
+            "curve": curve,
+        }
+        if info.is_main:
+            save_finetuned(os.path.join(work, "model.pt"), engine.module, architecture, classes, spec,
+                           extra={"init": init, "steps": args.steps, "target": args.target})
+        RT.write_json_main(os.path.join(work or args.output, "metrics.json"), result)
     return result
 
 

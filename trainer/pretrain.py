@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from schemas import io as sio
-from schemas.stage_output import MARKER, StageOutput
+from schemas.stage_output import MARKER, StageOutput, require_finished_input
 
 from . import runtime as RT
 from .data import (MAX_CONSECUTIVE_CORRUPT, LoaderState, ShardStream, collate, default_num_workers, shard_urls,
@@ -145,6 +145,7 @@ def _prepare_output(args: argparse.Namespace, info) -> dict | None:
 
 def run(args: argparse.Namespace) -> dict:
     info = RT.setup_distributed()
+    require_finished_input(args.labels, "--labels")
     vocab = sio.read_parquet(args.labels)
     label_ids = sorted(int(i) for i in vocab.column("label_id").to_pylist())
     index_of = {lid: i for i, lid in enumerate(label_ids)}

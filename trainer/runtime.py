@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -31,7 +32,7 @@ from schemas.stage_output import StageOutput
 
 __all__ = ["DistInfo", "setup_distributed", "initialize", "SafeCheckpointEngine", "save_checkpoint",
            "resume_tag", "load_checkpoint", "average_buffers", "all_gather_longs", "Progress", "barrier",
-           "write_json_main", "start_output", "commit_output", "cli_main"]
+           "write_json_main", "GO", "SKIP", "decide_on_rank0", "start_output", "building", "cli_main"]
 
 TAG_PREFIX = "step"
 COMPLETE = "COMPLETE"
@@ -222,27 +223,72 @@ def write_json_main(path: str, data: dict) -> None:
     barrier()
 
 
+#: :func:`decide_on_rank0` answers: go on (the output is ready), or nothing to do (finished).
+GO, SKIP = 0, 1
+_FAILED = 2
+
+
+def decide_on_rank0(decide, device: torch.device | None = None) -> int:
+    """Run ``decide()`` (it may change the output directory; returns
+    :data:`GO` or :data:`SKIP`) on rank 0 only, and give every rank its
+    answer, broadcast as an integer tensor (nothing pickled). An exception on
+    rank 0 is raised there after the broadcast; the other ranks then raise a
+    ``ValueError`` pointing at it, so no rank waits for a decision it cannot
+    see."""
+    code, error = _FAILED, None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            code = int(decide())
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after the other ranks know
+            error = e
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        answer = torch.tensor([_FAILED if error else code], dtype=torch.long, device=device)
+        dist.broadcast(answer, src=0)
+        code = int(answer.item())
+    if error is not None:
+        raise error
+    if code == _FAILED:
+        raise ValueError("rank 0 could not prepare the output directory; its error says why")
+    return code
+
+
 def start_output(path: str, stage: str, overwrite: bool, info: DistInfo) -> tuple[StageOutput, str | None,
                                                                                  dict | None]:
     """The output protocol (``schemas.stage_output``) for a run that writes
     its results at the end (finetune, evaluate), once its inputs are read:
     ``(output, work, None)`` where rank 0 builds in ``work`` (``None`` on the
-    other ranks) and commits with :func:`commit_output`; ``(output, None,
-    metrics)`` where a finished result is there (nothing to do: said in one
-    line). Every rank checks (read-only), so all fail alike."""
+    other ranks; see :func:`building`); ``(output, None, metrics)`` where a
+    finished result is there (nothing to do: said in one line). Rank 0
+    decides (:func:`decide_on_rank0`)."""
     if not sio.is_local(path):
         raise ValueError(f"--output {path}: give a local or shared POSIX directory, not a URL")
     output = StageOutput(path, stage)
-    if output.check(overwrite):
-        if info.is_main:
+    work: list[str] = []
+
+    def decide() -> int:
+        if output.check(overwrite):
             print(output.skip_line(), file=sys.stderr)
-        return output, None, {**json.loads(sio.read_bytes(os.path.join(path, "metrics.json"))), "reused": True}
-    barrier()
-    return output, (output.begin() if info.is_main else None), None
+            return SKIP
+        work.append(output.begin())
+        return GO
+
+    if decide_on_rank0(decide, info.device) == SKIP:
+        metrics = os.path.join(path, "metrics.json")
+        return output, None, {**(json.loads(sio.read_bytes(metrics)) if info.is_main else {}), "reused": True}
+    return output, (work[0] if work else None), None
 
 
-def commit_output(output: StageOutput, work: str | None) -> None:
-    """Rank 0 commits what it built (``_SUCCESS`` last); every rank then waits."""
+@contextlib.contextmanager
+def building(output: StageOutput, work: str | None):
+    """``with building(output, work):`` the run's work; rank 0 commits what it
+    built in ``work`` when the block ends (``_SUCCESS`` last) or removes it
+    when the block raises; every rank then waits for the others."""
+    try:
+        yield
+    except BaseException:
+        if work is not None:
+            output.abort(work)
+        raise
     if work is not None:
         output.commit(work)
     barrier()

@@ -42,7 +42,7 @@ from .data import (MAX_CONSECUTIVE_CORRUPT, LoaderState, ShardStream, collate, d
                    soft_targets)
 from .models import DEFAULT_INPUT_SIZE, build_model, save_generalist
 from .optim import deepspeed_config, default_lr, default_warmup, make_optimizer, make_scheduler
-from .transforms import DECODE_SCALINGS, DEFAULT_DECODE_SCALING, PreprocessSpec
+from .transforms import DECODE_SCALINGS, DEFAULT_DECODE_SCALING, PreprocessSpec, normalise_batch
 
 __all__ = ["build_parser", "main"]
 
@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _loader(urls, spec, args, info, state, num_workers, decode_scaling):
     stream = ShardStream(urls, spec, seed=args.seed, rank=info.rank, world_size=info.world_size,
                          shuffle_buffer=args.shuffle_buffer, state=state,
-                         max_consecutive_corrupt=args.max_consecutive_corrupt, decode_scaling=decode_scaling)
+                         max_consecutive_corrupt=args.max_consecutive_corrupt, decode_scaling=decode_scaling,
+                         normalise=False)  # uint8 batches, normalised on the device
     stream.check_split(num_workers)
     return torch.utils.data.DataLoader(
         stream, batch_size=args.batch_size // info.world_size, num_workers=num_workers,
@@ -217,7 +218,7 @@ def run(args: argparse.Namespace) -> dict:
     for step in range(start, end):
         x, labels, worker, next_position, corrupt = next(it)
         y = soft_targets(labels, index_of, len(label_ids)).to(info.device)
-        logits = engine(x.to(info.device))
+        logits = engine(normalise_batch(x.to(info.device), spec))
         loss = -(y * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
         lr_now = optimizer.param_groups[0]["lr"]  # the rate this step uses
         engine.backward(loss)

@@ -17,7 +17,11 @@ differ from a full decode (a different resampling path: the scaled IDCT
 drops the block's high frequencies, then the bilinear resize shrinks by the
 remaining factor) and the random draws do not: the same box and flip, in
 the same order, as :func:`train_transform`. ``decode_scaling="none"`` gives
-exactly :func:`train_transform` of :func:`decode_image`.
+exactly :func:`train_transform` of :func:`decode_image`. With
+``normalise=False`` it returns the uint8 CHW crop instead, a quarter of the
+bytes to move between processes and to the device, where
+:func:`normalise_batch` gives exactly the float32 values the CPU path would
+(the pre-training loader does this: the normalisation runs on the GPU).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 __all__ = ["PreprocessSpec", "HashRNG", "decode_image", "eval_transform", "train_transform", "train_sample",
-           "crop_box", "draft_factor", "DECODE_SCALINGS", "DEFAULT_DECODE_SCALING", "IMAGENET_MEAN",
+           "normalise_batch", "crop_box", "draft_factor", "DECODE_SCALINGS", "DEFAULT_DECODE_SCALING", "IMAGENET_MEAN",
            "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -146,15 +150,33 @@ def _normalise(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     return out
 
 
-def eval_transform(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
-    """Resize shorter side to ``spec.resize``, centre crop, normalise: float32 CHW."""
+def _chw(img: Image.Image) -> np.ndarray:
+    """RGB image -> uint8 CHW array."""
+    return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))
+
+
+def normalise_batch(x: "torch.Tensor", spec: PreprocessSpec) -> "torch.Tensor":
+    """uint8 images ``(..., 3, H, W)`` (on any device) -> float32
+    ``(x / 255 - mean) / std``, the same float32 operations as the CPU path,
+    so the values are bit-identical to :func:`train_sample`'s normalised
+    output (IEEE division on CPU and CUDA)."""
+    import torch
+
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    return x.to(torch.float32, copy=True).div_(255.0).sub_(mean).div_(std)  # in place: one new tensor
+
+
+def eval_transform(img: Image.Image, spec: PreprocessSpec, normalise: bool = True) -> np.ndarray:
+    """Resize shorter side to ``spec.resize``, centre crop, normalise: float32
+    CHW (``normalise=False``: the uint8 CHW crop)."""
     w, h = img.size
     scale = spec.resize / min(w, h)
     nw, nh = max(spec.input_size, round(w * scale)), max(spec.input_size, round(h * scale))
     img = img.resize((nw, nh), Image.BILINEAR)
     left, top = (nw - spec.input_size) // 2, (nh - spec.input_size) // 2
     img = img.crop((left, top, left + spec.input_size, top + spec.input_size))
-    return _normalise(img, spec)
+    return _normalise(img, spec) if normalise else _chw(img)
 
 
 def crop_box(width: int, height: int, rng: "np.random.Generator | HashRNG",
@@ -191,11 +213,11 @@ def draft_factor(box_width: int, box_height: int, output_size: int,
 
 
 def _crop_resize_flip(img: Image.Image, box: Sequence[float], spec: PreprocessSpec,
-                      rng: "np.random.Generator | HashRNG") -> np.ndarray:
+                      rng: "np.random.Generator | HashRNG") -> Image.Image:
     img = img.resize((spec.input_size, spec.input_size), Image.BILINEAR, box=tuple(box))
     if rng.random() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    return _normalise(img, spec)
+    return img
 
 
 def train_transform(img: Image.Image, spec: PreprocessSpec, rng: "np.random.Generator | HashRNG",
@@ -203,17 +225,18 @@ def train_transform(img: Image.Image, spec: PreprocessSpec, rng: "np.random.Gene
                     ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
     """Random resized crop (area ``scale``, aspect ``ratio``) + horizontal flip."""
     w, h = img.size
-    return _crop_resize_flip(img, crop_box(w, h, rng, scale, ratio), spec, rng)
+    return _normalise(_crop_resize_flip(img, crop_box(w, h, rng, scale, ratio), spec, rng), spec)
 
 
 def train_sample(data: bytes, spec: PreprocessSpec, rng: "np.random.Generator | HashRNG",
-                 decode_scaling: str = "none") -> np.ndarray:
+                 decode_scaling: str = "none", normalise: bool = True) -> np.ndarray:
     """Encoded image bytes -> the augmented, normalised float32 CHW input:
     the crop box first (from the header's size), then the decode, at a
     reduced scale where ``decode_scaling="draft"`` and :func:`draft_factor`
     allow (JPEG only), then :func:`train_transform`'s resize, flip and
     normalisation. The draws are :func:`train_transform`'s, in its order;
     with ``"none"`` the result equals ``train_transform(decode_image(data))``.
+    ``normalise=False``: the uint8 CHW crop (:func:`normalise_batch` later).
     Raises on corrupt data."""
     if decode_scaling not in DECODE_SCALINGS:
         raise ValueError(f"decode_scaling must be one of {DECODE_SCALINGS}, got {decode_scaling!r}")
@@ -231,4 +254,5 @@ def train_sample(data: bytes, spec: PreprocessSpec, rng: "np.random.Generator | 
                 s = w / drafted[1][2]
                 box = tuple(v / s for v in box)
     img.load()  # truncated data fails here
-    return _crop_resize_flip(_rgb(img), box, spec, rng)
+    img = _crop_resize_flip(_rgb(img), box, spec, rng)
+    return _normalise(img, spec) if normalise else _chw(img)

@@ -35,6 +35,11 @@ setup(
                  "s3fs>=2023.6"],
         "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "pytest-benchmark>=4", "ruff"],
         "vision": ["torchvision"],
+        # benchmarks/loader_bench.py's alternative JPEG decoder (scale-on-decode,
+        # libjpeg-turbo bundled); the trainer itself decodes with Pillow. Its
+        # PyTurboJPEG row also needs the system's libturbojpeg (Debian:
+        # libturbojpeg0 with "PyTurboJPEG<2"), so it is not listed here.
+        "bench": ["simplejpeg>=1.7"],
         "gcs": ["gcsfs", "apache-beam[gcp]"],
         "s3": ["s3fs"],
     },

@@ -11,8 +11,10 @@ import os
 import shutil
 import subprocess
 import sys
+import math
 import tarfile
 from collections import Counter
+from fractions import Fraction
 
 import numpy as np
 import pyarrow as pa
@@ -529,3 +531,109 @@ def test_uri_images_and_shards_on_object_storage(spark, tmp_path, s3_server):
                     for i in range(12) for c in range(1 + i % 2)}
     uri_of = dict(zip(keys, uris))
     assert all(data == fs.cat(uri_of[key]) for (key, _), data in image_bytes.items())
+
+
+# -- --max-side: images re-encoded in the fetch pass --------------------------------------------------
+
+def _sized_image(width: int, height: int, seed: int, fmt: str = "JPEG", mode: str = "RGB") -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (max(1, height // 4), max(1, width // 4), 3), dtype=np.uint8))
+    out = io.BytesIO()
+    img.resize((width, height)).convert(mode).save(out, fmt)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def sized_index(tmp_path_factory):
+    """60 examples of many sizes around --max-side 64 (JPEG, grayscale JPEG,
+    PNG), 1 to 3 copies each, in 3 index files, plus a truncated large JPEG
+    and bytes that only look like a JPEG."""
+    root = tmp_path_factory.mktemp("sized")
+    (root / "index").mkdir()
+    rng = np.random.default_rng(7)
+    keys, images = [], []
+    for i in range(60):
+        w, h = int(rng.integers(20, 130)), int(rng.integers(20, 130))
+        fmt, mode = [("JPEG", "RGB"), ("JPEG", "L"), ("PNG", "RGB")][i % 3]
+        keys.append(f"n{i:03d}/img.{fmt.lower()}")
+        images.append(_sized_image(w, h, i, fmt, mode))
+    keys += ["bad/truncated.JPEG", "bad/garbage.JPEG"]
+    images += [_sized_image(200, 100, 99)[:400], b"\xff\xd8\xff only looks like a JPEG" * 3]
+    for part in range(3):
+        pq.write_table(pa.table({"key": keys[part::3], "labels": pa.array([[1 + part]] * len(keys[part::3]), LABELS),
+                                 "image": pa.array(images[part::3], pa.binary())}), root / "index" / f"part-{part}.parquet")
+    copies = [1 + i % 3 for i in range(len(keys))]
+    pq.write_table(pa.table({"key": keys, "copies": pa.array(copies, pa.int32()), "weight": [1.0] * len(keys)}),
+                   root / "selection.parquet")
+    return root, dict(zip(keys, images)), dict(zip(keys, copies))
+
+
+def test_max_side_reencodes_only_larger_images_and_reports_bad_ones(spark, sized_index, tmp_path):
+    from PIL import Image
+
+    root, image_of, copies_of = sized_index
+    out = str(tmp_path / "shards")
+    m = W.run(spark, W.ShardJob(selection=str(root / "selection.parquet"), index=str(root / "index"), output=out,
+                                samples_per_shard=20, max_side=64, quality=85, max_bad_fraction=0.1))
+    reasons = {b["key"]: b["reason"] for b in m.bad_records}
+    assert set(reasons) == {"bad/truncated.JPEG", "bad/garbage.JPEG"}
+    assert reasons["bad/truncated.JPEG"].startswith("cannot be re-encoded for --max-side 64: OSError")
+    assert reasons["bad/garbage.JPEG"].startswith("cannot be re-encoded for --max-side 64: UnidentifiedImageError")
+    _, samples = read_back(out)
+    assert Counter(k for k, _ in samples) == {k: c for k, c in copies_of.items() if not k.startswith("bad/")}
+    larger = set()
+    for (key, _), (data, _, _) in samples.items():
+        source = Image.open(io.BytesIO(image_of[key]))
+        if max(source.size) <= 64:
+            assert data == image_of[key]  # byte for byte
+            continue
+        larger.add(key)
+        img = Image.open(io.BytesIO(data))
+        longer = max(source.size)
+        assert img.format == "JPEG" and max(img.size) == 64 and not {"exif", "icc_profile"} & set(img.info)
+        assert img.size == tuple(max(1, math.floor(Fraction(v * 64, longer) + Fraction(1, 2))) for v in source.size)
+        assert data == SH.reencode_image(image_of[key], 64, 85)
+    assert len(larger) > 10 and len(larger) < 60
+    extra = m.extra["reencoded"]
+    assert m.extra["max_side"] == 64 and extra["quality"] == 85 and extra["images"] == len(larger)
+    assert extra["bytes_before"] == sum(len(image_of[k]) for k in larger)
+    assert extra["bytes_after"] == sum(len(SH.reencode_image(image_of[k], 64, 85)) for k in larger)
+    assert V.verify(out).ok
+    # Without --max-side nothing is re-encoded and only the bytes' signature is checked.
+    plain = W.run(spark, W.ShardJob(selection=str(root / "selection.parquet"), index=str(root / "index"),
+                                    output=str(tmp_path / "plain"), samples_per_shard=20, max_bad_fraction=0.1))
+    assert plain.bad_records == [] and plain.extra["reencoded"] is None and plain.extra["max_side"] is None
+
+
+@pytest.mark.slow
+def test_max_side_shards_are_byte_identical_across_parallelism_and_task_failures(spark, sized_index, tmp_path):
+    root, _, _ = sized_index
+    args = ["--selection", str(root / "selection.parquet"), "--index", str(root / "index"), "--samples-per-shard", "15",
+            "--max-side", "64", "--quality", "85", "--max-bad-fraction", "0.1"]
+    W.run(spark, W.ShardJob(selection=str(root / "selection.parquet"), index=str(root / "index"), output=str(tmp_path / "a"),
+                            samples_per_shard=15, max_side=64, quality=85, max_bad_fraction=0.1))
+    # Three at a time, every first attempt of the fetch and write tasks failing, runs of ~10 KB.
+    proc = run_module("spark_jobs.write_shards", *args, "--output", str(tmp_path / "b"), "--master", "local[3,4]",
+                      "--driver-memory", "1g", "--run-bytes", "10K",
+                      env={"ADAPTIVE_TRANSFER_FAIL_FIRST_ATTEMPT": "spill,write"})
+    assert "injected failure in stage 'spill'" in proc.stderr and "injected failure in stage 'write'" in proc.stderr
+    digests = []
+    for out in ("a", "b"):
+        names = sorted(f for f in os.listdir(tmp_path / out) if f.endswith(".tar"))
+        digests.append({f: sio.file_sha256(str(tmp_path / out / f)) for f in names})
+    assert len(digests[0]) > 3 and digests[0] == digests[1]
+    a, b = (json.load(open(tmp_path / out / "manifest.json")) for out in ("a", "b"))
+    assert a["extra"]["reencoded"] == b["extra"]["reencoded"] and a["bad_records"] == b["bad_records"]
+
+
+def test_max_side_options_are_checked(tmp_path):
+    job = dict(selection="s", index=str(tmp_path), output=str(tmp_path / "o"))
+    with pytest.raises(ValueError, match="--quality .* give --max-side too"):
+        W.ShardJob(**job, quality=80)
+    with pytest.raises(ValueError, match="--max-side must be >= 1"):
+        W.ShardJob(**job, max_side=0)
+    with pytest.raises(ValueError, match=r"--quality must be in 1..100"):
+        W.ShardJob(**job, max_side=10, quality=101)
+    assert W.ShardJob(**job, max_side=10).reencode == (10, SH.REENCODE_QUALITY)

@@ -237,6 +237,13 @@ def test_resume_gives_the_same_parameters(shards, tmp_path):
     proc = run_module("trainer.pretrain", *pretrain_args(shards, straight, 8, "--num-workers", "2"))
     assert f"pretrain: {straight} is complete (_SUCCESS); nothing to do" in proc.stderr
     assert "step 1/8" not in proc.stdout
+    # --overwrite with a bad option fails before the finished run is touched.
+    before = sorted(os.listdir(straight))
+    for bad in (["--model", "smal"], ["--max-consecutive-corrupt", "0"]):
+        proc = run_module("trainer.pretrain", *pretrain_args(shards, straight, 8, "--num-workers", "2", "--overwrite"),
+                          *bad, check=False)
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert sorted(os.listdir(straight)) == before and (straight / "_SUCCESS").exists()
     a = read_generalist(str(straight / "generalist.pt"))["state_dict"]
     b = read_generalist(str(resumed / "generalist.pt"))["state_dict"]
     for k in a:
@@ -244,6 +251,23 @@ def test_resume_gives_the_same_parameters(shards, tmp_path):
     la = [json.loads(x)["loss"] for x in open(straight / "train_log.jsonl")]
     lb = [json.loads(x)["loss"] for x in open(resumed / "train_log.jsonl")]
     np.testing.assert_allclose(la, lb, atol=1e-6)
+
+
+def test_resume_follows_the_checkpoints_loader_settings(shards, tmp_path):
+    # Written with 2 loader workers (this machine's default is fewer) and the
+    # default --decode-scaling; a resume without either flag takes the
+    # checkpoint's, and one that names another decoding is refused.
+    out = tmp_path / "run"
+    run_module("trainer.pretrain", *pretrain_args(shards, out, 4, "--num-workers", "2", "--stop-after", "2",
+                                                  "--save-every", "2"))
+    proc = run_module("trainer.pretrain", *pretrain_args(shards, out, 4, "--resume", "--decode-scaling", "none"),
+                      check=False)
+    assert proc.returncode == 1 and "decoded its samples with --decode-scaling draft; resume with the same" \
+        in proc.stderr
+    proc = run_module("trainer.pretrain", *pretrain_args(shards, out, 4, "--resume"), env={"LOCAL_SIZE": "2"})
+    assert "[resume] from step000000002 (step 2)" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["loader_workers"] == 2 and metrics["decode_scaling"] == "draft" and metrics["steps_done"] == 4
 
 
 def _deepspeed(*args, env=None):
@@ -322,6 +346,18 @@ def test_finetune_and_evaluate(pretrained, food_target, tmp_path):
     again = json.loads((ev / "metrics.json").read_text())
     assert again["top1"] == metrics["top1"]
     assert again["mean_per_class_accuracy"] == metrics["mean_per_class_accuracy"]
+    assert sorted(os.listdir(ft)) == ["_STAGE", "_SUCCESS", "metrics.json", "model.pt"]
+    # A rerun does nothing and says so; someone else's directory is refused, untouched.
+    proc = run_module("trainer.evaluate", "--target", "food101", "--target-root", food_target.root,
+                      "--checkpoint", str(ft / "model.pt"), "--output", str(ev))
+    assert f"evaluate: {ev} is complete (_SUCCESS); nothing to do" in proc.stderr
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "metrics.json").write_text("their numbers")
+    proc = run_module("trainer.evaluate", "--target", "food101", "--target-root", food_target.root,
+                      "--checkpoint", str(ft / "model.pt"), "--output", str(theirs), "--overwrite", check=False)
+    assert proc.returncode == 1 and "was not written by evaluate" in proc.stderr
+    assert (theirs / "metrics.json").read_text() == "their numbers"
 
 
 def test_evaluate_rejects_a_model_of_other_classes(pretrained, food_target, tmp_path):

@@ -35,8 +35,8 @@ import numpy as np
 from PIL import Image
 
 __all__ = ["PreprocessSpec", "HashRNG", "decode_image", "eval_transform", "train_transform", "train_sample",
-           "normalise_batch", "crop_box", "draft_factor", "DECODE_SCALINGS", "DEFAULT_DECODE_SCALING", "IMAGENET_MEAN",
-           "IMAGENET_STD"]
+           "decode_for_crop", "normalise_batch", "crop_box", "draft_factor", "DECODE_SCALINGS",
+           "DEFAULT_DECODE_SCALING", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -228,31 +228,42 @@ def train_transform(img: Image.Image, spec: PreprocessSpec, rng: "np.random.Gene
     return _normalise(_crop_resize_flip(img, crop_box(w, h, rng, scale, ratio), spec, rng), spec)
 
 
-def train_sample(data: bytes, spec: PreprocessSpec, rng: "np.random.Generator | HashRNG",
-                 decode_scaling: str = "none", normalise: bool = True) -> np.ndarray:
-    """Encoded image bytes -> the augmented, normalised float32 CHW input:
-    the crop box first (from the header's size), then the decode, at a
-    reduced scale where ``decode_scaling="draft"`` and :func:`draft_factor`
-    allow (JPEG only), then :func:`train_transform`'s resize, flip and
-    normalisation. The draws are :func:`train_transform`'s, in its order;
-    with ``"none"`` the result equals ``train_transform(decode_image(data))``.
-    ``normalise=False``: the uint8 CHW crop (:func:`normalise_batch` later).
-    Raises on corrupt data."""
+def decode_for_crop(data: bytes, output_size: int, rng: "np.random.Generator | HashRNG",
+                    decode_scaling: str = "none") -> tuple[Image.Image, tuple[float, ...]]:
+    """Draw the random resized crop's box from the image's size (its header)
+    and decode the image: ``(RGB image, the box in that image's pixels)``.
+    With ``decode_scaling="draft"`` a JPEG decodes at 1/d of its size, d from
+    :func:`draft_factor` (the box keeps at least ``output_size`` pixels each
+    way), and the box is scaled to match (a decoded pixel x is source pixel
+    x * d). Raises on corrupt data."""
     if decode_scaling not in DECODE_SCALINGS:
         raise ValueError(f"decode_scaling must be one of {DECODE_SCALINGS}, got {decode_scaling!r}")
     img = Image.open(io.BytesIO(data))
     w, h = img.size
-    box: Sequence[float] = crop_box(w, h, rng)
+    box: tuple[float, ...] = crop_box(w, h, rng)
     if decode_scaling == "draft" and img.format == "JPEG":
-        d = draft_factor(box[2] - box[0], box[3] - box[1], spec.input_size)
+        d = draft_factor(box[2] - box[0], box[3] - box[1], output_size)
         if d > 1:
             # PIL decodes at 1/s for the largest s in (8, 4, 2, 1) that is at most
             # min(w // (w // d), h // (h // d)), which is d; the scale it chose is
-            # read back from the box it returns (decoded pixel x = source x / s).
+            # read back from the box it returns.
             drafted = img.draft("RGB", (w // d, h // d))
             if drafted is not None:
                 s = w / drafted[1][2]
                 box = tuple(v / s for v in box)
     img.load()  # truncated data fails here
-    img = _crop_resize_flip(_rgb(img), box, spec, rng)
+    return _rgb(img), box
+
+
+def train_sample(data: bytes, spec: PreprocessSpec, rng: "np.random.Generator | HashRNG",
+                 decode_scaling: str = "none", normalise: bool = True) -> np.ndarray:
+    """Encoded image bytes -> the augmented, normalised float32 CHW input:
+    :func:`decode_for_crop` (the crop box first, then the decode, at a
+    reduced scale where ``decode_scaling="draft"`` allows), then
+    :func:`train_transform`'s resize, flip and normalisation. The draws are
+    :func:`train_transform`'s, in its order; with ``"none"`` the result
+    equals ``train_transform(decode_image(data))``. ``normalise=False``: the
+    uint8 CHW crop (:func:`normalise_batch` later). Raises on corrupt data."""
+    img, box = decode_for_crop(data, spec.input_size, rng, decode_scaling)
+    img = _crop_resize_flip(img, box, spec, rng)
     return _normalise(img, spec) if normalise else _chw(img)

@@ -49,6 +49,12 @@ __all__ = [
     "generate_source",
     "generate_target",
     "wnid",
+    "NEAR_DUPLICATE_KINDS",
+    "add_clutter",
+    "near_duplicate",
+    "render_target_class",
+    "PlantedSource",
+    "plant_near_duplicates",
 ]
 
 #: root -> group -> leaves. Truncated to ``leaves_per_group`` leaves.
@@ -299,6 +305,11 @@ class TargetSpec:
     domain_shift: float = 0.15
     leaves_per_group: int = 4
     seed: int = 0
+    #: Random soft shapes painted on each image (the other things in a
+    #: photograph; :func:`add_clutter`); 0: none. Without them the images of a
+    #: class differ only in a handful of scalars (phase, position, colour),
+    #: too little for near-duplicate tests (see beam_pipelines.near_duplicates).
+    clutter: int = 0
 
 
 @dataclass
@@ -348,10 +359,13 @@ def generate_target(out_dir: str, spec: TargetSpec = TargetSpec()) -> TargetData
     splits: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}
     per_split = {"train": spec.train_per_class, "test": spec.test_per_class}
     file_id = 0
+    clutter_rng = np.random.default_rng([spec.seed, 0xC1])  # its own stream: clutter=0 changes nothing else
     for cls, leaf in zip(classes, chosen):
         style = _leaf_style(leaf["leaf_in_group"], leaf["group_index"], leaf["root_index"], leaf["num_groups"])
         for split in ("train", "test"):
             pixels = render_images(style, per_split[split], rng, spec.image_size, shift=spec.domain_shift)
+            if spec.clutter:
+                pixels = add_clutter(pixels, clutter_rng, spec.clutter)
             for px in pixels:
                 file_id += 1
                 stem = f"{int(hashlib.sha1(f'{spec.seed}-{file_id}'.encode()).hexdigest()[:6], 16)}"
@@ -380,6 +394,148 @@ def generate_target(out_dir: str, spec: TargetSpec = TargetSpec()) -> TargetData
         json.dump({"spec": asdict(spec), "class_to_leaf": class_to_leaf}, fh, indent=2)
     return TargetData(root=out_dir, layout=spec.layout, classes=classes,
                       class_to_leaf=class_to_leaf, splits=splits)
+
+
+# -- near-duplicates: planted copies of target images and hard negatives -------------------
+
+#: Transformations :func:`near_duplicate` applies to make a near-duplicate.
+NEAR_DUPLICATE_KINDS = ("jpeg", "resize", "crop", "shift", "colour")
+
+
+def add_clutter(pixels: np.ndarray, rng: np.random.Generator, count: int) -> np.ndarray:
+    """Paint ``count`` random soft discs (random colour, centre and radius 6-18 %
+    of the side, 80 % opaque at the centre) on each of the (N, H, W, 3) uint8
+    images: the unrelated things in a photograph that make two photographs of
+    one class different images."""
+    out = pixels.astype(np.float32) / 255.0
+    n, h, w, _ = out.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    yy, xx = yy / h, xx / w
+    for i in range(n):
+        for _ in range(count):
+            cx, cy = rng.uniform(0, 1, 2)
+            radius = rng.uniform(0.06, 0.18)
+            colour = rng.uniform(0, 1, 3).astype(np.float32)
+            alpha = 0.8 * np.clip(1.5 - np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2) / radius, 0, 1)[..., None]
+            out[i] = out[i] * (1 - alpha) + alpha * colour
+    return (np.clip(out, 0, 1) * 255).astype(np.uint8)
+
+
+def near_duplicate(data: bytes, kind: str, rng: np.random.Generator, max_shift: float = 0.04) -> bytes:
+    """A near-duplicate of the encoded image ``data`` as JPEG bytes.
+
+    ``kind`` (:data:`NEAR_DUPLICATE_KINDS`): ``jpeg`` re-encodes at quality
+    40-75; ``resize`` scales by 0.75, 1.5 or 2; ``crop`` cuts 0 to
+    ``max_shift`` of the side off each edge independently (at least one pixel
+    in all); ``shift`` moves the content by up to ``max_shift`` of the side
+    (at least one pixel; the edge repeated); ``colour`` scales brightness and
+    contrast by 0.9-1.1 and saturation by 0.85-1.15. All but ``jpeg`` are saved
+    at quality 90.
+    """
+    from PIL import ImageEnhance
+
+    if kind not in NEAR_DUPLICATE_KINDS:
+        raise ValueError(f"unknown near-duplicate kind {kind!r}; known: {', '.join(NEAR_DUPLICATE_KINDS)}")
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    w, h = img.size
+    margin = max(1, int(round(max_shift * min(w, h))))
+    quality = 90
+    if kind == "jpeg":
+        quality = int(rng.integers(40, 76))
+    elif kind == "resize":
+        scale = float(rng.choice([0.75, 1.5, 2.0]))
+        img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+    elif kind == "crop":
+        cut = np.zeros(4, int)
+        while not cut.any():
+            cut = rng.integers(0, margin + 1, 4)
+        img = img.crop((int(cut[0]), int(cut[1]), w - int(cut[2]), h - int(cut[3])))
+    elif kind == "shift":
+        dx = dy = 0
+        while dx == 0 and dy == 0:
+            dx, dy = (int(v) for v in rng.integers(-margin, margin + 1, 2))
+        padded = np.pad(np.asarray(img), ((margin, margin), (margin, margin), (0, 0)), mode="edge")
+        img = Image.fromarray(padded[margin + dy:margin + dy + h, margin + dx:margin + dx + w])
+    else:
+        img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.9, 1.1))
+        img = ImageEnhance.Contrast(img).enhance(rng.uniform(0.9, 1.1))
+        img = ImageEnhance.Color(img).enhance(rng.uniform(0.85, 1.15))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def render_target_class(spec: TargetSpec, leaf: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` new (N, H, W, 3) uint8 images of the target class rendered like
+    source leaf ``leaf`` (:attr:`TargetData.class_to_leaf`), exactly as
+    :func:`generate_target` renders that class (domain shift and clutter), from
+    ``rng``: other images of the same class, never one of the target's."""
+    leaves = {entry["leaf"]: entry for entry in leaf_table(make_vocabulary(spec.leaves_per_group))}
+    if leaf not in leaves:
+        raise ValueError(f"label {leaf} is not a leaf of the generated hierarchy")
+    entry = leaves[leaf]
+    style = _leaf_style(entry["leaf_in_group"], entry["group_index"], entry["root_index"], entry["num_groups"])
+    pixels = render_images(style, count, rng, spec.image_size, shift=spec.domain_shift)
+    return add_clutter(pixels, rng, spec.clutter) if spec.clutter else pixels
+
+
+@dataclass
+class PlantedSource:
+    """A source index file of planted examples and the truth about them.
+
+    ``copies``: key -> (target image path, target split, kind) of each planted
+    near-duplicate; ``negatives``: keys of the other images of the target's
+    classes (hard negatives: never duplicates of a target image).
+    """
+
+    index_path: str
+    copies: dict[str, tuple[str, str, str]]
+    negatives: list[str]
+
+
+def plant_near_duplicates(index_path: str, target: TargetData, spec: TargetSpec, copies_per_kind: int = 40,
+                          negatives_per_class: int = 50, kinds: Sequence[str] = NEAR_DUPLICATE_KINDS,
+                          seed: int = 0) -> PlantedSource:
+    """Write one source index Parquet file (``index_path``, inline JPEGs) of
+    planted examples for ``target`` (made by :func:`generate_target` with
+    ``spec``): for each of ``kinds``, ``copies_per_kind`` near-duplicates of
+    target images drawn from train and test in proportion (each image at most
+    once per kind), and ``negatives_per_class`` new images of each target
+    class. Each example is labelled with its class's source leaf; keys say
+    nothing about what they are (``planted/nNNNNNNNN_<i>.JPEG``, shuffled)."""
+    rng = np.random.default_rng([seed, 0xD0])
+    items = [(os.path.join(target.root, rel), split, cls) for split in ("train", "test")
+             for rel, cls in target.splits[split]]
+    examples: list[tuple[str, int, bytes, tuple | None]] = []
+    for kind in kinds:
+        if copies_per_kind > len(items):
+            raise ValueError(f"{copies_per_kind} copies per kind but the target has {len(items)} images")
+        for i in rng.choice(len(items), copies_per_kind, replace=False):
+            path, split, cls = items[int(i)]
+            with open(path, "rb") as fh:
+                copy = near_duplicate(fh.read(), kind, rng)
+            examples.append(("dup", target.class_to_leaf[cls], copy, (path, split, kind)))
+    for cls in target.classes:
+        leaf = target.class_to_leaf[cls]
+        for pixels in render_target_class(spec, leaf, negatives_per_class, rng):
+            examples.append(("neg", leaf, encode_image(pixels, "JPEG"), None))
+    order = rng.permutation(len(examples))
+    keys, labels, images, copies, negatives = [], [], [], {}, []
+    for n, i in enumerate(order):
+        what, leaf, data, truth = examples[int(i)]
+        key = f"planted/{wnid(leaf)}_{n}.JPEG"
+        keys.append(key)
+        labels.append([leaf])
+        images.append(data)
+        if truth is None:
+            negatives.append(key)
+        else:
+            copies[key] = truth
+    table = pa.table({"key": pa.array(keys, pa.string()), "labels": pa.array(labels, pa.list_(pa.int32())),
+                      "image": pa.array(images, pa.binary())}, schema=INDEX_SCHEMA_INLINE)
+    os.makedirs(os.path.dirname(os.path.abspath(index_path)), exist_ok=True)
+    pq.write_table(table, index_path, row_group_size=256)
+    return PlantedSource(index_path, copies, negatives)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -39,6 +39,9 @@ __all__ = [
     "checkpoint_fingerprint",
     "save_finetuned",
     "load_finetuned",
+    "feature_pool",
+    "embedding_dim",
+    "embed",
 ]
 
 
@@ -217,3 +220,39 @@ def load_finetuned(path: str, classes: list[str] | None = None, device: str = "c
     model.load_state_dict(ckpt["state_dict"])
     model.to(device).eval()
     return model, preprocess_spec(ckpt), ckpt
+
+
+def feature_pool(model: nn.Module) -> nn.AdaptiveAvgPool2d:
+    """The global average pool that turns the last feature map into the
+    penultimate layer (the last ``AdaptiveAvgPool2d``: ``features[-2]`` of
+    ``small``, ``avgpool`` of ResNet-50 and Inception-v3)."""
+    pools = [m for m in model.modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
+    if not pools:
+        raise ValueError(f"{type(model).__name__} has no global average pool before its head")
+    return pools[-1]
+
+
+def embedding_dim(model: nn.Module, grid: int = 1) -> int:
+    """Length of :func:`embed`'s vectors: channels of the last feature map
+    (the head's input features) times ``grid`` squared."""
+    return classifier_head(model).in_features * grid * grid
+
+
+def embed(model: nn.Module, x: torch.Tensor, grid: int = 1) -> torch.Tensor:
+    """Image embeddings (N, C * grid * grid), float32, of a model in eval mode,
+    for near-duplicate search: the last feature map (the input of
+    :func:`feature_pool`) average-pooled over a ``grid`` x ``grid`` grid of
+    cells and flattened channel first (``grid=1``: the penultimate layer),
+    then power-normalised (signed square root: damps the few large
+    activations that dominate an average, as in image retrieval) and
+    L2-normalised. Call under ``torch.no_grad()``."""
+    if grid < 1:
+        raise ValueError(f"grid must be >= 1, got {grid}")
+    captured: list[torch.Tensor] = []
+    hook = feature_pool(model).register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        model(x)
+    finally:
+        hook.remove()
+    pooled = nn.functional.adaptive_avg_pool2d(captured[0].float(), grid).flatten(1)
+    return nn.functional.normalize(pooled.sign() * pooled.abs().sqrt(), dim=1)

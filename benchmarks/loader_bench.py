@@ -31,9 +31,11 @@ one process each unless said, the same images, in one run:
   workers (tar streaming, shuffle buffer, decode, augmentation, batching into
   shared memory), whole and with draft decoding.
 
-Reported: images/s per worker (wall clock, a worker process each), images per
-CPU-second (per core: every process's CPU time, the loader's main process
-included), ratios to the plain loop, per-image decode ms and shard bytes per
+Reported: images per CPU-second of one worker process (per worker: what a
+worker does with a core of its own; a loop is one worker) and of every
+process, the training process that receives the batches included (per
+core), ratios to the plain loop (side by side, one run), wall-clock images/s
+per worker (only meaningful on otherwise idle cores), per-image decode ms and shard bytes per
 image, how far draft decoding moves the pixels, where (by the stored image's
 longer side) draft decoding gains most, and how many loader workers one GPU
 needs at the measured ResNet-50 (2,127 img/s, 224) and Inception-v3 (1,169
@@ -73,6 +75,9 @@ from trainer.transforms import HashRNG, PreprocessSpec, crop_box, draft_factor, 
 SIZE_MIX = (((500, 375), 0.40), ((375, 500), 0.12), ((500, 333), 0.16), ((333, 500), 0.06),
             ((500, 500), 0.08), ((400, 300), 0.07), ((300, 225), 0.07),
             ((1024, 768), 0.02), ((1600, 1200), 0.015), ((2048, 1536), 0.005))
+#: The large-photo set (``--large-images``): crops much smaller than the stored image.
+LARGE_MIX = (((1600, 1200), 0.35), ((1200, 1600), 0.10), ((2048, 1536), 0.30), ((3264, 2448), 0.15),
+             ((2448, 3264), 0.10))
 QUALITIES = (85, 90, 90, 95)
 GRAYSCALE = 0.02
 #: Training rates one H100 reached on synthetic inputs (benchmarks/README.md).
@@ -120,12 +125,13 @@ def realistic_image(width: int, height: int, rng: np.random.Generator, gray: boo
     return img.convert("L") if gray else img
 
 
-def make_source(work: str, images: int, seed: int = 0) -> tuple[str, str, str]:
-    """An inline index of ``images`` realistic JPEGs (keys ``img-000000``...,
-    one leaf label each), its vocabulary and a selection of one copy each."""
-    index = os.path.join(work, "source", "index.parquet")
-    labels = os.path.join(work, "source", "labels.parquet")
-    selection = os.path.join(work, "source", "selection.parquet")
+def make_source(work: str, images: int, mix=SIZE_MIX, seed: int = 0) -> tuple[str, str, str]:
+    """An inline index of ``images`` realistic JPEGs sized by ``mix`` (keys
+    ``img-000000``..., one leaf label each), its vocabulary and a selection of
+    one copy each, in ``work``."""
+    index = os.path.join(work, "index.parquet")
+    labels = os.path.join(work, "labels.parquet")
+    selection = os.path.join(work, "selection.parquet")
     if os.path.exists(selection):
         return index, labels, selection
     os.makedirs(os.path.dirname(index), exist_ok=True)
@@ -133,7 +139,7 @@ def make_source(work: str, images: int, seed: int = 0) -> tuple[str, str, str]:
     parent = dict(zip(vocab.column("label_id").to_pylist(), vocab.column("parent_id").to_pylist()))
     leaves = [i for i, p in parent.items() if p is not None and parent[p] is not None]
     rng = np.random.default_rng(seed)
-    sizes, shares = zip(*SIZE_MIX)
+    sizes, shares = zip(*mix)
     choice = rng.choice(len(sizes), size=images, p=np.asarray(shares) / sum(shares))
     keys, label_lists, blobs = [], [], []
     start = time.perf_counter()
@@ -157,13 +163,13 @@ def make_source(work: str, images: int, seed: int = 0) -> tuple[str, str, str]:
 
 def write_shard_sets(work: str, index: str, selection: str, images: int, max_side: int,
                      quality: int | None, shards: int = 16) -> dict[str, str]:
-    """``{"source": manifest, "max-side N": manifest}`` written by write_shards
-    (reused when there)."""
+    """``{"as stored": manifest, "max-side N": manifest}`` written by
+    write_shards into ``work`` (reused when there)."""
     from spark_jobs import write_shards as W
     from spark_jobs.session import get_session
 
     per_shard = math.ceil(images / shards)
-    sets = {"source": (os.path.join(work, "shards-source"), None),
+    sets = {"as stored": (os.path.join(work, "shards-source"), None),
             f"max-side {max_side}": (os.path.join(work, f"shards-max{max_side}-q{quality}"), max_side)}
     spark = None
     for name, (out, side) in sets.items():
@@ -285,7 +291,8 @@ def plain_loop(urls, fn, spec: PreprocessSpec) -> dict:
                 per_image.append(time.perf_counter() - t)
                 n += 1
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return {"images": n, "per_s": n / wall, "per_cpu_s": n / cpu, "per_image_s": per_image}
+    return {"images": n, "per_s": n / wall, "per_cpu_s": n / cpu, "per_worker_cpu_s": n / cpu,
+            "per_image_s": per_image}
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -363,7 +370,8 @@ def by_stored_side(datas: list[bytes], base: list[float], other: list[float]) ->
         pick = (sides > lo) & (sides <= hi)
         if pick.any():
             label = f"<= {hi}" if lo == 0 else (f"> {lo}" if hi == 10 ** 6 else f"{lo + 1}-{hi}")
-            out.append((label, int(pick.sum()), float(np.sum(np.asarray(base)[pick]) / np.sum(np.asarray(other)[pick]))))
+            ratio = float(np.sum(np.asarray(base)[pick]) / np.sum(np.asarray(other)[pick]))
+            out.append((label, int(pick.sum()), ratio))
     return out
 
 
@@ -400,7 +408,9 @@ def gpu_part(manifests: dict[str, str], labels: str, work: str, steps: int) -> d
     for size, (model, synthetic) in GPU_RATES.items():
         arch = "resnet50" if size == 224 else "inception_v3"
         for name, manifest in manifests.items():
-            run = os.path.join(work, f"pretrain-{arch}-{name.replace(' ', '')}")
+            if not name.startswith("ImageNet-like"):
+                continue
+            run = os.path.join(work, f"pretrain-{arch}-{re.sub('[^A-Za-z0-9]+', '-', name)}")
             proc = subprocess.run([sys.executable, "-m", "trainer.pretrain", "--shards", manifest, "--labels", labels,
                                    "--model", arch, "--steps", str(steps), "--batch-size", "256",
                                    "--log-every", str(max(1, steps // 4)), "--save-every", str(steps),
@@ -419,7 +429,8 @@ def gpu_part(manifests: dict[str, str], labels: str, work: str, steps: int) -> d
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--images", type=int, default=2000, help="ImageNet-like images")
+    ap.add_argument("--large-images", type=int, default=150, help="large photos (1600x1200 to 3264x2448); 0: none")
     ap.add_argument("--sizes", default="224,299")
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--max-side", type=int, default=512)
@@ -430,8 +441,14 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu-steps", type=int, default=80)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    index, labels, selection = make_source(args.work, args.images)
-    manifests = write_shard_sets(args.work, index, selection, args.images, args.max_side, args.quality)
+    manifests = {}
+    for name, count, mix in (("ImageNet-like", args.images, SIZE_MIX), ("large", args.large_images, LARGE_MIX)):
+        if count:
+            work = os.path.join(args.work, name)
+            index, labels, selection = make_source(work, count, mix)
+            for set_name, path in write_shard_sets(work, index, selection, count, args.max_side,
+                                                   args.quality).items():
+                manifests[f"{name}, {set_name}"] = path
     found = {k: v for k, v in decoders().items() if k not in args.skip.split(",")}
     workers = [int(w) for w in args.workers.split(",")]
     results: dict = {"cores": len(os.sched_getaffinity(0)), "sets": {}}
@@ -457,13 +474,16 @@ def main(argv=None) -> int:
                         urls, spec, w, mode, len(datas))
             rows["loader 1w draft, CPU normalise"] = loader_rate(urls, spec, 1, "draft", len(datas), True)
             base = rows["plain PIL loop"]
-            print(f"\n  input {size}: images/s per worker (1 process = 1 worker), images per CPU-second "
-                  "(per core), ratios to the plain PIL loop", flush=True)
-            print(f"  {'':28s} {'per worker':>10s} {'per core':>9s} {'x loop/worker':>14s} {'x loop/core':>12s}")
+            print(f"\n  input {size}: images per CPU-second of one worker process (per worker: a loop is one "
+                  "worker) and of all processes, the training process's included (per core); ratios to the "
+                  "plain PIL loop; wall-clock images/s per worker (distorted where the cores are shared)",
+                  flush=True)
+            print(f"  {'':31s} {'per worker':>10s} {'per core':>9s} {'x loop/worker':>14s} {'x loop/core':>12s} "
+                  f"{'wall/worker':>12s}")
             for name, r in rows.items():
-                per_worker = r.get("per_worker", r["per_s"])
-                print(f"  {name:28s} {per_worker:10.0f} {r['per_cpu_s']:9.0f} {per_worker / base['per_s']:14.2f} "
-                      f"{r['per_cpu_s'] / base['per_cpu_s']:12.2f}", flush=True)
+                print(f"  {name:31s} {r['per_worker_cpu_s']:10.0f} {r['per_cpu_s']:9.0f} "
+                      f"{r['per_worker_cpu_s'] / base['per_cpu_s']:14.2f} {r['per_cpu_s'] / base['per_cpu_s']:12.2f} "
+                      f"{r.get('per_worker', r['per_s']):12.0f}", flush=True)
             gains = by_stored_side(datas, rows["plain PIL loop"]["per_image_s"], rows["PIL draft"]["per_image_s"])
             print("  draft against the plain loop by stored longer side: "
                   + "; ".join(f"{label} px ({n} images) {g:.2f}x" for label, n, g in gains))
@@ -479,7 +499,7 @@ def main(argv=None) -> int:
                 print(f"  loader workers (CPU cores) one GPU needs for {model} at {rate:,} img/s:")
                 for name in [k for k in rows if k.startswith("loader")]:
                     r = rows[name]
-                    print(f"    {name:26s} {math.ceil(rate / r['per_worker_cpu_s']):3d} workers "
+                    print(f"    {name:31s} {math.ceil(rate / r['per_worker_cpu_s']):3d} workers "
                           f"({rate / r['per_cpu_s']:.1f} cores with the training process's share, "
                           f"{100 * r['main_cpu_share']:.0f} % of the CPU)")
             for r in rows.values():

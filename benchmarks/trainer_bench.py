@@ -13,8 +13,9 @@ training steps/s of the small model on CPU.
 * ``train steps/s``: ``trainer.pretrain`` (DeepSpeed, one process, gloo) on
   the small model, batch 64, from its own progress line.
 
-Prints images/s and ratios; asserts nothing. For ResNet-50 on a GPU see
-``benchmarks/gpu_resnet50.py``.
+Prints images/s and ratios; asserts nothing. At real image sizes (and
+other decoders, ``write_shards --max-side``) see ``benchmarks/loader_bench.py``;
+for ResNet-50 on a GPU ``benchmarks/gpu_resnet50.py``.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def plain_loop(urls, spec, limit) -> float:
 
 
 def stream_rate(urls, spec, workers, limit, batch=64) -> float:
-    stream = ShardStream(urls, spec, seed=0, shuffle_buffer=1000, state=LoaderState(workers=max(1, workers)))
+    stream = ShardStream(urls, spec, seed=0, shuffle_buffer=1000, state=LoaderState(workers=max(1, workers)),
+                         normalise=False)  # as trainer.pretrain: uint8 batches, normalised on the device
     loader = torch.utils.data.DataLoader(stream, batch_size=batch, num_workers=workers, collate_fn=collate)
     it = iter(loader)
     next(it)  # worker start-up is not throughput

@@ -77,11 +77,10 @@ def test_draft_decoding_never_leaves_the_crop_smaller_than_the_output(width, hei
         whole_img, whole_box = decode_for_crop(data, output, HashRNG(seed), "none")
         img, box = decode_for_crop(data, output, HashRNG(seed), "draft")
         assert whole_img.size == (width, height)
-        d = width / img.size[0] if img.size != (width, height) else 1
+        # libjpeg's scaled size: ceil(side / d), d a power of two up to 8.
+        (d,) = [k for k in (1, 2, 4, 8) if img.size == (math.ceil(width / k), math.ceil(height / k))]
         if d != 1:
             scaled += 1
-            # libjpeg's scaled size: ceil(side / d), d a power of two.
-            assert d in (2, 4, 8) and img.size == (math.ceil(width / d), math.ceil(height / d))
             assert box == tuple(v / d for v in whole_box)
         assert (box[2] - box[0]) >= output or (whole_box[2] - whole_box[0]) < output
         assert (box[3] - box[1]) >= output or (whole_box[3] - whole_box[1]) < output

@@ -562,8 +562,9 @@ def sized_index(tmp_path_factory):
     keys += ["bad/truncated.JPEG", "bad/garbage.JPEG"]
     images += [_sized_image(200, 100, 99)[:400], b"\xff\xd8\xff only looks like a JPEG" * 3]
     for part in range(3):
-        pq.write_table(pa.table({"key": keys[part::3], "labels": pa.array([[1 + part]] * len(keys[part::3]), LABELS),
-                                 "image": pa.array(images[part::3], pa.binary())}), root / "index" / f"part-{part}.parquet")
+        table = pa.table({"key": keys[part::3], "labels": pa.array([[1 + part]] * len(keys[part::3]), LABELS),
+                          "image": pa.array(images[part::3], pa.binary())})
+        pq.write_table(table, root / "index" / f"part-{part}.parquet")
     copies = [1 + i % 3 for i in range(len(keys))]
     pq.write_table(pa.table({"key": keys, "copies": pa.array(copies, pa.int32()), "weight": [1.0] * len(keys)}),
                    root / "selection.parquet")
@@ -612,8 +613,9 @@ def test_max_side_shards_are_byte_identical_across_parallelism_and_task_failures
     root, _, _ = sized_index
     args = ["--selection", str(root / "selection.parquet"), "--index", str(root / "index"), "--samples-per-shard", "15",
             "--max-side", "64", "--quality", "85", "--max-bad-fraction", "0.1"]
-    W.run(spark, W.ShardJob(selection=str(root / "selection.parquet"), index=str(root / "index"), output=str(tmp_path / "a"),
-                            samples_per_shard=15, max_side=64, quality=85, max_bad_fraction=0.1))
+    W.run(spark, W.ShardJob(selection=str(root / "selection.parquet"), index=str(root / "index"),
+                            output=str(tmp_path / "a"), samples_per_shard=15, max_side=64, quality=85,
+                            max_bad_fraction=0.1))
     # Three at a time, every first attempt of the fetch and write tasks failing, runs of ~10 KB.
     proc = run_module("spark_jobs.write_shards", *args, "--output", str(tmp_path / "b"), "--master", "local[3,4]",
                       "--driver-memory", "1g", "--run-bytes", "10K",

@@ -377,51 +377,137 @@ def by_stored_side(datas: list[bytes], base: list[float], other: list[float]) ->
 
 # -- GPU (optional) ------------------------------------------------------------------------------
 
-def gpu_part(manifests: dict[str, str], labels: str, work: str, steps: int) -> dict:
-    """torchvision.io.decode_jpeg on the GPU, and trainer.pretrain fed from the
-    shards against the synthetic-input rates; skipped without CUDA."""
+def write_tars(index: str, out: str, shards: int, max_side: int | None, quality: int | None) -> list[str]:
+    """Shards of ``index`` written directly (``spark_jobs.shards.write_tar``,
+    one copy each, ``reencode_image`` for ``max_side``): the images
+    ``write_shards`` would store, for machines without Spark (the GPU part)."""
+    from spark_jobs.shards import REENCODE_QUALITY, image_extension, reencode_image, sample_json, sample_key, write_tar
+
+    table = pq.read_table(index)
+    keys, labels, images = (table.column(c).to_pylist() for c in ("key", "labels", "image"))
+    if max_side:
+        images = [reencode_image(d, max_side, quality or REENCODE_QUALITY) or d for d in images]
+    os.makedirs(out, exist_ok=True)
+    per = math.ceil(len(keys) / shards)
+    urls = []
+    for i in range(shards):
+        url = os.path.join(out, f"shard-{i:06d}.tar")
+        with open(url, "wb") as fh:
+            write_tar(fh, [(sample_key(k, 0), image_extension(d), d, sample_json(k, 0, lab, 1.0))
+                           for k, lab, d in zip(keys[i * per:(i + 1) * per], labels[i * per:(i + 1) * per],
+                                                images[i * per:(i + 1) * per])])
+        urls.append(url)
+    return urls
+
+
+def _train_rate(arch: str, size: int, batches, steps: int, warmup: int = 8) -> float:
+    """Images/s of SGD steps of ``arch`` (bf16 autocast, fp32 weights, as the
+    trainer's DeepSpeed config) on the GPU, fed by ``batches()`` (uint8 or
+    float, normalised on the device)."""
+    import torch.nn.functional as F
+
+    from trainer.models import build_model
+
+    model = build_model(arch, 1000).cuda().train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    spec = PreprocessSpec(size)
+    it = batches()
+    for step in range(warmup + steps):
+        if step == warmup:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+        x, y = next(it)
+        x = x.cuda(non_blocking=True)
+        x = normalise_batch(x, spec) if x.dtype == torch.uint8 else x
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x).float(), y.cuda(non_blocking=True))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    torch.cuda.synchronize()
+    rate = steps * x.shape[0] / (time.perf_counter() - start)
+    it.close()  # a loader's workers stop here
+    return rate
+
+
+def gpu_part(shard_sets: dict[str, list[str]], steps: int, batch: int = 256) -> dict:
+    """Where CUDA is available: torchvision.io.decode_jpeg on the GPU; the
+    loader's images/s with 1, 4, 8 and the default workers on this machine's
+    cores; and SGD steps of ResNet-50 (224) and Inception-v3 (299), bf16, fed
+    by the loader (default workers, pinned memory, uint8 normalised on the
+    device) against the same steps on synthetic inputs already on the device
+    (``benchmarks/gpu_resnet50.py``'s measure). Skipped without CUDA."""
     if not torch.cuda.is_available():
         print("\nGPU part skipped: no CUDA device here (torch.cuda.is_available() is False)", flush=True)
         return {"skipped": "no CUDA"}
     try:
-        import torchvision
-        from torchvision.io import decode_jpeg
+        from torchvision.io import ImageReadMode, decode_jpeg
     except ImportError:
         print("\nGPU part skipped: torchvision is not installed (pip install '.[vision]')", flush=True)
         return {"skipped": "no torchvision"}
-    out = {}
-    for name, manifest in manifests.items():
-        datas = read_images(shard_urls(manifest))
+    from trainer.data import default_num_workers
+
+    torch.backends.cudnn.benchmark = True
+    out: dict = {"device": torch.cuda.get_device_name(), "cores": len(os.sched_getaffinity(0))}
+    default = default_num_workers(cap=min(len(u) for u in shard_sets.values()))
+    print(f"\n== GPU: {out['device']}, {out['cores']} cores, default loader workers {default}", flush=True)
+    for name, urls in shard_sets.items():
+        datas = read_images(urls)
         tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-        for batch in (64, 256):
-            decode_jpeg(tensors[:batch], device="cuda")  # warm-up (nvjpeg handles)
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            n = 0
-            for i in range(0, len(tensors), batch):
-                imgs = decode_jpeg(tensors[i:i + batch], device="cuda", mode=torchvision.io.ImageReadMode.RGB)
-                n += len(imgs)
-            torch.cuda.synchronize()
-            rate = n / (time.perf_counter() - start)
-            out[f"{name} nvjpeg batch {batch}"] = rate
-            print(f"  GPU decode_jpeg, {name}, batch {batch}: {rate:,.0f} images/s", flush=True)
-    for size, (model, synthetic) in GPU_RATES.items():
+        decode_jpeg(tensors[:batch], device="cuda", mode=ImageReadMode.RGB)  # warm-up
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for i in range(0, len(tensors), batch):
+            decode_jpeg(tensors[i:i + batch], device="cuda", mode=ImageReadMode.RGB)
+        torch.cuda.synchronize()
+        out[f"{name}: nvjpeg images/s"] = rate = len(tensors) / (time.perf_counter() - start)
+        print(f"  {name}: torchvision.io.decode_jpeg on the GPU, batch {batch}: {rate:,.0f} images/s", flush=True)
+        for size in (224, 299):
+            spec = PreprocessSpec(size)
+            for workers in sorted({1, 4, 8, default}):
+                if workers > len(urls):
+                    continue
+                stream = ShardStream(urls, spec, seed=0, shuffle_buffer=500, state=LoaderState(workers=workers),
+                                     normalise=False)
+                it = iter(torch.utils.data.DataLoader(stream, batch_size=batch, num_workers=workers,
+                                                      collate_fn=collate, prefetch_factor=4))
+                next(it)
+                start, n = time.perf_counter(), 0
+                while n < 3 * len(datas):
+                    n += len(next(it)[1])
+                rate = n / (time.perf_counter() - start)
+                del it
+                out[f"{name}: loader {size} {workers}w images/s"] = rate
+                print(f"  {name}: loader at {size}, {workers:2d} workers: {rate:7,.0f} images/s "
+                      f"({rate / workers:,.0f} per worker)", flush=True)
+    for size, (model, measured) in GPU_RATES.items():
         arch = "resnet50" if size == 224 else "inception_v3"
-        for name, manifest in manifests.items():
-            if not name.startswith("ImageNet-like"):
-                continue
-            run = os.path.join(work, f"pretrain-{arch}-{re.sub('[^A-Za-z0-9]+', '-', name)}")
-            proc = subprocess.run([sys.executable, "-m", "trainer.pretrain", "--shards", manifest, "--labels", labels,
-                                   "--model", arch, "--steps", str(steps), "--batch-size", "256",
-                                   "--log-every", str(max(1, steps // 4)), "--save-every", str(steps),
-                                   "--output", run, "--overwrite"], capture_output=True, text=True)
-            rates = [float(m) for m in re.findall(r"(\d+) img/s", proc.stdout)]
-            if proc.returncode or not rates:
-                print(f"  pretrain {arch} on {name} failed:\n{proc.stdout[-1500:]}{proc.stderr[-1500:]}")
-                continue
-            out[f"{arch} {name}"] = rates[-1]
-            print(f"  trainer.pretrain {model} from shards ({name}): {rates[-1]:,.0f} img/s = "
-                  f"{rates[-1] / synthetic:.2f}x the synthetic-input {synthetic:,} img/s", flush=True)
+
+        def synthetic():
+            x = torch.randn(batch, 3, size, size, device="cuda")
+            y = torch.randint(0, 1000, (batch,), device="cuda")
+            while True:
+                yield x, y
+
+        rate = _train_rate(arch, size, synthetic, steps)
+        out[f"{arch} synthetic images/s"] = rate
+        print(f"  {model} ({size}), synthetic inputs: {rate:,.0f} images/s (DeepSpeed on an H100 measured "
+              f"{measured:,})", flush=True)
+        for name, urls in shard_sets.items():
+            spec = PreprocessSpec(size)
+
+            def from_shards(urls=urls, spec=spec):
+                stream = ShardStream(urls, spec, seed=0, shuffle_buffer=500, state=LoaderState(workers=default),
+                                     normalise=False)
+                loader = torch.utils.data.DataLoader(stream, batch_size=batch, num_workers=default,
+                                                     collate_fn=collate, pin_memory=True, prefetch_factor=4)
+                for x, labels, *_ in loader:
+                    yield x, torch.tensor([lab[0] % 1000 for lab in labels])
+
+            fed = _train_rate(arch, size, from_shards, steps)
+            out[f"{arch} {name} images/s"] = fed
+            print(f"  {model} ({size}) fed from the shards ({name}, {default} workers): {fed:,.0f} images/s = "
+                  f"{fed / rate:.2f}x synthetic", flush=True)
     return out
 
 
@@ -438,9 +524,26 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="/tmp/loader-bench")
     ap.add_argument("--skip", default="", help="comma-separated decoder names to leave out")
     ap.add_argument("--gpu", action="store_true", help="also the GPU part (skipped without CUDA)")
-    ap.add_argument("--gpu-steps", type=int, default=80)
+    ap.add_argument("--gpu-steps", type=int, default=30, help="timed training steps of the GPU part (batch 256)")
+    ap.add_argument("--gpu-only", action="store_true",
+                    help="only the GPU part, on ImageNet-like shards written without Spark (a GPU machine "
+                         "without Java or Spark); needs torch, torchvision, webdataset, Pillow, pyarrow")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.gpu_only:
+        work = os.path.join(args.work, "ImageNet-like")
+        index, _, _ = make_source(work, args.images, SIZE_MIX)
+        sets = {"as stored": write_tars(index, os.path.join(work, "tars"), 16, None, None),
+                f"max-side {args.max_side}": write_tars(index, os.path.join(work, f"tars-max{args.max_side}"), 16,
+                                                        args.max_side, args.quality)}
+        for name, urls in sets.items():
+            size = sum(os.path.getsize(u) for u in urls)
+            print(f"  {name}: {size / 2**20:.1f} MiB of shards, {size / args.images / 1024:.1f} KB per image")
+        results = {"gpu": gpu_part(sets, args.gpu_steps)}
+        os.makedirs(args.work, exist_ok=True)
+        with open(os.path.join(args.work, "results-gpu.json"), "w") as fh:
+            json.dump(results, fh, indent=1)
+        return 0
     manifests = {}
     for name, count, mix in (("ImageNet-like", args.images, SIZE_MIX), ("large", args.large_images, LARGE_MIX)):
         if count:
@@ -506,7 +609,8 @@ def main(argv=None) -> int:
                 r.pop("per_image_s", None)
             results["sets"][set_name]["sizes"][size] = {"rows": rows, "draft_by_side": gains, "pixels": effect}
     if args.gpu:
-        results["gpu"] = gpu_part(manifests, labels, args.work, args.gpu_steps)
+        results["gpu"] = gpu_part({name: shard_urls(m) for name, m in manifests.items()
+                                   if name.startswith("ImageNet-like")}, args.gpu_steps)
     path = os.path.join(args.work, "results.json")
     with open(path, "w") as fh:
         json.dump(results, fh, indent=1)

@@ -17,9 +17,11 @@
 #   make resample TARGET=food101 SIZE=80M [SOURCE=jft MATCHER=same|elastic
 #        DRAW=multinomial|systematic SEED=0 RUNNER=DirectRunner SPARK_MASTER=local[*]
 #        OUT=out TARGET_ROOT=... MODEL=generalist.pt SAMPLES_PER_SHARD=10000
-#        ALLOW_URI_PREFIX="gs://images/ /data/imagenet/train"]
-#        weights (Beam) -> resample (Spark) -> shards (Spark) -> verify, reusing
-#        finished stages. TARGET=demo runs the same path on generated data.
+#        ALLOW_URI_PREFIX="gs://images/ /data/imagenet/train" DEDUP=1]
+#        weights (Beam) -> near-duplicates of the target's train and test images
+#        (Beam; DEDUP=0 skips it) -> resample without them (Spark) -> shards (Spark)
+#        -> verify, reusing finished stages and stored source embeddings.
+#        TARGET=demo runs the same path on generated data.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -41,6 +43,7 @@ TARGET_ROOT ?=
 MODEL ?=
 SAMPLES_PER_SHARD ?= 10000
 ALLOW_URI_PREFIX ?=
+DEDUP ?= 1
 
 .PHONY: install test demo resample clean distclean
 
@@ -68,7 +71,8 @@ resample: install
 	  $(if $(SOURCE),--source "$(SOURCE)") --matcher "$(MATCHER)" --draw "$(DRAW)" --seed "$(SEED)" \
 	  --runner "$(RUNNER)" $(if $(SPARK_MASTER),--spark-master "$(SPARK_MASTER)") --out "$(OUT)" \
 	  $(if $(TARGET_ROOT),--target-root "$(TARGET_ROOT)") $(if $(MODEL),--model "$(MODEL)") \
-	  --samples-per-shard "$(SAMPLES_PER_SHARD)" $(foreach p,$(ALLOW_URI_PREFIX),--allow-uri-prefix "$(p)")
+	  --samples-per-shard "$(SAMPLES_PER_SHARD)" $(foreach p,$(ALLOW_URI_PREFIX),--allow-uri-prefix "$(p)") \
+	  $(if $(filter 0,$(DEDUP)),--no-dedup)
 
 clean:
 	rm -rf $(DEMO_OUT) $(OUT) .pytest_cache build *.egg-info

@@ -1,4 +1,4 @@
-"""``make resample TARGET=food101 SIZE=80M``: weights, resample, shards, verify.
+"""``make resample TARGET=food101 SIZE=80M``: weights, near-duplicates, resample, shards, verify.
 
 ::
 
@@ -6,14 +6,23 @@
       [--matcher same|elastic] [--draw multinomial|systematic] [--seed 0]
       [--runner DirectRunner] [--spark-master local[*]] [--out out]
       [--target-root PATH] [--model generalist.pt] [--samples-per-shard 10000]
+      [--no-dedup] [--dedup-threshold T]
 
 Layout under ``--out`` (a local path or URL)::
 
     weights/<target>-<fingerprint>/          importance weights (reused while inputs are unchanged)
-    label-sets/index-<fingerprint>.parquet   the index's label-set table (shared by every run over it)
+    embeddings/index-<fp>-model-<fp>/        source embeddings (one per index and generalist, every target)
+    dedup/<target>-<fingerprint>/            near-duplicates of the target's train and test images
+    label-sets/index-<fingerprint>[-exclude-<fp>].parquet
+                                             the index's label-set table (shared by every run over it
+                                             and the same exclusions)
     <target>/<size>-<matcher>-<fingerprint>/
         resample/                            selection, stats.json, label_stats.png
         shards/                              shard-*.tar, manifest.json, _SUCCESS
+
+The resampler never draws a near-duplicate of a target image (``--exclude``
+with the dedup stage's ``exclude.parquet``); ``--no-dedup`` (``make
+resample DEDUP=0``) draws from the whole source.
 
 Fingerprints hash the inputs (listings of the index and target, contents of
 the vocabulary, the generalist) and every option, so a rerun finds finished
@@ -65,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-uri-prefix", action="append", default=[], metavar="PREFIX",
                    help="where a uri index's images may be read from, repeatable (default: the source "
                         "config's image_root or train_root, else the index's own storage)")
+    p.add_argument("--no-dedup", dest="dedup", action="store_false",
+                   help="keep near-duplicates of the target's train and test images in the source")
+    p.add_argument("--dedup-threshold", type=float, default=None,
+                   help="near-duplicate similarity threshold (default: beam_pipelines.near_duplicates')")
     return p
 
 
@@ -95,7 +108,8 @@ def plan(args: argparse.Namespace, log=print) -> dict:
                          "temperature": args.temperature})
     options = {"size": size, "matcher": args.matcher, "draw": args.draw if args.matcher == "same" else "systematic",
                "aggregate": args.aggregate, "seed": args.seed, "samples_per_shard": args.samples_per_shard}
-    run_key = _hash({"weights": weights_key, **options})
+    dedup = _plan_dedup(args, target, root, inputs) if getattr(args, "dedup", True) else None
+    run_key = _hash({"weights": weights_key, **({"dedup": dedup["key"]} if dedup else {}), **options})
     label = f"{format_size(size)}-{args.matcher}" + (f"-{args.draw}" if args.matcher == "same" else "")
     base = sio.join(args.out, target.name, f"{label}-{run_key[:12]}")
     image_root = source.extra.get("image_root") or source.extra.get("train_root")
@@ -104,9 +118,27 @@ def plan(args: argparse.Namespace, log=print) -> dict:
             "allow_uri_prefixes": allowed,
             "root": root, "size": size, "options": options, "inputs": inputs,
             "weights_dir": sio.join(args.out, "weights", f"{target.name}-{weights_key[:12]}"),
-            # One per index, shared by every target, size and matcher (spark_jobs.label_sets).
-            "label_sets": sio.join(args.out, "label-sets", f"index-{inputs['index'][:12]}.parquet"),
-            "resample_dir": sio.join(base, "resample"), "shards_dir": sio.join(base, "shards")}
+            # One per index (less the excluded keys), shared by every size and matcher (spark_jobs.label_sets).
+            "label_sets": sio.join(args.out, "label-sets", f"index-{inputs['index'][:12]}"
+                                   + (f"-exclude-{dedup['key'][:12]}" if dedup else "") + ".parquet"),
+            "dedup": dedup, "resample_dir": sio.join(base, "resample"), "shards_dir": sio.join(base, "shards")}
+
+
+def _plan_dedup(args: argparse.Namespace, target, root: str, inputs: dict) -> dict:
+    """The near-duplicates stage's directories: its output (per target,
+    generalist, index and threshold) and the source embeddings (per index and
+    generalist: every target reuses them)."""
+    from beam_pipelines.near_duplicates import DEFAULT_GRID, DEFAULT_THRESHOLD
+
+    splits = list(dict.fromkeys([target.train_split, target.test_split]))
+    listed = [list_target(root, target.layout, s).paths for s in splits]
+    threshold = DEFAULT_THRESHOLD if args.dedup_threshold is None else args.dedup_threshold
+    key = _hash({"index": inputs["index"], "model": inputs["model"], "layout": target.layout, "splits": splits,
+                 "target_images": _hash(listed), "threshold": threshold, "grid": DEFAULT_GRID})
+    return {"key": key, "splits": splits, "threshold": threshold,
+            "dir": sio.join(args.out, "dedup", f"{target.name}-{key[:12]}"),
+            "embeddings": sio.join(args.out, "embeddings",
+                                   f"index-{inputs['index'][:12]}-model-{inputs['model'][:12]}")}
 
 
 _SPARK = {}
@@ -123,6 +155,7 @@ def _spark(args):
 def run(args: argparse.Namespace, log=print) -> dict:
     """Run every stage not already complete; return the summary."""
     from beam_pipelines import importance_weights as IW
+    from beam_pipelines import near_duplicates as ND
     from spark_jobs import resample as R
     from spark_jobs import verify as V
     from spark_jobs import write_shards as W
@@ -131,26 +164,44 @@ def run(args: argparse.Namespace, log=print) -> dict:
     p = plan(args, log)
     target = p["target"]
     if is_complete(p["weights_dir"]):
-        log(f"[1/4] weights: reusing {p['weights_dir']}")
+        log(f"[1/5] weights: reusing {p['weights_dir']}")
     else:
-        log(f"[1/4] weights: Beam ({args.runner}) -> {p['weights_dir']}")
+        log(f"[1/5] weights: Beam ({args.runner}) -> {p['weights_dir']}")
         IW.run(["--source-index", p["index"], "--labels", p["labels"], "--target-images", p["root"],
                 "--target-layout", target.layout, "--target-split", target.train_split,
                 "--target-name", target.name, "--model", p["model"], "--temperature", str(args.temperature),
                 "--output", p["weights_dir"], "--runner", args.runner, *args.beam_arg])
+    dedup, exclude, excluded = p["dedup"], None, 0
+    if dedup is None:
+        log("[2/5] near-duplicates: off (--no-dedup): the source may hold copies of target images")
+    else:
+        if is_complete(dedup["dir"]):
+            log(f"[2/5] near-duplicates: reusing {dedup['dir']}")
+        else:
+            log(f"[2/5] near-duplicates of {'+'.join(dedup['splits'])}: Beam ({args.runner}) -> {dedup['dir']} "
+                f"(source embeddings: {dedup['embeddings']})")
+            ND.run(["--source-index", p["index"], "--labels", p["labels"], "--target-images", p["root"],
+                    "--target-layout", target.layout, "--splits", ",".join(dedup["splits"]), "--model", p["model"],
+                    "--threshold", repr(dedup["threshold"]), "--embeddings", dedup["embeddings"],
+                    "--output", dedup["dir"], "--runner", args.runner, *args.beam_arg,
+                    *[a for prefix in p["allow_uri_prefixes"] or () for a in ("--allow-uri-prefix", prefix)]])
+        found = json.loads(sio.read_bytes(sio.join(dedup["dir"], "summary.json")))
+        exclude, excluded = sio.join(dedup["dir"], "exclude.parquet"), found["excluded"]
+        log(f"      {found['excluded']:,} source examples excluded (by split: "
+            + ", ".join(f"{s} {n:,}" for s, n in found["excluded_by_split"].items()) + ")")
     spark = _spark(args)
     o = p["options"]
-    log(f"[2/4] resample: {format_size(o['size'])} {args.matcher} -> {p['resample_dir']}")
+    log(f"[3/5] resample: {format_size(o['size'])} {args.matcher} -> {p['resample_dir']}")
     stats = R.run(spark, R.ResampleJob(index=p["index"], weights=sio.join(p["weights_dir"], "weights.parquet"),
                                        size=o["size"], matcher=o["matcher"], draw=o["draw"],
                                        aggregate=o["aggregate"], seed=o["seed"], labels=p["labels"],
-                                       target=target.name, temperature=args.temperature,
+                                       target=target.name, temperature=args.temperature, exclude=exclude,
                                        output=p["resample_dir"], label_sets=p["label_sets"]))
-    log(f"[3/4] shards -> {p['shards_dir']}")
+    log(f"[4/5] shards -> {p['shards_dir']}")
     manifest = W.run(spark, W.ShardJob(selection=p["resample_dir"], index=p["index"], output=p["shards_dir"],
                                        samples_per_shard=o["samples_per_shard"], seed=o["seed"],
                                        allow_uri_prefixes=p["allow_uri_prefixes"]))
-    log("[4/4] verify")
+    log("[5/5] verify")
     report = V.verify(p["shards_dir"])
     if not report.ok:
         raise ValueError("verify failed: " + "; ".join(report.problems[:5]))
@@ -161,6 +212,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
         "shard_files": len(manifest.shards), "total_variation": stats["total_variation"],
         "top_labels": [(t["name"], round(t["weight"], 4)) for t in weights_summary["top_labels"][:10]],
         "weights": p["weights_dir"], "resample": p["resample_dir"], "seconds": round(time.time() - t0, 1),
+        "dedup": dedup and dedup["dir"], "excluded": excluded,
     }
     log("")
     log(f"shards:   {summary['shards']}")

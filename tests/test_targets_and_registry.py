@@ -154,14 +154,30 @@ def test_make_resample_orchestration_reuses_finished_stages(source_data, food_ta
         assert first["shards"].endswith("/shards/manifest.json") and "/mytarget/900-elastic-" in first["shards"]
         assert any(line.startswith("top labels by importance weight:") for line in lines)
         assert json.loads(sio.read_bytes(first["shards"]))["config"]["target"] == "mytarget"
+        # Near-duplicates of the train and test images were found and never drawn.
+        assert any(line.startswith("[2/5] near-duplicates of train+test: Beam") for line in lines)
+        dedup = json.loads(sio.read_bytes(sio.join(first["dedup"], "summary.json")))
+        assert dedup["target_images"] == {"train": 160, "test": 80} and dedup["embeddings"]["reused"] is False
+        excluded = set(pq.read_table(sio.join(first["dedup"], "exclude.parquet")).column("key").to_pylist())
+        assert first["excluded"] == len(excluded) == dedup["excluded"]
+        stats = json.loads(sio.read_bytes(sio.join(first["resample"], "stats.json")))
+        assert stats["job"]["exclude"] == sio.join(first["dedup"], "exclude.parquet")
+        assert stats["source_examples"] == source_data.num_examples - len(excluded)
+        selected = set(pq.read_table(sio.join(first["resample"], "selection")).column("key").to_pylist())
+        assert not selected & excluded
         lines.clear()
         again = AR.run(args, log=lines.append)
         assert again["shards"] == first["shards"] and any("weights: reusing" in line for line in lines)
+        assert any("near-duplicates: reusing" in line for line in lines)
         args.size, args.matcher = "1200", "same"
         lines.clear()
         third = AR.run(args, log=lines.append)
         assert any("weights: reusing" in line for line in lines) and third["shards"] != first["shards"]
-        assert third["samples"] == 1200
+        assert any("near-duplicates: reusing" in line for line in lines) and third["samples"] == 1200
+        # DEDUP=0: another pre-training set (its own directory), nothing excluded.
+        args.dedup = False
+        plain = AR.plan(args, log=lines.append)
+        assert plain["dedup"] is None and plain["resample_dir"] != third["resample"]
     finally:
         if "session" in AR._SPARK:
             AR._SPARK.pop("session")  # the test session's spark fixture owns the JVM

@@ -400,7 +400,7 @@ def write_tars(index: str, out: str, shards: int, max_side: int | None, quality:
     return urls
 
 
-def _train_rate(arch: str, size: int, batches, steps: int, warmup: int = 8) -> float:
+def _train_rate(arch: str, size: int, batches, steps: int, warmup: int = 30) -> float:
     """Images/s of SGD steps of ``arch`` (bf16 autocast, fp32 weights, as the
     trainer's DeepSpeed config) on the GPU, fed by ``batches()`` (uint8 or
     float, normalised on the device)."""
@@ -469,11 +469,12 @@ def gpu_part(shard_sets: dict[str, list[str]], steps: int, batch: int = 256) -> 
                     continue
                 stream = ShardStream(urls, spec, seed=0, shuffle_buffer=500, state=LoaderState(workers=workers),
                                      normalise=False)
-                it = iter(torch.utils.data.DataLoader(stream, batch_size=batch, num_workers=workers,
-                                                      collate_fn=collate, prefetch_factor=4))
-                next(it)
+                it = iter(torch.utils.data.DataLoader(stream, batch_size=BATCH, num_workers=workers,
+                                                      collate_fn=collate, prefetch_factor=2))
+                for _ in range(2 * workers):  # all workers start at once: past the batches made meanwhile
+                    next(it)
                 start, n = time.perf_counter(), 0
-                while n < 3 * len(datas):
+                for _ in range(6 * workers):
                     n += len(next(it)[1])
                 rate = n / (time.perf_counter() - start)
                 del it

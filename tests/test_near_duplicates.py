@@ -104,6 +104,14 @@ def world(tmp_path_factory, source_data):
     return planted_world(tmp_path_factory.mktemp("world"), source_data, seed=0)
 
 
+@pytest.fixture(scope="module")
+def small_index(tmp_path_factory, world):
+    """40 planted examples in one file: a source for the runs that check errors."""
+    path = str(tmp_path_factory.mktemp("small") / "small.parquet")
+    pq.write_table(pq.read_table(os.path.join(world["index"], "part-planted.parquet")).slice(0, 40), path)
+    return path
+
+
 def run_dedup(world_or_index, source_data, model, output, *extra, target=None):
     index = world_or_index["index"] if isinstance(world_or_index, dict) else world_or_index
     root = target or world_or_index["target"].root
@@ -335,41 +343,39 @@ def test_planted_near_duplicates_are_found_at_the_default_threshold(world, sourc
     assert again["reused"] is True
 
 
-def test_store_from_another_model_is_refused_and_unchanged(world, source_data, generalist, tmp_path):
-    small = sio.read_parquet(source_data.labels_path)
+def test_store_from_another_model_is_refused_and_unchanged(world, small_index, source_data, generalist, tmp_path):
+    vocab = sio.read_parquet(source_data.labels_path)
     other = str(tmp_path / "other.pt")
     torch.manual_seed(1)
-    save_generalist(other, build_model("small", small.num_rows), "small", small.column("label_id").to_pylist(),
-                    PreprocessSpec(32), small)
-    planted_file = os.path.join(world["index"], "part-planted.parquet")
-    run_dedup(planted_file, source_data, other, tmp_path / "a", "--embeddings", str(tmp_path / "emb"),
+    save_generalist(other, build_model("small", vocab.num_rows), "small", vocab.column("label_id").to_pylist(),
+                    PreprocessSpec(32), vocab)
+    run_dedup(small_index, source_data, other, tmp_path / "a", "--embeddings", str(tmp_path / "emb"),
               target=world["target"].root)
     before = sorted(os.listdir(tmp_path / "emb"))
     with pytest.raises(ValueError, match=r"--embeddings .*emb holds source embeddings made with another model "
                                          r"\(model: stored [0-9a-f]{16}\.\.\., this run [0-9a-f]{16}\.\.\.\)"):
-        run_dedup(planted_file, source_data, generalist, tmp_path / "b", "--embeddings", str(tmp_path / "emb"),
+        run_dedup(small_index, source_data, generalist, tmp_path / "b", "--embeddings", str(tmp_path / "emb"),
                   target=world["target"].root)
     assert sorted(os.listdir(tmp_path / "emb")) == before and not os.path.exists(tmp_path / "b")
     with pytest.raises(ValueError, match="other inputs .*grid: stored 2, this run 1"):
-        run_dedup(planted_file, source_data, other, tmp_path / "b", "--embeddings", str(tmp_path / "emb"),
+        run_dedup(small_index, source_data, other, tmp_path / "b", "--embeddings", str(tmp_path / "emb"),
                   "--grid", "1", target=world["target"].root)
 
 
-def test_unreadable_target_images_are_counted_and_named(world, source_data, generalist, tmp_path):
+def test_unreadable_target_images_are_counted_and_named(world, small_index, source_data, generalist, tmp_path):
     root = tmp_path / "target"
     shutil.copytree(world["target"].root, root)
     test_paths = list_target(str(root), "food101", "test").paths
     for p in test_paths[:2]:
         open(p, "wb").write(b"\xff\xd8 truncated")
-    planted_file = os.path.join(world["index"], "part-planted.parquet")
-    summary = run_dedup(planted_file, source_data, generalist, tmp_path / "ok", "--max-bad-fraction", "0.01",
+    summary = run_dedup(small_index, source_data, generalist, tmp_path / "ok", "--max-bad-fraction", "0.01",
                         target=str(root))
     assert summary["target_unreadable_images"] == 2
     assert summary["target_unreadable_image_names"] == sorted(test_paths[:2])
     assert summary["target_images"] == {"train": 160, "test": 78}
     with pytest.raises(ValueError, match=r"2 of 240 target images are unreadable \(0\.83% > --max-bad-fraction "
                                          r"0\.50%\)"):
-        run_dedup(planted_file, source_data, generalist, tmp_path / "fail", "--max-bad-fraction", "0.005",
+        run_dedup(small_index, source_data, generalist, tmp_path / "fail", "--max-bad-fraction", "0.005",
                   target=str(root))
     assert not os.path.exists(tmp_path / "fail" / "_SUCCESS")
 
@@ -410,16 +416,21 @@ def test_uri_index_reads_only_allowed_prefixes(world, source_data, generalist, t
 @pytest.mark.slow
 def test_default_threshold_measurement(source_data, generalist, tmp_path):
     """How the default was chosen: on seeds 1-3 (other targets, copies and
-    negatives; the same generalist), the lowest threshold that removes at most
-    1 % of the hard negatives (beam_pipelines.similarity.choose_threshold);
+    negatives than seed 0's; the same generalist), the lowest threshold that
+    removes at most 1 % of the hard negatives (similarity.choose_threshold);
     the default is the largest of the three, rounded up to 3 decimals. Checks
-    it still is (to within 0.005), and the rates there. Run with -s to print them."""
+    it still is (to within 0.005), and the rates there. Run with -s to print."""
     chosen, rates = [], []
     for seed in (1, 2, 3):
+        # In process (the pipeline computes the same: test_embed_target_transform..., and seed 0 above).
         world = planted_world(tmp_path / f"seed{seed}", source_data, seed)
-        run_dedup(world, source_data, generalist, tmp_path / f"out{seed}", "--threshold", "-1")
-        every = pq.read_table(tmp_path / f"out{seed}" / "exclude.parquet")
-        similarity = dict(zip(every.column("key").to_pylist(), every.column("similarity").to_pylist()))
+        target = [p for split in ("train", "test")
+                  for p in list_target(world["target"].root, "food101", split).paths]
+        table = pq.read_table(os.path.join(world["index"], "part-planted.parquet"))
+        _, sims = best_matches(
+            reference_embeddings(generalist, table.column("image").to_pylist(), ND.DEFAULT_GRID, 32),
+            reference_embeddings(generalist, [open(p, "rb").read() for p in target], ND.DEFAULT_GRID, 32))
+        similarity = dict(zip(table.column("key").to_pylist(), sims.tolist()))
         planted = world["planted"]
         chosen.append(choose_threshold([similarity[k] for k in planted.negatives], 0.01))
         rates.append(planted_rates(similarity, planted, ND.DEFAULT_THRESHOLD))

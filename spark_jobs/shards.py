@@ -222,9 +222,12 @@ def reencode_image(data, max_side: int, quality: int = REENCODE_QUALITY) -> byte
     ``Image.thumbnail`` does, then resized with Lanczos. Deterministic: the
     same bytes, settings and Pillow/libjpeg-turbo give the same output bytes.
     Raises when the image cannot be read or decoded."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    img = Image.open(io.BytesIO(data))
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:  # its message names the buffer's address: not reproducible
+        raise UnidentifiedImageError("cannot identify image file") from None
     width, height = img.size
     if max(width, height) <= max_side:
         return None

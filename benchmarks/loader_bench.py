@@ -539,7 +539,8 @@ def main(argv=None) -> int:
                                                         args.max_side, args.quality)}
         for name, urls in sets.items():
             size = sum(os.path.getsize(u) for u in urls)
-            print(f"  {name}: {size / 2**20:.1f} MiB of shards, {size / args.images / 1024:.1f} KB per image")
+            count = pq.ParquetFile(index).metadata.num_rows
+            print(f"  {name}: {size / 2**20:.1f} MiB of shards, {size / count / 1024:.1f} KB per image")
         results = {"gpu": gpu_part(sets, args.gpu_steps)}
         os.makedirs(args.work, exist_ok=True)
         with open(os.path.join(args.work, "results-gpu.json"), "w") as fh:

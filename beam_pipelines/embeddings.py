@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import json
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
 
@@ -52,7 +53,8 @@ from trainer.transforms import PreprocessSpec, decode_image, eval_transform
 from .label_counts import split_row_groups
 from .target_histogram import BAD_IMAGES, GeneralistModelHandler
 
-__all__ = ["BAD_IMAGES", "STORE_STAGE", "STORE_META", "STORE_FORMAT_VERSION", "EmbeddedRows", "TargetEmbeddings",
+__all__ = ["BAD_IMAGES", "STORE_STAGE", "STORE_META", "STORE_FORMAT_VERSION", "EmbeddedRows", "concat_rows",
+           "TargetEmbeddings",
            "embedding_inference", "EmbeddingModelHandler", "ReadSourceImages", "ReadTargetImages",
            "CollectTarget", "EmbedSource", "EmbedTarget", "store_schema", "rows_table", "table_rows",
            "WriteStore", "ReadStore", "open_store"]
@@ -81,14 +83,25 @@ class EmbeddedRows:
         return len(self.keys)
 
 
+def concat_rows(chunks: Sequence[EmbeddedRows]) -> EmbeddedRows:
+    """Several batches of embedded rows as one."""
+    if len(chunks) == 1:
+        return chunks[0]
+    return EmbeddedRows([k for c in chunks for k in c.keys], [f for c in chunks for f in c.files],
+                        np.concatenate([c.rows for c in chunks]), np.concatenate([c.vectors for c in chunks]))
+
+
 @dataclass
 class TargetEmbeddings:
     """Every readable target image: ``paths``, ``splits`` and ``vectors``
-    (m, D) float16, ordered as the images were listed (split by split)."""
+    (m, D) float16, ordered as the images were listed (split by split).
+    ``token`` names this collection across copies (a side input may be
+    decoded anew for each element), so a worker prepares it once."""
 
     paths: list[str] = field(default_factory=list)
     splits: list[str] = field(default_factory=list)
     vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float16))
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -320,13 +333,11 @@ def store_schema(dim: int) -> pa.Schema:
 
 def rows_table(chunks: Sequence[EmbeddedRows], dim: int) -> pa.Table:
     """Embedded rows as a table of :func:`store_schema`."""
-    vectors = np.concatenate([c.vectors for c in chunks]).astype("<f2", copy=False)
-    data = pa.py_buffer(np.ascontiguousarray(vectors).tobytes())
-    embedding = pa.FixedSizeBinaryArray.from_buffers(pa.binary(2 * dim), len(vectors), [None, data])
-    return pa.Table.from_arrays(
-        [pa.array([k for c in chunks for k in c.keys], pa.string()),
-         pa.array([f for c in chunks for f in c.files], pa.string()),
-         pa.array(np.concatenate([c.rows for c in chunks]), pa.int64()), embedding], schema=store_schema(dim))
+    rows = concat_rows(chunks)
+    data = pa.py_buffer(np.ascontiguousarray(rows.vectors.astype("<f2", copy=False)).tobytes())
+    embedding = pa.FixedSizeBinaryArray.from_buffers(pa.binary(2 * dim), len(rows), [None, data])
+    return pa.Table.from_arrays([pa.array(rows.keys, pa.string()), pa.array(rows.files, pa.string()),
+                                 pa.array(rows.rows, pa.int64()), embedding], schema=store_schema(dim))
 
 
 def table_rows(batch: pa.RecordBatch | pa.Table, dim: int) -> EmbeddedRows:

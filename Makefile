@@ -1,6 +1,10 @@
 # adaptive-transfer: one-command setup, tests and demo.
 #
 #   make test            set up .venv (first time) and run the tests
+#   make test-cluster    the tests where nothing is shared but object storage (tests/test_cluster*.py:
+#                        a Spark standalone cluster of isolated workers with the packed env, two
+#                        DeepSpeed nodes with their own disks, Beam SDK workers in their own env;
+#                        root and unshare for the Spark workers); .ci/run runs both
 #   make demo            set up .venv and run the whole pipeline on generated data
 #   make install         only set up .venv (idempotent; a stamp file skips it when
 #                        setup.py and this Makefile are unchanged)
@@ -22,6 +26,18 @@
 #        (Beam; DEDUP=0 skips it) -> resample without them (Spark) -> shards (Spark)
 #        -> verify, reusing finished stages and stored source embeddings.
 #        TARGET=demo runs the same path on generated data.
+#
+#   make spark-env [SPARK_ENV_DIR=build/spark-env SPARK_ENV_EXTRAS=spark,gcs,s3]
+#        what spark-submit ships to executors (README "Running at scale"):
+#        SPARK_ENV_DIR/env.tar.gz, a virtualenv holding only setup.py's SPARK_ENV_EXTRAS
+#        (no torch, no pyspark: executors take pyspark from their Spark) at the versions
+#        of this venv, packed with venv-pack (--archives env.tar.gz#env,
+#        spark.pyspark.python=./env/bin/python; executors need the same python3 at the
+#        same path, or SPARK_ENV_PYTHON_PREFIX=/usr for where theirs lives; a tar.gz:
+#        Spark unpacks it with tar, keeping the interpreter's symlink), rebuilt when
+#        setup.py changes; and
+#        SPARK_ENV_DIR/code.zip, this project's schemas/ and spark_jobs/ (--py-files),
+#        rebuilt when they change.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -44,8 +60,11 @@ MODEL ?=
 SAMPLES_PER_SHARD ?= 10000
 ALLOW_URI_PREFIX ?=
 DEDUP ?= 1
+SPARK_ENV_DIR ?= build/spark-env
+SPARK_ENV_EXTRAS ?= spark,gcs,s3
+SPARK_ENV_PYTHON_PREFIX ?=
 
-.PHONY: install test demo resample clean distclean
+.PHONY: install test test-cluster demo resample spark-env clean distclean
 
 install: $(STAMP)
 
@@ -62,6 +81,9 @@ $(STAMP): setup.py Makefile
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+test-cluster: install
+	ADAPTIVE_TRANSFER_CLUSTER_TESTS=1 $(BIN)/python -m pytest $(wildcard tests/test_cluster*.py) $(PYTEST_ARGS)
+
 demo: install
 	$(BIN)/python -m adaptive_transfer.demo --out $(DEMO_OUT)
 
@@ -73,6 +95,30 @@ resample: install
 	  $(if $(TARGET_ROOT),--target-root "$(TARGET_ROOT)") $(if $(MODEL),--model "$(MODEL)") \
 	  --samples-per-shard "$(SAMPLES_PER_SHARD)" $(foreach p,$(ALLOW_URI_PREFIX),--allow-uri-prefix "$(p)") \
 	  $(if $(filter 0,$(DEDUP)),--no-dedup)
+
+spark-env: install $(SPARK_ENV_DIR)/env.tar.gz $(SPARK_ENV_DIR)/code.zip
+
+# The extras' requirements are installed with the project, which is then removed:
+# the executors get the code from code.zip, so a code change needs no new env. The
+# driver's versions are the constraints (Arrow, numpy and pandas alike on both sides).
+$(SPARK_ENV_DIR)/env.tar.gz: setup.py
+	rm -rf $(SPARK_ENV_DIR)/venv && mkdir -p $(SPARK_ENV_DIR)
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v " @ " > $(SPARK_ENV_DIR)/constraints.txt
+	$(PYTHON) -m venv $(SPARK_ENV_DIR)/venv
+	$(SPARK_ENV_DIR)/venv/bin/python -m pip install --quiet -c $(SPARK_ENV_DIR)/constraints.txt \
+	  ".[$(SPARK_ENV_EXTRAS)]"
+	$(SPARK_ENV_DIR)/venv/bin/python -m pip uninstall --quiet --yes adaptive-transfer pip setuptools
+	$(BIN)/python -m venv_pack --quiet --force --prefix $(SPARK_ENV_DIR)/venv --exclude "*/tests/*" \
+	  --output $(SPARK_ENV_DIR)/tmp.tar.gz \
+	  $(if $(SPARK_ENV_PYTHON_PREFIX),--python-prefix $(SPARK_ENV_PYTHON_PREFIX))
+	mv $(SPARK_ENV_DIR)/tmp.tar.gz $@ && rm -rf $(SPARK_ENV_DIR)/venv
+
+$(SPARK_ENV_DIR)/code.zip: $(wildcard schemas/*.py spark_jobs/*.py)
+	@mkdir -p $(SPARK_ENV_DIR)
+	$(BIN)/python -c "import pathlib, sys, zipfile; \
+	  z = zipfile.ZipFile(sys.argv[1], 'w', zipfile.ZIP_DEFLATED); \
+	  [z.write(f) for d in sys.argv[2:] for f in sorted(pathlib.Path(d).glob('*.py'))]; z.close()" \
+	  $@.tmp schemas spark_jobs && mv $@.tmp $@
 
 clean:
 	rm -rf $(DEMO_OUT) $(OUT) .pytest_cache build *.egg-info

@@ -5,6 +5,35 @@ from setuptools import find_packages, setup
 
 PACKAGES = ["schemas", "beam_pipelines", "spark_jobs", "trainer", "adaptive_transfer"]
 
+#: What every stage imports (schemas/: Arrow, fsspec paths, image checks).
+CORE = ["numpy>=1.24", "pyarrow>=14", "fsspec>=2023.6", "pillow>=10"]
+
+#: One extra per process that runs this project's code; each holds what that
+#: process imports beyond CORE (add gcs/s3 for object stores, vision for
+#: ResNet-50 / Inception-v3). Launching machines install `driver` with the
+#: stages they launch, or `all`.
+STAGES = {
+    # Spark executors' Python workers (the packed environment of `make spark-env`):
+    # spark_jobs' task functions and what they import from schemas/. pyspark comes
+    # from the cluster's Spark (SPARK_HOME/python/lib/pyspark.zip), torch is never imported.
+    "spark": ["pandas>=2.2,<3"],  # Arrow batches in Python workers (mapInArrow); pyspark warns on 3.x
+    # Beam SDK workers (Dataflow's custom container, Dockerfile): label counts,
+    # the generalist's inference (torch), the outputs and their plot.
+    "beam": ["apache-beam>=2.60", "torch>=2.1", "matplotlib>=3.7",
+             "scipy>=1.10"],  # MATLAB .mat annotation files of Stanford Cars and Flowers-102
+    # Trainer ranks (pretrain, finetune, evaluate). DeepSpeed >= 0.17.2: the
+    # `torch_autocast` config section (trainer.optim); `deepspeed --no_ssh` needs
+    # >= 0.14.5. Tested with 0.19.8; the checkpoint engine API moves between minors.
+    "trainer": ["torch>=2.1", "deepspeed>=0.17.2,<0.20", "webdataset>=0.2.86", "scipy>=1.10"],
+    # The machine that launches the stages: spark-submit's driver (Spark >= 3.4
+    # for _metadata.row_index; 3.5 tested), make resample / demo, plots.
+    "driver": ["pyspark>=3.5", "pandas>=2.2,<3", "matplotlib>=3.7", "pyyaml>=6"],
+}
+OBJECT_STORES = {"gcs": ["gcsfs"], "s3": ["s3fs"]}
+ALL = sorted({r for reqs in (*STAGES.values(), *OBJECT_STORES.values()) for r in reqs})
+TEST_TOOLS = ["pytest>=7.4", "pytest-timeout>=2.2", "pytest-benchmark>=4", "moto[server]>=5",
+              "venv-pack>=0.2"]  # tests/test_cluster.py builds the Spark executors' packed env
+
 setup(
     name="adaptive-transfer",
     version="0.1.0",
@@ -12,35 +41,22 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=[p for name in PACKAGES for p in (name, f"{name}.*")]),
     include_package_data=True,
-    install_requires=[
-        "apache-beam>=2.60",
-        "pyspark>=3.5",
-        "pandas>=2.2,<3",  # pyspark needs it for mapInArrow; warns on 3.x
-        "pyarrow>=14",
-        "numpy>=1.24",
-        # The Makefile installs torch first (TORCH=, default torch==2.13.0, a CPU
-        # build); any release in this range then satisfies it without a download.
-        "torch>=2.1",
-        "deepspeed>=0.14",
-        "webdataset>=0.2.86",
-        "pillow>=10",
-        "fsspec>=2023.6",
-        "matplotlib>=3.7",
-        "pyyaml>=6",
-        "tqdm>=4.60",
-        "scipy>=1.10",  # MATLAB .mat annotation files of Stanford Cars and Flowers-102
-    ],
+    install_requires=CORE,
     extras_require={
-        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "pytest-benchmark>=4", "moto[server]>=5",
-                 "s3fs>=2023.6"],
+        **STAGES,
+        **OBJECT_STORES,
+        "all": ALL,
+        # The Makefile installs torch first (TORCH=, default torch==2.13.0, a CPU
+        # build); any release in the range then satisfies it without a download.
+        "test": ALL + TEST_TOOLS,
         "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "pytest-benchmark>=4", "ruff"],
         "vision": ["torchvision"],
+        # Dataflow: Beam's GCP I/O and runner.
+        "dataflow": ["apache-beam[gcp]>=2.60"],
         # benchmarks/loader_bench.py's alternative JPEG decoder (scale-on-decode,
         # libjpeg-turbo bundled); the trainer itself decodes with Pillow. Its
         # PyTurboJPEG row also needs the system's libturbojpeg (Debian:
         # libturbojpeg0 with "PyTurboJPEG<2"), so it is not listed here.
         "bench": ["simplejpeg>=1.7"],
-        "gcs": ["gcsfs", "apache-beam[gcp]"],
-        "s3": ["s3fs"],
     },
 )

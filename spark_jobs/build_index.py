@@ -33,7 +33,7 @@ from schemas import io as sio
 from schemas.stage_output import StageOutput
 from schemas.targets import IMAGE_EXTENSIONS
 
-from .session import add_spark_arguments, run_job
+from .session import add_spark_arguments, require_reachable_outputs, run_job
 
 __all__ = ["read_hierarchy", "build_vocabulary", "list_training_images", "run", "main"]
 
@@ -110,11 +110,14 @@ def _read_images(storage: dict):
 
 
 def run(spark, train_root: str, hierarchy: str, words: str, output: str, inline: bool = False,
-        files: int = 64, overwrite: bool = False) -> dict:
+        files: int = 64, overwrite: bool = False, shared_output: bool = False) -> dict:
     """Build the index and vocabulary in ``output``; return the summary (with
     ``"reused": True`` where a finished output was there). Every input is
     read and checked first; the output is built aside and committed whole
-    (``schemas.stage_output``): nothing this stage did not write is deleted."""
+    (``schemas.stage_output``): nothing this stage did not write is deleted.
+    ``shared_output``: a local ``output`` is mounted by every executor
+    (``session.require_reachable_outputs``)."""
+    require_reachable_outputs(spark, {"--output": output}, shared_output)
     out = StageOutput(output, "build_index")
     entries = list_training_images(train_root)
     parent = read_hierarchy(hierarchy)
@@ -159,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     return run_job("build_index", args.master, args.driver_memory,
                    lambda spark: run(spark, args.imagenet_train, args.hierarchy, args.words, args.output,
-                                     args.inline_images, args.files, args.overwrite),
+                                     args.inline_images, args.files, args.overwrite, args.shared_output),
                    lambda s: f"{s['examples']} examples, {s['classes']} classes, {s['labels']} labels "
                              f"-> {args.output}")
 

@@ -55,7 +55,8 @@ from schemas.stage_output import StageOutput, require_finished_input
 from . import label_sets as LS
 from . import sampling as S
 from .label_sets import distinct_label_sets
-from .session import StageTimer, add_spark_arguments, inject_failure, run_cli, task_attempt_id
+from .session import (StageTimer, add_spark_arguments, inject_failure, read_parquet_through_fsspec,
+                      require_reachable_outputs, run_cli, task_attempt_id)
 
 __all__ = ["ResampleJob", "LabelSets", "keyed", "distinct_label_sets", "weigh_label_sets",
            "candidate_bounds", "draw", "write_drawn", "run", "main"]
@@ -88,6 +89,7 @@ class ResampleJob:
     label_sets: str | None = None
     candidate_sigmas: float = S.CANDIDATE_SIGMAS
     overwrite: bool = False
+    shared_output: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -493,20 +495,6 @@ def _check_label_sets(spark, job: ResampleJob, weighted_sets: pa.Table) -> tuple
     return records, positive
 
 
-def _selection_keys(storage: dict):
-    """mapInArrow over selection file paths: each file's keys, read through
-    fsspec (Spark need not have the selection's filesystem: object stores)."""
-
-    def read(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        sio.apply_storage_config(storage)
-        for batch in batches:
-            for path in batch.column("file").to_pylist():
-                fs, p = sio.filesystem(path)
-                with fs.open(p, "rb") as fh:
-                    yield from pq.ParquetFile(fh).iter_batches(columns=["key"])
-    return read
-
-
 def _check_unique_keys(spark, job: ResampleJob, selection: str) -> None:
     """Refuse an index holding a selected key in more than one record: with
     different label lists its records fall in different classes, and both could
@@ -515,9 +503,8 @@ def _check_unique_keys(spark, job: ResampleJob, selection: str) -> None:
     index for the first such key, to name its files."""
     from pyspark.sql import functions as F
 
-    files = sio.expand_paths(selection)
-    paths = spark.createDataFrame(pa.table({"file": pa.array(files, pa.string())})).repartition(len(files))
-    dup = (paths.mapInArrow(_selection_keys(sio.storage_config()), "key string")
+    # Read through fsspec (Spark need not have the selection's filesystem: object stores).
+    dup = (read_parquet_through_fsspec(spark, selection, ["key"])
            .groupBy("key").count().where(F.col("count") > 1).orderBy("key").first())
     if dup is not None:
         raise _not_unique(spark, job, dup["key"])
@@ -623,6 +610,7 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
     Every input is read and checked before the output is touched; the result
     is built aside and committed whole (``schemas.stage_output``)."""
     t0 = time.time()
+    require_reachable_outputs(spark, {"--output": job.output, "--label-sets": job.label_sets}, job.shared_output)
     output = StageOutput(job.output, "resample")
     for flag, path in (("--index", job.index), ("--weights", job.weights), ("--labels", job.labels),
                        ("--exclude", job.exclude)):
@@ -793,7 +781,8 @@ def job_from_args(args: argparse.Namespace) -> ResampleJob:
         labels=args.labels,
         subset_labels=tuple(s.strip() for s in args.subset_labels.split(",") if s.strip()),
         top_k=args.top_k, exclude=args.exclude, seed=args.seed, target=args.target,
-        rows_per_partition=args.rows_per_partition, overwrite=args.overwrite, label_sets=args.label_sets)
+        rows_per_partition=args.rows_per_partition, overwrite=args.overwrite, label_sets=args.label_sets,
+        shared_output=args.shared_output)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

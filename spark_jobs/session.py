@@ -11,7 +11,8 @@ import uuid
 
 __all__ = ["get_session", "local_driver_memory", "local_cores", "inject_failure", "add_spark_arguments",
            "run_job", "run_cli", "StageTimer", "observed_metrics", "task_attempt_id", "set_confs",
-           "read_parquet_columns", "task_attempt_number"]
+           "read_parquet_columns", "task_attempt_number", "output_refusal", "require_reachable_outputs",
+           "read_parquet_through_fsspec", "python_facts", "executor_environments", "EXECUTOR_PACKAGES"]
 
 #: Environment variable that makes the first attempt of each task fail (tests
 #: of retries): a comma-separated list of stage names, or ``all``.
@@ -51,12 +52,17 @@ def get_session(app_name: str, master: str | None = None, *, driver_memory: str 
     (which sets ``spark.master`` itself); ``driver_memory`` defaults to
     :func:`local_driver_memory` in local mode only.
     """
-    from pyspark import SparkConf
+    from pyspark import SparkConf, SparkContext
     from pyspark.sql import SparkSession
 
     # Python workers must run the interpreter that has this project's
     # dependencies (on a cluster, spark-submit's environment decides).
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    if "PYSPARK_GATEWAY_PORT" in os.environ:
+        # Run by spark-submit: its JVM holds --master and the --conf settings. A
+        # SparkConf made before connecting to it would not see them (and local[*]
+        # would replace the cluster's master).
+        SparkContext._ensure_initialized()
     conf = SparkConf()
     builder = SparkSession.builder.appName(app_name)
     if master is None and not conf.contains("spark.master"):
@@ -158,6 +164,90 @@ def read_parquet_columns(spark, path: str, columns: list[str]):
     return spark.read.schema(schema).parquet(path)
 
 
+def _read_parquet_files(columns: list[str], schema_bytes: bytes, storage: dict):
+    """mapInArrow over rows of file paths: each file's ``columns``, read
+    through fsspec and cast to the schema (serialised Arrow) of the first file."""
+
+    def read(batches):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from schemas import io as sio
+
+        sio.apply_storage_config(storage)
+        schema = pa.ipc.read_schema(pa.py_buffer(schema_bytes))
+        for batch in batches:
+            for path in batch.column("file").to_pylist():
+                fs, p = sio.filesystem(path)
+                with fs.open(p, "rb") as fh:
+                    for part in pq.ParquetFile(fh).iter_batches(columns=columns):
+                        yield from pa.Table.from_batches([part]).cast(schema).to_batches()
+    return read
+
+
+def read_parquet_through_fsspec(spark, path: str, columns: list[str]):
+    """The Parquet file, directory or glob ``path`` as a DataFrame of those
+    of ``columns`` its first file has, read by Spark tasks through fsspec
+    (one task per file), typed from the first file's footer.
+
+    For files the stages wrote through fsspec (a resampler's selection on
+    ``s3://``/``gs://``): Spark's own reader would need the cluster's Hadoop
+    connector for that scheme; fsspec's options set on the driver
+    (``schemas.io.storage_config``) travel to the tasks. Raises
+    ``FileNotFoundError`` naming ``path`` where it holds no Parquet file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    from schemas import io as sio
+
+    files = sio.expand_paths(path)
+    fs, first = sio.filesystem(files[0])
+    with fs.open(first, "rb") as fh:
+        footer = pq.read_schema(fh)
+    schema = pa.schema([footer.field(c) for c in columns if c in footer.names])
+    listing = spark.createDataFrame(pa.table({"file": pa.array(files, pa.string())})).repartition(len(files))
+    return listing.mapInArrow(_read_parquet_files(schema.names, schema.serialize().to_pybytes(),
+                                                  sio.storage_config()), from_arrow_schema(schema))
+
+
+#: Distributions whose versions :func:`python_facts` reports: what executors
+#: import (setup.py's ``spark``, ``s3`` and ``gcs`` extras), and torch, which
+#: they must not need.
+EXECUTOR_PACKAGES = ("numpy", "pyarrow", "pandas", "fsspec", "pillow", "s3fs", "gcsfs", "torch")
+
+
+def python_facts(_=None) -> dict:
+    """Where this Python runs and what it has: host, pid, ``sys.executable``,
+    ``sys.prefix``, the Python version, the version of each of
+    :data:`EXECUTOR_PACKAGES` (``None``: not installed; nothing is imported)
+    and where this project's ``spark_jobs`` package is loaded from."""
+    import importlib.metadata
+    import platform
+    import socket
+
+    versions = {}
+    for name in EXECUTOR_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"host": socket.gethostname(), "pid": os.getpid(), "executable": sys.executable, "prefix": sys.prefix,
+            "python": platform.python_version(), "packages": versions,
+            "spark_jobs": os.path.dirname(os.path.abspath(__file__))}
+
+
+def executor_environments(spark, tasks: int | None = None) -> list[dict]:
+    """:func:`python_facts` from ``tasks`` Spark tasks (default: two per core
+    the cluster offers, so every executor runs some), distinct by (host, pid,
+    executable): which interpreter the executors' Python workers run, e.g.
+    the packed environment shipped with ``--archives``."""
+    n = tasks or 2 * max(1, spark.sparkContext.defaultParallelism)
+    facts = spark.sparkContext.parallelize(range(n), n).map(python_facts).collect()
+    unique = {(f["host"], f["pid"], f["executable"]): f for f in facts}
+    return [unique[k] for k in sorted(unique)]
+
+
 def task_attempt_number() -> int | None:
     """The attempt number of the Spark task this runs in (0 for the first),
     ``None`` outside a task."""
@@ -191,9 +281,46 @@ def inject_failure(stage: str) -> None:
 
 
 def add_spark_arguments(parser) -> None:
-    """The jobs' shared ``--master`` and ``--driver-memory`` options."""
+    """The jobs' shared ``--master``, ``--driver-memory`` and ``--shared-output`` options."""
     parser.add_argument("--master", help="Spark master (default: local[*] unless run by spark-submit)")
     parser.add_argument("--driver-memory", help="local mode heap (default: half the machine's memory)")
+    parser.add_argument("--shared-output", action="store_true",
+                        help="declare that the local paths this job writes (--output and the like) are on a "
+                             "filesystem every executor mounts at the same path (NFS, a cluster filesystem); "
+                             "without it a master other than local[...] refuses them: give object-store URLs")
+
+
+def output_refusal(master: str, outputs: dict[str, str | None], shared: bool = False) -> str | None:
+    """Why a job on ``master`` may not write ``outputs`` (flag -> path; ``None``
+    paths are skipped), or ``None`` where it may.
+
+    On a master other than ``local[...]`` the executors run on other machines
+    and write the output's files themselves (selection parts, run files,
+    shards): a path without a scheme (or ``file:``) would name each machine's
+    own disk, scattering the result over them. It is refused unless
+    ``shared`` (``--shared-output``) declares that every node mounts it.
+    """
+    if shared or master.strip().startswith("local"):
+        return None
+    from fsspec.core import split_protocol
+
+    local = [(flag, path) for flag, path in outputs.items()
+             if path and split_protocol(path)[0] in (None, "file", "local")]
+    if not local:
+        return None
+    named = ", ".join(f"{flag} {path}" for flag, path in local)
+    return (f"{named}: a path on this machine's disk, but master {master} runs the tasks on other machines, "
+            "which would write their files to their own disks (nothing is shared between the nodes of a "
+            "cluster but object storage); give an object-store URL (s3a://, gs://, hdfs://) or, where "
+            "every node mounts that path at the same place (NFS), pass --shared-output")
+
+
+def require_reachable_outputs(spark, outputs: dict[str, str | None], shared: bool = False) -> None:
+    """Raise ``ValueError`` (:func:`output_refusal`) where the session's
+    master cannot write ``outputs``. Every job calls it before any work."""
+    reason = output_refusal(spark.sparkContext.master, outputs, shared)
+    if reason:
+        raise ValueError(reason)
 
 
 def run_cli(prog: str, args, make_job, run, describe) -> int:

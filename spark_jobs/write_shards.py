@@ -59,7 +59,8 @@ from schemas import io as sio
 from schemas.stage_output import StageOutput, require_complete, require_finished_input
 
 from .session import (StageTimer, add_spark_arguments, inject_failure, observed_metrics, read_parquet_columns,
-                      run_cli, set_confs, task_attempt_id, task_attempt_number)
+                      read_parquet_through_fsspec, require_reachable_outputs, run_cli, set_confs, task_attempt_id,
+                      task_attempt_number)
 from .shards import (REENCODE_QUALITY, encoder_version, image_extension, reencode_image, sample_json, sample_key,
                      shard_name, write_tar)
 
@@ -97,7 +98,9 @@ class ShardJob:
     normal form: what the fetch enforces and the manifest records.
     ``max_side``: re-encode the images whose longer side exceeds it
     (``--max-side``; None: every image as the index holds it) as JPEGs of
-    ``quality`` (``--quality``, default 90).
+    ``quality`` (``--quality``, default 90). ``shared_output``: a local
+    ``output``/``spill_dir`` is mounted by every executor (``--shared-output``;
+    ``session.require_reachable_outputs``).
     """
 
     selection: str
@@ -114,6 +117,7 @@ class ShardJob:
     allow_uri_prefixes: Sequence[str] | None = None
     max_side: int | None = None
     quality: int | None = None
+    shared_output: bool = False
 
     def __post_init__(self) -> None:
         from schemas.uri_policy import canonical_prefix, default_prefixes
@@ -833,13 +837,17 @@ def run(spark, job: ShardJob) -> Manifest:
 
     t0 = time.time()
     stages = StageTimer()
+    require_reachable_outputs(spark, {"--output": job.output, "--spill-dir": job.spill_dir}, job.shared_output)
     output = StageOutput(job.output, "write_shards")
 
     selection_path, resample_dir = resolve_selection(job.selection)
     if resample_dir:
         require_complete(resample_dir, "the resampler")
     require_finished_input(job.index, "--index")
-    selection = read_parquet_columns(spark, selection_path, ["key", "copies", "weight"])
+    # The resampler writes its selection through fsspec: on an object store, read it that way too
+    # (Spark's reader would need the cluster's connector for the scheme).
+    selection = (read_parquet_columns if sio.is_local(selection_path) else read_parquet_through_fsspec)(
+        spark, selection_path, ["key", "copies", "weight"])
     for col in ("key", "copies"):
         if col not in selection.columns:
             raise SchemaError(f"selection has no '{col}' column", file=selection_path)
@@ -1072,7 +1080,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     seed=args.seed, overwrite=args.overwrite,
                                     max_bad_fraction=args.max_bad_fraction, spill_dir=args.spill_dir,
                                     run_bytes=args.run_bytes, allow_uri_prefixes=args.allow_uri_prefix,
-                                    max_side=args.max_side, quality=args.quality),
+                                    max_side=args.max_side, quality=args.quality,
+                                    shared_output=args.shared_output),
                    run, lambda job, m: f"{m.total_samples} samples ({m.unique_examples} unique) in "
                                        f"{len(m.shards)} shards -> {job.output}")
 

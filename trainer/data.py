@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -39,13 +40,19 @@ from schemas.targets import list_target, read_item_bytes
 
 from .transforms import DEFAULT_DECODE_SCALING, HashRNG, PreprocessSpec, decode_image, eval_transform, train_sample
 
-__all__ = ["shard_urls", "ShardStream", "TargetDataset", "LoaderState", "soft_targets", "collate",
+__all__ = ["shard_urls", "missing_shards", "require_shards", "shard_samples", "ShardStream", "TargetDataset", "LoaderState", "soft_targets", "collate",
            "default_num_workers", "local_ranks", "IMAGE_KEYS", "MAX_CONSECUTIVE_CORRUPT"]
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff")
 #: Default bound on corrupt samples in a row before :class:`ShardStream` gives up.
 MAX_CONSECUTIVE_CORRUPT = 1000
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+#: Reads of one shard (the first and the retries after an ``OSError``) before
+#: :func:`shard_samples` gives up.
+SHARD_READ_ATTEMPTS = 5
+#: Seconds before the first retry of a shard read; doubled before each next
+#: one (1 + 2 + 4 + 8 = 15 s at most for one shard with the defaults).
+SHARD_RETRY_SECONDS = 1.0
 
 
 def shard_urls(spec: str) -> list[str]:
@@ -62,6 +69,70 @@ def shard_urls(spec: str) -> list[str]:
     lo, hi = m.group(1), m.group(2)
     width = len(lo)
     return [spec[:m.start()] + f"{i:0{width}d}" + spec[m.end():] for i in range(int(lo), int(hi) + 1)]
+
+
+def missing_shards(urls: Sequence[str]) -> list[str]:
+    """The ``urls`` that are not there as files, in order: one listing per
+    directory (not a request per shard: 8,000 shards on an object store are
+    a few list calls); a directory that cannot be listed holds none."""
+    by_parent: dict[str, list[str]] = {}
+    for url in urls:
+        by_parent.setdefault(url.rsplit("/", 1)[0] if "/" in url else ".", []).append(url)
+    present: set[str] = set()
+    for parent, members in by_parent.items():
+        fs, p = sio.filesystem(members[0])
+        directory = p.rsplit("/", 1)[0] if "/" in p else "."
+        try:
+            listed = fs.ls(directory, detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        names = {e["name"].rstrip("/").rsplit("/", 1)[-1] for e in listed if e.get("type") == "file"}
+        present.update(u for u in members if u.rsplit("/", 1)[-1] in names)
+    return [u for u in urls if u not in present]
+
+
+def require_shards(urls: Sequence[str], source: str) -> None:
+    """Raise ``FileNotFoundError`` in one line naming the first of ``urls``
+    (the shards ``source``, a manifest or pattern, names) that is missing
+    and how many are: before step 1, not hours in from a loader worker."""
+    missing = missing_shards(urls)
+    if missing:
+        more = f" ({len(missing)} of {len(urls)} shards are missing)" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"shard {missing[0]} named by {source} is missing{more}; every node must see the "
+                                "shards (an object store, or a directory mounted at the same path everywhere)")
+
+
+def shard_samples(url: str, attempts: int = SHARD_READ_ATTEMPTS, backoff: float = SHARD_RETRY_SECONDS,
+                  sleep=time.sleep) -> Iterator[dict]:
+    """The WebDataset samples of shard ``url``, in order. A read that fails
+    with an ``OSError`` (a dropped connection, a throttled object store, a
+    file briefly missing) is retried from where it stopped: the shard is
+    opened again and the samples already yielded are passed over
+    undecoded. At most ``attempts`` reads (default
+    :data:`SHARD_READ_ATTEMPTS`), waiting ``backoff`` seconds, then twice
+    that, and so on, before each retry; then an ``OSError`` naming the shard
+    and the last error. Other errors (a damaged tar) are not retried."""
+    from webdataset import tariterators as T
+
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1, got {attempts}")
+    done = 0
+    for attempt in range(attempts):
+        seen = 0
+        try:
+            fs, p = sio.filesystem(url)
+            with fs.open(p, "rb") as fh:
+                for sample in T.group_by_keys(T.tar_file_expander([{"url": url, "stream": fh}])):
+                    seen += 1
+                    if seen > done:
+                        done = seen
+                        yield sample
+            return
+        except OSError as e:
+            if attempt + 1 == attempts:
+                raise OSError(f"shard {url} could not be read ({attempts} attempts, the last after {done} "
+                              f"samples): {type(e).__name__}: {e}") from e
+            sleep(backoff * 2 ** attempt)
 
 
 def local_ranks(environ=None) -> int:
@@ -191,9 +262,8 @@ class ShardStream(IterableDataset):
 
     # -- raw samples (bytes), shuffled before decoding ------------------------------------
     def raw_samples(self, worker: int, num_workers: int) -> Iterator[dict]:
-        """Endless sample dicts for one logical worker, shuffled by a buffer."""
-        from webdataset import tariterators as T
-
+        """Endless sample dicts for one logical worker, shuffled by a buffer
+        (each shard read by :func:`shard_samples`: retried after read errors)."""
         epoch = 0
         while True:
             shards = self.shards_for(epoch, worker, num_workers)
@@ -204,9 +274,7 @@ class ShardStream(IterableDataset):
 
             def stream(shards=shards):
                 for url in shards:
-                    fs, p = sio.filesystem(url)
-                    with fs.open(p, "rb") as fh:
-                        yield from T.group_by_keys(T.tar_file_expander([{"url": url, "stream": fh}]))
+                    yield from shard_samples(url)
 
             for sample in stream():
                 if len(buffer) < self.shuffle_buffer:

@@ -33,13 +33,14 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fsspec.core import split_protocol
 
 from schemas import io as sio
 from schemas.stage_output import MARKER, StageOutput, require_finished_input
 
 from . import runtime as RT
-from .data import (MAX_CONSECUTIVE_CORRUPT, LoaderState, ShardStream, collate, default_num_workers, shard_urls,
-                   soft_targets)
+from .data import (MAX_CONSECUTIVE_CORRUPT, LoaderState, ShardStream, collate, default_num_workers, require_shards,
+                   shard_urls, soft_targets)
 from .models import DEFAULT_INPUT_SIZE, build_model, save_generalist
 from .optim import deepspeed_config, default_lr, default_warmup, make_optimizer, make_scheduler
 from .transforms import DECODE_SCALINGS, DEFAULT_DECODE_SCALING, PreprocessSpec, normalise_batch
@@ -82,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     restart.add_argument("--overwrite", action="store_true",
                          help="start again: remove what an earlier pretrain run wrote in --output")
     p.add_argument("--stop-after", type=int, help="stop (after checkpointing) at this step; for preemptible runs")
+    p.add_argument("--node-local-checkpoints", action="store_true",
+                   help="nodes share no disk: each node keeps its own copy of the checkpoints in its own --output "
+                        "(DeepSpeed's checkpoint.use_node_local_storage); a resume needs every node's copy. Without "
+                        "it --output must be one directory every node mounts (checked before step 1)")
     p.add_argument("--deepspeed-config", help="a DeepSpeed JSON config instead of the generated one")
     p.add_argument("--output", required=True)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the launcher
@@ -100,28 +105,32 @@ def _loader(urls, spec, args, info, state, num_workers, decode_scaling):
         prefetch_factor=2 if num_workers else None)
 
 
-def _write_rank_report(args, info, urls, workers, module, state) -> None:
-    """ranks/rank<r>.json: the shards this rank read in epoch 0 and a digest of
-    its parameters (every rank must end with the same parameters)."""
+def _write_rank_report(args, info, urls, workers, module, state, resumed_from: int) -> None:
+    """ranks/rank<r>.json: the shards this rank read in epoch 0, the step it
+    resumed from (0: a fresh start) and a digest of its parameters (every
+    rank must end with the same parameters)."""
     stream = ShardStream(urls, PreprocessSpec(1), seed=args.seed, rank=info.rank, world_size=info.world_size)
     shards = sorted(u for w in range(workers) for u in stream.shards_for(0, w, workers))
     digest = hashlib.sha256()
     for name, p in sorted(module.named_parameters()):
         digest.update(name.encode() + p.detach().cpu().contiguous().numpy().tobytes())
-    report = {"rank": info.rank, "world_size": info.world_size, "epoch0_shards": shards,
+    report = {"rank": info.rank, "world_size": info.world_size, "epoch0_shards": shards, "resumed_from": resumed_from,
               "parameters_sha256": digest.hexdigest(), "loader": state.to_dict()}
     sio.write_bytes_atomic(os.path.join(args.output, "ranks", f"rank{info.rank}.json"),
                            json.dumps(report, indent=2) + "\n")
 
 
-def _prepare_output(args: argparse.Namespace, info) -> dict | None:
+def _prepare_output(args: argparse.Namespace, info, node_local: bool) -> dict | None:
     """The output protocol (``schemas.stage_output``) for a run directory
     whose checkpoints are its resume point: written in place. Call it once
     every input and option is checked. Returns the finished run's metrics
     where there is nothing to do. A new run never mixes with an earlier one's
     checkpoints: ``--resume`` continues it, ``--overwrite`` removes what
     pretrain wrote there, otherwise it is refused. Rank 0 decides and acts;
-    every rank follows its answer (no rank waits on a decision it cannot see)."""
+    every rank follows its answer (no rank waits on a decision it cannot see).
+    Then the directory is checked to be what ``node_local`` says (one shared
+    by every node, or each node's own); with ``node_local`` each other
+    node's local rank 0 applies the same protocol to its node's own copy."""
     output = StageOutput(args.output, "pretrain", in_place=True)
 
     def decide() -> int:
@@ -141,6 +150,9 @@ def _prepare_output(args: argparse.Namespace, info) -> dict | None:
     if RT.decide_on_rank0(decide, info.device) == RT.SKIP:
         metrics = os.path.join(args.output, "metrics.json")
         return {**(json.loads(sio.read_bytes(metrics)) if info.is_main else {}), "reused": True}
+    RT.check_output_sharing(output.path, node_local, info.device)
+    if node_local:
+        RT.run_on_node_leaders(decide, info.device)
     return None
 
 
@@ -151,9 +163,13 @@ def run(args: argparse.Namespace) -> dict:
     label_ids = sorted(int(i) for i in vocab.column("label_id").to_pylist())
     index_of = {lid: i for i, lid in enumerate(label_ids)}
     urls = shard_urls(args.shards)
-    if not sio.is_local(args.output):
-        raise ValueError(f"--output {args.output}: checkpoints are written to a local or shared POSIX "
-                         "directory (every node must see the same one), not a URL")
+    require_shards(urls, args.shards)  # every rank: each node must see them
+    protocol, local_path = split_protocol(args.output)
+    if protocol not in (None, "file", "local"):  # read as written: no filesystem (gcsfs, s3fs) is loaded
+        raise ValueError(f"--output {args.output}: checkpoints and logs are written to a POSIX directory (one "
+                         "every node mounts, or with --node-local-checkpoints each node's own), not a URL; copy "
+                         "the finished run to object storage afterwards")
+    args.output = local_path  # file:///x is /x: DeepSpeed and the logs use os paths
     spec = PreprocessSpec(args.input_size or DEFAULT_INPUT_SIZE.get(args.model, 224))
     lr = args.lr if args.lr is not None else default_lr(args.batch_size, "pretrain")
     warmup = args.warmup_steps if args.warmup_steps is not None else default_warmup(args.steps, "pretrain")
@@ -169,6 +185,9 @@ def run(args: argparse.Namespace) -> dict:
     else:
         config = deepspeed_config(args.batch_size, info.world_size, bf16=info.device.type == "cuda",
                                   log_every=args.log_every)
+    if args.node_local_checkpoints:
+        config.setdefault("checkpoint", {})["use_node_local_storage"] = True
+    node_local = bool(config.get("checkpoint", {}).get("use_node_local_storage"))
     engine, optimizer, scheduler = RT.initialize(model, optimizer, scheduler, config)
 
     num_workers = args.num_workers
@@ -178,12 +197,20 @@ def run(args: argparse.Namespace) -> dict:
     decode_scaling = args.decode_scaling or DEFAULT_DECODE_SCALING
     state = LoaderState(workers=workers)
     start = 0
+    # Marks the checkpoints of this run (drawn by rank 0): a node's copy left by another run is refused.
+    run_id = RT.all_gather_longs([int.from_bytes(os.urandom(7), "big")])[0][0]
     log_path = os.path.join(args.output, "train_log.jsonl")
     if args.resume:
-        tag = RT.resume_tag(ckpt_dir)
+        tag = RT.agree_resume_tag(ckpt_dir, info.device)  # rank 0 chooses; every rank can read it, or all fail
         if tag:
             client = RT.load_checkpoint(engine, ckpt_dir, tag)
             start = int(client["step"])
+            runs = RT.all_gather_longs([int(client.get("run", 0))])
+            run_id = runs[0][0]
+            if any(r[0] != run_id for r in runs):
+                raise ValueError(f"checkpoint {tag} of rank(s) {[i for i, r in enumerate(runs) if r[0] != run_id]} "
+                                 "was written by another run than rank 0's (a node's copy left from an earlier "
+                                 "run); restore that node's checkpoints, or start again with --overwrite")
             per_rank = client["loader"]
             if args.num_workers is None:  # the defaults follow the checkpoint
                 num_workers = workers = int(client["loader_workers"])
@@ -203,9 +230,10 @@ def run(args: argparse.Namespace) -> dict:
                 print(f"[resume] from {tag} (step {start})", flush=True)
         elif info.is_main:
             print(f"[resume] no complete checkpoint in {ckpt_dir}; starting from scratch", flush=True)
+    resumed_from = start
     end = min(args.steps, args.stop_after) if args.stop_after else args.steps
     loader = _loader(urls, spec, args, info, state, num_workers, decode_scaling)
-    finished = _prepare_output(args, info)  # every input and option is checked by now
+    finished = _prepare_output(args, info, node_local)  # every input and option is checked by now
     if finished is not None:
         return finished
     if info.is_main and start == 0:
@@ -234,7 +262,8 @@ def run(args: argparse.Namespace) -> dict:
             gathered = RT.all_gather_longs([state.batches, state.corrupt, *state.positions])
             RT.save_checkpoint(engine, ckpt_dir, step + 1, {
                 "step": step + 1, "loader": gathered, "loader_workers": workers, "decode_scaling": decode_scaling,
-                "torch_rng": torch.get_rng_state(), "seed": args.seed}, keep=args.keep_checkpoints)
+                "torch_rng": torch.get_rng_state(), "seed": args.seed, "run": run_id}, keep=args.keep_checkpoints,
+                node_local=node_local)
     del it, loader
 
     corrupt_total = sum(r[1] for r in RT.all_gather_longs([state.batches, state.corrupt]))
@@ -243,7 +272,7 @@ def run(args: argparse.Namespace) -> dict:
               "corrupt_samples_skipped": corrupt_total, "world_size": info.world_size,
               "shards": len(urls), "lr": lr, "warmup_steps": warmup, "batch_size": args.batch_size,
               "loader_workers": num_workers, "decode_scaling": decode_scaling}
-    _write_rank_report(args, info, urls, workers, engine.module, state)
+    _write_rank_report(args, info, urls, workers, engine.module, state, resumed_from)
     if end == args.steps:
         RT.average_buffers(engine.module)
         if info.is_main:

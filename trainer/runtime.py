@@ -8,7 +8,12 @@
 * :func:`save_checkpoint` / :func:`resume_tag`: a checkpoint counts only
   when its ``COMPLETE`` marker (written after every rank finished saving,
   listing the files and their sizes) matches the files on disk; ``latest``
-  is not trusted on its own.
+  is not trusted on its own. :func:`agree_resume_tag`: rank 0 chooses the
+  tag, every rank resumes from it or all fail, saying which rank cannot.
+* Nodes that share no disk (``node_local``): each node's local rank 0 saves
+  and marks its node's copy (DeepSpeed's ``checkpoint.use_node_local_storage``);
+  :func:`check_output_sharing` refuses a directory that is not what the run
+  says it is (shared, or one per node).
 * :class:`Progress`: the progress line (step, loss, lr, images/s, ETA).
 """
 
@@ -31,7 +36,7 @@ from schemas import io as sio
 from schemas.stage_output import StageOutput
 
 __all__ = ["DistInfo", "setup_distributed", "initialize", "SafeCheckpointEngine", "save_checkpoint",
-           "resume_tag", "load_checkpoint", "average_buffers", "all_gather_longs", "Progress", "barrier",
+           "resume_tag", "agree_resume_tag", "check_output_sharing", "run_on_node_leaders", "load_checkpoint", "average_buffers", "all_gather_longs", "Progress", "barrier",
            "write_json_main", "GO", "SKIP", "decide_on_rank0", "start_output", "building", "cli_main"]
 
 TAG_PREFIX = "step"
@@ -111,13 +116,25 @@ def tag_for(step: int) -> str:
     return f"{TAG_PREFIX}{step:09d}"
 
 
-def save_checkpoint(engine, directory: str, step: int, client_state: dict, keep: int | None = None) -> str:
+def _writes_markers(node_local: bool) -> bool:
+    """Whether this rank marks and prunes the checkpoints it sees: rank 0, or
+    with ``node_local`` each node's local rank 0 (DeepSpeed's writer there)."""
+    if node_local:
+        return int(os.environ.get("LOCAL_RANK", 0)) == 0
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def save_checkpoint(engine, directory: str, step: int, client_state: dict, keep: int | None = None,
+                    node_local: bool = False) -> str:
     """DeepSpeed save of ``step``; then, once every rank is done, the marker.
-    With ``keep``, older complete checkpoints beyond the newest ``keep`` are removed."""
+    With ``keep``, older complete checkpoints beyond the newest ``keep`` are
+    removed. ``node_local``: ``directory`` is each node's own (DeepSpeed's
+    ``checkpoint.use_node_local_storage``); each node's local rank 0 marks
+    and prunes its node's copy."""
     tag = tag_for(step)
     engine.save_checkpoint(directory, tag=tag, client_state=client_state)
     barrier()
-    if dist.get_rank() == 0:
+    if _writes_markers(node_local):
         folder = os.path.join(directory, tag)
         files = {f: os.path.getsize(os.path.join(folder, f)) for f in sorted(os.listdir(folder)) if f != COMPLETE}
         sio.write_bytes_atomic(os.path.join(folder, COMPLETE), json.dumps({"step": step, "files": files}))
@@ -161,6 +178,93 @@ def resume_tag(directory: str) -> str | None:
     return None
 
 
+def _ranks(flags: list[list[int]], wanted: int) -> list[int]:
+    return [r for r, f in enumerate(flags) if f[0] == wanted]
+
+
+def agree_resume_tag(directory: str, device: torch.device | None = None) -> str | None:
+    """The checkpoint every rank resumes from: rank 0's :func:`resume_tag`,
+    broadcast as its step (an integer tensor: nothing pickled). Every rank
+    then checks that it can read that tag complete in its own ``directory``
+    (a node that lost or never saw it: a disk not shared, a save cut off
+    there); if one cannot, every rank raises ``ValueError`` naming the ranks,
+    rather than resuming at different steps (and hanging at the first
+    collective that disagrees). ``None``: rank 0 has no complete checkpoint."""
+    step = -1
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        tag = resume_tag(directory)
+        step = int(tag[len(TAG_PREFIX):]) if tag else -1
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        answer = torch.tensor([step], dtype=torch.long, device=device)
+        dist.broadcast(answer, src=0)
+        step = int(answer.item())
+    if step < 0:
+        return None
+    tag = tag_for(step)
+    readable = _is_complete(os.path.join(directory, tag))
+    if not readable:
+        print(f"[resume] rank {dist.get_rank() if dist.is_initialized() else 0} on {socket.gethostname()}: "
+              f"{os.path.join(directory, tag)} is missing or incomplete", file=sys.stderr, flush=True)
+    missing = _ranks(all_gather_longs([int(readable)]), 0)
+    if missing:
+        raise ValueError(f"rank 0 resumes from checkpoint {tag}, which rank(s) {missing} cannot read complete "
+                         f"in their {directory} (each says where it looked): give every node the same "
+                         "checkpoints (a shared --output, or with --node-local-checkpoints each node's own "
+                         "copy, kept since the run that wrote it)")
+    return tag
+
+
+def check_output_sharing(path: str, node_local: bool, device: torch.device | None = None) -> None:
+    """Check that ``path`` (an existing output directory) is what the run
+    takes it to be: seen by every rank (``node_local`` False: one shared
+    directory), or each node's own (``node_local``: on one shared directory
+    the nodes would write the same checkpoint files at once). Rank 0 writes a
+    probe file named by a random number it broadcasts; every rank looks for
+    it. Raises ``ValueError`` on every rank where the directory is not so."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    nonce = torch.tensor([int.from_bytes(os.urandom(7), "big") if dist.get_rank() == 0 else 0], dtype=torch.long,
+                         device=device)  # not torch's generator: the run's random stream stays as it was
+    dist.broadcast(nonce, src=0)
+    probe = os.path.join(path, f".probe-{int(nonce.item()):x}")
+    if dist.get_rank() == 0:
+        sio.write_bytes_atomic(probe, socket.gethostname(), durable=False)
+    barrier()
+    facts = all_gather_longs([int(os.path.exists(probe)), int(os.environ.get("LOCAL_RANK", 0))])
+    barrier()
+    if dist.get_rank() == 0:
+        os.remove(probe)
+    blind = _ranks(facts, 0)
+    leaders = sum(1 for f in facts if f[1] == 0)
+    if blind and not node_local:
+        raise ValueError(f"--output {path} is not shared: rank(s) {blind} do not see what rank 0 writes there, "
+                         "so they could not resume from its checkpoints: give a directory every node mounts "
+                         "at the same path, or --node-local-checkpoints (each node keeps its own copy)")
+    if node_local and not blind and leaders > 1:
+        raise ValueError(f"--node-local-checkpoints, but every node sees the same --output {path}: the nodes "
+                         "would write the same checkpoint files at once; drop the flag (one shared copy)")
+
+
+def run_on_node_leaders(action, device: torch.device | None = None) -> None:
+    """Run ``action()`` on each node's local rank 0 but global rank 0 (which
+    has done it already: e.g. preparing its node's own output directory).
+    An exception there is raised there; every other rank then raises a
+    ``ValueError`` pointing at it, so no rank goes on alone."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    error = None
+    if dist.get_rank() != 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        try:
+            action()
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after the other ranks know
+            error = e
+    failed = _ranks(all_gather_longs([int(error is not None)]), 1)
+    if error is not None:
+        raise error
+    if failed:
+        raise ValueError(f"rank(s) {failed} could not prepare their node's output directory; their errors say why")
+
+
 def load_checkpoint(engine, directory: str, tag: str) -> dict:
     _, client_state = engine.load_checkpoint(directory, tag=tag)
     if client_state is None:
@@ -182,10 +286,12 @@ def average_buffers(module: torch.nn.Module) -> None:
 
 
 def all_gather_longs(values: list[int]) -> list[list[int]]:
-    """Gather a fixed-length list of ints from every rank (tensors, no pickling)."""
-    t = torch.tensor(values, dtype=torch.long)
+    """Gather a fixed-length list of ints from every rank (tensors, no pickling;
+    on the current GPU where the backend is NCCL, which has no CPU tensors)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [values]
+    nccl = dist.get_backend() == "nccl"
+    t = torch.tensor(values, dtype=torch.long, device=torch.cuda.current_device() if nccl else "cpu")
     out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(out, t)
     return [o.tolist() for o in out]
@@ -308,7 +414,7 @@ def cli_main(prog: str, parser, run, describe, argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         result = run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input, or a shard that could not be read (retried: trainer.data)
         message = str(e)
         m = re.match(r"Caught (\w+) (in DataLoader worker process \d+)\.\nOriginal Traceback", message)
         if m:
@@ -321,7 +427,11 @@ def cli_main(prog: str, parser, run, describe, argv=None) -> int:
                     original = " ".join([head.sub("", lines[i], count=1), *lines[i + 1:]]).strip()
                     message = f"{original} ({m.group(2)})"
                     break
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            # Gloo's threads, left running at interpreter exit, can abort the process
+            # ("terminate called without an active exception"): exit status 1, not -6.
+            dist.destroy_process_group()
         return 1
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"{prog}: {describe(result, args)}")

@@ -40,6 +40,7 @@ it errs on the side of removing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from dataclasses import dataclass
@@ -67,7 +68,7 @@ from .similarity import (HISTOGRAM_BINS, best_matches, histogram_edges, near_thr
                          similarity_histogram, unit_rows)
 
 __all__ = ["STAGE", "DEFAULT_THRESHOLD", "DEFAULT_GRID", "COMPARE_ROWS", "OUTPUT_FILES", "EXCLUDE_SCHEMA", "Matches",
-           "BestMatch", "build_parser", "check_inputs", "build_pipeline", "write_outputs", "run", "main"]
+           "BestMatch", "build_parser", "check_inputs", "build_pipeline", "write_outputs", "run", "describe", "main"]
 
 STAGE = "near_duplicates"
 #: Cosine similarity at or above which a source example is a near-duplicate
@@ -437,32 +438,28 @@ def run(argv: Sequence[str] | None = None) -> dict:
     if output.check(args.overwrite):
         print(output.skip_line(), file=sys.stderr)
         return {**json.loads(sio.read_bytes(sio.join(args.output, "summary.json"))), "reused": True}
-    store = config["store"]
-    work = output.begin()
-    store_work = store.begin() if store is not None and config["store_meta"] is None else None
-    try:
+    store = config["store"] if config["store_meta"] is None else None  # None: read, or no store
+    # Inner commits first: the store (good on its own), then the output; a failure aborts both.
+    with output.build() as work, (store.build() if store else contextlib.nullcontext()) as store_work:
         with beam.Pipeline(options=options) as p:
             build_pipeline(p, config, work, store_work)
-    except BaseException:
-        output.abort(work)
-        if store_work is not None:
-            store.abort(store_work)
-        raise
-    if store_work is not None:
-        store.commit(store_work)
-    output.commit(work)
     return json.loads(sio.read_bytes(sio.join(args.output, "summary.json")))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        summary = run(argv)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"near_duplicates: error: {e}", file=sys.stderr)
-        return 1
+def describe(summary: dict) -> str:
+    """The one line ``main`` prints on success."""
     splits = ", ".join(f"{s} {n:,}" for s, n in summary["excluded_by_split"].items())
-    print(f"near_duplicates: {summary['excluded']:,} of {summary['source_examples_compared']:,} source examples "
-          f"are near-duplicates of target images (similarity >= {summary['threshold']}; by split: {splits})")
+    return (f"{STAGE}: {summary['excluded']:,} of {summary['source_examples_compared']:,} source examples are "
+            f"near-duplicates of target images (similarity >= {summary['threshold']}; by split: {splits})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``run``; bad input is a one-line error and exit status 1."""
+    try:
+        print(describe(run(argv)))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{STAGE}: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

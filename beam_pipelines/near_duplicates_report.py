@@ -38,10 +38,10 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str) -> None:
+def _save(fig, path: str, dpi: int = 110) -> None:
     plt = _pyplot()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
     sio.write_bytes_atomic(path, buf.getvalue())
 
@@ -117,4 +117,4 @@ def plot_contact_sheet(above: Sequence[Pair], below: Sequence[Pair], threshold: 
     fig.suptitle(f"{title}\nleft: nearest at or above {threshold:.4g} (removed)   "
                  f"right: nearest below (kept)", fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
+    _save(fig, path, dpi=80)

@@ -42,14 +42,14 @@ def row_norms(vectors: np.ndarray) -> np.ndarray:
 
 
 def best_matches(source: np.ndarray, target: np.ndarray, target_unit: np.ndarray | None = None,
-                 target_norms: np.ndarray | None = None, block_bytes: int = 64 << 20
+                 target_norms: np.ndarray | None = None, block_bytes: int = 256 << 20
                  ) -> tuple[np.ndarray, np.ndarray]:
     """For each row of ``source`` (n, D), the index of its most similar row of
     ``target`` (m, D) and their cosine similarity (float32).
 
     The most similar row is the argmax of one float32 matrix product of unit
     rows (:func:`unit_rows`; the first on ties), computed in blocks of source
-    rows of at most ``block_bytes`` (default 64 MiB) so memory does not grow
+    rows of at most ``block_bytes`` (default 256 MiB) so memory does not grow
     with n. The similarity of that pair is then recomputed in float64 from
     the rows as given (float16 rows are exact in float64) and rounded to
     float32: a pure function of the two rows, whatever the batch around them

@@ -16,8 +16,9 @@
    bare float32 numpy matrix product of the same shapes. Comparisons
    (source x target pairs) per second.
 
-Each side runs twice on warm files and keeps its best time; prints the
-ratios side by side and a JSON line; asserts nothing. ``--project`` scales
+The sides take turns for ``--repeat`` rounds on warm files and each keeps
+its best time; prints the ratios side by side and a JSON line; asserts
+nothing. ``--project`` scales
 the measured rates to a source and target size (default 300M and 100k).
 """
 
@@ -148,6 +149,16 @@ def write_store(path: str, source: np.ndarray, rows_per_group: int = 8192) -> li
     return [file]
 
 
+def interleaved(sides: dict, repeat: int) -> dict[str, float]:
+    """Best time of each side over ``repeat`` rounds, the sides taking turns
+    within a round (a busy machine's drift hits every side alike)."""
+    best = {name: float("inf") for name in sides}
+    for _ in range(repeat):
+        for name, run in sides.items():
+            best[name] = min(best[name], run())
+    return best
+
+
 def project(images_per_s: float, pairs_per_s: float, dim: int, source: float, target: float, image_dim: int
             ) -> dict:
     """Core-hours for ``source`` images against ``target`` images at the measured rates,
@@ -172,6 +183,7 @@ def main(argv=None) -> int:
     ap.add_argument("--project", default="300e6,1e5", help="source,target sizes to project the cost to")
     ap.add_argument("--project-dim", type=int, default=8192,
                     help="embedding length at that scale (ResNet-50 / Inception-v3 at grid 2: 8192)")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds; each side keeps its best time")
     ap.add_argument("--skip-embedding", action="store_true")
     ap.add_argument("--work", default="/tmp/near-duplicates-bench")
     args = ap.parse_args(argv)
@@ -183,23 +195,23 @@ def main(argv=None) -> int:
         for path in match_files(index):  # page cache: every side reads warm files
             open(path, "rb").read()
         plain_embedding_loop(index, model_path, args.batch_size, args.grid)  # warm torch
-        t_plain = min(plain_embedding_loop(index, model_path, args.batch_size, args.grid) for _ in range(2))
-        n = args.images
-        print(f"embedding: plain torch loop        {t_plain:6.2f}s {n / t_plain:7.0f} images/s", flush=True)
-        results.update(images=n, plain_embed_s=t_plain)
         store = os.path.join(args.work, "store")
 
         def with_store():
             shutil.rmtree(store, ignore_errors=True)
             return embedding_pipeline(index, model_path, args.batch_size, args.grid, IN_PROCESS, store)
 
-        for name, run in (("pipeline in-process", lambda: embedding_pipeline(index, model_path, args.batch_size,
-                                                                              args.grid, IN_PROCESS)),
-                          ("pipeline + store", with_store)):
-            t = min(run() for _ in range(2))
-            results[name] = t
-            print(f"embedding: {name:23} {t:6.2f}s {n / t:7.0f} images/s  ({t / t_plain:.2f}x the loop's time)",
-                  flush=True)
+        sides = {"plain torch loop": lambda: plain_embedding_loop(index, model_path, args.batch_size, args.grid),
+                 "pipeline in-process": lambda: embedding_pipeline(index, model_path, args.batch_size, args.grid,
+                                                                   IN_PROCESS),
+                 "pipeline + store": with_store}
+        best = interleaved(sides, args.repeat)
+        n = args.images
+        t_plain = best["plain torch loop"]
+        results.update(images=n, plain_embed_s=t_plain, **{k: v for k, v in best.items() if k != "plain torch loop"})
+        for name, t in best.items():
+            ratio = "" if name == "plain torch loop" else f"  ({t / t_plain:.2f}x the loop's time)"
+            print(f"embedding: {name:23} {t:6.2f}s {n / t:7.0f} images/s{ratio}", flush=True)
         stored = sum(os.path.getsize(f) for f in match_files(store))
         results["store_bytes_per_image"] = stored / n
         print(f"embedding: store {stored / n:.0f} bytes per image (dim {_dim(model_path, args.grid)}, float16 "
@@ -211,16 +223,17 @@ def main(argv=None) -> int:
     pairs = args.source_rows * args.target_rows
     rows = args.compare_rows
     bare_matmul(source[:rows * 2], target, rows)  # warm BLAS
-    t_bare = min(bare_matmul(source, target, rows) for _ in range(2))
-    print(f"compare:   bare numpy matmul        {t_bare:6.2f}s {pairs / t_bare:9.3g} pairs/s "
-          f"({args.source_rows} x {args.target_rows}, D={args.dim}, {rows} source rows a product)", flush=True)
-    t_best = min(best_matches_loop(source, target, rows) for _ in range(2))
-    print(f"compare:   best_matches             {t_best:6.2f}s {pairs / t_best:9.3g} pairs/s  "
-          f"({t_best / t_bare:.2f}x the matmul's time)", flush=True)
     files = write_store(os.path.join(args.work, "compare-store"), source)
     target_file = os.path.join(args.work, "compare-target.npy")
     np.save(target_file, target)
-    t_pipe = min(compare_pipeline(files, target_file, args.dim, rows) for _ in range(2))
+    best = interleaved({"bare": lambda: bare_matmul(source, target, rows),
+                        "best_matches": lambda: best_matches_loop(source, target, rows),
+                        "pipeline": lambda: compare_pipeline(files, target_file, args.dim, rows)}, args.repeat)
+    t_bare, t_best, t_pipe = best["bare"], best["best_matches"], best["pipeline"]
+    print(f"compare:   bare numpy matmul        {t_bare:6.2f}s {pairs / t_bare:9.3g} pairs/s "
+          f"({args.source_rows} x {args.target_rows}, D={args.dim}, {rows} source rows a product)", flush=True)
+    print(f"compare:   best_matches             {t_best:6.2f}s {pairs / t_best:9.3g} pairs/s  "
+          f"({t_best / t_bare:.2f}x the matmul's time)", flush=True)
     print(f"compare:   store -> BestMatch (Beam) {t_pipe:6.2f}s {pairs / t_pipe:9.3g} pairs/s  "
           f"({t_pipe / t_bare:.2f}x the matmul's time)", flush=True)
     results.update(pairs=pairs, bare_s=t_bare, best_matches_s=t_best, compare_pipeline_s=t_pipe)

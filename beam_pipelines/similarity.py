@@ -14,8 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["HISTOGRAM_BINS", "histogram_edges", "unit_rows", "row_norms", "best_matches", "similarity_histogram", "near_threshold",
-           "choose_threshold", "detection_rates"]
+__all__ = ["HISTOGRAM_BINS", "histogram_edges", "unit_rows", "row_norms", "best_matches", "similarity_histogram",
+           "near_threshold", "choose_threshold", "detection_rates"]
 
 #: Bins of the best-similarity histogram: equal widths over [-1, 1] (0.005 wide).
 HISTOGRAM_BINS = 400

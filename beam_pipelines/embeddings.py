@@ -2,8 +2,8 @@
 
 An embedding is :func:`trainer.models.embed` of the generalist: its last
 feature map average-pooled over a ``grid`` x ``grid`` grid (``grid=1``: the
-penultimate layer itself), L2-normalised, kept as float16 (2 bytes a
-dimension).
+penultimate layer itself), square-rooted and L2-normalised, kept as float16
+(2 bytes a dimension).
 
 * Source: the index's Parquet files are split into row groups (the unit of
   parallelism, as for the label counts); each row group is read in Arrow

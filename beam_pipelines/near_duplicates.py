@@ -4,7 +4,7 @@
 
     python -m beam_pipelines.near_duplicates --source-index IDX --labels vocab.parquet \\
       --target-images ROOT --target-layout food101 [--splits train,test] --model generalist.pt \\
-      [--threshold 0.95] [--grid 2] [--embeddings DIR] [--allow-uri-prefix P ...] \\
+      [--threshold 0.965] [--grid 2] [--embeddings DIR] [--allow-uri-prefix P ...] \\
       [--max-bad-fraction 0.01] [--batch-size 64] --output DIR [--overwrite] \\
       [any Beam pipeline option: --runner, --direct_num_workers, Dataflow options]
 
@@ -12,7 +12,7 @@ The paper removes every near-duplicate of the target's training *and test*
 images from the source before pre-training (a CNN-based detector with a
 conservative threshold). Here the generalist embeds every image
 (:mod:`beam_pipelines.embeddings`: its last feature map pooled over a
-``--grid`` x ``--grid`` grid, L2-normalised), every source embedding is
+``--grid`` x ``--grid`` grid, square-rooted, L2-normalised), every source embedding is
 compared with every target embedding (the target is a side input; the
 source streams in batches, one matrix product per batch) and each source
 example keeps its most similar target image. Those at or above
@@ -289,8 +289,8 @@ def _bad(bad, label: str) -> dict[str, Any]:
 
 def _merge_exclusions(parts: Sequence[str], path: str, target: TargetEmbeddings) -> dict[str, Any]:
     """Concatenate the exclusion parts into the one file ``path`` (row group by
-    row group: memory is one part's row group), then remove them; return the
-    counts per target split."""
+    row group: memory is one part's row group); return the counts per target
+    split (excluded examples, target images matched)."""
     excluded = {split: 0 for split in dict.fromkeys(target.splits)}
     matched: dict[str, set] = {split: set() for split in excluded}
     fs, p = sio.filesystem(path)

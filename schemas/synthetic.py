@@ -15,7 +15,7 @@ Command line::
 
     python -m schemas.synthetic source --out DIR [--examples 2000] [--seed 0]
     python -m schemas.synthetic target --out DIR --labels DIR/labels.parquet \
-        [--layout food101|imagefolder] [--branch food] [--classes 8] [--seed 0]
+        [--layout food101|imagefolder] [--branch food] [--classes 8] [--clutter 0] [--seed 0]
 """
 
 from __future__ import annotations
@@ -558,6 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--test-per-class", type=int, default=TargetSpec.test_per_class)
     t.add_argument("--leaves-per-group", type=int, default=TargetSpec.leaves_per_group)
     t.add_argument("--image-size", type=int, default=TargetSpec.image_size)
+    t.add_argument("--clutter", type=int, default=0, help="random shapes painted on each image (default 0)")
     t.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.what == "source":
@@ -569,7 +570,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = generate_target(args.out, TargetSpec(
             layout=args.layout, branch=args.branch, num_classes=args.classes,
             train_per_class=args.train_per_class, test_per_class=args.test_per_class,
-            leaves_per_group=args.leaves_per_group, image_size=args.image_size, seed=args.seed))
+            leaves_per_group=args.leaves_per_group, image_size=args.image_size, seed=args.seed,
+            clutter=args.clutter))
         print(f"wrote {args.layout} target with {len(data.classes)} classes to {data.root}")
     return 0
 

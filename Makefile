@@ -21,7 +21,7 @@
 #   make resample TARGET=food101 SIZE=80M [SOURCE=jft MATCHER=same|elastic
 #        DRAW=multinomial|systematic SEED=0 RUNNER=DirectRunner SPARK_MASTER=local[*]
 #        OUT=out TARGET_ROOT=... MODEL=generalist.pt SAMPLES_PER_SHARD=10000
-#        ALLOW_URI_PREFIX="gs://images/ /data/imagenet/train" DEDUP=1]
+#        ALLOW_URI_PREFIX="gs://images/ /data/imagenet/train" DEDUP=1 MAX_SIDE=512 QUALITY=90]
 #        weights (Beam) -> near-duplicates of the target's train and test images
 #        (Beam; DEDUP=0 skips it) -> resample without them (Spark) -> shards (Spark)
 #        -> verify, reusing finished stages and stored source embeddings.
@@ -58,6 +58,8 @@ OUT ?= out
 TARGET_ROOT ?=
 MODEL ?=
 SAMPLES_PER_SHARD ?= 10000
+MAX_SIDE ?=
+QUALITY ?=
 ALLOW_URI_PREFIX ?=
 DEDUP ?= 1
 SPARK_ENV_DIR ?= build/spark-env
@@ -94,7 +96,8 @@ resample: install
 	  --runner "$(RUNNER)" $(if $(SPARK_MASTER),--spark-master "$(SPARK_MASTER)") --out "$(OUT)" \
 	  $(if $(TARGET_ROOT),--target-root "$(TARGET_ROOT)") $(if $(MODEL),--model "$(MODEL)") \
 	  --samples-per-shard "$(SAMPLES_PER_SHARD)" $(foreach p,$(ALLOW_URI_PREFIX),--allow-uri-prefix "$(p)") \
-	  $(if $(filter 0,$(DEDUP)),--no-dedup)
+	  $(if $(filter 0,$(DEDUP)),--no-dedup) $(if $(MAX_SIDE),--max-side "$(MAX_SIDE)") \
+	  $(if $(QUALITY),--quality "$(QUALITY)")
 
 spark-env: install $(SPARK_ENV_DIR)/env.tar.gz $(SPARK_ENV_DIR)/code.zip
 

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-root", help="where the target data lives (overrides the config)")
     p.add_argument("--model", help="generalist checkpoint (overrides the source config)")
     p.add_argument("--samples-per-shard", type=int, default=10000)
+    p.add_argument("--max-side", type=int, metavar="N",
+                   help="shards: re-encode images whose longer side exceeds N pixels (write_shards --max-side)")
+    p.add_argument("--quality", type=int, metavar="Q", help="JPEG quality of re-encoded images (default 90)")
     p.add_argument("--allow-uri-prefix", action="append", default=[], metavar="PREFIX",
                    help="where a uri index's images may be read from, repeatable (default: the source "
                         "config's image_root or train_root, else the index's own storage)")
@@ -107,7 +110,8 @@ def plan(args: argparse.Namespace, log=print) -> dict:
     weights_key = _hash({"inputs": inputs, "layout": target.layout, "split": target.train_split,
                          "temperature": args.temperature})
     options = {"size": size, "matcher": args.matcher, "draw": args.draw if args.matcher == "same" else "systematic",
-               "aggregate": args.aggregate, "seed": args.seed, "samples_per_shard": args.samples_per_shard}
+               "aggregate": args.aggregate, "seed": args.seed, "samples_per_shard": args.samples_per_shard,
+               **({"max_side": args.max_side, "quality": args.quality} if args.max_side else {})}
     dedup = _plan_dedup(args, target, root, inputs) if getattr(args, "dedup", True) else None
     run_key = _hash({"weights": weights_key, **({"dedup": dedup["key"]} if dedup else {}), **options})
     label = f"{format_size(size)}-{args.matcher}" + (f"-{args.draw}" if args.matcher == "same" else "")
@@ -200,7 +204,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
     log(f"[4/5] shards -> {p['shards_dir']}")
     manifest = W.run(spark, W.ShardJob(selection=p["resample_dir"], index=p["index"], output=p["shards_dir"],
                                        samples_per_shard=o["samples_per_shard"], seed=o["seed"],
-                                       allow_uri_prefixes=p["allow_uri_prefixes"]))
+                                       allow_uri_prefixes=p["allow_uri_prefixes"], max_side=o.get("max_side"),
+                                       quality=o.get("quality")))
     log("[5/5] verify")
     report = V.verify(p["shards_dir"])
     if not report.ok:

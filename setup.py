@@ -29,7 +29,9 @@ STAGES = {
     # for _metadata.row_index; 3.5 tested), make resample / demo, plots.
     "driver": ["pyspark>=3.5", "pandas>=2.2,<3", "matplotlib>=3.7", "pyyaml>=6"],
 }
-OBJECT_STORES = {"gcs": ["gcsfs"], "s3": ["s3fs"]}
+#: fsspec's filesystems (every stage's own reads and writes); boto3: Beam's S3
+#: filesystem (target images on Beam workers). Beam's GCS one: `dataflow`.
+OBJECT_STORES = {"gcs": ["gcsfs"], "s3": ["s3fs", "boto3"]}
 ALL = sorted({r for reqs in (*STAGES.values(), *OBJECT_STORES.values()) for r in reqs})
 TEST_TOOLS = ["pytest>=7.4", "pytest-timeout>=2.2", "pytest-benchmark>=4", "moto[server]>=5",
               "venv-pack>=0.2"]  # tests/test_cluster.py builds the Spark executors' packed env

@@ -7,17 +7,21 @@
       ( --target-images PATH --target-layout imagefolder|food101 --model CKPT
       | --target-histogram PARQUET ) \\
       [--temperature 2.0] [--max-bad-fraction 0.01] --output DIR \\
-      [any Beam pipeline option: --runner, --direct_num_workers, Dataflow options]
+      [any Beam pipeline option: --runner, --direct_num_workers, Dataflow options,
+       --inference_device CPU|GPU, --large_model, --model_copies N (target_histogram.InferenceOptions)]
 
 Writes to DIR: ``label_counts.parquet``, ``target_histogram.parquet``,
 ``weights.parquet`` (one row per vocabulary label), ``summary.json``,
 ``weights.png`` and, last, ``_SUCCESS``.
 
 The embedded default runner is the DirectRunner (pinned: nothing is
-downloaded at run time). On Dataflow::
+downloaded at run time). On Dataflow, with workers from the custom SDK
+container (``Dockerfile``; README "Running at scale")::
 
     python -m beam_pipelines.importance_weights ... --runner DataflowRunner \\
-      --project P --region R --temp_location gs://B/tmp --setup_file ./setup.py
+      --project P --region R --temp_location gs://B/tmp \\
+      --sdk_container_image REGION-docker.pkg.dev/P/REPO/adaptive-transfer-beam:cpu \\
+      --sdk_location container
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any, Sequence
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from schemas import (SchemaError, read_metadata, validate_histogram, validate_vocabulary,
@@ -40,7 +45,7 @@ from schemas.targets import list_target
 
 from .label_counts import CountSourceLabels, match_files
 from .report import plot_top_weights
-from .target_histogram import TargetHistogram
+from .target_histogram import TargetHistogram, inference_settings
 from .weights import (counts_table, entropy, histogram_table, importance_weights,
                       mean_from_fixed_point)
 
@@ -213,7 +218,7 @@ def build_pipeline(p: beam.Pipeline, args: argparse.Namespace, config: dict[str,
     else:
         hist = (p | "TargetImages" >> beam.Create(config["target_paths"])
                   | "TargetHistogram" >> TargetHistogram(args.model, config["preprocess"], args.temperature,
-                                                         args.batch_size))
+                                                         args.batch_size, **inference_settings(p.options)))
         side["sums"] = beam.pvalue.AsSingleton(hist["sums"])
         side["bad_count"] = beam.pvalue.AsSingleton(hist["bad"] | "CountBad" >> beam.combiners.Count.Globally())
         side["bad_names"] = beam.pvalue.AsSingleton(
@@ -232,6 +237,10 @@ def run(argv: Sequence[str] | None = None) -> dict:
     args, beam_args = build_parser().parse_known_args(argv)
     output = StageOutput(args.output, "importance_weights")
     options = _pin_runner(PipelineOptions(beam_args))
+    inference_settings(options)  # bad inference options fail before the output is touched
+    # The inputs are listed through Beam's filesystems before the pipeline exists:
+    # their options (--s3_endpoint_url, credentials, GCP project) apply from here.
+    FileSystems.set_options(options)
     config = check_inputs(args)
     if output.check(args.overwrite):
         print(output.skip_line(), file=sys.stderr)

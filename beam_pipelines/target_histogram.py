@@ -22,6 +22,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import PredictionResult, RunInference
 from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerTensor
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from schemas.targets import read_item_bytes
 from trainer.models import build_model, load_generalist
@@ -30,7 +31,7 @@ from trainer.transforms import PreprocessSpec, decode_image, eval_transform
 from .weights import quantize_probabilities, softmax
 
 __all__ = ["BAD_IMAGES", "ProbabilitySums", "softmax_sums_inference", "GeneralistModelHandler",
-           "ReadAndPreprocess", "SumProbabilities", "TargetHistogram"]
+           "ReadAndPreprocess", "SumProbabilities", "TargetHistogram", "InferenceOptions", "inference_settings"]
 
 #: Tag of the side output that carries ``(path, reason)`` of unreadable images.
 BAD_IMAGES = "bad_images"
@@ -71,23 +72,64 @@ def softmax_sums_inference(batch: Sequence[torch.Tensor], model: torch.nn.Module
     return [PredictionResult(example=n, inference=ProbabilitySums(out_hi, out_lo, n), model_id=model_id)]
 
 
+class InferenceOptions(PipelineOptions):
+    """Pipeline options for where the generalist runs on the workers
+    (:func:`inference_settings` turns them into model handler arguments).
+
+    ``--inference_device``: ``CPU`` (default) or ``GPU`` (workers with CUDA:
+    the Dockerfile's CUDA image on Dataflow GPU workers). ``--large_model``:
+    one copy of the model per worker VM, shared by its SDK processes
+    (RunInference's shared model) instead of one per process; for models
+    that do not fit once per process, or one GPU. ``--model_copies N``:
+    that many shared copies per VM (e.g. one per GPU; implies
+    ``--large_model``). Defaults: a copy per process, as RunInference does.
+    """
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--inference_device", type=str.upper, choices=("CPU", "GPU"), default="CPU",
+                            help="where the workers run the generalist (default CPU)")
+        parser.add_argument("--large_model", action="store_true", default=False,
+                            help="share one model per worker VM between its SDK processes")
+        parser.add_argument("--model_copies", type=int, default=None,
+                            help="shared model copies per worker VM (implies --large_model)")
+
+
+def inference_settings(options: PipelineOptions) -> dict:
+    """``device``, ``large_model`` and ``model_copies`` for a model handler
+    (:class:`GeneralistModelHandler`, :class:`TargetHistogram`) from the
+    pipeline's :class:`InferenceOptions`. Raises ``ValueError`` for
+    ``--model_copies`` below 1."""
+    view = options.view_as(InferenceOptions)
+    if view.model_copies is not None and view.model_copies < 1:
+        raise ValueError(f"--model_copies must be >= 1, got {view.model_copies}")
+    return {"device": view.inference_device, "large_model": bool(view.large_model or view.model_copies),
+            "model_copies": view.model_copies}
+
+
 class GeneralistModelHandler(PytorchModelHandlerTensor):
     """PyTorch handler whose loader is :func:`trainer.models.load_generalist`
     (``weights_only=True``): the model is built on the worker from the
-    checkpoint path, never captured in a closure."""
+    checkpoint path, never captured in a closure. ``device``, ``large_model``
+    and ``model_copies`` are RunInference's (see :class:`InferenceOptions`;
+    defaults: CPU, a copy per process)."""
 
     def __init__(self, checkpoint: str, temperature: float = 2.0, batch_size: int = 64,
-                 device: str = "CPU"):
+                 device: str = "CPU", *, large_model: bool = False, model_copies: int | None = None):
         super().__init__(
             state_dict_path=checkpoint, model_class=build_model, device=device,
             inference_fn=functools.partial(softmax_sums_inference, temperature=temperature,
                                            batch_size=batch_size),
-            min_batch_size=batch_size, max_batch_size=batch_size)
+            min_batch_size=batch_size, max_batch_size=batch_size, large_model=large_model,
+            model_copies=model_copies)
         self._checkpoint = checkpoint
 
     def load_model(self) -> torch.nn.Module:
         model, _ = load_generalist(self._checkpoint, device=str(self._device))
-        return model
+        # No autograd: with large_model the forward pass runs in the process that
+        # holds the shared model, where the caller's torch.no_grad() does not reach,
+        # and outputs that require grad cannot be sent back.
+        return model.requires_grad_(False)
 
     def get_num_bytes(self, batch: Sequence[torch.Tensor]) -> int:
         return sum(t.numel() * t.element_size() for t in batch)
@@ -147,17 +189,21 @@ class TargetHistogram(beam.PTransform):
     """PCollection of image paths -> ``{"sums": ProbabilitySums (one element),
     "bad": PCollection of (path, reason)}``.
 
-    ``spec`` is the checkpoint's preprocessing (a :class:`PreprocessSpec` dict).
+    ``spec`` is the checkpoint's preprocessing (a :class:`PreprocessSpec` dict);
+    ``device``, ``large_model`` and ``model_copies`` go to the model handler
+    (:func:`inference_settings` reads them from pipeline options).
     """
 
     def __init__(self, checkpoint: str, spec: dict, temperature: float = 2.0, batch_size: int = 64,
-                 device: str = "CPU"):
+                 device: str = "CPU", *, large_model: bool = False, model_copies: int | None = None):
         super().__init__()
         self.checkpoint = checkpoint
         self.spec = dict(spec)
         self.temperature = temperature
         self.batch_size = batch_size
         self.device = device
+        self.large_model = large_model
+        self.model_copies = model_copies
 
     def expand(self, paths):
         # Chunks of paths, not single paths, cross the fusion break that spreads
@@ -168,7 +214,8 @@ class TargetHistogram(beam.PTransform):
                    | "SpreadChunks" >> beam.Reshuffle()
                    | "ReadAndPreprocess" >> beam.ParDo(ReadAndPreprocess(self.spec)).with_outputs(
                        BAD_IMAGES, main="images"))
-        handler = GeneralistModelHandler(self.checkpoint, self.temperature, self.batch_size, self.device)
+        handler = GeneralistModelHandler(self.checkpoint, self.temperature, self.batch_size, self.device,
+                                         large_model=self.large_model, model_copies=self.model_copies)
         sums = (decoded.images
                 | "RunInference" >> RunInference(handler)
                 | "BatchSums" >> beam.Map(lambda r: r.inference)

@@ -71,6 +71,27 @@ def test_a_driver_local_output_is_refused_on_a_cluster(master, outputs, shared, 
         assert "--output" in named or "--output" not in reason  # only the local ones are named
 
 
+def test_shards_from_a_selection_on_object_storage(spark, source_data, s3_server, tmp_path):
+    """write_shards reads a selection the resampler wrote to an object store
+    through fsspec (Spark has no connector for it): the same shards as from
+    a local selection, every output on the store."""
+    weights = write_weights(str(tmp_path / "weights.parquet"),
+                            reference_weights(source_data.index_path, source_data.labels_path, seed=3))
+    job = dict(index=source_data.index_path, weights=weights, size=300, draw="systematic", seed=5)
+    R.run(spark, R.ResampleJob(**job, output=str(tmp_path / "resample")))
+    R.run(spark, R.ResampleJob(**job, output="s3://bucket/resample"))
+    W.run(spark, W.ShardJob(selection=str(tmp_path / "resample"), index=source_data.index_path,
+                            output=str(tmp_path / "shards"), samples_per_shard=100, seed=5))
+    W.run(spark, W.ShardJob(selection="s3://bucket/resample", index=source_data.index_path,
+                            output="s3://bucket/shards", samples_per_shard=100, seed=5))
+    shards = sorted(f for f in os.listdir(tmp_path / "shards") if f.endswith(".tar"))
+    assert len(shards) == 3
+    assert sorted(p.rsplit("/", 1)[-1] for p in s3_server.ls("bucket/shards")) == \
+        sorted(["_STAGE", "_SUCCESS", "manifest.json", *shards])
+    for f in shards:
+        assert sio.file_sha256(f"s3://bucket/shards/{f}") == sio.file_sha256(str(tmp_path / "shards" / f))
+
+
 # -- isolation on this machine ---------------------------------------------------------------
 
 def _isolation_problem() -> str | None:
@@ -276,7 +297,8 @@ def _submit(home, url, env_files, storage_env, *args, check=True):
            "--conf", "spark.driver.memory=1g", "--conf", "spark.sql.shuffle.partitions=4",
            "--conf", "spark.ui.enabled=false", "--conf", "spark.shuffle.readHostLocalDisk=false",
            os.path.join(ROOT, "spark_jobs", "submit.py"), *args]
-    scratch = tempfile.mkdtemp(prefix="adaptive-transfer-driver-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    scratch = tempfile.mkdtemp(prefix="adaptive-transfer-driver-",
+                               dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     env = {**os.environ, "SPARK_HOME": home, "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_LOCAL_DIRS": scratch,
            **storage_env}
     env.pop("PYSPARK_PYTHON", None)

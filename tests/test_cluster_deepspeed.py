@@ -104,7 +104,8 @@ def test_missing_shards_are_named(tmp_path):
     assert D.missing_shards(urls) == urls[2:]
     assert D.missing_shards([str(tmp_path / "nowhere" / "shard-000000.tar")]) == \
         [str(tmp_path / "nowhere" / "shard-000000.tar")]
-    with pytest.raises(FileNotFoundError, match=rf"shard {urls[2]} named by P is missing \(2 of 4 shards are missing\)"):
+    with pytest.raises(FileNotFoundError,
+                       match=rf"shard {urls[2]} named by P is missing \(2 of 4 shards are missing\)"):
         D.require_shards(urls, "P")
 
 

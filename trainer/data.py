@@ -40,7 +40,8 @@ from schemas.targets import list_target, read_item_bytes
 
 from .transforms import DEFAULT_DECODE_SCALING, HashRNG, PreprocessSpec, decode_image, eval_transform, train_sample
 
-__all__ = ["shard_urls", "missing_shards", "require_shards", "shard_samples", "ShardStream", "TargetDataset", "LoaderState", "soft_targets", "collate",
+__all__ = ["shard_urls", "missing_shards", "require_shards", "shard_samples", "ShardStream", "TargetDataset",
+           "LoaderState", "soft_targets", "collate",
            "default_num_workers", "local_ranks", "IMAGE_KEYS", "MAX_CONSECUTIVE_CORRUPT"]
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff")

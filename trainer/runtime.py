@@ -36,7 +36,8 @@ from schemas import io as sio
 from schemas.stage_output import StageOutput
 
 __all__ = ["DistInfo", "setup_distributed", "initialize", "SafeCheckpointEngine", "save_checkpoint",
-           "resume_tag", "agree_resume_tag", "check_output_sharing", "run_on_node_leaders", "load_checkpoint", "average_buffers", "all_gather_longs", "Progress", "barrier",
+           "resume_tag", "agree_resume_tag", "check_output_sharing", "run_on_node_leaders", "load_checkpoint",
+           "average_buffers", "all_gather_longs", "Progress", "barrier",
            "write_json_main", "GO", "SKIP", "decide_on_rank0", "start_output", "building", "cli_main"]
 
 TAG_PREFIX = "step"

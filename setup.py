@@ -31,7 +31,9 @@ STAGES = {
 }
 #: fsspec's filesystems (every stage's own reads and writes); boto3: Beam's S3
 #: filesystem (target images on Beam workers). Beam's GCS one: `dataflow`.
-OBJECT_STORES = {"gcs": ["gcsfs"], "s3": ["s3fs", "boto3"]}
+#: The lower bounds matter: with boto3 unpinned, pip otherwise falls back to
+#: s3fs 0.4 (before aiobotocore), whose session refuses fsspec's options.
+OBJECT_STORES = {"gcs": ["gcsfs>=2023.6"], "s3": ["s3fs>=2023.6", "boto3"]}
 ALL = sorted({r for reqs in (*STAGES.values(), *OBJECT_STORES.values()) for r in reqs})
 TEST_TOOLS = ["pytest>=7.4", "pytest-timeout>=2.2", "pytest-benchmark>=4", "moto[server]>=5",
               "venv-pack>=0.2"]  # tests/test_cluster.py builds the Spark executors' packed env

@@ -201,11 +201,16 @@ def _hidden_from_workers() -> list[str]:
 
 
 #: A worker's start: its own /tmp (work and local dirs), Spark's files bound
-#: under it, then the driver's directories hidden under empty tmpfs mounts.
+#: under it (through /mnt first: they may live under the driver's /tmp, which
+#: the new /tmp hides), then the driver's directories hidden under empty tmpfs
+#: mounts.
 WORKER_SCRIPT = """set -e
+mount -t tmpfs -o size=1m tmpfs /mnt
+mkdir /mnt/spark-home
+mount --bind "$SPARK_FILES" /mnt/spark-home
 mount -t tmpfs -o size=4g tmpfs /tmp
 mkdir -p /tmp/spark-home /tmp/work /tmp/local
-mount --bind "$SPARK_FILES" /tmp/spark-home
+mount --bind /mnt/spark-home /tmp/spark-home
 for d in $HIDE; do mount -t tmpfs -o size=1m,mode=0755 tmpfs "$d"; done
 cd /
 exec /tmp/spark-home/bin/spark-class org.apache.spark.deploy.worker.Worker --host 127.0.0.1 \\

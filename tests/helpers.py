@@ -55,6 +55,17 @@ def run_module(module: str, *args: str, env: dict | None = None, check: bool = T
 
 def free_port() -> int:
     """A free TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list:
+    """``n`` distinct free TCP ports on loopback (all held open while chosen,
+    so that no two are the same)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()

@@ -36,7 +36,7 @@ from schemas import io as sio
 from spark_jobs import resample as R
 from spark_jobs import write_shards as W
 from spark_jobs.session import output_refusal
-from tests.helpers import free_port, ROOT, reference_weights, write_weights
+from tests.helpers import free_ports, ROOT, reference_weights, write_weights
 
 #: Extras of the executors' environment here (the README's recipe adds gcs).
 ENV_EXTRAS = "spark,s3"
@@ -240,14 +240,14 @@ def standalone_cluster(tmp_path_factory):
 
     logs = tmp_path_factory.mktemp("cluster-logs")
     home = os.path.dirname(pyspark.__file__)
-    port, ui = free_port(), free_port()
+    port, ui, *worker_ui = free_ports(4)
     url = f"spark://127.0.0.1:{port}"
     master_env = {**os.environ, "SPARK_HOME": home, "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_LOG_DIR": str(logs)}
     procs = [subprocess.Popen([os.path.join(home, "bin", "spark-class"), "org.apache.spark.deploy.master.Master",
                                "--host", "127.0.0.1", "--port", str(port), "--webui-port", str(ui)],
                               env=master_env, stdout=open(logs / "master.log", "w"), stderr=subprocess.STDOUT)]
     for i in range(2):
-        env = {**_worker_env(home, url), "UI_PORT": str(free_port())}
+        env = {**_worker_env(home, url), "UI_PORT": str(worker_ui[i])}
         procs.append(subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", WORKER_SCRIPT],
                                       env=env, stdout=open(logs / f"worker{i}.log", "w"), stderr=subprocess.STDOUT))
     try:
@@ -257,7 +257,7 @@ def standalone_cluster(tmp_path_factory):
                 state = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{ui}/json/", timeout=2).read())
                 if sum(w.get("state") == "ALIVE" for w in state.get("workers", [])) == 2:
                     break
-            except OSError:
+            except (OSError, ValueError):  # not up yet, or still serving its HTML start page
                 pass
             if time.time() > deadline or any(p.poll() is not None for p in procs):
                 raise RuntimeError("the standalone cluster did not come up:\n" + "\n".join(

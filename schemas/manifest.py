@@ -33,7 +33,7 @@ FORMAT_VERSION = 1
 MATCHERS = ("same", "elastic")
 DRAWS = ("multinomial", "systematic")
 AGGREGATIONS = ("mean", "max", "sum")
-SCHEMES = ("adaptive", "entire", "subset", "topk-uniform", "reversed")
+SCHEMES = ("adaptive", "entire", "subset", "topk-uniform", "reversed", "balanced")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

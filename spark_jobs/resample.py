@@ -4,7 +4,7 @@
 
     python -m spark_jobs.resample --index PATH --weights weights.parquet \\
       --size 80M --matcher same|elastic [--draw multinomial|systematic] \\
-      [--aggregate mean|max|sum] [--scheme adaptive|entire|subset|topk-uniform|reversed] \\
+      [--aggregate mean|max|sum] [--scheme adaptive|entire|subset|topk-uniform|reversed|balanced] \\
       [--labels vocab.parquet] [--subset-labels NAME,...] [--top-k K] \\
       [--exclude KEYS.parquet] [--label-sets PATH] [--seed 0] --output DIR [--master local[*]]
 
@@ -99,7 +99,7 @@ class ResampleJob:
         if self.scheme == "subset":
             # Uniform over every example carrying a subset label, whatever else it carries.
             self.aggregate = "max"
-        if self.scheme in ("adaptive", "topk-uniform", "reversed") and not self.weights:
+        if self.scheme in ("adaptive", "topk-uniform", "reversed", "balanced") and not self.weights:
             raise ValueError(f"scheme {self.scheme!r} needs --weights")
         if self.scheme == "subset" and not self.labels:
             raise ValueError("scheme 'subset' needs --labels (the label vocabulary)")
@@ -755,7 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="same matcher only (default: multinomial, the paper's)")
     p.add_argument("--aggregate", choices=["mean", "max", "sum"], default="mean",
                    help="per-example weight from its labels' weights (default: mean)")
-    p.add_argument("--scheme", choices=["adaptive", "entire", "subset", "topk-uniform", "reversed"],
+    p.add_argument("--scheme", choices=["adaptive", "entire", "subset", "topk-uniform", "reversed", "balanced"],
                    default="adaptive")
     p.add_argument("--labels", help="label vocabulary (needed for --scheme subset)")
     p.add_argument("--subset-labels", default="", help="comma-separated label names (scheme subset)")

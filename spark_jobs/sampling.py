@@ -508,6 +508,9 @@ def scheme_label_weights(scheme: str, label_ids: np.ndarray, weights: np.ndarray
       "uniform distribution on all selected labels").
     * ``reversed``: among the top-K labels, the label ranked i by weight gets
       the weight of the label ranked K-1-i (Table 6), 0 elsewhere.
+    * ``balanced``: a uniform *label* distribution over every label with
+      examples, ``w(y) = 1 / count(y)`` (a class-balanced control: rebalanced
+      like adaptive transfer, but towards no target). Needs ``counts`` only.
     Ties in weight are ranked by label id.
     """
     label_ids = np.asarray(label_ids)
@@ -518,6 +521,11 @@ def scheme_label_weights(scheme: str, label_ids: np.ndarray, weights: np.ndarray
         if subset_ids is None or len(subset_ids) == 0:
             raise ValueError("scheme 'subset' needs the ids of the subset labels")
         return np.isin(label_ids, subset_ids).astype(np.float64)
+    if scheme == "balanced":
+        if counts is None:
+            raise ValueError("scheme 'balanced' needs the label counts")
+        c = np.asarray(counts, np.float64)
+        return np.where(c > 0, 1.0 / np.maximum(c, 1), 0.0)
     if weights is None:
         raise ValueError(f"scheme {scheme!r} needs the importance weights table")
     weights = np.asarray(weights, np.float64)

@@ -362,6 +362,23 @@ def test_topk_schemes_use_only_top_labels(spark, multi_label, tmp_path, scheme):
     assert all(set(labels[k]) & top for k in sel)
 
 
+def test_balanced_scheme_flattens_the_label_distribution(spark, multi_label, tmp_path):
+    """The class-balanced control: leaf labels drawn about equally often, unlike the entire source."""
+    source, weights, _ = multi_label
+    sizes = np.array(list(source.class_sizes.values()))
+    job = R.ResampleJob(index=source.index_path, weights=weights, scheme="balanced", size=4000,
+                        output=str(tmp_path / "out"))
+    R.run(spark, job)
+    index = sio.read_parquet(source.index_path, columns=["key", "labels"])
+    leaf_of = {k: v[0] for k, v in zip(index.column("key").to_pylist(), index.column("labels").to_pylist())}
+    drawn = {}
+    for key, copies in selection_of(job.output).items():
+        drawn[leaf_of[key]] = drawn.get(leaf_of[key], 0) + copies
+    share = np.array([drawn.get(leaf, 0) for leaf in source.class_sizes]) / 4000
+    assert sizes.max() / sizes.min() > 10  # the source is far from balanced
+    assert share.max() / share.min() < 2.5, share
+
+
 def test_exclude_keys_are_never_selected(spark, multi_label, tmp_path):
     source, weights, _ = multi_label
     index = sio.read_parquet(source.index_path, columns=["key"])

@@ -336,5 +336,10 @@ def test_scheme_weights():
     assert S.scheme_label_weights("reversed", ids, w, top_k=3).tolist() == [0, 1.0, 0, 2.0, 4.0]
     np.testing.assert_allclose(S.scheme_label_weights("topk-uniform", ids, w, counts, top_k=3),
                                [0, 1 / 20, 0, 1 / 40, 1 / 50])
+    # balanced: every label with examples, none preferred (the importance weights play no part)
+    np.testing.assert_allclose(S.scheme_label_weights("balanced", ids, None, counts),
+                               [1 / 10, 1 / 20, 0, 1 / 40, 1 / 50])
+    with pytest.raises(ValueError, match="'balanced' needs the label counts"):
+        S.scheme_label_weights("balanced", ids, w)
     with pytest.raises(ValueError, match="top_k 5 exceeds the 4 labels with non-zero weight"):
         S.scheme_label_weights("reversed", ids, w, top_k=5)

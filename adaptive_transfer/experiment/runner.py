@@ -78,7 +78,7 @@ def reuse_or_build(path: str, fingerprint: dict, build: Callable[[str], None], l
 @contextlib.contextmanager
 def _logged_to(path: str):
     """The stage's own printing goes to ``path`` (the console keeps one line per stage)."""
-    with open(path, "a") as fh, contextlib.redirect_stdout(fh):
+    with open(path, "a") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
         yield
 
 

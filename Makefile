@@ -5,7 +5,10 @@
 #                        a Spark standalone cluster of isolated workers with the packed env, two
 #                        DeepSpeed nodes with their own disks, Beam SDK workers in their own env;
 #                        root and unshare for the Spark workers); .ci/run runs both
-#   make demo            set up .venv and run the whole pipeline on generated data
+#   make demo            set up .venv and run the whole pipeline on generated data (one seed, ~4 min)
+#   make experiment      the paper's findings on generated data: 3 targets, 9 arms, Figure 3's sizes,
+#                        5 seeds, intervals (~1 h on 2 cores; EXPERIMENT_OUT=experiment_out,
+#                        QUICK=1 for one tiny seed, SEEDS=0,1,2 to choose; finished stages are reused)
 #   make install         only set up .venv (idempotent; a stamp file skips it when
 #                        setup.py and this Makefile are unchanged)
 #
@@ -46,6 +49,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= demo_out
+EXPERIMENT_OUT ?= experiment_out
 TARGET ?= demo
 SIZE ?=
 SOURCE ?=
@@ -66,7 +70,7 @@ SPARK_ENV_DIR ?= build/spark-env
 SPARK_ENV_EXTRAS ?= spark,gcs,s3
 SPARK_ENV_PYTHON_PREFIX ?=
 
-.PHONY: install test test-cluster demo resample spark-env clean distclean
+.PHONY: install test test-cluster demo experiment resample spark-env clean distclean
 
 install: $(STAMP)
 
@@ -88,6 +92,10 @@ test-cluster: install
 
 demo: install
 	$(BIN)/python -m adaptive_transfer.demo --out $(DEMO_OUT)
+
+experiment: install
+	$(BIN)/python -m adaptive_transfer.experiment --out $(EXPERIMENT_OUT) $(if $(QUICK),--quick) \
+	  $(if $(SEEDS),--seeds $(SEEDS))
 
 resample: install
 	@test -n "$(SIZE)" || { echo "make resample: set SIZE (e.g. SIZE=80M; SIZE=5000 for TARGET=demo)"; exit 2; }
@@ -124,7 +132,7 @@ $(SPARK_ENV_DIR)/code.zip: $(wildcard schemas/*.py spark_jobs/*.py)
 	  $@.tmp schemas spark_jobs && mv $@.tmp $@
 
 clean:
-	rm -rf $(DEMO_OUT) $(OUT) .pytest_cache build *.egg-info
+	rm -rf $(DEMO_OUT) $(EXPERIMENT_OUT) $(OUT) .pytest_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean

@@ -57,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from spark_jobs import verify as V
     from spark_jobs import write_shards as W
     from schemas.stage_output import is_complete
+
+    from .experiment.runner import reuse_or_build
     from spark_jobs.session import get_session
 
     t0 = time.time()
@@ -80,36 +82,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         log("top labels: " + ", ".join(f"{t['name']} ({t['weight']:.2f})" for t in summary["top_labels"][:8]))
         shutil.copy(os.path.join(weights, "weights.png"), os.path.join(report_dir, "weights.png"))
 
+        def finetuned(init: str, init_digest: str | None, slug: str) -> dict:
+            """Fine-tune from ``init`` (reused when the model, steps and seed are the same)."""
+            path = os.path.join(out, "runs", f"seed-{args.seed}", "finetune", slug)
+            reuse_or_build(path, {"init": init_digest, "steps": args.finetune_steps, "seed": args.seed},
+                           lambda p: D.run_finetune(data.target, init, p, args.finetune_steps, args.seed, log), log)
+            return json.loads(open(os.path.join(path, "metrics.json")).read())
+
         results = []
         for i, (name, options) in enumerate(ROWS):
             slug = ["entire", "subset-food", "adaptive-same", "adaptive-elastic"][i]
-            run_dir = os.path.join(out, "runs", slug)
-            log(f"{name}: resample {args.size} examples")
-            stats = R.run(spark, R.ResampleJob(index=data.index, weights=os.path.join(weights, "weights.parquet"),
-                                               labels=data.labels, size=args.size, seed=args.seed,
-                                               target="demo", output=os.path.join(run_dir, "resample"),
-                                               label_sets=os.path.join(out, "label-sets.parquet"), **options))
+            # per seed, and rebuilt when any setting it was made from changed (never another seed's model)
+            run_dir = os.path.join(out, "runs", f"seed-{args.seed}", slug)
+            fingerprint = {"options": options, "size": args.size, "seed": args.seed,
+                           "pretrain_steps": args.pretrain_steps, "weights": weights,
+                           "generalist_steps": args.generalist_steps}
+
+            def build(path, name=name, options=options, slug=slug):
+                log(f"{name}: resample {args.size} examples")
+                R.run(spark, R.ResampleJob(index=data.index, weights=os.path.join(weights, "weights.parquet"),
+                                           labels=data.labels, size=args.size, seed=args.seed, target="demo",
+                                           output=os.path.join(path, "resample"),
+                                           label_sets=os.path.join(out, "label-sets.parquet"), **options))
+                manifest = W.run(spark, W.ShardJob(selection=os.path.join(path, "resample"), index=data.index,
+                                                   output=os.path.join(path, "shards"), samples_per_shard=500,
+                                                   seed=args.seed))
+                check = V.verify(os.path.join(path, "shards"))
+                if not check.ok:
+                    raise RuntimeError(f"verify failed for {slug}: {check.problems[:3]}")
+                log(f"{name}: pre-train {args.pretrain_steps} steps on {manifest.total_samples} samples")
+                D.run_pretrain(os.path.join(path, "shards", "manifest.json"), data.labels,
+                               os.path.join(path, "pretrain"), args.pretrain_steps, seed=args.seed, log=log)
+
+            model_digest, reused = reuse_or_build(run_dir, fingerprint, build, log)
+            if reused:
+                log(f"{name}: pre-trained model reused (same settings and seed)")
+            stats = json.loads(open(os.path.join(run_dir, "resample", "stats.json")).read())
             shutil.copy(os.path.join(run_dir, "resample", "label_stats.png"),
                         os.path.join(report_dir, f"label_stats-{slug}.png"))
-            manifest = W.run(spark, W.ShardJob(selection=os.path.join(run_dir, "resample"), index=data.index,
-                                               output=os.path.join(run_dir, "shards"), samples_per_shard=500,
-                                               seed=args.seed))
-            check = V.verify(os.path.join(run_dir, "shards"))
-            if not check.ok:
-                raise RuntimeError(f"verify failed for {slug}: {check.problems[:3]}")
-            log(f"{name}: pre-train {args.pretrain_steps} steps on {manifest.total_samples} samples")
-            if not is_complete(os.path.join(run_dir, "pretrain")):
-                D.run_pretrain(os.path.join(run_dir, "shards", "manifest.json"), data.labels,
-                               os.path.join(run_dir, "pretrain"), args.pretrain_steps, seed=args.seed, log=log)
             log(f"{name}: fine-tune {args.finetune_steps} steps")
-            metrics = D.run_finetune(data.target, os.path.join(run_dir, "pretrain", "generalist.pt"),
-                                     os.path.join(run_dir, "finetune"), args.finetune_steps, args.seed, log)
+            metrics = finetuned(os.path.join(run_dir, "pretrain", "generalist.pt"), model_digest, slug)
             results.append({"pre-training set": name, "unique examples": stats["unique_examples"],
                             "samples": stats["total_copies"], "total variation": stats["total_variation"],
                             "top1": metrics["top1"], "mean per-class": metrics["mean_per_class_accuracy"]})
         log("Random initialisation (no pre-training): fine-tune")
-        metrics = D.run_finetune(data.target, "none", os.path.join(out, "runs", "random-init", "finetune"),
-                                 args.finetune_steps, args.seed, log)
+        metrics = finetuned("none", None, "random-init")
         results.append({"pre-training set": "Random initialisation", "unique examples": 0, "samples": 0,
                         "total variation": None, "top1": metrics["top1"],
                         "mean per-class": metrics["mean_per_class_accuracy"]})

@@ -1,0 +1,181 @@
+"""adaptive_transfer.experiment: statistics, plan, fingerprinted reuse, the
+summary's verdicts, and the quick mode end to end through the real stages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from adaptive_transfer.experiment import plan as P
+from adaptive_transfer.experiment.report import summarize_results
+from adaptive_transfer.experiment.runner import digest, reuse_or_build
+from adaptive_transfer.experiment.stats import binomial_sd, entropy_bits, paired_difference, summarize, t975
+from tests.helpers import ROOT
+
+# -- statistics ----------------------------------------------------------------------------
+
+
+def test_summary_and_t_interval():
+    s = summarize([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert s["n"] == 5 and s["mean"] == 3.0
+    assert s["std"] == pytest.approx(1.5811, abs=1e-4)
+    half = 2.776 * 1.5811 / 5 ** 0.5  # t(4 df) = 2.776
+    assert s["ci95"] == pytest.approx([3 - half, 3 + half], abs=1e-3)
+    assert summarize([7.0]) == {"n": 1, "mean": 7.0, "std": None, "ci95": None}
+    assert t975(1) == 12.706 and t975(100) == 1.96
+    with pytest.raises(ValueError, match="no values"):
+        summarize([])
+
+
+def test_paired_difference_uses_common_seeds_only():
+    a = {0: 90.0, 1: 91.0, 2: 89.0, 3: 50.0}
+    b = {0: 88.0, 1: 88.0, 2: 88.0}
+    d = paired_difference(a, b)
+    assert d["seeds"] == [0, 1, 2] and d["differences"] == [2.0, 3.0, 1.0]
+    assert d["mean"] == 2.0 and d["wins"] == 3
+    half = 4.303 * 1.0 / 3 ** 0.5  # std 1 over 3 seeds, t(2 df): the interval still includes 0
+    assert d["ci95"] == pytest.approx([2 - half, 2 + half], abs=1e-3)
+    with pytest.raises(ValueError, match="share no seed"):
+        paired_difference({0: 1.0}, {1: 1.0})
+
+
+def test_binomial_noise_and_entropy():
+    assert binomial_sd(0.9, 3200) == pytest.approx(0.0053, abs=1e-4)
+    assert entropy_bits([0.25] * 4) == pytest.approx(2.0)
+    assert entropy_bits([1.0, 0.0, 0.0]) == 0.0
+    with pytest.raises(ValueError):
+        entropy_bits([-1.0, 2.0])
+
+
+# -- the plan --------------------------------------------------------------------------------
+
+
+def test_plan_covers_every_target_and_arm_and_shares_target_free_sets():
+    runs = P.finetune_runs(P.FULL, seed=3)
+    main = [r for r in runs if not r.figure3]
+    assert {(r.target, r.arm) for r in main} == {(t.name, a) for t in P.FULL.targets for a, _ in P.ARMS}
+    assert all(r.seed == 3 and (r.init is None or r.init.seed == 3) for r in runs)
+    by = {(r.target, r.arm): r.init for r in main}
+    # one entire-source model serves all targets; each branch subset is one target's
+    # hand-picked and another's wrong-domain arm
+    assert by[("food", "entire")] is by[("vehicle", "entire")]
+    assert by[("animal", "wrong-domain")] == by[("vehicle", "hand-picked")]
+    assert by[("food", "random-init")] is None
+    sizes = {r.init.size for r in runs if r.init}
+    assert len(set(P.FULL.figure3_sizes)) >= 3 and set(P.FULL.figure3_sizes) <= sizes
+    assert len(P.FULL.seeds) >= 5 and len(P.FULL.targets) >= 3
+    # every arm has the same pre-training size; elastic below the source size (so it differs from 'entire')
+    assert {r.init.size for r in main if r.init} == {P.FULL.size} and P.FULL.size < P.FULL.source.num_examples
+
+
+# -- fingerprinted reuse -------------------------------------------------------------------
+
+
+def _builder(calls):
+    def build(path):
+        calls.append(path)
+        os.makedirs(path)
+        with open(os.path.join(path, "out.txt"), "w") as fh:
+            fh.write(str(len(calls)))
+    return build
+
+
+def test_reuse_only_with_the_same_fingerprint(tmp_path):
+    calls = []
+    path = str(tmp_path / "seed-0" / "entire")
+    d, reused = reuse_or_build(path, {"seed": 0}, _builder(calls), log=lambda m: None)
+    assert not reused and d == digest({"seed": 0}) and len(calls) == 1
+    assert reuse_or_build(path, {"seed": 0}, _builder(calls), log=lambda m: None)[1] is True
+    assert len(calls) == 1
+    # another seed (or any other setting) is never served the first one's output
+    _, reused = reuse_or_build(path, {"seed": 1}, _builder(calls), log=lambda m: None)
+    assert not reused and len(calls) == 2 and open(os.path.join(path, "out.txt")).read() == "2"
+
+
+def test_a_killed_build_is_rebuilt_and_foreign_directories_are_refused(tmp_path):
+    path = str(tmp_path / "run")
+
+    def crash(p):
+        os.makedirs(p)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        reuse_or_build(path, {"seed": 0}, crash, log=lambda m: None)
+    calls = []
+    _, reused = reuse_or_build(path, {"seed": 0}, _builder(calls), log=lambda m: None)
+    assert not reused and calls == [path]
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("x")
+    with pytest.raises(ValueError, match="was not made by this experiment"):
+        reuse_or_build(str(foreign), {"seed": 0}, _builder([]), log=lambda m: None)
+    assert (foreign / "precious.txt").read_text() == "x"
+
+
+# -- verdicts ----------------------------------------------------------------------------------
+
+
+def _records(gaps: dict[str, float], seeds=range(5)):
+    out = []
+    for s in seeds:
+        for arm, _ in P.ARMS:
+            acc = 0.80 + gaps.get(arm, 0.0) + 0.002 * ((s * 7 + len(arm)) % 3)
+            out.append({"seed": s, "target": "t", "arm": arm, "figure3": False, "size": 100, "set": arm,
+                        "top1": acc, "mean_per_class": acc, "test_images": 1000, "unique_examples": 50,
+                        "samples": 100, "share_on_target_leaves": 0.5})
+    return out
+
+
+def test_verdicts_follow_the_intervals():
+    held = summarize_results(_records({"adaptive": 0.05, "hand-picked": 0.05, "topk-uniform": 0.03,
+                                       "reversed": 0.01}), ["t"])
+    verdicts = [c["verdicts"]["t"] for c in held["claims"]]
+    assert verdicts == ["held"] * 4
+    lost = summarize_results(_records({"entire": 0.05, "reversed": 0.08, "class-balanced": 0.001}), ["t"])
+    verdicts = [c["verdicts"]["t"] for c in lost["claims"]]
+    assert verdicts[0] == "falsified" and verdicts[2] == "falsified"
+    assert verdicts[3] in ("not shown (an interval includes 0)", "falsified")
+    one_seed = summarize_results(_records({}, seeds=[0]), ["t"])
+    assert all(c["verdicts"]["t"].startswith("not measured") for c in one_seed["claims"])
+
+
+# -- quick mode end to end -----------------------------------------------------------------
+
+
+def test_quick_mode_end_to_end_and_rerun_reuses(tmp_path):
+    out = tmp_path / "exp"
+    cmd = [sys.executable, "-m", "adaptive_transfer.experiment", "--quick", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = out / "report"
+    results = json.loads((report / "results.json").read_text())
+    runs = results["runs"]
+    main = [r for r in runs if not r["figure3"]]
+    assert {(r["target"], r["arm"]) for r in main} == {(t.name, a) for t in P.QUICK.targets for a, _ in P.ARMS}
+    assert {r["size"] for r in runs if r["figure3"]} | {P.QUICK.size} == set(P.QUICK.figure3_sizes)
+    assert all(0.0 <= r["top1"] <= 1.0 and r["test_images"] == P.QUICK.num_classes * P.QUICK.test_per_class
+               for r in runs)
+    by = {(r["target"], r["arm"]): r for r in main}
+    # the selections differ as their schemes say: elastic and entire never repeat an example
+    assert by[("food", "elastic")]["unique_examples"] == P.QUICK.size
+    assert by[("food", "entire")]["unique_examples"] == P.QUICK.size
+    assert by[("animal", "wrong-domain")]["share_on_target_leaves"] < by[("animal", "hand-picked")][
+        "share_on_target_leaves"]
+    # the summary is what summarize_results gives from the per-seed records
+    targets = [t["name"] for t in results["config"]["targets"]]
+    assert json.loads(json.dumps(summarize_results(runs, targets))) == results["summary"]
+    text = (report / "report.md").read_text()
+    for needle in ("Falsified if", "Paired differences", "Figure 3", "Mass on the target's true leaves"):
+        assert needle in text
+    assert (report / "accuracy.png").stat().st_size > 0 and (report / "figure3.png").stat().st_size > 0
+    assert {p.name for p in out.iterdir()} == {"data", "report", "seed-0"}
+
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    stage_lines = [line for line in again.stdout.splitlines() if ": reused" in line or line.rstrip().endswith(" s")]
+    assert stage_lines and all(line.endswith(": reused") for line in stage_lines), stage_lines[:5]
+    assert json.loads((report / "results.json").read_text())["runs"] == runs

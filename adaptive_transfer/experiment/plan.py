@@ -67,7 +67,7 @@ class ExperimentConfig:
     num_classes: int = 16
     branch_fraction: float = 0.75
     train_per_class: int = 10
-    test_per_class: int = 250
+    test_per_class: int = 400
     domain_shift: float = 0.25
     size: int = 4000
     figure3_sizes: tuple[int, ...] = (1500, 4000, 10000)

@@ -31,7 +31,7 @@ from urllib.parse import unquote
 
 __all__ = ["sample_key", "parse_sample_key", "image_extension", "sample_json", "write_tar",
            "read_tar_samples", "shard_name", "SHARD_NAME_RE", "fit_within", "reencode_image", "encoder_version",
-           "REENCODE_QUALITY"]
+           "REENCODE_QUALITY", "image_problem", "decode_problem"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 SHARD_NAME_RE = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{6,})\.tar$")
@@ -74,6 +74,85 @@ def image_extension(data: bytes) -> str | None:
         return "bmp"
     if head.startswith((b"II*\x00", b"MM\x00*")):
         return "tiff"
+    return None
+
+
+def image_problem(data) -> str | None:
+    """Why encoded image bytes are not a whole image of their format, from
+    their structure (no decode), or ``None`` when they look whole: JPEG, an
+    SOI, marker segments within the bytes up to a scan, then an EOI after it;
+    PNG, chunks within the bytes up to ``IEND``; WebP, the RIFF size equal to
+    the bytes'; GIF, the trailer byte; BMP, the header's file size within the
+    bytes. Bytes of no known format: ``"unrecognised image format"``."""
+    data = memoryview(data).cast("B") if not isinstance(data, bytes) else data
+    ext = image_extension(data)
+    if ext is None:
+        return "unrecognised image format"
+    n = len(data)
+    if ext == "jpg":
+        pos = 2
+        while True:  # marker segments up to the first scan (SOS)
+            while pos < n and data[pos] == 0xFF and pos + 1 < n and data[pos + 1] == 0xFF:
+                pos += 1  # fill bytes
+            if pos + 4 > n:
+                return "truncated JPEG (ends in its headers)"
+            if data[pos] != 0xFF:
+                return f"broken JPEG (no marker at byte {pos})"
+            marker = data[pos + 1]
+            if 0xD0 <= marker <= 0xD7 or marker == 0x01:
+                pos += 2
+                continue
+            if marker == 0xD9:
+                return "broken JPEG (EOI before any scan)"
+            length = (data[pos + 2] << 8) | data[pos + 3]
+            if length < 2 or pos + 2 + length > n:
+                return "truncated JPEG (a header segment runs past the end)"
+            pos += 2 + length
+            if marker == 0xDA:
+                break
+        # Entropy-coded data stuffs every 0xFF (FF00), so FFD9 after the scan is its end.
+        tail = bytes(data[max(pos, n - 4096):])  # a whole JPEG ends in EOI, maybe with some padding
+        if tail.rfind(b"\xff\xd9") < 0 and bytes(data[pos:]).rfind(b"\xff\xd9") < 0:
+            return "truncated JPEG (no EOI marker after the scan)"
+        return None
+    if ext == "png":
+        pos = 8
+        while pos + 12 <= n:
+            length = int.from_bytes(data[pos:pos + 4], "big")
+            kind = bytes(data[pos + 4:pos + 8])
+            if pos + 12 + length > n:
+                return f"truncated PNG (chunk {kind.decode('latin-1')!r} runs past the end)"
+            if kind == b"IEND":
+                return None
+            pos += 12 + length
+        return "truncated PNG (no IEND chunk)"
+    if ext == "webp":
+        size = int.from_bytes(data[4:8], "little")
+        if n < 12 or size + 8 > n:
+            return f"truncated WebP (RIFF size {size + 8 if n >= 8 else '?'} > {n} bytes)"
+        return None
+    if ext == "gif":
+        return None if bytes(data[-1:]) == b"\x3b" else "truncated GIF (no trailer)"
+    if ext == "bmp":
+        size = int.from_bytes(data[2:6], "little") if n >= 6 else n + 1
+        return None if size <= n else f"truncated BMP (header says {size} bytes, {n} given)"
+    return None  # tiff: offsets anywhere in the file, checked only by a decode
+
+
+def decode_problem(data) -> str | None:
+    """Why the image does not decode whole (Pillow's ``load``), or ``None``."""
+    from PIL import Image, UnidentifiedImageError
+
+    problem = image_problem(data)
+    if problem is not None:
+        return problem
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+    except UnidentifiedImageError:  # its message names the buffer's address: not reproducible
+        return "does not decode: cannot identify image file"
+    except Exception as e:  # noqa: BLE001 - any decode failure is the answer
+        return f"does not decode: {type(e).__name__}: {e}"[:300]
     return None
 
 

@@ -2,13 +2,16 @@
 
 ::
 
-    python -m spark_jobs.verify DIR
+    python -m spark_jobs.verify DIR [--decode] [--workers N] [--quiet]
 
 Checks ``_SUCCESS``, ``manifest.json``, that shard names are contiguous from
 0, and for every shard its size, sha256, sample count, and that each sample
-has exactly one image member of a known format and a ``.json`` whose key and
-copy match the sample key. Exits 0 when all is well; otherwise 1, naming the
-damaged shard(s).
+has exactly one image member of a known format whose structure is whole
+(``shards.image_problem``; with ``--decode``, that it decodes) and a
+``.json`` whose key and copy match the sample key. Shards are checked
+``--workers`` at a time (threads; default: the machine's cores), with a
+progress line on stderr about every 10 s. Exits 0 when all is well;
+otherwise 1, naming the damaged shard(s).
 """
 
 from __future__ import annotations
@@ -16,7 +19,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -24,7 +31,8 @@ from schemas import Manifest
 from schemas import io as sio
 from schemas.stage_output import is_complete
 
-from .shards import SHARD_NAME_RE, image_extension, parse_sample_key, read_tar_samples, shard_name
+from .shards import SHARD_NAME_RE, decode_problem, image_extension, image_problem, parse_sample_key, \
+    read_tar_samples, shard_name
 
 __all__ = ["VerifyReport", "verify", "main"]
 
@@ -58,7 +66,7 @@ class _HashingReader:
         return data
 
 
-def _check_shard(path: str, name: str, expected) -> tuple[int, list[str]]:
+def _check_shard(path: str, name: str, expected, decode: bool = False) -> tuple[int, list[str]]:
     problems = []
     fs, p = sio.filesystem(path)
     if not fs.exists(p):
@@ -73,8 +81,13 @@ def _check_shard(path: str, name: str, expected) -> tuple[int, list[str]]:
                 if len(images) != 1 or "json" not in members or len(members) != 2:
                     problems.append(f"{name}: sample {key!r} has members {sorted(members)}")
                     continue
-                if image_extension(members[images[0]]) != images[0]:
+                data = members[images[0]]
+                if image_extension(data) != images[0]:
                     problems.append(f"{name}: sample {key!r} .{images[0]} is not a {images[0]} image")
+                else:
+                    problem = decode_problem(data) if decode else image_problem(data)
+                    if problem:
+                        problems.append(f"{name}: sample {key!r} .{images[0]}: {problem}")
                 meta = json.loads(members["json"])
                 source, copy = parse_sample_key(key)
                 if meta.get("key") != source or meta.get("copy") != copy:
@@ -93,8 +106,12 @@ def _check_shard(path: str, name: str, expected) -> tuple[int, list[str]]:
     return n, problems
 
 
-def verify(directory: str) -> VerifyReport:
-    """Verify ``directory``; never raises for damage, reports it."""
+def verify(directory: str, decode: bool = False, workers: int | None = None, progress=None,
+           every: float = 10.0) -> VerifyReport:
+    """Verify ``directory``; never raises for damage, reports it. ``decode``:
+    decode every image; ``workers``: shards checked at a time (threads;
+    default ``os.cpu_count()``); ``progress(done, total, samples)`` is called
+    at most every ``every`` seconds and once at the end."""
     report = VerifyReport(directory)
     if not is_complete(directory):
         report.problems.append(f"{directory}: no _SUCCESS (the write did not finish)")
@@ -117,11 +134,27 @@ def verify(directory: str) -> VerifyReport:
         base = f.rstrip("/").rsplit("/", 1)[-1]
         if SHARD_NAME_RE.match(base) and base not in listed:
             report.problems.append(f"{base}: a shard not in the manifest")
-    for s in manifest.shards:
-        n, problems = _check_shard(sio.join(directory, s.name), s.name, s)
+    lock = threading.Lock()
+    state = {"done": 0, "samples": 0, "last": time.monotonic()}
+
+    def check(s):
+        result = _check_shard(sio.join(directory, s.name), s.name, s, decode)
+        with lock:
+            state["done"] += 1
+            state["samples"] += result[0]
+            if progress is not None and time.monotonic() - state["last"] >= every:
+                state["last"] = time.monotonic()
+                progress(state["done"], len(manifest.shards), state["samples"])
+        return result
+
+    with ThreadPoolExecutor(max_workers=max(1, workers or os.cpu_count() or 1)) as pool:
+        results = list(pool.map(check, manifest.shards))  # in shard order
+    for n, problems in results:
         report.shards += 1
         report.samples += n
         report.problems += problems
+    if progress is not None:
+        progress(state["done"], len(manifest.shards), state["samples"])
     return report
 
 
@@ -129,10 +162,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m spark_jobs.verify", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("directory")
+    ap.add_argument("--decode", action="store_true", help="decode every image (slower: about 1 ms per image)")
+    ap.add_argument("--workers", type=int, help="shards checked at a time (default: the machine's cores)")
+    ap.add_argument("--quiet", action="store_true", help="no progress lines")
     args = ap.parse_args(argv)
-    report = verify(args.directory)
+    start = time.monotonic()
+
+    def progress(done, total, samples):
+        print(f"verify: {done}/{total} shards, {samples} samples, {time.monotonic() - start:.0f} s",
+              file=sys.stderr, flush=True)
+
+    report = verify(args.directory, decode=args.decode, workers=args.workers,
+                    progress=None if args.quiet else progress)
     if report.ok:
-        print(f"verify: ok: {report.shards} shards, {report.samples} samples in {args.directory}")
+        print(f"verify: ok: {report.shards} shards, {report.samples} samples in {args.directory}"
+              + (" (every image decoded)" if args.decode else ""))
         return 0
     for problem in report.problems:
         print(f"verify: {problem}", file=sys.stderr)

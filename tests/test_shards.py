@@ -250,14 +250,6 @@ def test_keys_with_dots_spaces_and_bad_images(spark, tmp_path):
     assert sorted(os.listdir(out)) == sorted(os.listdir(clean))
 
 
-def test_gather_binary_equals_take():
-    pool = [pa.array([b"a", b"bcd", None, b""], pa.binary()), pa.array([b"xyz" * 100, b"q"], pa.binary()).slice(0)]
-    refs = np.array([5, 1, 4, 3, 0, 1], np.int64)
-    got = W.gather_binary(pool, refs)
-    assert got.to_pylist() == pa.concat_arrays(pool).take(pa.array(refs)).to_pylist()
-    assert W.gather_binary(pool, np.zeros(0, np.int64)).to_pylist() == []
-
-
 def test_hash_order_is_unsigned_then_key_then_copy():
     h = np.array([5, -1, 5, 2 ** 62, 5, -(2 ** 63)], np.int64)  # -1 and -2**63 are the largest unsigned
     keys = pa.array(["b", "a", "a", "z", "a", "y"])
@@ -268,58 +260,69 @@ def test_hash_order_is_unsigned_then_key_then_copy():
     assert W.bucket_of(h, 0).tolist() == [0] * 6
 
 
-def _run_file(tmp_path, n=40, bits=3, batch_bytes=300):
-    """A run file of n copies (100-byte images) sorted by h, cut at bucket
-    boundaries every ~batch_bytes of images, as a fetch task writes it."""
-    rng = np.random.default_rng(1)
-    h = rng.integers(-(2 ** 63), 2 ** 63 - 1, n, dtype=np.int64)
-    images = pa.array([bytes([i]) * 100 for i in range(n)], pa.binary())
-    batch = pa.RecordBatch.from_arrays(
-        [pa.array([f"k{i}" for i in range(n)]), pa.array(np.zeros(n, np.int32)), pa.array(h),
-         pa.array([[1]] * n, LABELS), pa.array(np.ones(n)), pa.array(np.arange(n), pa.int64()),
-         pa.array(["jpg"] * n)], names=["key", "copy", "h", "labels", "weight", "image_ref", "ext"])
-    tally = np.zeros(1 << bits, np.int64)
-    run = W._write_run([batch], [images], str(tmp_path), "t", 0, bits, batch_bytes, tally)
-    return run, tally
+def test_bucket_writers_give_each_writer_the_buckets_of_its_positions():
+    # 6 buckets of 3, 0, 4, 1, 0, 5 copies: positions 0-2, -, 3-6, 7, -, 8-12.
+    starts = W.bucket_starts(np.array([0, 2, 3, 5, 2]), np.array([3, 4, 1, 5, 0]), 3)
+    assert starts.tolist() == [0, 3, 3, 7, 8, 8, 13, 13, 13]
+    buckets, writers = W.bucket_writers(starts, 4)  # writers of positions 0-3, 4-7, 8-11, 12
+    # Written plainly: every (bucket, writer) whose position ranges meet.
+    want = sorted((b, w) for b in range(8) for w in range(4)
+                  if starts[b] < starts[b + 1] and starts[b] < (w + 1) * 4 and w * 4 < starts[b + 1])
+    assert sorted(zip(buckets.tolist(), writers.tolist())) == want
+    assert W.writer_span(3, 4, 13) == (12, 13)
+    assert W.shards_per_writer(100, 1000.0, 10, 50_000, 4) == 5  # 50 KB per writer: 5 shards of 10 KB
+    assert W.shards_per_writer(100, 1000.0, 10, 10 ** 9, 4) == 25  # at least 4 writers
 
 
-def test_run_layout_and_release(tmp_path):
-    # The offsets a fetch task reports are where the run's record batches start
-    # (and where the last ends); releasing one leaves the others readable.
-    run, tally = _run_file(tmp_path)
-    assert len(run.first_buckets) > 2 and len(run.offsets) == len(run.first_buckets) + 1
-    with pa.memory_map(run.path) as source:
-        reader = pa.ipc.open_file(source)
-        before = [reader.get_batch(i).to_pylist() for i in range(reader.num_record_batches)]
-    data = open(run.path, "rb").read()
-    assert all(data[o:o + 4] == b"\xff\xff\xff\xff" for o in run.offsets)
-    size = len(data)
-    assert W._release([(0, run.path, run.offsets[1], run.offsets[2])]) == run.offsets[2] - run.offsets[1]
-    # Already released, or not where a batch starts: left alone.
-    assert W._release([(0, run.path, run.offsets[1], run.offsets[2])]) == 0
-    assert W._release([(0, run.path, run.offsets[2] + 8, run.offsets[3])]) == 0
-    data = open(run.path, "rb").read()
-    assert len(data) == size and data[run.offsets[1]:run.offsets[2]] == bytes(run.offsets[2] - run.offsets[1])
-    with pa.memory_map(run.path) as source:
-        reader = pa.ipc.open_file(source)
-        for i in [0] + list(range(2, reader.num_record_batches)):
-            assert reader.get_batch(i).to_pylist() == before[i]
-    assert sio.punch_holes(run.path, [(0, 0)]) == 0
-    with pytest.raises(RuntimeError, match=r"batch 1 cannot be read .*Rerun the job"):
-        W._read_runs([run.path], 0, 7, 3)  # a writer that needs a released batch says so
+@pytest.mark.parametrize("gap", [0, 5])
+def test_coalesced_reads_cover_each_range_once(gap):
+    rng = np.random.default_rng(3)
+    files = rng.integers(0, 3, 200)
+    starts = rng.integers(0, 2000, 200)
+    ends = starts + rng.integers(1, 20, 200)
+    rf, rs, re_, of = W.coalesce_ranges(files, starts, ends, gap)
+    for i in range(200):  # each range lies inside its read, of its file
+        assert rf[of[i]] == files[i] and rs[of[i]] <= starts[i] and ends[i] <= re_[of[i]]
+    for f in range(3):  # reads of a file are apart by more than the gap, and each holds a range
+        mine = np.flatnonzero(rf == f)
+        assert np.all(rs[mine][1:] > re_[mine][:-1] + gap)
+    assert set(of.tolist()) == set(range(len(rf)))
 
 
-def test_releasable_batches_belong_to_one_writer():
-    runs = [W.Run("a", 0, 0, (0, 2, 5), (10, 20, 30, 40)), W.Run("b", 0, 0, (0, 4), (10, 50, 90)),
-            W.Run("c", 0, 0, (), (10,))]
-    # 8 buckets; bucket b holds positions bucket_starts[b] .. bucket_starts[b + 1] - 1.
-    bucket_starts = np.array([0, 3, 6, 9, 12, 15, 18, 21, 24])
-    # Writer of positions [0, 12): a's batch of buckets 0-1 (positions 0-5) and
-    # b's of buckets 0-3 (0-11); a's buckets 2-4 (6-14) reach the next writer.
-    assert W._releasable(runs, bucket_starts, 3, 0, 12) == [(6, "a", 10, 20), (12, "b", 10, 50)]
-    assert W._releasable(runs, bucket_starts, 3, 12, 24) == [(24, "a", 30, 40), (24, "b", 50, 90)]
-    assert W._releasable(runs, bucket_starts, 3, 6, 24) == [(15, "a", 20, 30), (24, "a", 30, 40),
-                                                            (24, "b", 50, 90)]
+def test_spill_ranges_read_back_exactly(tmp_path):
+    spill = W.SpillWriter(str(tmp_path / "spill"), "t", file_bytes=100)
+    images = [bytes([i]) * (10 + i) for i in range(30)]
+    where = [spill.append(images[a:a + 4]) for a in range(0, 30, 4)]
+    spill.close()
+    assert len(spill.paths) > 2 and spill.written == sum(map(len, images))
+    paths = sorted(set(p for p, _ in where))
+    files = np.concatenate([[paths.index(p)] * len(o) for p, o in where])
+    offsets = np.concatenate([o for _, o in where])
+    lengths = np.array([len(x) for x in images])
+    pick = np.array([29, 3, 4, 5, 0, 17])
+    views, reads, nbytes = W.read_ranges(paths, files[pick], offsets[pick], lengths[pick])
+    assert [bytes(v) for v in views] == [images[i] for i in pick]
+    assert reads == 4 and nbytes == lengths[pick].sum()  # 3, 4, 5 touch: one read
+
+
+def test_reads_are_retried_when_transient_only():
+    calls, waits = [], []
+
+    def flaky(errors):
+        def read():
+            calls.append(1)
+            if errors:
+                raise errors.pop(0)
+            return "ok"
+        return read
+
+    assert W.with_retries(flaky([ConnectionResetError("reset"), TimeoutError("slow")]), sleep=waits.append) == "ok"
+    assert len(calls) == 3 and len(waits) == 2 and waits[1] > waits[0] > 0
+    with pytest.raises(FileNotFoundError):
+        W.with_retries(flaky([FileNotFoundError("gone")]), sleep=waits.append)
+    with pytest.raises(OSError, match="still down"):
+        W.with_retries(flaky([OSError("down")] * 3 + [OSError("still down")]), sleep=waits.append)
+    assert len(waits) == 5  # 2, then none, then 3 (4 attempts in all)
 
 
 def test_bucket_bits():
@@ -378,32 +381,33 @@ def test_rerun_and_incomplete_output(spark, resampled, tmp_path, capsys):
 def test_byte_identical_across_parallelism_and_task_failures(resampled, tmp_path):
     source, sel_dir, _ = resampled
     # One task at a time, against three at a time with every first attempt of
-    # the fetch and write tasks failing (after writing its runs for a fetch
-    # task, mid-write for the shards), and runs in a --spill-dir of its own;
-    # runs of ~100 KB (so each fetch task writes many).
-    # Then two at a time, every first writer attempt failing after its first
-    # shard, whose receipt and released run batches the retry must respect.
-    runs = {"local[1]": {}, "local[3,4]": {"ADAPTIVE_TRANSFER_FAIL_FIRST_ATTEMPT": "spill,write"},
-            "local[2,4]": {"ADAPTIVE_TRANSFER_FAIL_FIRST_ATTEMPT": "released"}}
+    # the fetch and write tasks failing (after writing its spill for a fetch
+    # task, mid-write for the shards), and the spill in a --spill-dir of its
+    # own in files of ~100 KB (so each fetch task writes many); then two at a
+    # time with 1 fetch task, every writer's first attempt failing mid-shard.
+    runs = {"local[1]": ({}, []), "local[3,4]": ({"ADAPTIVE_TRANSFER_FAIL_FIRST_ATTEMPT": "spill,write"}, []),
+            "local[2,4]": ({"ADAPTIVE_TRANSFER_FAIL_FIRST_ATTEMPT": "write"}, ["--fetch-tasks", "1"])}
     digests = {}
     spill = tmp_path / "spill"
-    for master, env in runs.items():
+    for master, (env, more) in runs.items():
         out = str(tmp_path / master.replace("[", "_").replace("]", "").replace(",", "_"))
         extra = ["--run-bytes", "100K"] + (["--spill-dir", str(spill)] if env else [])
         proc = run_module("spark_jobs.write_shards", "--selection", sel_dir, "--index", source.index_path,
                           "--output", out, "--samples-per-shard", "400", "--master", master,
-                          "--driver-memory", "1g", *extra, env=env)
+                          "--driver-memory", "1g", *extra, *more, env=env)
         for stage in env.get("ADAPTIVE_TRANSFER_FAIL_FIRST_ATTEMPT", "").split(","):
             assert not stage or f"injected failure in stage '{stage}'" in proc.stderr
         if env:
-            assert os.listdir(spill) == []  # this job's runs, orphans included, are gone
-        spilled = json.load(open(os.path.join(out, "manifest.json")))["extra"]["spill"]
-        assert spilled["released_while_writing"] > 0  # runs of 100K: batches of ~6K, some one writer's
-        assert (spilled["shards_reused_by_retries"] > 0) == (master == "local[2,4]")
+            assert os.listdir(spill) == []  # this job's spill, failed attempts' included, is gone
+        tasks = json.load(open(os.path.join(out, "manifest.json")))["extra"]["tasks"]
+        assert tasks["fetch"] == (1 if more else 2)  # at most one per index file
+        # A writer reads its own images and nothing else: less than it writes (tar headers, json).
+        assert 0 < tasks["writer_read_per_written_max"] < 1.0
         files = sorted(f for f in os.listdir(out) if f.endswith(".tar"))
         assert sorted(os.listdir(out)) == sorted(files + ["_STAGE", "_SUCCESS", "manifest.json"])  # no partial file
         digests[master] = {f: sio.file_sha256(os.path.join(out, f)) for f in files}
         assert run_module("spark_jobs.verify", out).returncode == 0
+    assert digests["local[1]"] == digests["local[2,4]"]
     assert digests["local[1]"] == digests["local[3,4]"]
 
 
@@ -412,11 +416,14 @@ def test_shards_do_not_depend_on_buckets_or_fetch_tasks(spark, resampled, tmp_pa
     # fetch tasks only decide how the work is cut, never where a copy goes.
     source, sel_dir, _ = resampled
     digests = []
-    for buckets_per_shard, tasks_per_core in ((2, 2), (64, 1), (1, 5)):
-        monkeypatch.setattr(W, "BUCKETS_PER_SHARD", buckets_per_shard)
-        monkeypatch.setattr(W, "FETCH_TASKS_PER_CORE", tasks_per_core)
+    from spark_jobs.write_shards import job as shard_job, placement
+
+    for buckets_per_shard, tasks_per_core, writer_bytes in ((2, 2, 1 << 30), (64, 1, 1), (1, 5, 600_000)):
+        monkeypatch.setattr(placement, "BUCKETS_PER_SHARD", buckets_per_shard)
+        monkeypatch.setattr(shard_job, "FETCH_TASKS_PER_CORE", tasks_per_core)
         out = str(tmp_path / f"b{buckets_per_shard}")
-        W.run(spark, W.ShardJob(selection=sel_dir, index=source.index_path, output=out, samples_per_shard=300))
+        W.run(spark, W.ShardJob(selection=sel_dir, index=source.index_path, output=out, samples_per_shard=300,
+                                writer_bytes=writer_bytes))
         digests.append({f: sio.file_sha256(os.path.join(out, f)) for f in os.listdir(out) if f.endswith(".tar")})
     assert len(digests[0]) > 1 and digests[0] == digests[1] == digests[2]
 
@@ -484,6 +491,60 @@ def test_bad_selection_inputs(spark, source_data, tmp_path):
     with pytest.raises(SchemaError, match="key 'k/1' appears more than once in the source index"):
         W.run(spark, W.ShardJob(selection=str(tmp_path / "sel.parquet"), index=str(tmp_path / "dup-index.parquet"),
                                 output=str(tmp_path / "o3")))
+
+
+def _truncated_index(tmp_path):
+    """20 JPEGs of which 5 are cut to 40 bytes, one whose header says height 0
+    (whole in structure, but it does not decode), and a PNG and a WebP cut short."""
+    from PIL import Image
+    from schemas.synthetic import encode_image
+
+    keys, images = [], []
+    for i in range(20):
+        data = encode_image(np.full((16, 16, 3), 10 * i, np.uint8))
+        keys.append(f"jpg/{i}")
+        images.append(data[:40] if i % 4 == 0 else data)
+    sof = images[1].index(b"\xff\xc0")
+    keys.append("jpg/zero-height")
+    images.append(images[1][:sof + 5] + b"\x00\x00" + images[1][sof + 7:])
+    for fmt in ("PNG", "WEBP"):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((16, 16, 3), 7, np.uint8)).save(buf, fmt)
+        keys.append(f"cut/{fmt}")
+        images.append(buf.getvalue()[:-5])
+    pq.write_table(pa.table({"key": keys, "labels": pa.array([[1]] * len(keys), LABELS),
+                             "image": pa.array(images, pa.binary())}), tmp_path / "index.parquet")
+    pq.write_table(pa.table({"key": keys, "copies": pa.array([2] * len(keys), pa.int32()),
+                             "weight": [1.0] * len(keys)}), tmp_path / "selection.parquet")
+    return str(tmp_path / "selection.parquet"), str(tmp_path / "index.parquet")
+
+
+def test_truncated_images_are_bad_records_and_verify_decode_finds_the_rest(spark, tmp_path, capsys):
+    selection, index = _truncated_index(tmp_path)
+    out = str(tmp_path / "out")
+    m = W.run(spark, W.ShardJob(selection=selection, index=index, output=out, samples_per_shard=7,
+                                max_bad_fraction=0.5))
+    reasons = {b["key"]: b["reason"] for b in m.bad_records}
+    assert reasons == {**{f"jpg/{i}": "truncated JPEG (a header segment runs past the end)" for i in (0, 4, 8, 12, 16)},
+                       "cut/PNG": "truncated PNG (no IEND chunk)",
+                       "cut/WEBP": "truncated WebP (RIFF size 44 > 39 bytes)"}
+    assert m.total_samples == 2 * 16 and m.extra["image_check"] == "structure"
+    # The header that says height 0 is whole in structure: only a decode finds it.
+    assert V.main([out, "--workers", "3"]) == 0
+    capsys.readouterr()
+    assert V.main([out, "--decode", "--workers", "3"]) == 1
+    err = capsys.readouterr().err
+    assert "sample 'jpg%2Fzero-height_c0' .jpg: does not decode: cannot identify image file" in err
+    assert "verify: 5/5 shards, 32 samples" in err  # the last progress line
+    report = V.verify(out, decode=True, workers=1)
+    assert len(report.problems) == 2 and report.samples == 32
+    # --decode-check in the writer: a bad record too, and then verify --decode passes.
+    decoded = str(tmp_path / "decoded")
+    m2 = W.run(spark, W.ShardJob(selection=selection, index=index, output=decoded, samples_per_shard=7,
+                                 max_bad_fraction=0.5, decode_check=True))
+    assert {b["key"]: b["reason"] for b in m2.bad_records}["jpg/zero-height"] == (
+        "does not decode: cannot identify image file")
+    assert m2.total_samples == 2 * 15 and V.main([decoded, "--decode", "--quiet"]) == 0
 
 
 # -- object storage -------------------------------------------------------------------------
@@ -603,10 +664,13 @@ def test_max_side_reencodes_only_larger_images_and_reports_bad_ones(spark, sized
     assert extra["bytes_before"] == sum(len(image_of[k]) for k in larger)
     assert extra["bytes_after"] == sum(len(SH.reencode_image(image_of[k], 64, 85)) for k in larger)
     assert V.verify(out).ok
-    # Without --max-side nothing is re-encoded and only the bytes' signature is checked.
+    # Without --max-side nothing is re-encoded, and each image's structure is checked.
     plain = W.run(spark, W.ShardJob(selection=str(root / "selection.parquet"), index=str(root / "index"),
                                     output=str(tmp_path / "plain"), samples_per_shard=20, max_bad_fraction=0.1))
-    assert plain.bad_records == [] and plain.extra["reencoded"] is None and plain.extra["max_side"] is None
+    assert {b["key"]: b["reason"] for b in plain.bad_records} == {
+        "bad/truncated.JPEG": "truncated JPEG (a header segment runs past the end)",
+        "bad/garbage.JPEG": "truncated JPEG (a header segment runs past the end)"}
+    assert plain.extra["reencoded"] is None and plain.extra["max_side"] is None
 
 
 @pytest.mark.slow

@@ -1,0 +1,49 @@
+"""Write WebDataset tar shards from a resampler selection (DESIGN.md §3).
+
+::
+
+    python -m spark_jobs.write_shards --selection DIR --index PATH --output DIR \\
+      [--samples-per-shard 10000] [--prefix shard] [--seed 0] [--overwrite] \\
+      [--max-bad-fraction 0.001] [--spill-dir DIR] [--run-bytes 1G] [--fetch-tasks N] \\
+      [--decode-check] [--max-side N [--quality 90]] [--master local[*]]
+
+Where a copy goes (``placement.py``, pure numpy): copies are ordered by
+``h = xxhash64(key, copy, seed)`` read as unsigned (ties, practically never,
+by key then copy); a good copy's position is its rank in that order among the
+good copies (exactly as if the bad examples had never been selected);
+position // samples-per-shard is its shard. Nothing sorts the images:
+
+1. **fetch** (``fetch.py``, one :class:`FetchTask`): each copy meets its
+   example's source location (file, row) in the index; each fetch task
+   reads a contiguous range of the index's files, each image once, in
+   source order, checks its structure (or decodes it, ``--decode-check``;
+   with ``--max-side`` re-encodes it), appends the good ones to its spill
+   files as they come (``spill.py``: plain bytes, no sort, so memory is a
+   batch) and emits a small row per copy: where its image is. Bad examples
+   are counted with the reason;
+2. **plan**: the exact number of good copies per bucket (the top bits of
+   ``h``) gives every bucket its first position; writer ``w`` takes whole
+   shards, positions ``[w * per_writer, (w + 1) * per_writer)``;
+3. **write** (``write.py``, one :class:`WriteTask`): Spark's shuffle sends
+   each writer the rows (not the images) of the buckets it needs; it ranks
+   them, reads exactly its images from the spill (coalesced ranged reads,
+   ``--read-bytes`` at a time) and streams each tar to its final name (local
+   files: written aside and renamed by the task); the driver writes
+   ``manifest.json`` and ``_SUCCESS``, renaming nothing.
+
+A writer's reads and memory depend on the shards it writes, never on the
+total: it reads the bytes of its own images (plus nothing), in as many ranged
+reads as it has images (fewer where they touch), and holds its copy rows plus
+``read_bytes`` of images.
+"""
+
+from .fetch import DUPLICATE, FETCHED_SCHEMA, NOT_IN_INDEX, FetchTask, fetch_partition
+from .job import (FETCH_TASKS_PER_CORE, SPILL_FILE_BYTES, WRITER_BYTES, WRITERS_PER_CORE, ShardJob, _spark_file_path,
+                  build_parser, main, resolve_selection, run)
+from .placement import (BUCKETS_PER_SHARD, MAX_BUCKET_BITS, bucket_bits, bucket_of, bucket_starts, bucket_writers,
+                        coalesce_ranges, contiguous_groups, hash_order, partition_keys, shards_per_writer,
+                        spark_hash_int, writer_span)
+from .spill import SpillWriter, read_ranges, with_retries
+from .write import READ_BYTES, WRITTEN_SCHEMA, WriteTask, write_partition
+
+__all__ = ["ShardJob", "run", "main", "build_parser", "resolve_selection", "FetchTask", "WriteTask"]

@@ -1,0 +1,324 @@
+"""The fetch tasks: read each selected image once, in source order, check
+it, append the good ones to the task's spill files and emit a row per copy
+(where its image is), never the image bytes themselves.
+
+A fetch task's input: copy rows (``key, copy, h, weight, labels, file, row,
+uri``) sorted by (file, row, key, copy), a contiguous range of the index's
+files. Its output (``FETCHED_SCHEMA``), three kinds of row:
+
+* a good copy: ``key, copy, h, labels, weight, ext, path, offset, length``
+  (its image: ``length`` bytes at ``offset`` of spill file ``path``);
+* a bad example: ``key, reason, copies``;
+* one per task: ``task_rss`` (its peak resident memory, bytes),
+  ``task_spilled`` (image bytes spilled) and ``reencoded`` (images
+  re-encoded for ``--max-side``, their bytes before, after).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from schemas import io as sio
+
+from ..session import inject_failure, task_attempt_id
+from ..shards import decode_problem, image_extension, image_problem, reencode_image
+from .placement import concat_ranges, runs_of
+from .spill import SpillWriter, peak_rss, reset_peak_rss, with_retries
+
+__all__ = ["FetchTask", "fetch_partition", "FETCHED_SCHEMA", "DUPLICATE", "NOT_IN_INDEX", "IMAGE_BATCH_ROWS",
+           "binary_views", "verdicts"]
+
+#: Arrow batch size while images travel through Python (bytes, not rows, matter).
+IMAGE_BATCH_ROWS = 256
+#: The ``reason`` of a key the selection holds in more than one row (not a bad image).
+DUPLICATE = "in more than one selection row"
+#: The ``reason`` of a selected key the index does not hold.
+NOT_IN_INDEX = "not in the source index"
+
+FETCHED_SCHEMA = ("key string, copy int, h long, labels array<int>, weight double, ext string, "
+                  "path string, offset long, length long, "  # a good copy
+                  "reason string, copies long, "  # a bad example
+                  "task_rss long, task_spilled long, reencoded array<long>")  # the task
+
+
+@dataclass(frozen=True)
+class FetchTask:
+    """What every fetch task is given (the unit a test builds by hand).
+
+    ``column``: ``"image"`` (bytes in the index) or ``"uri"``; ``storage``:
+    fsspec options (``schemas.io.storage_config``); ``spill_dir``: where the
+    spill files go; ``spill_file_bytes``: a new spill file past this;
+    ``uri_prefixes``: where uris may be read (schemas.uri_policy);
+    ``reencode``: ``(max_side, quality)`` or None; ``decode``: fully decode
+    every image (``--decode-check``), not only check its structure.
+    """
+
+    column: str
+    storage: dict
+    spill_dir: str
+    spill_file_bytes: int
+    uri_prefixes: tuple = ()
+    reencode: tuple | None = None
+    decode: bool = False
+
+
+def binary_views(array: pa.Array) -> list:
+    """Zero-copy ``memoryview`` of each value of a binary Arrow array (a null
+    value gives whatever its offsets span, normally nothing)."""
+    if not len(array):
+        return []
+    data = memoryview(array.buffers()[2]) if array.buffers()[2] is not None else memoryview(b"")
+    width = np.int64 if array.type == pa.large_binary() else np.int32
+    bounds = np.frombuffer(array.buffers()[1], width)[array.offset:array.offset + len(array) + 1].tolist()
+    return [data[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def verdicts(items: Sequence, views: Sequence, decode: bool = False) -> tuple[list, list]:
+    """``(extension or None, reason or None)`` of fetched items: ``items[i]``
+    is why image i could not be read (a string), ``None`` (no bytes), or
+    anything else when ``views[i]`` holds its bytes, which are then checked
+    (:func:`shards.image_problem`, or with ``decode`` a full decode)."""
+    exts, reasons = [], []
+    check = decode_problem if decode else image_problem
+    for item, view in zip(items, views):
+        if isinstance(item, str) or item is None:
+            exts.append(None)
+            reasons.append(item if isinstance(item, str) else "no image bytes")
+            continue
+        problem = check(view)
+        exts.append(None if problem else image_extension(view))
+        reasons.append(problem)
+    return exts, reasons
+
+
+def examples_of(table: pa.Table) -> np.ndarray:
+    """Start of each example in copy rows sorted by (file, row, key, copy):
+    the rows where (file, row, key) changes, plus the end. Copies of a key the
+    index lacks (no file) are an example per key."""
+    n = table.num_rows
+
+    def codes(name):
+        return pc.fill_null(pc.dictionary_encode(table.column(name)).combine_chunks().indices, -1).to_numpy()
+
+    files, keys = codes("file"), codes("key")
+    rows = pc.fill_null(table.column("row"), -1).to_numpy()
+    change = np.flatnonzero((files[1:] != files[:-1]) | (rows[1:] != rows[:-1]) | (keys[1:] != keys[:-1])) + 1
+    return np.concatenate([[0], change, [n]]).astype(np.int64)
+
+
+def duplicated(table: pa.Table, bounds: np.ndarray) -> list[str]:
+    """Keys of the examples whose copy rows are not exactly 0, 1, ..., c-1:
+    the selection holds their key in more than one row."""
+    counts = np.diff(bounds)
+    expected = np.arange(table.num_rows) - np.repeat(bounds[:-1], counts)
+    wrong = np.repeat(np.arange(counts.size), counts)[table.column("copy").to_numpy() != expected]
+    return sorted(set(table.column("key").take(pa.array(bounds[:-1][np.unique(wrong)])).to_pylist()))
+
+
+def _read_inline(path: str, rows: np.ndarray) -> Iterator[tuple[np.ndarray, pa.Array]]:
+    """``(positions into rows, image cells as an Arrow array)`` of one Parquet
+    file, row group by row group in file order (sequential reads, only the
+    groups needed; a transient error reopens the file and retries)."""
+    fs, p = sio.filesystem(path)
+    state: dict = {}
+
+    def group(g: int) -> pa.ChunkedArray:
+        def attempt():
+            try:
+                if "file" not in state:
+                    state["handle"] = fs.open(p, "rb")
+                    state["file"] = pq.ParquetFile(state["handle"])
+                return state["file"].read_row_group(g, columns=["image"]).column("image")
+            except Exception:
+                _close(state)
+                raise
+        return with_retries(attempt)
+
+    try:
+        with_retries(lambda: _open_footer(state, fs, p))
+        pf = state["file"]
+        bounds = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
+        group_of = np.searchsorted(bounds, rows, side="right") - 1
+        order = np.argsort(rows, kind="stable")
+        for g in np.unique(group_of):
+            members = order[group_of[order] == g]
+            col = group(int(g))
+            wanted = rows[members] - bounds[g]
+            if wanted.size == len(col) and np.array_equal(wanted, np.arange(wanted.size)):
+                images = col.combine_chunks()  # the whole group, in order: no copy
+            else:
+                images = col.take(pa.array(wanted)).combine_chunks()
+            for s in range(0, len(members), IMAGE_BATCH_ROWS):
+                yield members[s:s + IMAGE_BATCH_ROWS], images.slice(s, IMAGE_BATCH_ROWS)
+    finally:
+        _close(state)
+
+
+def _open_footer(state: dict, fs, p: str) -> bool:
+    try:
+        state["handle"] = fs.open(p, "rb")
+        state["file"] = pq.ParquetFile(state["handle"])
+    except Exception:
+        _close(state)
+        raise
+    return True
+
+
+def _close(state: dict) -> None:
+    handle = state.pop("handle", None)
+    state.pop("file", None)
+    if handle is not None:
+        try:
+            handle.close()
+        except Exception:  # noqa: BLE001 - closing a broken handle
+            pass
+
+
+def fetched(table: pa.Table, bounds: np.ndarray, column: str,
+            uri_prefixes: Sequence[str] = ()) -> Iterator[tuple[np.ndarray, list, pa.Array]]:
+    """Read the images of copy rows sorted by (file, row, key, copy)
+    (examples start at ``bounds``), once per example and in source order (per
+    file, by row, only the row groups needed; per ``uri``, sorted), as
+    ``(examples, items, images)`` batches (first the examples the index
+    lacks, with ``NOT_IN_INDEX``): ``examples`` index the examples, ``items``
+    say why an image could not be read (a string) or anything else when
+    ``images`` (an Arrow binary array) holds its bytes. A ``uri`` is read only
+    when it lies under one of ``uri_prefixes`` (schemas.uri_policy), and then
+    in the normal form checked; one outside is a bad example, the policy's
+    verdict its reason. Transient read errors are retried
+    (:func:`spill.with_retries`) before an image is counted unreadable."""
+    first = bounds[:-1]
+    file_col = table.column("file").take(pa.array(first))
+    missing = pc.is_null(file_col).to_numpy(zero_copy_only=False)
+    for s in range(0, int(missing.sum()), IMAGE_BATCH_ROWS):
+        examples = np.flatnonzero(missing)[s:s + IMAGE_BATCH_ROWS]
+        yield examples, [NOT_IN_INDEX] * len(examples), pa.nulls(len(examples), pa.binary())
+    present = np.flatnonzero(~missing)
+    if column == "image":
+        files = file_col.take(pa.array(present))
+        codes = pc.dictionary_encode(files).combine_chunks().indices.to_numpy(zero_copy_only=False)
+        rows = pc.fill_null(table.column("row"), -1).to_numpy()[first][present]
+        for start, end in zip(*runs_of(codes)):  # the examples of one file (sorted by file)
+            for examples, images in _read_inline(files[int(start)].as_py(), rows[start:end]):
+                items = pc.is_null(images).to_pylist()
+                yield present[examples + start], [None if null else True for null in items], images
+    else:
+        uris = table.column("uri").take(pa.array(first)).to_pylist()
+        order = sorted(present.tolist(), key=lambda i: (uris[i] or "", i))
+        from schemas.uri_policy import check_uris, read_target
+
+        for s in range(0, len(order), IMAGE_BATCH_ROWS):
+            chunk = order[s:s + IMAGE_BATCH_ROWS]
+            images = []
+            for i, verdict in zip(chunk, check_uris(uri_prefixes, [uris[i] for i in chunk])):
+                try:
+                    if not uris[i]:
+                        raise ValueError("no uri")
+                    if verdict.reason is not None:  # not fetched: a bad example, like an unreadable one
+                        images.append(verdict.reason)
+                        continue
+                    images.append(with_retries(lambda target=verdict.target: read_target(target)))
+                except Exception as e:  # noqa: BLE001 - a missing image is counted, not fatal
+                    images.append(f"unreadable uri {uris[i]!r}: {type(e).__name__}: {e}"[:300])
+            data = pa.array([x if isinstance(x, bytes) else None for x in images], pa.binary())
+            yield np.asarray(chunk, np.int64), [x if isinstance(x, str) else True for x in images], data
+
+
+def reencoded(items: list, views: list, max_side: int, quality: int, totals: np.ndarray) -> tuple[list, list]:
+    """``(items, views)`` of a fetched batch with every image whose longer
+    side exceeds ``max_side`` replaced by :func:`shards.reencode_image`, the
+    others left as they are, bytes and all. An image whose size cannot be
+    read or that cannot be decoded gets the reason as its item (a bad
+    example). Adds (images re-encoded, bytes before, after) to ``totals``."""
+    items, views = list(items), list(views)
+    for i, item in enumerate(items):
+        if item is None or isinstance(item, str):
+            continue  # already bad
+        try:
+            data = reencode_image(views[i], max_side, quality)
+        except Exception as e:  # noqa: BLE001 - an undecodable image is a bad example, not fatal
+            items[i] = f"cannot be re-encoded for --max-side {max_side}: {type(e).__name__}: {e}"[:300]
+            continue
+        if data is not None:
+            totals += (1, len(views[i]), len(data))
+            views[i] = memoryview(data)
+    return items, views
+
+
+#: The Arrow form of ``FETCHED_SCHEMA``.
+FETCHED_ARROW = pa.schema([("key", pa.string()), ("copy", pa.int32()), ("h", pa.int64()),
+                          ("labels", pa.list_(pa.int32())), ("weight", pa.float64()), ("ext", pa.string()),
+                          ("path", pa.string()), ("offset", pa.int64()), ("length", pa.int64()),
+                          ("reason", pa.string()), ("copies", pa.int64()), ("task_rss", pa.int64()),
+                          ("task_spilled", pa.int64()), ("reencoded", pa.list_(pa.int64()))])
+
+
+def _batch(n: int, **columns) -> pa.RecordBatch:
+    """A ``FETCHED_ARROW`` batch of ``n`` rows: the given columns, nulls elsewhere."""
+    arrays = []
+    for field in FETCHED_ARROW:
+        value = columns.get(field.name)
+        if value is None:
+            arrays.append(pa.nulls(n, field.type))
+        else:
+            arr = value.combine_chunks() if isinstance(value, pa.ChunkedArray) else value
+            arrays.append(arr.cast(field.type) if isinstance(arr, pa.Array) else pa.array(arr, field.type))
+    return pa.RecordBatch.from_arrays(arrays, schema=FETCHED_ARROW)
+
+
+def fetch_partition(task: FetchTask):
+    """mapInArrow, the fetch pass (module doc): copy rows of a contiguous
+    range of index files -> ``FETCHED_SCHEMA`` rows. The spill files are
+    unique to the attempt; only the rows of a successful attempt are used."""
+
+    def fetch(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        reset_peak_rss()
+        sio.apply_storage_config(task.storage)
+        pending = list(batches)
+        if not pending:
+            return
+        table = pa.Table.from_batches(pending)
+        del pending
+        bounds = examples_of(table)
+        bad: list[tuple[str, str, int]] = []
+        dup = duplicated(table, bounds)
+        if dup:  # reported, nothing read: the driver refuses the selection
+            bad.extend((key, DUPLICATE, 0) for key in dup)
+            table, bounds = table.slice(0, 0), bounds[:1]
+        spill = SpillWriter(task.spill_dir, task_attempt_id(), task.spill_file_bytes)
+        totals = np.zeros(3, np.int64)
+        keys = table.column("key")
+        for examples, items, images in fetched(table, bounds, task.column, task.uri_prefixes):
+            views = binary_views(images)
+            if task.reencode is not None:
+                items, views = reencoded(items, views, *task.reencode, totals)
+            exts, reasons = verdicts(items, views, task.decode)
+            counts = bounds[examples + 1] - bounds[examples]
+            ok = np.array([e is not None for e in exts], bool)
+            for i in np.flatnonzero(~ok).tolist():
+                bad.append((keys[int(bounds[examples[i]])].as_py(), reasons[i], int(counts[i])))
+            good = np.flatnonzero(ok)
+            if not good.size:
+                continue
+            path, offsets = spill.append([views[i] for i in good.tolist()])
+            lengths = np.array([len(views[i]) for i in good.tolist()], np.int64)
+            rows = concat_ranges(bounds[examples[good]], counts[good])
+            owner = np.repeat(np.arange(good.size), counts[good])
+            carried = table.select(["key", "copy", "h", "labels", "weight"]).take(pa.array(rows))
+            yield _batch(rows.size, key=carried.column("key"), copy=carried.column("copy"), h=carried.column("h"),
+                         labels=carried.column("labels"), weight=carried.column("weight"),
+                         ext=pa.array([exts[i] for i in good.tolist()], pa.string()).take(pa.array(owner)),
+                         path=pa.array([path] * rows.size, pa.string()), offset=offsets[owner],
+                         length=lengths[owner])
+        spill.close()
+        inject_failure("spill")  # after the spill is written: it must be ignored
+        yield _batch(len(bad), key=[b[0] for b in bad], reason=[b[1] for b in bad], copies=[b[2] for b in bad])
+        yield _batch(1, task_rss=[peak_rss()], task_spilled=[spill.written], reencoded=[totals.tolist()])
+
+    return fetch

@@ -1,0 +1,503 @@
+"""The job: command line, plan, the two Spark passes, commit.
+
+plan (inputs checked, buckets) -> fetch tasks (``fetch.py``) -> tallies and
+bad examples -> writer plan (``placement.py``) -> writer tasks
+(``write.py``) -> manifest, ``_SUCCESS`` (``schemas.stage_output``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from schemas import Manifest, ResampleConfig, SchemaError, ShardInfo, check_index_schema, parse_size
+from schemas import io as sio
+from schemas.stage_output import StageOutput, require_complete, require_finished_input
+
+from ..session import (StageTimer, add_spark_arguments, observed_metrics, read_parquet_columns,
+                       read_parquet_through_fsspec, require_reachable_outputs, run_cli, set_confs)
+from ..shards import REENCODE_QUALITY, encoder_version, shard_name
+from .fetch import DUPLICATE, FETCHED_SCHEMA, IMAGE_BATCH_ROWS, FetchTask, fetch_partition
+from .placement import (bucket_bits, bucket_starts, bucket_writers, contiguous_groups, partition_keys,
+                        shards_per_writer)
+from .write import READ_BYTES, TEMPORARY, WRITTEN_SCHEMA, WriteTask, write_partition
+
+__all__ = ["ShardJob", "run", "main", "build_parser", "resolve_selection"]
+
+#: A fetch task starts a new spill file past this many image bytes.
+SPILL_FILE_BYTES = 1 << 30
+#: Fetch tasks per core; each reads a contiguous range of the index's files.
+FETCH_TASKS_PER_CORE = 2
+#: Shard writers per core at least (fewer shards each, so a slow one delays the stage less).
+WRITERS_PER_CORE = 2
+#: Bytes of images one shard-writing task writes (it takes whole shards).
+WRITER_BYTES = 1 << 30
+
+
+@dataclass
+class ShardJob:
+    """One shard-writing run (the command line, typed).
+
+    ``allow_uri_prefixes``: where a ``uri`` index's images may be read from
+    (``--allow-uri-prefix``, schemas.uri_policy); None: the index's own storage.
+    ``uri_prefixes`` (set here, not an argument) is the effective list, in
+    normal form: what the fetch enforces and the manifest records.
+    ``max_side``: re-encode the images whose longer side exceeds it
+    (``--max-side``; None: every image as the index holds it) as JPEGs of
+    ``quality`` (``--quality``, default 90). ``shared_output``: a local
+    ``output``/``spill_dir`` is mounted by every executor (``--shared-output``;
+    ``session.require_reachable_outputs``). ``run_bytes``: a fetch task starts
+    a new spill file past this many image bytes (``--run-bytes``);
+    ``writer_bytes``: image bytes of the shards one writer task writes;
+    ``fetch_tasks``: fetch tasks (``--fetch-tasks``; default
+    ``FETCH_TASKS_PER_CORE`` per core, at most one per index file);
+    ``decode_check``: decode every image whole (``--decode-check``), not only
+    check its structure; ``read_bytes``: image bytes a writer holds at a time.
+    """
+
+    selection: str
+    index: str
+    output: str
+    samples_per_shard: int = 10000
+    prefix: str = "shard"
+    seed: int = 0
+    overwrite: bool = False
+    max_bad_fraction: float = 0.001
+    spill_dir: str | None = None
+    run_bytes: int = SPILL_FILE_BYTES
+    writer_bytes: int = WRITER_BYTES
+    fetch_tasks: int | None = None
+    decode_check: bool = False
+    read_bytes: int = READ_BYTES
+    allow_uri_prefixes: Sequence[str] | None = None
+    max_side: int | None = None
+    quality: int | None = None
+    shared_output: bool = False
+
+    def __post_init__(self) -> None:
+        from schemas.uri_policy import canonical_prefix, default_prefixes
+
+        if isinstance(self.allow_uri_prefixes, str):
+            self.allow_uri_prefixes = (self.allow_uri_prefixes,)
+        if self.allow_uri_prefixes is None:
+            self.uri_prefixes = default_prefixes(self.index)
+        else:
+            self.uri_prefixes = tuple(dict.fromkeys(canonical_prefix(p) for p in self.allow_uri_prefixes))
+        if self.samples_per_shard < 1:
+            raise ValueError(f"--samples-per-shard must be >= 1, got {self.samples_per_shard}")
+        if not self.prefix or "/" in self.prefix:
+            raise ValueError(f"--prefix must be a plain file name prefix, got {self.prefix!r}")
+        if self.run_bytes < 1:
+            raise ValueError(f"--run-bytes must be >= 1, got {self.run_bytes}")
+        if self.fetch_tasks is not None and self.fetch_tasks < 1:
+            raise ValueError(f"--fetch-tasks must be >= 1, got {self.fetch_tasks}")
+        if self.read_bytes < 1 or self.writer_bytes < 1:
+            raise ValueError("read_bytes and writer_bytes must be >= 1")
+        if self.max_side is not None and self.max_side < 1:
+            raise ValueError(f"--max-side must be >= 1, got {self.max_side}")
+        if self.quality is not None and self.max_side is None:
+            raise ValueError("--quality is the quality of images re-encoded for --max-side: give --max-side too")
+        if self.quality is not None and not 1 <= self.quality <= 100:
+            raise ValueError(f"--quality must be in 1..100, got {self.quality}")
+
+    @property
+    def reencode(self) -> tuple[int, int] | None:
+        """``(max_side, quality)`` when images are re-encoded, else None."""
+        if self.max_side is None:
+            return None
+        return self.max_side, REENCODE_QUALITY if self.quality is None else self.quality
+
+
+def resolve_selection(path: str) -> tuple[str, str | None]:
+    """``(selection parquet dir, resampler output dir or None)`` for a path that
+    is either the resampler's output directory or its ``selection/``."""
+    inner = sio.join(path, "selection")
+    if sio.exists(inner):
+        return inner, path.rstrip("/")
+    parent = path.rstrip("/").rsplit("/", 1)[0] if "/" in path.rstrip("/") else "."
+    if path.rstrip("/").endswith("/selection") and sio.exists(sio.join(parent, "stats.json")):
+        return path, parent
+    return path, None
+
+
+def _spark_file_path(uri: str) -> str:
+    """A path as ``inputFiles()`` gives it, written as ``_metadata.file_path``
+    is (Hadoop's ``Path.toUri``: ``file:///x`` is ``file:/x``)."""
+    scheme, sep, rest = uri.partition(":///")
+    return f"{scheme}:/{rest}" if sep and "/" not in scheme else uri
+
+
+def _resample_stats(resample_dir: str | None) -> dict | None:
+    """The resampler's stats.json beside the selection, if there is one."""
+    if resample_dir and sio.exists(sio.join(resample_dir, "stats.json")):
+        return json.loads(sio.read_bytes(sio.join(resample_dir, "stats.json")))
+    return None
+
+
+def _copies_estimate(selection_path: str, stats: dict | None) -> int:
+    """Copies in the selection: the resampler's total when its stats are there,
+    else the selection's rows from the Parquet footers (at most a few fewer)."""
+    if stats and isinstance(stats.get("total_copies"), int):
+        return stats["total_copies"]
+    rows = 0
+    try:
+        paths = sio.expand_paths(selection_path)
+    except FileNotFoundError:  # Spark reads what it reads, and says what is wrong
+        return 0
+    for path in paths:
+        fs, p = sio.filesystem(path)
+        with fs.open(p, "rb") as fh:
+            rows += pq.ParquetFile(fh).metadata.num_rows
+    return rows
+
+
+def _config_from(stats: dict | None, total: int) -> tuple[ResampleConfig, dict]:
+    """The resampler's configuration and input fingerprints, for the manifest."""
+    if stats:
+        return ResampleConfig.from_dict(stats["config"]), stats.get("inputs", {})
+    return ResampleConfig(target="unknown", size=max(total, 1)), {}
+
+
+def run(spark, job: ShardJob) -> Manifest:
+    """Write the shards; return the manifest (also at ``output/manifest.json``).
+
+    Every input is checked before the output is touched; the shards are built
+    aside and committed whole (``schemas.stage_output``)."""
+    from pyspark.sql import functions as F
+
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    t0 = time.time()
+    stages = StageTimer()
+    require_reachable_outputs(spark, {"--output": job.output, "--spill-dir": job.spill_dir}, job.shared_output)
+    output = StageOutput(job.output, "write_shards")
+
+    selection_path, resample_dir = resolve_selection(job.selection)
+    if resample_dir:
+        require_complete(resample_dir, "the resampler")
+    require_finished_input(job.index, "--index")
+    # The resampler writes its selection through fsspec: on an object store, read it that way too
+    # (Spark's reader would need the cluster's connector for the scheme).
+    selection = (read_parquet_columns if sio.is_local(selection_path) else read_parquet_through_fsspec)(
+        spark, selection_path, ["key", "copies", "weight"])
+    for col in ("key", "copies"):
+        if col not in selection.columns:
+            raise SchemaError(f"selection has no '{col}' column", file=selection_path)
+    if "weight" not in selection.columns:
+        selection = selection.withColumn("weight", F.lit(0.0))
+    selection = selection.select(F.col("key").cast("string"), F.col("copies").cast("int"),
+                                 F.col("weight").cast("double"))
+    index = read_parquet_columns(spark, job.index, ["key", "labels", "image", "uri"])
+    column = check_index_schema(to_arrow_schema(index.schema), file=job.index)  # "image" or "uri"
+    located = index.select(
+        F.col("key").cast("string").alias("key"), F.col("labels").cast("array<int>").alias("labels"),
+        F.col("_metadata.file_path").alias("file"), F.col("_metadata.row_index").alias("row"),
+        (F.col("uri") if column == "uri" else F.lit(None).cast("string")).alias("uri"))
+    if output.check(job.overwrite):  # every input is checked: the output may be touched now
+        print(output.skip_line(), file=sys.stderr)
+        manifest_path = sio.join(job.output, "manifest.json")
+        return Manifest.from_json(sio.read_bytes(manifest_path).decode(), manifest_path)
+    work = output.begin()
+    try:
+        manifest = _write_into(spark, job, work, selection, selection_path, resample_dir, index, column, located,
+                               stages, t0)
+    except BaseException:
+        output.abort(work)
+        raise
+    output.commit(work)
+    return manifest
+
+
+
+def _fetch(spark, job: ShardJob, selection, located, files: list[str], column: str, spill_dir: str, tasks: int):
+    """The fetch pass as a DataFrame of ``FETCHED_SCHEMA`` rows (persisted by
+    the caller), and the Observation of the selection's facts."""
+    from pyspark.sql import Observation
+    from pyspark.sql import functions as F
+
+    # Each fetch task takes a contiguous range of about as many files as the
+    # others (rows of a file the table misses, if any, are spread by hash).
+    task_keys = np.asarray(partition_keys(tasks))[contiguous_groups(len(files), tasks)].tolist()
+    # From Arrow: a local relation, which needs no Spark job (a list of rows would).
+    task_of_file = spark.createDataFrame(pa.table({"file": pa.array([_spark_file_path(f) for f in files], pa.string()),
+                                                   "task": pa.array(task_keys, pa.int32())}))
+    observed = Observation("selection")
+    asked = F.coalesce(F.col("copies"), F.lit(0))
+    measures = [F.count(F.lit(1)).alias("rows"),
+                F.sum(F.greatest(asked, F.lit(0)).cast("long")).alias("copies"), F.min(asked).alias("min_copies")]
+    copies = (selection.observe(observed, *measures)
+              .where(asked > 0)
+              .select("key", "weight", F.explode(F.sequence(F.lit(0), F.col("copies") - 1)).alias("copy"))
+              .withColumn("h", F.xxhash64(F.col("key"), F.col("copy"), F.lit(job.seed).cast("long"))))
+    task = FetchTask(column=column, storage=sio.storage_config(), spill_dir=spill_dir,
+                     spill_file_bytes=job.run_bytes, uri_prefixes=tuple(job.uri_prefixes), reencode=job.reencode,
+                     decode=job.decode_check)
+    fetched = (copies.join(located, on="key", how="left").join(F.broadcast(task_of_file), on="file", how="left")
+               .repartition(tasks, F.coalesce(F.col("task"), F.hash("file")))
+               .drop("task").sortWithinPartitions("file", "row", "key", "copy")
+               .mapInArrow(fetch_partition(task), FETCHED_SCHEMA))
+    return fetched, observed, measures
+
+
+@dataclass
+class FetchFacts:
+    """What the fetch pass found (on the driver: per bucket, per bad example, per task)."""
+
+    starts: np.ndarray  # each bucket's first position, then the total
+    bad: list  # (key, reason, copies), by key
+    reencoded: np.ndarray  # images, bytes before, after
+    spilled: int  # image bytes in the spill
+    fetch_rss: list  # peak resident memory of each fetch task, bytes
+
+
+def _facts(fetched, bits: int) -> FetchFacts:
+    """Tallies per bucket, the bad examples and the tasks' figures: one small
+    Spark job over the persisted fetch rows."""
+    from pyspark.sql import functions as F
+
+    bucket = (F.lit(0).cast("long") if bits == 0
+              else F.shiftrightunsigned(F.col("h"), 64 - bits))
+    tallies = (fetched.where(F.col("path").isNotNull()).groupBy(bucket.alias("bucket")).count()
+               .select(F.col("bucket"), F.col("count"), F.lit(None).cast("string").alias("key"),
+                       F.lit(None).cast("string").alias("reason"), F.lit(None).cast("long").alias("copies"),
+                       F.lit(None).cast("long").alias("task_rss"), F.lit(None).cast("long").alias("task_spilled"),
+                       F.lit(None).cast("array<long>").alias("reencoded")))
+    others = fetched.where(F.col("path").isNull()).select(
+        F.lit(None).cast("long").alias("bucket"), F.lit(None).cast("long").alias("count"), "key", "reason", "copies",
+        "task_rss", "task_spilled", "reencoded")
+    rows = tallies.unionByName(others).toArrow()
+    counted = rows.filter(pc.is_valid(rows.column("bucket")))
+    starts = bucket_starts(counted.column("bucket").to_numpy(), counted.column("count").to_numpy(), bits)
+    bad_rows = rows.filter(pc.is_valid(rows.column("reason")))
+    bad = sorted(zip(bad_rows.column("key").to_pylist(), bad_rows.column("reason").to_pylist(),
+                     bad_rows.column("copies").to_pylist()))
+    task_rows = rows.filter(pc.is_valid(rows.column("task_rss")))
+    reencoded = np.zeros(3, np.int64)
+    for r in task_rows.column("reencoded").to_pylist():
+        reencoded += np.asarray(r, np.int64)
+    return FetchFacts(starts=starts, bad=bad, reencoded=reencoded,
+                      spilled=int(np.sum(task_rows.column("task_spilled").to_numpy(zero_copy_only=False))),
+                      fetch_rss=task_rows.column("task_rss").to_pylist())
+
+
+def _write(spark, job: ShardJob, work: str, fetched, facts: FetchFacts, bits: int, total: int):
+    """The writer pass: plan (whole shards per writer), send each writer the
+    copy rows of its buckets, write; returns the ``WRITTEN_SCHEMA`` rows (an
+    Arrow table), the writers and their span in positions."""
+    from pyspark.sql import functions as F
+
+    num_shards = math.ceil(total / job.samples_per_shard)
+    sample_bytes = max(1.0, facts.spilled / total)
+    per_writer = job.samples_per_shard * shards_per_writer(
+        num_shards, sample_bytes, job.samples_per_shard, job.writer_bytes,
+        WRITERS_PER_CORE * spark.sparkContext.defaultParallelism)
+    writers = math.ceil(total / per_writer)
+    buckets, writer_of = bucket_writers(facts.starts, per_writer)
+    keys = np.asarray(partition_keys(writers), np.int64)
+    plan = spark.createDataFrame(pa.table({"bucket": pa.array(buckets, pa.int64()),
+                                           "writer": pa.array(writer_of, pa.int32()),
+                                           "wkey": pa.array(keys[writer_of], pa.int32())}))
+    bucket = (F.lit(0).cast("long") if bits == 0 else F.shiftrightunsigned(F.col("h"), 64 - bits))
+    task = WriteTask(output=work, prefix=job.prefix, samples_per_shard=job.samples_per_shard, total=total,
+                     per_writer=per_writer, starts=facts.starts, bits=bits, storage=sio.storage_config(),
+                     read_bytes=job.read_bytes)
+    copies = fetched.where(F.col("path").isNotNull()).select(
+        "key", "copy", "h", "labels", "weight", "ext", "path", "offset", "length", bucket.alias("bucket"))
+    written = (copies.join(F.broadcast(plan), on="bucket")
+               .repartition(writers, "wkey").drop("wkey", "bucket")
+               .mapInArrow(write_partition(task), WRITTEN_SCHEMA))
+    rows = written.toArrow()
+    return rows, writers, per_writer
+
+
+def _write_into(spark, job: ShardJob, work: str, selection, selection_path: str, resample_dir: str | None, index,
+                column: str, located, stages: StageTimer, t0: float) -> Manifest:
+    """Fetch, spill and write the shards and the manifest into ``work``."""
+    from pyspark import StorageLevel
+
+    files = sorted(index.inputFiles())
+    spill_dir = sio.join(job.spill_dir or sio.join(work, TEMPORARY), f"spill-{uuid.uuid4().hex[:12]}")
+    resample_stats = _resample_stats(resample_dir)
+    bits = bucket_bits(_copies_estimate(selection_path, resample_stats), job.samples_per_shard)
+    # Arrow batches of images; the index is scanned for keys and labels only,
+    # so split it by count (one split per fetch task), not by file bytes that
+    # are mostly the images this scan skips.
+    tasks = max(1, min(len(files), job.fetch_tasks or FETCH_TASKS_PER_CORE * spark.sparkContext.defaultParallelism))
+    fetched = None
+    restore_confs = set_confs(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(IMAGE_BATCH_ROWS),
+                                      "spark.sql.files.maxPartitionBytes": str(1 << 50),
+                                      "spark.sql.files.minPartitionNum": str(tasks)})
+    try:
+        fetched, observed, measures = _fetch(spark, job, selection, located, files, column, spill_dir, tasks)
+        # The rows (not the images) are kept on the executors' disks for the
+        # two passes over them; a lost block is fetched again (a new attempt,
+        # new spill files, rows that point into them).
+        fetched = fetched.persist(StorageLevel.DISK_ONLY)
+        facts = _facts(fetched, bits)
+        # No metrics come back when nothing was selected: then count directly.
+        counts = observed_metrics(observed) or selection.agg(*measures).first()
+        unique, requested_total = int(counts["rows"]), int(counts["copies"] or 0)
+        if unique == 0:
+            raise SchemaError("selection is empty", file=selection_path)
+        if int(counts["min_copies"]) < 1:
+            raise SchemaError(f"copies must be > 0 (found {int(counts['min_copies'])})", file=selection_path)
+        duplicated = [key for key, reason, _ in facts.bad if reason == DUPLICATE]
+        if duplicated:
+            raise SchemaError(f"{len(duplicated)} keys appear in more than one row (first: "
+                              f"{sorted(duplicated)[:3]})", file=selection_path)
+        dropped = sum(int(c) for _, _, c in facts.bad)
+        total = int(facts.starts[-1])
+        if total + dropped > requested_total:  # a copy met two index rows
+            dup = (located.join(selection.select("key"), on="key").groupBy("key").count()
+                   .where("count > 1").select("key").orderBy("key").first())
+            raise SchemaError(f"key {dup['key'] if dup else '?'!r} appears more than once in the source index",
+                              file=job.index)
+        if total + dropped != requested_total:
+            raise ValueError(f"internal error: the fetch kept {total} copies and dropped {dropped}, "
+                             f"expected {requested_total}")
+        n_bad = len(facts.bad)
+        if n_bad / unique > job.max_bad_fraction:
+            raise ValueError(f"{n_bad} of {unique} selected examples have a missing or unrecognisable "
+                             f"image ({n_bad / unique:.3%} > --max-bad-fraction {job.max_bad_fraction:.3%}); "
+                             f"first: {[k for k, _, _ in facts.bad[:3]]}")
+        if total == 0:
+            raise ValueError("no selected example has a usable image")
+        stages.lap("fetch")
+        rows, writers, per_writer = _write(spark, job, work, fetched, facts, bits, total)
+        stages.lap("write")
+    finally:
+        restore_confs()
+        if fetched is not None:
+            fetched.unpersist()
+        sio.remove_tree(spill_dir)
+
+    num_shards = math.ceil(total / job.samples_per_shard)
+    by_shard = {}
+    for r in rows.to_pylist():
+        by_shard.setdefault(r["shard"], r)  # one successful attempt per shard
+    if sorted(by_shard) != list(range(num_shards)):
+        raise ValueError(f"internal error: shards written {sorted(by_shard)[:10]}..., expected 0..{num_shards - 1}")
+    shards, label_counts = [], {}
+    for s in range(num_shards):
+        r = by_shard[s]
+        shards.append(ShardInfo(name=shard_name(job.prefix, s), samples=int(r["samples"]), bytes=int(r["bytes"]),
+                                sha256=r["sha256"]))
+        for label, n in json.loads(r["labels"]).items():
+            label_counts[int(label)] = label_counts.get(int(label), 0) + n
+    sio.remove_tree(sio.join(work, TEMPORARY))
+
+    per_writer_rows = {}
+    for r in by_shard.values():
+        per_writer_rows.setdefault(r["writer"], r)
+    written_by = {}
+    for s in range(num_shards):
+        w = by_shard[s]["writer"]
+        written_by[w] = written_by.get(w, 0) + int(by_shard[s]["bytes"])
+    ratios = [per_writer_rows[w]["bytes_read"] / max(1, written_by[w]) for w in per_writer_rows]
+    config, resample_inputs = _config_from(resample_stats, requested_total)
+    bad_records = [{"key": k, "reason": r} for k, r, _ in facts.bad[:1000]]
+    manifest = Manifest(
+        config=config,
+        inputs={"selection": sio.listing_fingerprint(selection_path), "index": sio.listing_fingerprint(job.index),
+                **{f"resample.{k}": v for k, v in resample_inputs.items()}},
+        shards=shards, total_samples=total, unique_examples=unique - n_bad,
+        label_distribution=label_counts, bad_records=bad_records,
+        extra={"samples_per_shard": job.samples_per_shard, "prefix": job.prefix, "seed": job.seed,
+               "requested_samples": requested_total, "bad_examples": n_bad, "image_source": column,
+               "allowed_uri_prefixes": list(job.uri_prefixes) if column == "uri" else None,
+               "max_side": job.max_side, "reencoded": _reencode_record(job, facts.reencoded),
+               "image_check": "decode" if job.decode_check else "structure",
+               "spill": {"image_bytes": facts.spilled},
+               "tasks": {"fetch": tasks, "writers": writers, "shards_per_writer": per_writer // job.samples_per_shard,
+                         "fetch_peak_rss_max": max(facts.fetch_rss or [0]),
+                         "writer_peak_rss_max": max(r["task_rss"] for r in per_writer_rows.values()),
+                         "writer_reads_max": max(r["reads"] for r in per_writer_rows.values()),
+                         "writer_reads_mean": round(sum(r["reads"] for r in per_writer_rows.values())
+                                                    / len(per_writer_rows), 1),
+                         "writer_read_per_written_max": round(max(ratios), 4)},
+               "seconds": round(time.time() - t0, 2), "timings": stages.timings})
+    sio.write_bytes_atomic(sio.join(work, "manifest.json"), manifest.to_json())
+    return manifest
+
+
+def _reencode_record(job: ShardJob, totals: np.ndarray) -> dict | None:
+    """The manifest's record of ``--max-side`` re-encoding (None without it).
+    ``images``, ``bytes_before`` and ``bytes_after`` count examples (each
+    re-encoded once, whatever its copies)."""
+    if job.reencode is None:
+        return None
+    max_side, quality = job.reencode
+    return {"max_side": max_side, "quality": quality, "format": "JPEG baseline, 4:2:0, optimised Huffman",
+            "resample": "DCT scaling to >= 2x the target, then Lanczos", "encoder": encoder_version(),
+            "images": int(totals[0]), "bytes_before": int(totals[1]), "bytes_after": int(totals[2])}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m spark_jobs.write_shards",
+                                description="Write WebDataset shards from a resampler selection.")
+    p.add_argument("--selection", required=True, help="resampler output dir or its selection/ dir")
+    p.add_argument("--index", required=True, help="the source index the resampler read")
+    p.add_argument("--output", required=True)
+    p.add_argument("--samples-per-shard", type=int, default=10000)
+    p.add_argument("--prefix", default="shard")
+    p.add_argument("--seed", type=int, default=0, help="placement of copies across shards")
+    p.add_argument("--overwrite", action="store_true", help="redo a complete output")
+    p.add_argument("--max-bad-fraction", type=float, default=0.001,
+                   help="fail when more selected examples than this have no usable image")
+    p.add_argument("--spill-dir", help="where fetch tasks leave sorted runs of image bytes for the shard "
+                   "writers; every executor must reach it (default: OUTPUT/_temporary)")
+    p.add_argument("--run-bytes", type=parse_size, default=SPILL_FILE_BYTES,
+                   help="a fetch task starts a new spill file past this many image bytes (default 1 GiB; "
+                        "memory does not depend on it: images are appended as they are read)")
+    p.add_argument("--fetch-tasks", type=int, metavar="N",
+                   help=f"fetch tasks (default {FETCH_TASKS_PER_CORE} per core, at most one per index file); "
+                        "each reads a contiguous range of the index's files")
+    p.add_argument("--decode-check", action="store_true",
+                   help="decode every image whole in the fetch pass (a bad example when it does not "
+                        "decode); by default each image's structure is checked (JPEG SOI..EOI, PNG chunks "
+                        "to IEND, WebP RIFF size, GIF trailer, BMP size), which catches truncated files")
+    p.add_argument("--allow-uri-prefix", action="append", metavar="PREFIX",
+                   help="repeatable: read a uri index's images only under these directories or URL "
+                        "prefixes (a local path, file://, s3://bucket/..., gs://, hdfs://host/..., "
+                        "http(s)://host/...; matched on path components after normalising; '..' is "
+                        "refused). Given, it replaces the default: the index's own storage (its "
+                        "scheme and bucket, or for a local index the directory containing the index "
+                        "path). Any other uri is a bad example (see --max-bad-fraction)")
+    p.add_argument("--max-side", type=int, metavar="N",
+                   help="re-encode every image whose longer side exceeds N pixels (scaled to N, aspect "
+                        "kept) as a JPEG (--quality; no metadata kept), as img2dataset does at download "
+                        "time: smaller shards, faster decoding; images of at most N are kept byte for byte. "
+                        "Every image's header is read: one whose size cannot be read, or that cannot be "
+                        "decoded when it must be re-encoded, is a bad example (see --max-bad-fraction). "
+                        "Default: images as the index holds them")
+    p.add_argument("--quality", type=int, metavar="Q",
+                   help=f"JPEG quality of images re-encoded for --max-side (1-100, default {REENCODE_QUALITY})")
+    add_spark_arguments(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli("write_shards", args,
+                   lambda: ShardJob(selection=args.selection, index=args.index, output=args.output,
+                                    samples_per_shard=args.samples_per_shard, prefix=args.prefix,
+                                    seed=args.seed, overwrite=args.overwrite,
+                                    max_bad_fraction=args.max_bad_fraction, spill_dir=args.spill_dir,
+                                    run_bytes=args.run_bytes, allow_uri_prefixes=args.allow_uri_prefix,
+                                    fetch_tasks=args.fetch_tasks, decode_check=args.decode_check,
+                                    max_side=args.max_side, quality=args.quality,
+                                    shared_output=args.shared_output),
+                   run, lambda job, m: f"{m.total_samples} samples ({m.unique_examples} unique) in "
+                                       f"{len(m.shards)} shards -> {job.output}")
+

@@ -1,0 +1,168 @@
+"""The shard writers: each takes whole shards (a span of positions), ranks
+the copies of the buckets that span falls in, reads exactly their images
+from the spill (coalesced ranged reads) and streams the tars to their final
+names, a bounded number of image bytes in memory at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from schemas import io as sio
+
+from ..session import inject_failure, task_attempt_id
+from ..shards import sample_json, sample_key, shard_name, write_tar
+from .placement import bucket_of, hash_order, writer_span
+from .spill import peak_rss, read_ranges, reset_peak_rss
+
+__all__ = ["WriteTask", "write_partition", "WRITTEN_SCHEMA", "TEMPORARY", "READ_BYTES"]
+
+#: Where a local attempt streams a shard before renaming it to its final name.
+TEMPORARY = "_temporary"
+#: Image bytes a writer reads from the spill at a time (its memory for images).
+READ_BYTES = 64 << 20
+
+#: A row per shard, with its writer's figures (``reads``: ranged reads of the
+#: spill, ``bytes_read``, ``task_rss``: peak resident memory, bytes).
+WRITTEN_SCHEMA = ("shard int, writer int, samples long, bytes long, sha256 string, labels string, "
+                  "reads long, bytes_read long, task_rss long")
+
+
+@dataclass(frozen=True)
+class WriteTask:
+    """What every writer task is given (the unit a test builds by hand).
+
+    ``output``: the directory the shards go to (under their final names);
+    writer ``w`` writes positions ``[w * per_writer, (w + 1) * per_writer)``
+    of ``total``; ``starts``: each bucket's first position, then ``total``
+    (``bits`` bits of the placement hash name a bucket); ``read_bytes``:
+    image bytes read at a time (default ``READ_BYTES``); ``read_gap``: ranges
+    of one spill file at most this many bytes apart are read together.
+    """
+
+    output: str
+    prefix: str
+    samples_per_shard: int
+    total: int
+    per_writer: int
+    starts: np.ndarray
+    bits: int
+    storage: dict
+    read_bytes: int = READ_BYTES
+    read_gap: int = 0
+
+
+def _chunks(lengths: np.ndarray, limit: int) -> list[tuple[int, int]]:
+    """Consecutive ``[a, b)`` of items whose lengths add up to at most
+    ``limit`` (an item larger than that alone)."""
+    ends = np.cumsum(lengths)
+    out, a = [], 0
+    while a < lengths.size:
+        base = ends[a - 1] if a else 0
+        b = max(a + 1, int(np.searchsorted(ends, base + limit, side="right")))
+        out.append((a, b))
+        a = b
+    return out
+
+
+def _write_shard(task: WriteTask, rows: pa.Table, paths: list, files: np.ndarray, shard: int,
+                 attempt: str, stats: dict) -> tuple:
+    """Stream one shard (``rows`` in order) to its final name; returns
+    ``(samples, bytes, sha256, labels json)``."""
+    name = shard_name(task.prefix, shard)
+    cols = [rows.column(c).to_pylist() for c in ("key", "copy", "ext", "labels", "weight")]
+    offsets = rows.column("offset").to_numpy()
+    lengths = rows.column("length").to_numpy()
+
+    def samples() -> Iterator[tuple]:
+        for a, b in _chunks(lengths, task.read_bytes):
+            views, reads, nbytes = read_ranges(paths, files[a:b], offsets[a:b], lengths[a:b], task.read_gap)
+            stats["reads"] += reads
+            stats["bytes_read"] += nbytes
+            for i, view in enumerate(views):
+                k, c, e, lab, w = (col[a + i] for col in cols)
+                yield sample_key(k, c), e, view, sample_json(k, c, lab, w)
+                if a + i == 1:
+                    inject_failure("write")  # mid-write: a partial file exists
+
+    final = sio.join(task.output, name)
+    local = sio.is_local(final)
+    # Local: an attempt writes aside and renames (atomic; in the task, so the
+    # commit renames nothing). Object stores: an upload appears whole when it
+    # completes, so it goes to the final name (equal inputs, equal bytes).
+    target = sio.join(task.output, TEMPORARY, f"{name}.{attempt}") if local else final
+    fs, p = sio.filesystem(target)
+    fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(p, "wb") as fh:
+        n, size, digest = write_tar(fh, samples())
+    if local:
+        os.replace(p, sio.filesystem(final)[1])
+    flat = pc.list_flatten(rows.column("labels")).to_numpy(zero_copy_only=False)
+    values, counts = np.unique(flat, return_counts=True)
+    return n, size, digest, json.dumps({int(v): int(c) for v, c in zip(values, counts)}, sort_keys=True)
+
+
+def write_partition(task: WriteTask):
+    """mapInArrow over the copy rows of the buckets each writer needs (a
+    ``writer`` column says whose), one writer per partition: ranks them in
+    :func:`placement.hash_order`, keeps the writer's positions and writes
+    its shards. A ``WRITTEN_SCHEMA`` row per shard."""
+
+    def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        reset_peak_rss()
+        sio.apply_storage_config(task.storage)
+        parts = [b for b in batches if b.num_rows]
+        if not parts:
+            return
+        table = pa.Table.from_batches(parts)
+        del parts
+        attempt = task_attempt_id()
+        writer_col = table.column("writer").to_numpy()
+        results = []
+        for w in np.unique(writer_col).tolist():
+            mine = table.filter(pa.array(writer_col == w)) if len(np.unique(writer_col)) > 1 else table
+            h = mine.column("h").to_numpy()
+            buckets = bucket_of(h, task.bits)
+            first, last = int(buckets.min()), int(buckets.max())
+            expected = int(task.starts[last + 1] - task.starts[first])
+            if mine.num_rows != expected:
+                raise ValueError(f"internal error: writer {w} got {mine.num_rows} copies of buckets "
+                                 f"{first}..{last}, tallied {expected}")
+            lo, hi = writer_span(w, task.per_writer, task.total)
+            order = hash_order(h, mine.column("key"), mine.column("copy").to_numpy())
+            skip = lo - int(task.starts[first])
+            if skip < 0:
+                raise ValueError(f"internal error: writer {w} starts at {lo}, its first bucket at "
+                                 f"{int(task.starts[first])}")
+            rows = mine.take(pa.array(order[skip:skip + hi - lo]))
+            encoded = pc.dictionary_encode(rows.column("path")).combine_chunks()
+            paths = encoded.dictionary.to_pylist()
+            files = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+            stats = {"reads": 0, "bytes_read": 0}
+            shards = []
+            for a in range(0, rows.num_rows, task.samples_per_shard):
+                b = min(rows.num_rows, a + task.samples_per_shard)
+                shard = (lo + a) // task.samples_per_shard
+                n, size, digest, labels = _write_shard(task, rows.slice(a, b - a), paths, files[a:b], shard,
+                                                       attempt, stats)
+                want = min(task.samples_per_shard, task.total - shard * task.samples_per_shard)
+                if n != want:
+                    raise ValueError(f"internal error: shard {shard} has {n} samples, expected {want}")
+                shards.append((shard, w, n, size, digest, labels))
+            rss = peak_rss()
+            results += [s + (stats["reads"], stats["bytes_read"], rss) for s in shards]
+        if results:
+            cols = list(zip(*results))
+            types = [pa.int32(), pa.int32(), pa.int64(), pa.int64(), pa.string(), pa.string(), pa.int64(),
+                     pa.int64(), pa.int64()]
+            names = ["shard", "writer", "samples", "bytes", "sha256", "labels", "reads", "bytes_read", "task_rss"]
+            yield pa.RecordBatch.from_arrays([pa.array(c, t) for c, t in zip(cols, types)], names=names)
+
+    return write

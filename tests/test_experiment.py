@@ -131,8 +131,8 @@ def _records(gaps: dict[str, float], seeds=range(5)):
 
 
 def test_verdicts_follow_the_intervals():
-    held = summarize_results(_records({"adaptive": 0.05, "hand-picked": 0.05, "topk-uniform": 0.03,
-                                       "reversed": 0.01}), ["t"])
+    held = summarize_results(_records({"adaptive": 0.05, "hand-picked": 0.05, "adaptive-topk": 0.05,
+                                       "topk-uniform": 0.03, "reversed": 0.01}), ["t"])
     verdicts = [c["verdicts"]["t"] for c in held["claims"]]
     assert verdicts == ["held"] * 4
     lost = summarize_results(_records({"entire": 0.05, "reversed": 0.08, "class-balanced": 0.001}), ["t"])

@@ -46,6 +46,7 @@ ARMS = (
     ("wrong-domain", "Wrong-domain subset: another target's branch"),
     ("adaptive", "Adaptive transfer, same distribution matcher"),
     ("elastic", "Adaptive transfer, elastic distribution matcher"),
+    ("adaptive-topk", "Top-k labels, adaptive weights (Table 6)"),
     ("topk-uniform", "Top-k labels, uniform weights (Table 6)"),
     ("reversed", "Top-k labels, reversed weights (Table 6)"),
     ("class-balanced", "Class-balanced control (uniform over all labels)"),
@@ -183,6 +184,8 @@ def pretrain_sets(config: ExperimentConfig, seed: int) -> dict[tuple[str, str], 
         sets[(t.name, "hand-picked")] = subsets[t.branch]
         sets[(t.name, "wrong-domain")] = subsets[t.wrong_branch]
         sets.update({(t.name, arm): s for arm, s in _target_sets(config, t, seed, size).items()})
+        sets[(t.name, "adaptive-topk")] = PretrainSet(f"{t.name}-topk{config.top_k}-adaptive", seed, size,
+                                                      "adaptive", top_k=config.top_k, weights_of=t.name)
         sets[(t.name, "topk-uniform")] = PretrainSet(f"{t.name}-topk{config.top_k}-uniform", seed, size,
                                                      "topk-uniform", top_k=config.top_k, weights_of=t.name)
         sets[(t.name, "reversed")] = PretrainSet(f"{t.name}-topk{config.top_k}-reversed", seed, size,

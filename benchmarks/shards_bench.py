@@ -111,6 +111,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="/tmp/shards-bench")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each per round; the best is reported")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--baseline-rev", help="also run write_shards as of this git revision (e.g. aaf56fa, "
+                    "before issue 16), side by side, warmed up the same")
     ap.add_argument("--warmup", type=int, default=15,
                     help="untimed write_shards runs first: the JVM's JIT compilers spend 1 to 1.7 CPU-s per "
                          "707 MB run for the first few runs, 0.3 to 0.7 s after about 15")
@@ -127,42 +129,53 @@ def main(argv=None) -> int:
     spark = get_session("shards-bench", args.master)
     cores = spark.sparkContext.defaultParallelism
     out = os.path.join(args.work, "ours")
+    contenders = {"write_shards": W}
+    if args.baseline_rev:
+        from benchmarks.shards_scale import load_revision
+        contenders[f"write_shards@{args.baseline_rev}"] = load_revision(args.baseline_rev, args.work)
     for _ in range(args.warmup):
-        W.run(spark, W.ShardJob(selection=selection, index=index, output=out + "-warm",
-                                samples_per_shard=args.samples_per_shard, overwrite=True))
+        for module in contenders.values():
+            module.run(spark, module.ShardJob(selection=selection, index=index, output=out + "-warm",
+                                              samples_per_shard=args.samples_per_shard, overwrite=True))
     shutil.rmtree(out + "-warm", ignore_errors=True)
     # Side by side: each round runs every contender --repeat times back to
     # back (each in its steady state: the Spark job's JVM and Python workers
     # warm, like a single process's), and the rounds alternate, so that a slow
     # spell of this shared machine does not fall on one contender only.
-    raws, tars, ours, manifest = [], [], [], None
+    raws, tars = [], []
+    times = {name: [] for name in contenders}
+    manifests = {}
     for r in range(args.rounds):
         raws += [raw_copy(index, os.path.join(args.work, "raw.bin")) for _ in range(args.repeat)]
         tars += [tar_writer(index, os.path.join(args.work, "tarwriter"), args.samples_per_shard)
                  for _ in range(args.repeat)]
-        for _ in range(args.repeat):
-            shutil.rmtree(out, ignore_errors=True)  # as tar_writer does: the last output goes untimed
-            settled()
-            start = time.perf_counter()
-            m = W.run(spark, W.ShardJob(selection=selection, index=index, output=out,
-                                        samples_per_shard=args.samples_per_shard, overwrite=True))
-            ours.append(time.perf_counter() - start)
-            if ours[-1] == min(ours):
-                manifest = m
+        for name, module in contenders.items():
+            for _ in range(args.repeat):
+                shutil.rmtree(out, ignore_errors=True)  # as tar_writer does: the last output goes untimed
+                settled()
+                start = time.perf_counter()
+                m = module.run(spark, module.ShardJob(selection=selection, index=index, output=out,
+                                                      samples_per_shard=args.samples_per_shard, overwrite=True))
+                times[name].append(time.perf_counter() - start)
+                if times[name][-1] == min(times[name]):
+                    manifests[name] = m
         seconds = {name: " ".join(f"{t:.2f}" for t in ts[-args.repeat:])
-                   for name, ts in (("raw", raws), ("TarWriter", tars), ("write_shards", ours))}
+                   for name, ts in (("raw", raws), ("TarWriter", tars), *times.items())}
         print(f"round {r + 1} (s): " + ", ".join(f"{k} {v}" for k, v in seconds.items()), flush=True)
-    t_raw, t_tar, t_ours = min(raws), min(tars), min(ours)
+    t_raw, t_tar = min(raws), min(tars)
     spark.stop()
-    per_core = (mb / t_ours / cores) / (mb / t_tar)
     print(f"raw copy      {t_raw:6.2f}s  {mb / t_raw:7.1f} MB/s")
     print(f"TarWriter     {t_tar:6.2f}s  {mb / t_tar:7.1f} MB/s (1 process)")
-    print(f"write_shards  {t_ours:6.2f}s  {mb / t_ours:7.1f} MB/s ({cores} cores; per core "
-          f"{per_core:.2f}x TarWriter)")
-    print("write_shards stages (s):", manifest.extra.get("timings"), "spill:", manifest.extra.get("spill"),
-          f"warm-up runs: {args.warmup}")
-    print(json.dumps({"images": args.images, "mb": mb, "raw_s": t_raw, "tarwriter_s": t_tar,
-                      "write_shards_s": t_ours, "cores": cores, "per_core_vs_tarwriter": per_core}))
+    result = {"images": args.images, "mb": mb, "raw_s": t_raw, "tarwriter_s": t_tar, "cores": cores}
+    for name, ts in times.items():
+        per_core = (mb / min(ts) / cores) / (mb / t_tar)
+        print(f"{name}  {min(ts):6.2f}s  {mb / min(ts):7.1f} MB/s ({cores} cores; per core "
+              f"{per_core:.2f}x TarWriter)")
+        print(f"{name} stages (s):", manifests[name].extra.get("timings"), "spill:",
+              manifests[name].extra.get("spill"), f"warm-up runs: {args.warmup}")
+        result[f"{name}_s"] = min(ts)
+        result[f"{name}_per_core_vs_tarwriter"] = per_core
+    print(json.dumps(result))
     return 0
 
 

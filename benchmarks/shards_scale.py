@@ -84,24 +84,32 @@ def make_inputs(work: str, scale: int, samples_per_shard: int, seed: int = 0) ->
     return index, selection, int(np.mean([len(p) for p in pool]))
 
 
-def load_old(rev: str, stats_dir: str):
-    """``spark_jobs.write_shards`` as of ``rev`` (a module file then), with
-    its writers' run reads and its tasks' peak memory recorded in
-    ``stats_dir`` (a JSON line per event)."""
-    import cloudpickle
+def load_revision(rev: str, work: str):
+    """``spark_jobs.write_shards`` as of git revision ``rev`` (then one
+    module), importable by this process and shipped by value to Spark's
+    Python workers."""
+    from pyspark import cloudpickle
 
     source = subprocess.run(["git", "show", f"{rev}:spark_jobs/write_shards.py"], cwd=ROOT, check=True,
                             capture_output=True, text=True).stdout
-    path = os.path.join(stats_dir, "..", "write_shards_old.py")
+    path = os.path.join(work, f"write_shards_{rev}.py")
+    os.makedirs(work, exist_ok=True)
     with open(path, "w") as fh:
         fh.write(source)
-    spec = importlib.util.spec_from_file_location("spark_jobs._write_shards_old", path,
-                                                  submodule_search_locations=None)
+    name = f"spark_jobs._write_shards_{rev}"
+    spec = importlib.util.spec_from_file_location(name, path)
     old = importlib.util.module_from_spec(spec)
     old.__package__ = "spark_jobs"
-    sys.modules[spec.name] = old
+    sys.modules[name] = old
     spec.loader.exec_module(old)
     cloudpickle.register_pickle_by_value(old)  # the executors' Python workers cannot import it
+    return old
+
+
+def load_old(rev: str, stats_dir: str):
+    """:func:`load_revision` with its writers' run reads and its tasks' peak
+    memory recorded in ``stats_dir`` (a JSON line per event)."""
+    old = load_revision(rev, os.path.dirname(stats_dir))
     read_runs, spill_partition = old._read_runs, old._spill_partition
 
     def record(kind: str, **fields):

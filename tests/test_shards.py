@@ -264,11 +264,11 @@ def test_bucket_writers_give_each_writer_the_buckets_of_its_positions():
     # 6 buckets of 3, 0, 4, 1, 0, 5 copies: positions 0-2, -, 3-6, 7, -, 8-12.
     starts = W.bucket_starts(np.array([0, 2, 3, 5, 2]), np.array([3, 4, 1, 5, 0]), 3)
     assert starts.tolist() == [0, 3, 3, 7, 8, 8, 13, 13, 13]
-    buckets, writers = W.bucket_writers(starts, 4)  # writers of positions 0-3, 4-7, 8-11, 12
+    first, last = W.bucket_writers(starts, 4)  # writers of positions 0-3, 4-7, 8-11, 12
     # Written plainly: every (bucket, writer) whose position ranges meet.
     want = sorted((b, w) for b in range(8) for w in range(4)
                   if starts[b] < starts[b + 1] and starts[b] < (w + 1) * 4 and w * 4 < starts[b + 1])
-    assert sorted(zip(buckets.tolist(), writers.tolist())) == want
+    assert sorted((b, w) for b in range(8) for w in range(first[b], last[b] + 1)) == want
     assert W.writer_span(3, 4, 13) == (12, 13)
     assert W.shards_per_writer(100, 1000.0, 10, 50_000, 4) == 5  # 50 KB per writer: 5 shards of 10 KB
     assert W.shards_per_writer(100, 1000.0, 10, 10 ** 9, 4) == 25  # at least 4 writers
@@ -384,9 +384,11 @@ def test_byte_identical_across_parallelism_and_task_failures(resampled, tmp_path
     # the fetch and write tasks failing (after writing its spill for a fetch
     # task, mid-write for the shards), and the spill in a --spill-dir of its
     # own in files of ~100 KB (so each fetch task writes many); then two at a
-    # time with 1 fetch task, every writer's first attempt failing mid-shard.
+    # time with 1 fetch task, every writer's first attempt failing once its
+    # first shard is written and its images released: the retry keeps that
+    # shard and never reads a released image.
     runs = {"local[1]": ({}, []), "local[3,4]": ({"ADAPTIVE_TRANSFER_FAIL_FIRST_ATTEMPT": "spill,write"}, []),
-            "local[2,4]": ({"ADAPTIVE_TRANSFER_FAIL_FIRST_ATTEMPT": "write"}, ["--fetch-tasks", "1"])}
+            "local[2,4]": ({"ADAPTIVE_TRANSFER_FAIL_FIRST_ATTEMPT": "released"}, ["--fetch-tasks", "1"])}
     digests = {}
     spill = tmp_path / "spill"
     for master, (env, more) in runs.items():
@@ -403,12 +405,14 @@ def test_byte_identical_across_parallelism_and_task_failures(resampled, tmp_path
         assert tasks["fetch"] == (1 if more else 2)  # at most one per index file
         # A writer reads its own images and nothing else: less than it writes (tar headers, json).
         assert 0 < tasks["writer_read_per_written_max"] < 1.0
+        spilled = json.load(open(os.path.join(out, "manifest.json")))["extra"]["spill"]
+        assert spilled["released_while_writing"] > 0  # local mode: images whose copies are all written
+        assert (spilled["shards_reused_by_retries"] > 0) == (master == "local[2,4]")
         files = sorted(f for f in os.listdir(out) if f.endswith(".tar"))
         assert sorted(os.listdir(out)) == sorted(files + ["_STAGE", "_SUCCESS", "manifest.json"])  # no partial file
         digests[master] = {f: sio.file_sha256(os.path.join(out, f)) for f in files}
         assert run_module("spark_jobs.verify", out).returncode == 0
-    assert digests["local[1]"] == digests["local[2,4]"]
-    assert digests["local[1]"] == digests["local[3,4]"]
+    assert digests["local[1]"] == digests["local[3,4]"] == digests["local[2,4]"]
 
 
 def test_shards_do_not_depend_on_buckets_or_fetch_tasks(spark, resampled, tmp_path, monkeypatch):

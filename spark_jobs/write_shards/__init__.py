@@ -5,7 +5,7 @@
     python -m spark_jobs.write_shards --selection DIR --index PATH --output DIR \\
       [--samples-per-shard 10000] [--prefix shard] [--seed 0] [--overwrite] \\
       [--max-bad-fraction 0.001] [--spill-dir DIR] [--run-bytes 1G] [--fetch-tasks N] \\
-      [--decode-check] [--max-side N [--quality 90]] [--master local[*]]
+      [--decode-check] [--read-bytes 64M] [--max-side N [--quality 90]] [--master local[*]]
 
 Where a copy goes (``placement.py``, pure numpy): copies are ordered by
 ``h = xxhash64(key, copy, seed)`` read as unsigned (ties, practically never,

@@ -4,14 +4,12 @@ it, append the good ones to the task's spill files and emit a row per copy
 
 A fetch task's input: copy rows (``key, copy, h, weight, labels, file, row,
 uri``) sorted by (file, row, key, copy), a contiguous range of the index's
-files. Its output (``FETCHED_SCHEMA``), three kinds of row:
-
-* a good copy: ``key, copy, h, labels, weight, ext, path, offset, length``
-  (its image: ``length`` bytes at ``offset`` of spill file ``path``);
-* a bad example: ``key, reason, copies``;
-* one per task: ``task_rss`` (its peak resident memory, bytes),
-  ``task_spilled`` (image bytes spilled) and ``reencoded`` (images
-  re-encoded for ``--max-side``, their bytes before, after).
+files. It writes its good copies' rows (``ROWS_ARROW``: ``key, copy, h,
+labels, weight, ext``, where the image is: ``length`` bytes at ``offset``
+of spill file ``path``, and the example's ``copies``) to a rows file beside its spill, and
+returns one ``FETCHED_SCHEMA`` row: that file, its tally of good copies per
+bucket, its bad examples with the reasons, its peak resident memory, the
+image bytes it spilled and what it re-encoded.
 """
 
 from __future__ import annotations
@@ -28,44 +26,54 @@ from schemas import io as sio
 
 from ..session import inject_failure, task_attempt_id
 from ..shards import decode_problem, image_extension, image_problem, reencode_image
-from .placement import concat_ranges, runs_of
-from .spill import SpillWriter, peak_rss, reset_peak_rss, with_retries
+from .placement import bucket_of, concat_ranges, runs_of
+from .spill import PAGE, SpillWriter, peak_rss, reset_peak_rss, with_retries
 
-__all__ = ["FetchTask", "fetch_partition", "FETCHED_SCHEMA", "DUPLICATE", "NOT_IN_INDEX", "IMAGE_BATCH_ROWS",
+__all__ = ["FetchTask", "fetch_partition", "FETCHED_SCHEMA", "ROWS_ARROW", "DUPLICATE", "NOT_IN_INDEX", "IMAGE_BATCH_ROWS",
            "binary_views", "verdicts"]
 
 #: Arrow batch size while images travel through Python (bytes, not rows, matter).
 IMAGE_BATCH_ROWS = 256
+#: Image bytes a fetch task gathers, then spills in the order of their placement hash.
+SORT_BYTES = 64 << 20
 #: The ``reason`` of a key the selection holds in more than one row (not a bad image).
 DUPLICATE = "in more than one selection row"
 #: The ``reason`` of a selected key the index does not hold.
 NOT_IN_INDEX = "not in the source index"
 
-FETCHED_SCHEMA = ("key string, copy int, h long, labels array<int>, weight double, ext string, "
-                  "path string, offset long, length long, "  # a good copy
-                  "reason string, copies long, "  # a bad example
-                  "task_rss long, task_spilled long, reencoded array<long>")  # the task
+FETCHED_SCHEMA = ("rows_path string, copies long, buckets array<int>, counts array<long>, "
+                  "bad_keys array<string>, bad_reasons array<string>, bad_copies array<long>, "
+                  "task_rss long, task_spilled long, reencoded array<long>")
 
+#: A good copy's row: the sample's fields and where its image is in the spill.
+ROWS_ARROW = pa.schema([("key", pa.string()), ("copy", pa.int32()), ("h", pa.int64()),
+                        ("labels", pa.list_(pa.int32())), ("weight", pa.float64()), ("ext", pa.string()),
+                        ("path", pa.string()), ("offset", pa.int64()), ("length", pa.int64()),
+                        ("copies", pa.int32())])
 
 @dataclass(frozen=True)
 class FetchTask:
     """What every fetch task is given (the unit a test builds by hand).
 
-    ``column``: ``"image"`` (bytes in the index) or ``"uri"``; ``storage``:
+    ``bits``: bits of the placement hash that name its bucket; ``column``: ``"image"`` (bytes in the index) or ``"uri"``; ``storage``:
     fsspec options (``schemas.io.storage_config``); ``spill_dir``: where the
     spill files go; ``spill_file_bytes``: a new spill file past this;
     ``uri_prefixes``: where uris may be read (schemas.uri_policy);
     ``reencode``: ``(max_side, quality)`` or None; ``decode``: fully decode
-    every image (``--decode-check``), not only check its structure.
+    every image (``--decode-check``), not only check its structure;
+    ``sort_bytes``: images gathered before they are spilled in placement
+    order (memory; default ``SORT_BYTES``).
     """
 
     column: str
+    bits: int
     storage: dict
     spill_dir: str
     spill_file_bytes: int
     uri_prefixes: tuple = ()
     reencode: tuple | None = None
     decode: bool = False
+    sort_bytes: int = SORT_BYTES
 
 
 def binary_views(array: pa.Array) -> list:
@@ -251,31 +259,48 @@ def reencoded(items: list, views: list, max_side: int, quality: int, totals: np.
     return items, views
 
 
-#: The Arrow form of ``FETCHED_SCHEMA``.
-FETCHED_ARROW = pa.schema([("key", pa.string()), ("copy", pa.int32()), ("h", pa.int64()),
-                          ("labels", pa.list_(pa.int32())), ("weight", pa.float64()), ("ext", pa.string()),
-                          ("path", pa.string()), ("offset", pa.int64()), ("length", pa.int64()),
-                          ("reason", pa.string()), ("copies", pa.int64()), ("task_rss", pa.int64()),
-                          ("task_spilled", pa.int64()), ("reencoded", pa.list_(pa.int64()))])
+class _Gathered:
+    """Good images a fetch task has read and not yet spilled, with their
+    copies' rows: :meth:`flush` appends the images in the order of their
+    first copy's placement hash (so a writer's images lie together in the
+    spill where the job is small: fewer reads, whole ranges to release) and
+    writes the rows with where each image went."""
 
+    def __init__(self):
+        self.views: list = []
+        self.parts: list = []
+        self.bytes = 0
 
-def _batch(n: int, **columns) -> pa.RecordBatch:
-    """A ``FETCHED_ARROW`` batch of ``n`` rows: the given columns, nulls elsewhere."""
-    arrays = []
-    for field in FETCHED_ARROW:
-        value = columns.get(field.name)
-        if value is None:
-            arrays.append(pa.nulls(n, field.type))
-        else:
-            arr = value.combine_chunks() if isinstance(value, pa.ChunkedArray) else value
-            arrays.append(arr.cast(field.type) if isinstance(arr, pa.Array) else pa.array(arr, field.type))
-    return pa.RecordBatch.from_arrays(arrays, schema=FETCHED_ARROW)
+    def add(self, views: list, carried: pa.Table, ext: pa.Array, owner: np.ndarray, copies: np.ndarray) -> None:
+        self.parts.append((carried, ext, owner + len(self.views), copies))
+        self.views += views
+        self.bytes += sum(len(v) for v in views)
+
+    def flush(self, spill: SpillWriter, out) -> None:
+        if not self.views:
+            return
+        owner = np.concatenate([p[2] for p in self.parts])
+        h = np.concatenate([p[0].column("h").to_numpy() for p in self.parts]).view(np.uint64)
+        first = np.full(len(self.views), np.iinfo(np.uint64).max, np.uint64)
+        np.minimum.at(first, owner, h)
+        order = np.argsort(first, kind="stable")
+        path, placed = spill.append([self.views[i] for i in order.tolist()])
+        offsets = np.empty(len(self.views), np.int64)
+        offsets[order] = placed
+        lengths = np.fromiter((len(v) for v in self.views), np.int64, len(self.views))
+        for carried, ext, own, copies in self.parts:
+            out.write_batch(pa.RecordBatch.from_arrays(
+                [*(c.combine_chunks() for c in carried.columns), ext, pa.array([path] * len(own), pa.string()),
+                 pa.array(offsets[own], pa.int64()), pa.array(lengths[own], pa.int64()),
+                 pa.array(copies, pa.int32())], schema=ROWS_ARROW))
+        self.views, self.parts, self.bytes = [], [], 0
 
 
 def fetch_partition(task: FetchTask):
     """mapInArrow, the fetch pass (module doc): copy rows of a contiguous
-    range of index files -> ``FETCHED_SCHEMA`` rows. The spill files are
-    unique to the attempt; only the rows of a successful attempt are used."""
+    range of index files -> one ``FETCHED_SCHEMA`` row. The spill and rows
+    files are unique to the attempt; only those of a successful attempt are
+    reported."""
 
     def fetch(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         reset_peak_rss()
@@ -291,9 +316,18 @@ def fetch_partition(task: FetchTask):
         if dup:  # reported, nothing read: the driver refuses the selection
             bad.extend((key, DUPLICATE, 0) for key in dup)
             table, bounds = table.slice(0, 0), bounds[:1]
-        spill = SpillWriter(task.spill_dir, task_attempt_id(), task.spill_file_bytes)
+        attempt = task_attempt_id()
+        spill = SpillWriter(task.spill_dir, attempt, task.spill_file_bytes,
+                            align=PAGE if sio.is_local(task.spill_dir) else 1)
+        rows_path = sio.join(task.spill_dir, f"rows-{attempt}.arrow")
+        fs, p = sio.filesystem(rows_path)
+        fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
+        rows_file = fs.open(p, "wb")
+        rows_out = pa.ipc.new_file(rows_file, ROWS_ARROW)
+        tally = np.zeros(1 << task.bits, np.int64)
         totals = np.zeros(3, np.int64)
         keys = table.column("key")
+        gathered = _Gathered()
         for examples, items, images in fetched(table, bounds, task.column, task.uri_prefixes):
             views = binary_views(images)
             if task.reencode is not None:
@@ -306,19 +340,29 @@ def fetch_partition(task: FetchTask):
             good = np.flatnonzero(ok)
             if not good.size:
                 continue
-            path, offsets = spill.append([views[i] for i in good.tolist()])
-            lengths = np.array([len(views[i]) for i in good.tolist()], np.int64)
             rows = concat_ranges(bounds[examples[good]], counts[good])
             owner = np.repeat(np.arange(good.size), counts[good])
             carried = table.select(["key", "copy", "h", "labels", "weight"]).take(pa.array(rows))
-            yield _batch(rows.size, key=carried.column("key"), copy=carried.column("copy"), h=carried.column("h"),
-                         labels=carried.column("labels"), weight=carried.column("weight"),
-                         ext=pa.array([exts[i] for i in good.tolist()], pa.string()).take(pa.array(owner)),
-                         path=pa.array([path] * rows.size, pa.string()), offset=offsets[owner],
-                         length=lengths[owner])
+            ext = pa.array([exts[i] for i in good.tolist()], pa.string()).take(pa.array(owner))
+            gathered.add([views[i] for i in good.tolist()], carried, ext, owner, counts[good][owner])
+            tally += np.bincount(bucket_of(carried.column("h").to_numpy(), task.bits), minlength=tally.size)
+            if gathered.bytes >= task.sort_bytes:
+                gathered.flush(spill, rows_out)
+        gathered.flush(spill, rows_out)
         spill.close()
+        rows_out.close()
+        rows_file.close()
         inject_failure("spill")  # after the spill is written: it must be ignored
-        yield _batch(len(bad), key=[b[0] for b in bad], reason=[b[1] for b in bad], copies=[b[2] for b in bad])
-        yield _batch(1, task_rss=[peak_rss()], task_spilled=[spill.written], reencoded=[totals.tolist()])
+        used = np.flatnonzero(tally)
+        yield pa.RecordBatch.from_pylist(
+            [{"rows_path": rows_path, "copies": int(tally.sum()), "buckets": used.tolist(),
+              "counts": tally[used].tolist(), "bad_keys": [b[0] for b in bad], "bad_reasons": [b[1] for b in bad],
+              "bad_copies": [b[2] for b in bad], "task_rss": peak_rss(), "task_spilled": spill.written,
+              "reencoded": totals.tolist()}],
+            schema=pa.schema([("rows_path", pa.string()), ("copies", pa.int64()), ("buckets", pa.list_(pa.int32())),
+                              ("counts", pa.list_(pa.int64())), ("bad_keys", pa.list_(pa.string())),
+                              ("bad_reasons", pa.list_(pa.string())), ("bad_copies", pa.list_(pa.int64())),
+                              ("task_rss", pa.int64()), ("task_spilled", pa.int64()),
+                              ("reencoded", pa.list_(pa.int64()))]))
 
     return fetch

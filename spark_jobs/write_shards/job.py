@@ -29,9 +29,10 @@ from ..session import (StageTimer, add_spark_arguments, observed_metrics, read_p
                        read_parquet_through_fsspec, require_reachable_outputs, run_cli, set_confs)
 from ..shards import REENCODE_QUALITY, encoder_version, shard_name
 from .fetch import DUPLICATE, FETCHED_SCHEMA, IMAGE_BATCH_ROWS, FetchTask, fetch_partition
-from .placement import (bucket_bits, bucket_starts, bucket_writers, contiguous_groups, partition_keys,
-                        shards_per_writer)
-from .write import READ_BYTES, TEMPORARY, WRITTEN_SCHEMA, WriteTask, write_partition
+from .placement import bucket_bits, bucket_starts, bucket_writers, contiguous_groups, partition_keys, shards_per_writer
+from .spill import PAGE
+from .write import (READ_BYTES, ROUTED_SCHEMA, TEMPORARY, WRITTEN_SCHEMA, RouteTask, WriteTask, route_partition,
+                    write_partition)
 
 __all__ = ["ShardJob", "run", "main", "build_parser", "resolve_selection"]
 
@@ -220,9 +221,10 @@ def run(spark, job: ShardJob) -> Manifest:
 
 
 
-def _fetch(spark, job: ShardJob, selection, located, files: list[str], column: str, spill_dir: str, tasks: int):
-    """The fetch pass as a DataFrame of ``FETCHED_SCHEMA`` rows (persisted by
-    the caller), and the Observation of the selection's facts."""
+def _fetch(spark, job: ShardJob, selection, located, files: list[str], column: str, spill_dir: str, tasks: int,
+           bits: int):
+    """The fetch pass: its ``FETCHED_SCHEMA`` rows (an Arrow table, a row per
+    fetch task) and the Observation of the selection's facts."""
     from pyspark.sql import Observation
     from pyspark.sql import functions as F
 
@@ -240,13 +242,14 @@ def _fetch(spark, job: ShardJob, selection, located, files: list[str], column: s
               .where(asked > 0)
               .select("key", "weight", F.explode(F.sequence(F.lit(0), F.col("copies") - 1)).alias("copy"))
               .withColumn("h", F.xxhash64(F.col("key"), F.col("copy"), F.lit(job.seed).cast("long"))))
-    task = FetchTask(column=column, storage=sio.storage_config(), spill_dir=spill_dir,
+    task = FetchTask(column=column, bits=bits, storage=sio.storage_config(), spill_dir=spill_dir,
                      spill_file_bytes=job.run_bytes, uri_prefixes=tuple(job.uri_prefixes), reencode=job.reencode,
                      decode=job.decode_check)
     fetched = (copies.join(located, on="key", how="left").join(F.broadcast(task_of_file), on="file", how="left")
                .repartition(tasks, F.coalesce(F.col("task"), F.hash("file")))
                .drop("task").sortWithinPartitions("file", "row", "key", "copy")
-               .mapInArrow(fetch_partition(task), FETCHED_SCHEMA))
+               .mapInArrow(fetch_partition(task), FETCHED_SCHEMA)
+               .toArrow())  # a row per fetch task: small
     return fetched, observed, measures
 
 
@@ -261,61 +264,54 @@ class FetchFacts:
     fetch_rss: list  # peak resident memory of each fetch task, bytes
 
 
-def _facts(fetched, bits: int) -> FetchFacts:
-    """Tallies per bucket, the bad examples and the tasks' figures: one small
-    Spark job over the persisted fetch rows."""
-    from pyspark.sql import functions as F
-
-    bucket = (F.lit(0).cast("long") if bits == 0
-              else F.shiftrightunsigned(F.col("h"), 64 - bits))
-    tallies = (fetched.where(F.col("path").isNotNull()).groupBy(bucket.alias("bucket")).count()
-               .select(F.col("bucket"), F.col("count"), F.lit(None).cast("string").alias("key"),
-                       F.lit(None).cast("string").alias("reason"), F.lit(None).cast("long").alias("copies"),
-                       F.lit(None).cast("long").alias("task_rss"), F.lit(None).cast("long").alias("task_spilled"),
-                       F.lit(None).cast("array<long>").alias("reencoded")))
-    others = fetched.where(F.col("path").isNull()).select(
-        F.lit(None).cast("long").alias("bucket"), F.lit(None).cast("long").alias("count"), "key", "reason", "copies",
-        "task_rss", "task_spilled", "reencoded")
-    rows = tallies.unionByName(others).toArrow()
-    counted = rows.filter(pc.is_valid(rows.column("bucket")))
-    starts = bucket_starts(counted.column("bucket").to_numpy(), counted.column("count").to_numpy(), bits)
-    bad_rows = rows.filter(pc.is_valid(rows.column("reason")))
-    bad = sorted(zip(bad_rows.column("key").to_pylist(), bad_rows.column("reason").to_pylist(),
-                     bad_rows.column("copies").to_pylist()))
-    task_rows = rows.filter(pc.is_valid(rows.column("task_rss")))
+def _facts(fetched: pa.Table, bits: int) -> FetchFacts:
+    """Tallies per bucket, the bad examples and the tasks' figures, from the
+    fetch tasks' rows."""
+    buckets = pc.list_flatten(fetched.column("buckets")).to_numpy(zero_copy_only=False)
+    counts = pc.list_flatten(fetched.column("counts")).to_numpy(zero_copy_only=False)
+    bad = sorted(zip(pc.list_flatten(fetched.column("bad_keys")).to_pylist(),
+                     pc.list_flatten(fetched.column("bad_reasons")).to_pylist(),
+                     pc.list_flatten(fetched.column("bad_copies")).to_pylist()))
     reencoded = np.zeros(3, np.int64)
-    for r in task_rows.column("reencoded").to_pylist():
+    for r in fetched.column("reencoded").to_pylist():
         reencoded += np.asarray(r, np.int64)
-    return FetchFacts(starts=starts, bad=bad, reencoded=reencoded,
-                      spilled=int(np.sum(task_rows.column("task_spilled").to_numpy(zero_copy_only=False))),
-                      fetch_rss=task_rows.column("task_rss").to_pylist())
+    return FetchFacts(starts=bucket_starts(buckets, counts, bits), bad=bad, reencoded=reencoded,
+                      spilled=int(pc.sum(fetched.column("task_spilled")).as_py() or 0),
+                      fetch_rss=fetched.column("task_rss").to_pylist())
 
 
-def _write(spark, job: ShardJob, work: str, fetched, facts: FetchFacts, bits: int, total: int):
+def _write(spark, job: ShardJob, work: str, rows_paths: list[str], facts: FetchFacts, bits: int, total: int,
+           spill_dir: str):
     """The writer pass: plan (whole shards per writer), send each writer the
-    copy rows of its buckets, write; returns the ``WRITTEN_SCHEMA`` rows (an
-    Arrow table), the writers and their span in positions."""
-    from pyspark.sql import functions as F
-
+    copy rows of its buckets (read from the fetch tasks' rows files), write;
+    returns the ``WRITTEN_SCHEMA`` rows (an Arrow table), the writers and
+    their span in positions."""
     num_shards = math.ceil(total / job.samples_per_shard)
     sample_bytes = max(1.0, facts.spilled / total)
     per_writer = job.samples_per_shard * shards_per_writer(
         num_shards, sample_bytes, job.samples_per_shard, job.writer_bytes,
         WRITERS_PER_CORE * spark.sparkContext.defaultParallelism)
     writers = math.ceil(total / per_writer)
-    buckets, writer_of = bucket_writers(facts.starts, per_writer)
-    keys = np.asarray(partition_keys(writers), np.int64)
-    plan = spark.createDataFrame(pa.table({"bucket": pa.array(buckets, pa.int64()),
-                                           "writer": pa.array(writer_of, pa.int32()),
-                                           "wkey": pa.array(keys[writer_of], pa.int32())}))
-    bucket = (F.lit(0).cast("long") if bits == 0 else F.shiftrightunsigned(F.col("h"), 64 - bits))
+    starts = facts.starts
+    first, last = bucket_writers(starts, per_writer)
+    route = RouteTask(bits=bits, first=first, last=last, keys=np.asarray(partition_keys(writers), np.int64),
+                      storage=sio.storage_config())
+    # Release written images' spill pages where the spill is local and no
+    # other attempt of a writer can still read it: local mode (a failed
+    # attempt has stopped; on a cluster one on a lost executor may still run)
+    # without speculative attempts.
+    release = (spark.sparkContext.master.startswith("local") and sio.is_local(spill_dir)
+               and spark.sparkContext.getConf().get("spark.speculation", "false").lower() != "true")
     task = WriteTask(output=work, prefix=job.prefix, samples_per_shard=job.samples_per_shard, total=total,
-                     per_writer=per_writer, starts=facts.starts, bits=bits, storage=sio.storage_config(),
-                     read_bytes=job.read_bytes)
-    copies = fetched.where(F.col("path").isNotNull()).select(
-        "key", "copy", "h", "labels", "weight", "ext", "path", "offset", "length", bucket.alias("bucket"))
-    written = (copies.join(F.broadcast(plan), on="bucket")
-               .repartition(writers, "wkey").drop("wkey", "bucket")
+                     per_writer=per_writer, starts=starts, bits=bits, storage=sio.storage_config(),
+                     read_bytes=job.read_bytes, release=release,
+                     # local spill images start on pages: read neighbours together, padding and all
+                     read_gap=PAGE - 1 if sio.is_local(spill_dir) else 0)
+    readers = max(1, min(len(rows_paths), spark.sparkContext.defaultParallelism))
+    paths = spark.createDataFrame(pa.table({"rows_path": pa.array(rows_paths, pa.string())}))
+    written = (paths.repartition(readers)
+               .mapInArrow(route_partition(route), ROUTED_SCHEMA)
+               .repartition(writers, "wkey").drop("wkey")
                .mapInArrow(write_partition(task), WRITTEN_SCHEMA))
     rows = written.toArrow()
     return rows, writers, per_writer
@@ -324,26 +320,19 @@ def _write(spark, job: ShardJob, work: str, fetched, facts: FetchFacts, bits: in
 def _write_into(spark, job: ShardJob, work: str, selection, selection_path: str, resample_dir: str | None, index,
                 column: str, located, stages: StageTimer, t0: float) -> Manifest:
     """Fetch, spill and write the shards and the manifest into ``work``."""
-    from pyspark import StorageLevel
-
     files = sorted(index.inputFiles())
     spill_dir = sio.join(job.spill_dir or sio.join(work, TEMPORARY), f"spill-{uuid.uuid4().hex[:12]}")
     resample_stats = _resample_stats(resample_dir)
     bits = bucket_bits(_copies_estimate(selection_path, resample_stats), job.samples_per_shard)
+    tasks = max(1, min(len(files), job.fetch_tasks or FETCH_TASKS_PER_CORE * spark.sparkContext.defaultParallelism))
     # Arrow batches of images; the index is scanned for keys and labels only,
     # so split it by count (one split per fetch task), not by file bytes that
     # are mostly the images this scan skips.
-    tasks = max(1, min(len(files), job.fetch_tasks or FETCH_TASKS_PER_CORE * spark.sparkContext.defaultParallelism))
-    fetched = None
     restore_confs = set_confs(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(IMAGE_BATCH_ROWS),
                                       "spark.sql.files.maxPartitionBytes": str(1 << 50),
                                       "spark.sql.files.minPartitionNum": str(tasks)})
     try:
-        fetched, observed, measures = _fetch(spark, job, selection, located, files, column, spill_dir, tasks)
-        # The rows (not the images) are kept on the executors' disks for the
-        # two passes over them; a lost block is fetched again (a new attempt,
-        # new spill files, rows that point into them).
-        fetched = fetched.persist(StorageLevel.DISK_ONLY)
+        fetched, observed, measures = _fetch(spark, job, selection, located, files, column, spill_dir, tasks, bits)
         facts = _facts(fetched, bits)
         # No metrics come back when nothing was selected: then count directly.
         counts = observed_metrics(observed) or selection.agg(*measures).first()
@@ -374,12 +363,11 @@ def _write_into(spark, job: ShardJob, work: str, selection, selection_path: str,
         if total == 0:
             raise ValueError("no selected example has a usable image")
         stages.lap("fetch")
-        rows, writers, per_writer = _write(spark, job, work, fetched, facts, bits, total)
+        rows, writers, per_writer = _write(spark, job, work, fetched.column("rows_path").to_pylist(), facts, bits,
+                                           total, spill_dir)
         stages.lap("write")
     finally:
         restore_confs()
-        if fetched is not None:
-            fetched.unpersist()
         sio.remove_tree(spill_dir)
 
     num_shards = math.ceil(total / job.samples_per_shard)
@@ -418,7 +406,9 @@ def _write_into(spark, job: ShardJob, work: str, selection, selection_path: str,
                "allowed_uri_prefixes": list(job.uri_prefixes) if column == "uri" else None,
                "max_side": job.max_side, "reencoded": _reencode_record(job, facts.reencoded),
                "image_check": "decode" if job.decode_check else "structure",
-               "spill": {"image_bytes": facts.spilled},
+               "spill": {"image_bytes": facts.spilled,
+                         "released_while_writing": sum(int(r["released"]) for r in by_shard.values()),
+                         "shards_reused_by_retries": sum(bool(r["reused"]) for r in by_shard.values())},
                "tasks": {"fetch": tasks, "writers": writers, "shards_per_writer": per_writer // job.samples_per_shard,
                          "fetch_peak_rss_max": max(facts.fetch_rss or [0]),
                          "writer_peak_rss_max": max(r["task_rss"] for r in per_writer_rows.values()),
@@ -460,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-bytes", type=parse_size, default=SPILL_FILE_BYTES,
                    help="a fetch task starts a new spill file past this many image bytes (default 1 GiB; "
                         "memory does not depend on it: images are appended as they are read)")
+    p.add_argument("--read-bytes", type=parse_size, default=READ_BYTES,
+                   help="image bytes a shard writer reads from the spill at a time (default 64 MiB): with its "
+                        "copies' rows, a writer's memory, whatever the shard size or the total")
     p.add_argument("--fetch-tasks", type=int, metavar="N",
                    help=f"fetch tasks (default {FETCH_TASKS_PER_CORE} per core, at most one per index file); "
                         "each reads a contiguous range of the index's files")
@@ -496,6 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     max_bad_fraction=args.max_bad_fraction, spill_dir=args.spill_dir,
                                     run_bytes=args.run_bytes, allow_uri_prefixes=args.allow_uri_prefix,
                                     fetch_tasks=args.fetch_tasks, decode_check=args.decode_check,
+                                    read_bytes=args.read_bytes,
                                     max_side=args.max_side, quality=args.quality,
                                     shared_output=args.shared_output),
                    run, lambda job, m: f"{m.total_samples} samples ({m.unique_examples} unique) in "

@@ -77,18 +77,16 @@ def writer_span(writer: int, per_writer: int, total: int) -> tuple[int, int]:
 
 
 def bucket_writers(starts: np.ndarray, per_writer: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(buckets, writers)``: one pair per writer that needs a bucket's
-    copies (bucket ``b`` holds positions ``starts[b] .. starts[b + 1] - 1``;
-    writer ``w`` writes ``[w * per_writer, (w + 1) * per_writer)``). Empty
-    buckets need no writer; a bucket across a boundary needs both."""
+    """``(first, last)``: for each bucket the writers that need its copies,
+    ``first[b] .. last[b]`` (bucket ``b`` holds positions ``starts[b] ..
+    starts[b + 1] - 1``; writer ``w`` writes ``[w * per_writer, (w + 1) *
+    per_writer)``); an empty bucket needs none (``last < first``), a bucket
+    across a boundary needs both writers."""
     starts = np.asarray(starts, np.int64)
-    full = np.flatnonzero(starts[1:] > starts[:-1])
-    first = starts[full] // per_writer
-    last = (starts[full + 1] - 1) // per_writer
-    n = last - first + 1
-    buckets = np.repeat(full, n)
-    writers = concat_ranges(first, n)
-    return buckets.astype(np.int64), writers.astype(np.int64)
+    full = starts[1:] > starts[:-1]
+    first = np.where(full, starts[:-1] // per_writer, 0)
+    last = np.where(full, (starts[1:] - 1) // per_writer, -1)
+    return first, last
 
 
 def spark_hash_int(value: int, seed: int = 42) -> int:

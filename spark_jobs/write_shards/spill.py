@@ -10,6 +10,7 @@ ranges of one file that touch), never another writer's.
 
 from __future__ import annotations
 
+import io
 import mmap
 import os
 import random
@@ -22,11 +23,13 @@ from schemas import io as sio
 
 from .placement import coalesce_ranges
 
-__all__ = ["SpillWriter", "read_ranges", "with_retries", "is_transient", "reset_peak_rss", "peak_rss",
+__all__ = ["SpillWriter", "read_ranges", "release_ranges", "PAGE", "with_retries", "is_transient", "reset_peak_rss", "peak_rss",
            "READ_ATTEMPTS"]
 
 T = TypeVar("T")
 
+#: Local spill files align each image to this (bytes), so that its pages can be released alone.
+PAGE = 4096
 #: Attempts of a read that fails with a transient error (the first included).
 READ_ATTEMPTS = 4
 #: Seconds before the first retry; doubled each time, with jitter.
@@ -59,13 +62,16 @@ def with_retries(read: Callable[[], T], attempts: int = READ_ATTEMPTS, backoff: 
 class SpillWriter:
     """Appends image bytes to spill files ``<dir>/spill-<attempt>-<n>.bin``,
     starting a new file past ``file_bytes``; :meth:`append` returns where the
-    bytes went. Unique to a task attempt; :meth:`close` before the rows that
-    point into the files leave the task."""
+    bytes went. With ``align`` (bytes) each image starts at a multiple of it
+    (zeros between), so a writer can release an image's pages alone
+    (``release_ranges``). Unique to a task attempt; :meth:`close` before the
+    rows that point into the files leave the task."""
 
-    def __init__(self, spill_dir: str, attempt: str, file_bytes: int):
+    def __init__(self, spill_dir: str, attempt: str, file_bytes: int, align: int = 1):
         self.spill_dir, self.attempt, self.file_bytes = spill_dir, attempt, max(1, file_bytes)
+        self.align = max(1, align)
         self.paths: list[str] = []
-        self.written = 0  # bytes, all files
+        self.written = 0  # bytes, all files, padding included
         self._fh = None
         self._size = 0
 
@@ -74,21 +80,40 @@ class SpillWriter:
         path = sio.join(self.spill_dir, f"spill-{self.attempt}-{len(self.paths):04d}.bin")
         fs, p = sio.filesystem(path)
         fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
-        self._fh = fs.open(p, "wb")
+        # A local file takes the images with one writev (no joined copy).
+        self._fh = open(p, "wb", buffering=0) if sio.is_local(path) else fs.open(p, "wb")
         self.paths.append(path)
         self._size = 0
 
+    def _write(self, images: Sequence) -> None:
+        if hasattr(self._fh, "fileno") and isinstance(self._fh, io.FileIO):
+            pending = [memoryview(x) for x in images]
+            while pending:  # writev may write less than asked, and takes at most IOV_MAX buffers
+                done = os.writev(self._fh.fileno(), pending[:1024])
+                while pending and done >= len(pending[0]):
+                    done -= len(pending[0])
+                    pending.pop(0)
+                if done:
+                    pending[0] = pending[0][done:]
+        else:
+            self._fh.write(b"".join(images))
+
     def append(self, images: Sequence) -> tuple[str, np.ndarray]:
-        """Write ``images`` (bytes-like) one after another; returns the file
-        and each image's offset in it."""
+        """Write ``images`` (bytes-like) one after another (each at a
+        multiple of ``align``); returns the file and each image's offset."""
         if self._fh is None or self._size >= self.file_bytes:
             self._open()
         lengths = np.fromiter((len(x) for x in images), np.int64, len(images))
-        offsets = self._size + np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(images) else lengths
-        self._fh.write(b"".join(images))
-        self._size += int(lengths.sum())
-        self.written += int(lengths.sum())
-        return self.paths[-1], offsets.astype(np.int64)
+        padded = -(-lengths // self.align) * self.align
+        offsets = self._size + np.concatenate([[0], np.cumsum(padded)[:-1]]).astype(np.int64)
+        if self.align > 1:
+            pads = (padded - lengths).tolist()
+            zeros = bytes(self.align)
+            images = [part for image, pad in zip(images, pads) for part in (image, zeros[:pad]) if len(part)]
+        self._write(images)
+        self._size += int(padded.sum())
+        self.written += int(padded.sum())
+        return self.paths[-1], offsets
 
     def close(self) -> None:
         if self._fh is not None:
@@ -163,3 +188,13 @@ def peak_rss() -> int:
     except OSError:
         pass
     return 0
+
+
+def release_ranges(path: str, starts: np.ndarray, ends: np.ndarray) -> int:
+    """Release (``fallocate`` punch hole, :func:`schemas.io.punch_holes`)
+    the byte ranges ``[starts, ends)`` of a local spill file, merged where
+    they touch; returns the bytes released (0 where the filesystem cannot)."""
+    if not len(starts):
+        return 0
+    _, read_start, read_end, _ = coalesce_ranges(np.zeros(len(starts), np.int64), starts, ends)
+    return sio.punch_holes(path, list(zip(read_start.tolist(), read_end.tolist())))

@@ -6,6 +6,7 @@ names, a bounded number of image bytes in memory at a time.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -17,12 +18,13 @@ import pyarrow.compute as pc
 
 from schemas import io as sio
 
-from ..session import inject_failure, task_attempt_id
+from ..session import inject_failure, task_attempt_id, task_attempt_number
 from ..shards import sample_json, sample_key, shard_name, write_tar
-from .placement import bucket_of, hash_order, writer_span
-from .spill import peak_rss, read_ranges, reset_peak_rss
+from .placement import bucket_of, concat_ranges, hash_order, writer_span
+from .spill import PAGE, peak_rss, read_ranges, release_ranges, reset_peak_rss
 
-__all__ = ["WriteTask", "write_partition", "WRITTEN_SCHEMA", "TEMPORARY", "READ_BYTES"]
+__all__ = ["RouteTask", "route_partition", "ROUTED_SCHEMA", "WriteTask", "write_partition", "WRITTEN_SCHEMA",
+           "TEMPORARY", "READ_BYTES"]
 
 #: Where a local attempt streams a shard before renaming it to its final name.
 TEMPORARY = "_temporary"
@@ -32,7 +34,53 @@ READ_BYTES = 64 << 20
 #: A row per shard, with its writer's figures (``reads``: ranged reads of the
 #: spill, ``bytes_read``, ``task_rss``: peak resident memory, bytes).
 WRITTEN_SCHEMA = ("shard int, writer int, samples long, bytes long, sha256 string, labels string, "
-                  "reads long, bytes_read long, task_rss long")
+                  "reads long, bytes_read long, task_rss long, released long, reused boolean")
+
+
+#: A good copy's row on its way to a writer (``wkey``: the key ``repartition`` sends to the writer's partition).
+ROUTED_SCHEMA = ("key string, copy int, h long, labels array<int>, weight double, ext string, path string, "
+                 "offset long, length long, copies int, writer int, wkey int")
+
+
+@dataclass(frozen=True)
+class RouteTask:
+    """What every routing task is given: the fetch tasks' rows files are read
+    and each row sent to the writers that need its bucket (``first[b] ..
+    last[b]`` for bucket ``b``; none where ``first > last``); ``keys[w]``
+    sends a row to writer ``w``'s partition (``placement.partition_keys``)."""
+
+    bits: int
+    first: np.ndarray
+    last: np.ndarray
+    keys: np.ndarray
+    storage: dict
+
+
+def route_partition(task: RouteTask):
+    """mapInArrow over rows-file paths (a ``rows_path`` column) ->
+    ``ROUTED_SCHEMA`` rows: each good copy once per writer that needs it."""
+
+    def route(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        sio.apply_storage_config(task.storage)
+        for batch in batches:
+            for path in batch.column("rows_path").to_pylist():
+                fs, p = sio.filesystem(path)
+                with fs.open(p, "rb") as fh:
+                    reader = pa.ipc.open_file(pa.BufferReader(fh.read()))
+                    for i in range(reader.num_record_batches):
+                        rows = reader.get_batch(i)
+                        if not rows.num_rows:
+                            continue
+                        b = bucket_of(rows.column("h").to_numpy(), task.bits)
+                        n = task.last[b] - task.first[b] + 1
+                        writers = concat_ranges(task.first[b], n)
+                        take = np.repeat(np.arange(rows.num_rows), n)
+                        out = rows.take(pa.array(take)) if take.size != rows.num_rows else rows
+                        yield pa.RecordBatch.from_arrays(
+                            [*out.columns, pa.array(writers, pa.int32()), pa.array(task.keys[writers], pa.int32())],
+                            names=[*out.schema.names, "writer", "wkey"])
+
+    return route
 
 
 @dataclass(frozen=True)
@@ -57,6 +105,7 @@ class WriteTask:
     storage: dict
     read_bytes: int = READ_BYTES
     read_gap: int = 0
+    release: bool = False
 
 
 def _chunks(lengths: np.ndarray, limit: int) -> list[tuple[int, int]]:
@@ -104,9 +153,45 @@ def _write_shard(task: WriteTask, rows: pa.Table, paths: list, files: np.ndarray
         n, size, digest = write_tar(fh, samples())
     if local:
         os.replace(p, sio.filesystem(final)[1])
+    return n, size, digest, _label_counts(rows)
+
+
+def _label_counts(rows: pa.Table) -> str:
+    """The shard's labels and their counts (JSON)."""
     flat = pc.list_flatten(rows.column("labels")).to_numpy(zero_copy_only=False)
     values, counts = np.unique(flat, return_counts=True)
-    return n, size, digest, json.dumps({int(v): int(c) for v, c in zip(values, counts)}, sort_keys=True)
+    return json.dumps({int(v): int(c) for v, c in zip(values, counts)}, sort_keys=True)
+
+
+def _finished(task: WriteTask, rows: pa.Table, shard: int) -> tuple | None:
+    """``(samples, bytes, sha256, labels)`` of a shard an earlier attempt
+    wrote whole (its final name exists: it was renamed there whole), else None."""
+    final = sio.filesystem(sio.join(task.output, shard_name(task.prefix, shard)))[1]
+    if not os.path.exists(final):
+        return None
+    digest, size = hashlib.sha256(), 0
+    with open(final, "rb") as fh:
+        while block := fh.read(4 << 20):
+            digest.update(block)
+            size += len(block)
+    return rows.num_rows, size, digest.hexdigest(), _label_counts(rows)
+
+
+def _releasable(rows: pa.Table, files: np.ndarray, samples_per_shard: int) -> tuple[np.ndarray, ...]:
+    """The images whose every copy is among ``rows`` (a writer's, in order):
+    ``(file, start, end, last)``, ``[start, end)`` their page-aligned
+    extent in spill file ``file``, ``last`` the index of the writer's last
+    shard that holds a copy (the image may go once that one is written)."""
+    offsets = rows.column("offset").to_numpy()
+    ends = offsets + rows.column("length").to_numpy()
+    copies = rows.column("copies").to_numpy()
+    key = files * (1 << 40) + offsets
+    uniq, first, inverse, count = np.unique(key, return_index=True, return_inverse=True, return_counts=True)
+    last = np.zeros(uniq.size, np.int64)
+    np.maximum.at(last, inverse, np.arange(rows.num_rows) // samples_per_shard)
+    sole = count == copies[first]
+    pick = first[sole]
+    return (files[pick], offsets[pick], -(-ends[pick] // PAGE) * PAGE, last[sole])
 
 
 def write_partition(task: WriteTask):
@@ -146,23 +231,36 @@ def write_partition(task: WriteTask):
             paths = encoded.dictionary.to_pylist()
             files = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
             stats = {"reads": 0, "bytes_read": 0}
+            release = _releasable(rows, files, task.samples_per_shard) if task.release else None
+            retry = task.release and (task_attempt_number() or 0) > 0
             shards = []
-            for a in range(0, rows.num_rows, task.samples_per_shard):
+            for i, a in enumerate(range(0, rows.num_rows, task.samples_per_shard)):
                 b = min(rows.num_rows, a + task.samples_per_shard)
                 shard = (lo + a) // task.samples_per_shard
-                n, size, digest, labels = _write_shard(task, rows.slice(a, b - a), paths, files[a:b], shard,
-                                                       attempt, stats)
+                done = _finished(task, rows.slice(a, b - a), shard) if retry else None
+                retry = done is not None  # after the first shard missing, every later one is written again
+                if done is None:
+                    done = _write_shard(task, rows.slice(a, b - a), paths, files[a:b], shard, attempt, stats)
+                n, size, digest, labels = done
                 want = min(task.samples_per_shard, task.total - shard * task.samples_per_shard)
                 if n != want:
                     raise ValueError(f"internal error: shard {shard} has {n} samples, expected {want}")
-                shards.append((shard, w, n, size, digest, labels))
+                released = 0
+                if release is not None:
+                    now = release[3] == i
+                    for f in np.unique(release[0][now]).tolist():
+                        mask = now & (release[0] == f)
+                        released += release_ranges(paths[f], release[1][mask], release[2][mask])
+                    inject_failure("released")  # a shard is written, its images may be released
+                shards.append((shard, w, n, size, digest, labels, released, retry))
             rss = peak_rss()
-            results += [s + (stats["reads"], stats["bytes_read"], rss) for s in shards]
+            results += [s[:6] + (stats["reads"], stats["bytes_read"], rss) + s[6:] for s in shards]
         if results:
             cols = list(zip(*results))
             types = [pa.int32(), pa.int32(), pa.int64(), pa.int64(), pa.string(), pa.string(), pa.int64(),
-                     pa.int64(), pa.int64()]
-            names = ["shard", "writer", "samples", "bytes", "sha256", "labels", "reads", "bytes_read", "task_rss"]
+                     pa.int64(), pa.int64(), pa.int64(), pa.bool_()]
+            names = ["shard", "writer", "samples", "bytes", "sha256", "labels", "reads", "bytes_read", "task_rss",
+                     "released", "reused"]
             yield pa.RecordBatch.from_arrays([pa.array(c, t) for c, t in zip(cols, types)], names=names)
 
     return write

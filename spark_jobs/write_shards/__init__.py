@@ -17,19 +17,27 @@ position // samples-per-shard is its shard. Nothing sorts the images:
    example's source location (file, row) in the index; each fetch task
    reads a contiguous range of the index's files, each image once, in
    source order, checks its structure (or decodes it, ``--decode-check``;
-   with ``--max-side`` re-encodes it), appends the good ones to its spill
-   files as they come (``spill.py``: plain bytes, no sort, so memory is a
-   batch) and emits a small row per copy: where its image is. Bad examples
-   are counted with the reason;
-2. **plan**: the exact number of good copies per bucket (the top bits of
-   ``h``) gives every bucket its first position; writer ``w`` takes whole
-   shards, positions ``[w * per_writer, (w + 1) * per_writer)``;
-3. **write** (``write.py``, one :class:`WriteTask`): Spark's shuffle sends
-   each writer the rows (not the images) of the buckets it needs; it ranks
-   them, reads exactly its images from the spill (coalesced ranged reads,
-   ``--read-bytes`` at a time) and streams each tar to its final name (local
-   files: written aside and renamed by the task); the driver writes
-   ``manifest.json`` and ``_SUCCESS``, renaming nothing.
+   with ``--max-side`` re-encodes it) and appends the good ones to its
+   spill files (``spill.py``: plain bytes), each 64 MiB it gathers in the
+   order of their first copy's placement hash (so where the job is small a
+   writer's images lie together: fewer reads, whole ranges to release);
+   its copies' rows (where each image is) go to a rows file, and it
+   returns one row: that file, its tally of good copies per bucket, its bad
+   examples with the reasons, its figures;
+2. **plan** (``placement.py``): the exact tallies give every bucket its
+   first position; writer ``w`` takes whole shards, positions ``[w *
+   per_writer, (w + 1) * per_writer)``;
+3. **write** (``write.py``, one :class:`RouteTask`, one :class:`WriteTask`):
+   the rows files are read and Spark's shuffle sends each writer the rows,
+   not the images, of the buckets its shards span; it ranks them, reads
+   exactly its own images from the spill (ranged reads, coalesced where
+   they touch, ``--read-bytes`` at a time) and streams each tar to its
+   final name (local files: written aside and renamed by the task, so the
+   commit renames nothing). In local mode, with a local spill and no
+   speculation, the images whose every copy a writer has written are
+   punched out of the spill (``fallocate``) as it goes, so the tars reuse
+   their pages, and a retried writer keeps the shards already there; the
+   driver writes ``manifest.json`` and ``_SUCCESS``.
 
 A writer's reads and memory depend on the shards it writes, never on the
 total: it reads the bytes of its own images (plus nothing), in as many ranged

@@ -30,7 +30,6 @@ from ..session import (StageTimer, add_spark_arguments, observed_metrics, read_p
 from ..shards import REENCODE_QUALITY, encoder_version, shard_name
 from .fetch import DUPLICATE, FETCHED_SCHEMA, IMAGE_BATCH_ROWS, FetchTask, fetch_partition
 from .placement import bucket_bits, bucket_starts, bucket_writers, contiguous_groups, partition_keys, shards_per_writer
-from .spill import PAGE
 from .write import (READ_BYTES, ROUTED_SCHEMA, TEMPORARY, WRITTEN_SCHEMA, RouteTask, WriteTask, route_partition,
                     write_partition)
 
@@ -304,9 +303,7 @@ def _write(spark, job: ShardJob, work: str, rows_paths: list[str], facts: FetchF
                and spark.sparkContext.getConf().get("spark.speculation", "false").lower() != "true")
     task = WriteTask(output=work, prefix=job.prefix, samples_per_shard=job.samples_per_shard, total=total,
                      per_writer=per_writer, starts=starts, bits=bits, storage=sio.storage_config(),
-                     read_bytes=job.read_bytes, release=release,
-                     # local spill images start on pages: read neighbours together, padding and all
-                     read_gap=PAGE - 1 if sio.is_local(spill_dir) else 0)
+                     read_bytes=job.read_bytes, release=release)
     readers = max(1, min(len(rows_paths), spark.sparkContext.defaultParallelism))
     paths = spark.createDataFrame(pa.table({"rows_path": pa.array(rows_paths, pa.string())}))
     written = (paths.repartition(readers)

@@ -11,11 +11,13 @@ DeepSpeed pre-training and fine-tuning). Writes ``OUT/report/report.md``,
 
 ::
 
-    python -m adaptive_transfer.experiment [--out experiment_out] [--quick] [--seeds 0,1,2,3,4]
+    python -m adaptive_transfer.experiment [--out experiment_out] [--quick] [--seeds 0,1,2,3,4] [--torch-threads N]
 
 ``--quick``: one seed, tiny sizes and steps (a few minutes; ``make test`` runs
 it). The full run takes about an hour on 2 cores; stages already finished
-with the same fingerprint are reused, so an interrupted run continues.
+with the same fingerprint are reused, so an interrupted run continues, and
+processes with disjoint ``--seeds`` can share one ``--out`` (then one run over
+all seeds reuses their work and writes the whole report).
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one seed, tiny sizes and steps")
     ap.add_argument("--seeds", help="comma-separated seeds (default: 0-4, or 0 with --quick)")
     ap.add_argument("--spark-master", default=None, help="default local[*]")
+    ap.add_argument("--torch-threads", type=int,
+                    help="torch's threads in this process (default torch's own). 1 when several runs share "
+                         "the cores, e.g. two processes with disjoint --seeds under one --out")
     args = ap.parse_args(argv)
     config = QUICK if args.quick else FULL
     if args.seeds:
@@ -63,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
         config = replace(config, seeds=seeds)
 
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     from spark_jobs.session import get_session
 
     from .report import write_report

@@ -124,11 +124,11 @@ $(SPARK_ENV_DIR)/env.tar.gz: setup.py
 	  $(if $(SPARK_ENV_PYTHON_PREFIX),--python-prefix $(SPARK_ENV_PYTHON_PREFIX))
 	mv $(SPARK_ENV_DIR)/tmp.tar.gz $@ && rm -rf $(SPARK_ENV_DIR)/venv
 
-$(SPARK_ENV_DIR)/code.zip: $(wildcard schemas/*.py spark_jobs/*.py)
+$(SPARK_ENV_DIR)/code.zip: $(wildcard schemas/*.py spark_jobs/*.py spark_jobs/*/*.py)
 	@mkdir -p $(SPARK_ENV_DIR)
 	$(BIN)/python -c "import pathlib, sys, zipfile; \
 	  z = zipfile.ZipFile(sys.argv[1], 'w', zipfile.ZIP_DEFLATED); \
-	  [z.write(f) for d in sys.argv[2:] for f in sorted(pathlib.Path(d).glob('*.py'))]; z.close()" \
+	  [z.write(f) for d in sys.argv[2:] for f in sorted(pathlib.Path(d).rglob('*.py'))]; z.close()" \
 	  $@.tmp schemas spark_jobs && mv $@.tmp $@
 
 clean:

@@ -9,7 +9,7 @@ another's wrong-domain arm); every run is per seed.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 from schemas.synthetic import SourceSpec, TargetSpec
 

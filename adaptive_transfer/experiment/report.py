@@ -233,7 +233,8 @@ def write_report(out_dir: str, records: Sequence[dict], meta: dict) -> dict:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for t, curves in summary["figure3"].items():
         lines += ["", f"## Figure 3: same vs elastic matcher by size (target {t})", "",
-                  "| Size | Same: top-1 | Same: unique | Elastic: top-1 | Elastic: unique |", "|---:|---:|---:|---:|---:|"]
+                  "| Size | Same: top-1 | Same: unique | Elastic: top-1 | Elastic: unique |",
+                  "|---:|---:|---:|---:|---:|"]
         sizes = sorted(set(curves.get("adaptive", {})) | set(curves.get("elastic", {})), key=int)
         for size in sizes:
             row = [f"{int(size):,}"]

@@ -24,7 +24,7 @@ from dataclasses import asdict
 from typing import Any, Callable
 
 import numpy as np
-import pyarrow as pa
+import pyarrow.compute as pc
 
 from schemas import io as sio
 from schemas.synthetic import generate_source, generate_target
@@ -189,7 +189,8 @@ class Experiment:
               "weights": self.digests[f"weights:{s.weights_of}"] if s.weights_of else None,
               "steps": c.pretrain_steps, "batch": c.pretrain_batch, "lr": c.pretrain_lr,
               "samples_per_shard": c.samples_per_shard}
-        d = self._stage(f"seed {s.seed}: pre-training set {s.slug}", self.set_dir(s), fp, lambda p: self._build_set(s, p))
+        d = self._stage(f"seed {s.seed}: pre-training set {s.slug}", self.set_dir(s), fp,
+                        lambda p: self._build_set(s, p))
         self.digests[f"set:{s.seed}:{s.slug}"] = d
         return d
 
@@ -271,10 +272,10 @@ class Experiment:
             self._index_labels = index
         index = self._index_labels
         sel = sio.read_parquet(os.path.join(path, "selection"), columns=["key", "copies"])
-        rows = pa.compute.index_in(sel.column("key"), value_set=index.column("key")).to_numpy(zero_copy_only=False)
+        rows = pc.index_in(sel.column("key"), value_set=index.column("key")).to_numpy(zero_copy_only=False)
         labels = index.column("labels").combine_chunks()
         flat = labels.flatten().to_numpy()
-        parents = pa.compute.list_parent_indices(labels).to_numpy()
+        parents = pc.list_parent_indices(labels).to_numpy()
         hit = np.zeros(len(index), bool)
         hit[parents[np.isin(flat, self.target_leaves(target))]] = True
         copies = sel.column("copies").to_numpy().astype(np.int64)

@@ -88,13 +88,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         records = exp.run()
         generalist = {t.name: exp.generalist_facts(t.name) for t in config.targets}
         labels = generalist[config.targets[0].name]["labels"]
+        stages = {"built": exp.built, "reused": exp.reused}
     finally:
         spark.stop()
     meta = {"command": " ".join(["python -m adaptive_transfer.experiment", *(argv if argv is not None else
                                                                               sys.argv[1:])]),
             "commit": _commit(), "config": config.to_json(), "generalist": generalist, "labels": labels,
             "finished": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "minutes": (time.time() - t0) / 60,
+            "minutes": (time.time() - t0) / 60, "stages": stages,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"}
     report_dir = os.path.join(os.path.abspath(args.out), "report")
     summary = write_report(report_dir, records, meta)

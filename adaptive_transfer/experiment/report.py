@@ -182,7 +182,9 @@ def write_report(out_dir: str, records: Sequence[dict], meta: dict) -> dict:
     lines = [
         "# Domain adaptive transfer on generated data: arms, seeds and intervals", "",
         f"Command: `{meta['command']}`  ", f"Commit: `{meta['commit']}`  ",
-        f"Finished {meta['finished']} after {meta['minutes']:.0f} minutes on {meta['machine']}.", "",
+        f"Finished {meta['finished']} on {meta['machine']}; this invocation took {meta['minutes']:.0f} minutes, "
+        f"built {meta['stages']['built']} stages and reused {meta['stages']['reused']} (finished earlier from the "
+        "same fingerprints).", "",
         "## Setup", "",
         f"- Source: {cfg['source']['num_examples']:,} generated examples, {meta['labels']} labels "
         f"(a 3-level hierarchy, Zipf class sizes, a quarter of the examples also carry an ancestor label).",

@@ -95,6 +95,7 @@ class Experiment:
         self.config, self.out, self.spark, self.log = config, os.path.abspath(out), spark, log
         self.data = os.path.join(self.out, "data")
         self.digests: dict[str, str] = {}
+        self.built, self.reused = 0, 0
         self._index_labels = None
 
     # -- shared data ---------------------------------------------------------------
@@ -136,6 +137,8 @@ class Experiment:
     def _stage(self, what: str, path: str, fingerprint: dict, build: Callable[[str], None]) -> str:
         t0 = time.time()
         d, reused = reuse_or_build(path, fingerprint, build, self.log)
+        self.reused += reused
+        self.built += not reused
         self.log(f"{what}: {'reused' if reused else f'{time.time() - t0:.0f} s'}")
         return d
 

@@ -111,6 +111,8 @@ def image_problem(data) -> str | None:
             if marker == 0xDA:
                 break
         # Entropy-coded data stuffs every 0xFF (FF00), so FFD9 after the scan is its end.
+        if bytes(data[n - 2:]) == b"\xff\xd9":  # the usual end
+            return None
         tail = bytes(data[max(pos, n - 4096):])  # a whole JPEG ends in EOI, maybe with some padding
         if tail.rfind(b"\xff\xd9") < 0 and bytes(data[pos:]).rfind(b"\xff\xd9") < 0:
             return "truncated JPEG (no EOI marker after the scan)"

@@ -81,6 +81,21 @@ def test_image_extension_from_bytes():
     assert SH.image_extension(b"not an image") is None
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP"])
+def test_image_structure_whole_and_cut(fmt):
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(buf, fmt)
+    data = buf.getvalue()
+    assert SH.image_problem(data) is None and SH.decode_problem(data) is None
+    for cut in (40, len(data) // 2, len(data) - 1):
+        assert SH.image_problem(data[:cut]) is not None, cut
+    if fmt == "JPEG":
+        assert SH.image_problem(data + b"\0" * 100) is None  # padding after EOI is common and harmless
+        assert SH.image_problem(memoryview(data)) is None
+    assert SH.image_problem(b"not an image") == "unrecognised image format"
+
+
 def test_write_tar_is_deterministic_and_readable():
     samples = [(SH.sample_key(f"k/{i}.JPEG", 0), "jpg", b"\xff\xd8\xff" + bytes([i]) * 50,
                 SH.sample_json(f"k/{i}.JPEG", 0, [i], 0.5)) for i in range(5)]

@@ -44,7 +44,8 @@ CLAIMS = (
      "wholly above 0", "above"),
     ("The gain comes from relevance, not from rebalancing: adaptive > class-balanced",
      ("adaptive - class-balanced",),
-     "the 95% interval of adaptive - class-balanced lies wholly below 0; shown only if it lies wholly above 0", "above"),
+     "the 95% interval of adaptive - class-balanced lies wholly below 0; shown only if it lies wholly above 0",
+     "above"),
 )
 
 

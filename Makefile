@@ -5,7 +5,7 @@
 #                        a Spark standalone cluster of isolated workers with the packed env, two
 #                        DeepSpeed nodes with their own disks, Beam SDK workers in their own env;
 #                        root and unshare for the Spark workers); .ci/run runs both
-#   make demo            set up .venv and run the whole pipeline on generated data (one seed, ~4 min)
+#   make demo            set up .venv and run the whole pipeline on generated data (one seed, ~3 min)
 #   make experiment      the paper's findings on generated data: 3 targets, 9 arms, Figure 3's sizes,
 #                        5 seeds, intervals (~1 h on 2 cores; EXPERIMENT_OUT=experiment_out,
 #                        QUICK=1 for one tiny seed, SEEDS=0,1,2 to choose; finished stages are reused)

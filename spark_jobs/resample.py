@@ -50,6 +50,7 @@ import pyarrow.parquet as pq
 from schemas import (SELECTION_SCHEMA, Hierarchy, ResampleConfig, SchemaError, parse_size, read_metadata,
                      validate_weights)
 from schemas import io as sio
+from schemas.manifest import SCHEMES
 from schemas.stage_output import StageOutput, require_finished_input
 
 from . import label_sets as LS
@@ -755,8 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="same matcher only (default: multinomial, the paper's)")
     p.add_argument("--aggregate", choices=["mean", "max", "sum"], default="mean",
                    help="per-example weight from its labels' weights (default: mean)")
-    p.add_argument("--scheme", choices=["adaptive", "entire", "subset", "topk-uniform", "reversed", "balanced"],
-                   default="adaptive")
+    p.add_argument("--scheme", choices=SCHEMES, default="adaptive")
     p.add_argument("--labels", help="label vocabulary (needed for --scheme subset)")
     p.add_argument("--subset-labels", default="", help="comma-separated label names (scheme subset)")
     p.add_argument("--top-k", type=int, help="top-K labels by weight (topk-uniform, reversed, adaptive)")

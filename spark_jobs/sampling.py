@@ -495,6 +495,12 @@ def sort_class(order: np.ndarray, keys: Sequence[str]) -> np.ndarray:
     return perm
 
 
+def _inverse_counts(counts) -> np.ndarray:
+    """``1 / count(y)`` where a label has examples, else 0: a uniform label distribution."""
+    c = np.asarray(counts, np.float64)
+    return np.where(c > 0, 1.0 / np.maximum(c, 1), 0.0)
+
+
 def scheme_label_weights(scheme: str, label_ids: np.ndarray, weights: np.ndarray | None,
                          counts: np.ndarray | None = None, subset_ids: np.ndarray | None = None,
                          top_k: int | None = None) -> np.ndarray:
@@ -524,8 +530,7 @@ def scheme_label_weights(scheme: str, label_ids: np.ndarray, weights: np.ndarray
     if scheme == "balanced":
         if counts is None:
             raise ValueError("scheme 'balanced' needs the label counts")
-        c = np.asarray(counts, np.float64)
-        return np.where(c > 0, 1.0 / np.maximum(c, 1), 0.0)
+        return _inverse_counts(counts)
     if weights is None:
         raise ValueError(f"scheme {scheme!r} needs the importance weights table")
     weights = np.asarray(weights, np.float64)
@@ -549,8 +554,7 @@ def scheme_label_weights(scheme: str, label_ids: np.ndarray, weights: np.ndarray
     if scheme == "topk-uniform":
         if counts is None:
             raise ValueError("scheme 'topk-uniform' needs the label counts")
-        c = np.asarray(counts, np.float64)[top]
-        out[top] = np.where(c > 0, 1.0 / np.maximum(c, 1), 0.0)
+        out[top] = _inverse_counts(np.asarray(counts)[top])
         return out
     if scheme == "reversed":
         out[top] = weights[top[::-1]]

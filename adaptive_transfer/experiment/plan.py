@@ -159,7 +159,7 @@ class FinetuneRun:
         return f"{self.arm}-n{self.init.size}" if self.figure3 and self.init else self.arm
 
 
-def _target_sets(config: ExperimentConfig, target: TargetPlan, seed: int, size: int) -> dict[str, PretrainSet]:
+def _target_sets(target: TargetPlan, seed: int, size: int) -> dict[str, PretrainSet]:
     w = target.name
     return {
         "adaptive": PretrainSet(f"{w}-adaptive-same", seed, size, "adaptive", weights_of=w),
@@ -183,7 +183,7 @@ def pretrain_sets(config: ExperimentConfig, seed: int) -> dict[tuple[str, str], 
         sets[(t.name, "entire")] = shared["entire"]
         sets[(t.name, "hand-picked")] = subsets[t.branch]
         sets[(t.name, "wrong-domain")] = subsets[t.wrong_branch]
-        sets.update({(t.name, arm): s for arm, s in _target_sets(config, t, seed, size).items()})
+        sets.update({(t.name, arm): s for arm, s in _target_sets(t, seed, size).items()})
         sets[(t.name, "adaptive-topk")] = PretrainSet(f"{t.name}-topk{config.top_k}-adaptive", seed, size,
                                                       "adaptive", top_k=config.top_k, weights_of=t.name)
         sets[(t.name, "topk-uniform")] = PretrainSet(f"{t.name}-topk{config.top_k}-uniform", seed, size,
@@ -199,7 +199,7 @@ def figure3_sets(config: ExperimentConfig, seed: int) -> list[PretrainSet]:
     target = next(t for t in config.targets if t.name == config.figure3_target)
     out = []
     for size in config.figure3_sizes:
-        out.extend(_target_sets(config, target, seed, size).values())
+        out.extend(_target_sets(target, seed, size).values())
     return out
 
 

@@ -143,21 +143,10 @@ class Experiment:
         return d
 
     def _train_generalist(self, path: str) -> None:
-        from spark_jobs import resample as R
-        from spark_jobs import write_shards as W
-
+        """The entire source, each example once (the paper's generalist)."""
         c = self.config
-        index, labels = os.path.join(self.source, "index"), os.path.join(self.source, "labels.parquet")
-        os.makedirs(path)
-        with _logged_to(os.path.join(path, "log.txt")):
-            R.run(self.spark, R.ResampleJob(index=index, scheme="entire", size=c.source.num_examples,
-                                            draw="systematic", labels=labels, target="entire-source",
-                                            seed=c.generalist_seed, output=os.path.join(path, "entire")))
-            W.run(self.spark, W.ShardJob(selection=os.path.join(path, "entire"), index=index,
-                                         output=os.path.join(path, "shards"), samples_per_shard=c.samples_per_shard,
-                                         seed=c.generalist_seed))
-        self._pretrain(os.path.join(path, "shards"), os.path.join(path, "pretrain"), c.generalist_steps,
-                       c.generalist_seed, os.path.join(path, "log.txt"))
+        entire = PretrainSet("generalist", c.generalist_seed, c.source.num_examples, "entire", draw="systematic")
+        self._build_set(entire, path, c.generalist_steps)
 
     def _weights(self, target: TargetPlan, path: str) -> None:
         from beam_pipelines import importance_weights as IW
@@ -193,11 +182,12 @@ class Experiment:
               "steps": c.pretrain_steps, "batch": c.pretrain_batch, "lr": c.pretrain_lr,
               "samples_per_shard": c.samples_per_shard}
         d = self._stage(f"seed {s.seed}: pre-training set {s.slug}", self.set_dir(s), fp,
-                        lambda p: self._build_set(s, p))
+                        lambda p: self._build_set(s, p, c.pretrain_steps))
         self.digests[f"set:{s.seed}:{s.slug}"] = d
         return d
 
-    def _build_set(self, s: PretrainSet, path: str) -> None:
+    def _build_set(self, s: PretrainSet, path: str, steps: int) -> None:
+        """resample -> write_shards -> pretrain of ``s`` under ``path``."""
         from spark_jobs import resample as R
         from spark_jobs import write_shards as W
 
@@ -214,8 +204,7 @@ class Experiment:
             W.run(self.spark, W.ShardJob(selection=os.path.join(path, "resample"), index=index,
                                          output=os.path.join(path, "shards"), samples_per_shard=c.samples_per_shard,
                                          seed=s.seed))
-        self._pretrain(os.path.join(path, "shards"), os.path.join(path, "pretrain"), c.pretrain_steps, s.seed,
-                       log_path)
+        self._pretrain(os.path.join(path, "shards"), os.path.join(path, "pretrain"), steps, s.seed, log_path)
 
     def finetune(self, run: FinetuneRun) -> dict:
         """Fine-tune and evaluate one run; its metrics (reused when unchanged)."""

@@ -308,7 +308,8 @@ def fetch_partition(task: FetchTask):
         pending = list(batches)
         if not pending:
             return
-        table = pa.Table.from_batches(pending)
+        # one chunk per column: each per-batch take below is then O(batch), not O(the task's chunks)
+        table = pa.Table.from_batches(pending).combine_chunks()
         del pending
         bounds = examples_of(table)
         bad: list[tuple[str, str, int]] = []

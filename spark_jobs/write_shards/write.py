@@ -6,7 +6,6 @@ names, a bounded number of image bytes in memory at a time.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -169,12 +168,7 @@ def _finished(task: WriteTask, rows: pa.Table, shard: int) -> tuple | None:
     final = sio.filesystem(sio.join(task.output, shard_name(task.prefix, shard)))[1]
     if not os.path.exists(final):
         return None
-    digest, size = hashlib.sha256(), 0
-    with open(final, "rb") as fh:
-        while block := fh.read(4 << 20):
-            digest.update(block)
-            size += len(block)
-    return rows.num_rows, size, digest.hexdigest(), _label_counts(rows)
+    return rows.num_rows, os.path.getsize(final), sio.file_sha256(final), _label_counts(rows)
 
 
 def _releasable(rows: pa.Table, files: np.ndarray, samples_per_shard: int) -> tuple[np.ndarray, ...]:

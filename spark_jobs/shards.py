@@ -29,6 +29,8 @@ from typing import Iterable, Iterator
 from json.encoder import encode_basestring_ascii as _json_string
 from urllib.parse import unquote
 
+from schemas.io import write_all
+
 __all__ = ["sample_key", "parse_sample_key", "image_extension", "sample_json", "write_tar",
            "read_tar_samples", "shard_name", "SHARD_NAME_RE", "fit_within", "reencode_image", "encoder_version",
            "REENCODE_QUALITY", "image_problem", "decode_problem"]
@@ -177,6 +179,7 @@ def shard_name(prefix: str, index: int) -> str:
 _BLOCK = 512
 _RECORD = 20 * _BLOCK  # tar pads the archive to whole records, as tarfile does
 _FLUSH = 4 << 20  # bytes gathered before one write
+_ZEROS = memoryview(bytes(_BLOCK))  # padding, sliced without a copy
 # The fixed fields of a regular file's ustar header (mode 0644, uid/gid 0,
 # mtime 0, no link, no owner names, no device numbers), split around
 # name (0..100), size (124..136) and checksum (148..156).
@@ -218,13 +221,20 @@ def write_tar(fileobj, samples: Iterable[tuple[str, str, bytes, bytes]]) -> tupl
     digest = hashlib.sha256()
     written = n = pending = 0
     parts: list = []
+    # An unbuffered local file takes the parts as they are (writev: no joined copy).
+    raw = fileobj.fileno() if isinstance(fileobj, io.FileIO) else None
 
     def flush() -> None:
         nonlocal written, pending
-        block = b"".join(parts)
-        digest.update(block)
-        fileobj.write(block)
-        written += len(block)
+        if raw is None:
+            block = b"".join(parts)
+            digest.update(block)
+            fileobj.write(block)
+        else:
+            for part in parts:
+                digest.update(part)
+            write_all(raw, parts)
+        written += pending
         parts.clear()
         pending = 0
 
@@ -236,13 +246,14 @@ def write_tar(fileobj, samples: Iterable[tuple[str, str, bytes, bytes]]) -> tupl
             parts.append(data)
             pad = -size % _BLOCK
             if pad:
-                parts.append(b"\0" * pad)
+                parts.append(_ZEROS[:pad])
             pending += len(header) + size + pad
         n += 1
         if pending >= _FLUSH:
             flush()
     end = written + pending + 2 * _BLOCK
     parts.append(b"\0" * (2 * _BLOCK + (-end % _RECORD)))
+    pending += len(parts[-1])
     flush()
     return n, written, digest.hexdigest()
 

@@ -59,7 +59,7 @@ __all__ = ["ShardJob", "run", "main", "build_parser", "resolve_selection",
            "FetchTask", "fetch_partition", "FETCHED_SCHEMA", "DUPLICATE", "NOT_IN_INDEX", "WriteTask",
            "write_partition", "WRITTEN_SCHEMA", "READ_BYTES", "SpillWriter", "read_ranges", "with_retries",
            # the job's constants
-           "FETCH_TASKS_PER_CORE", "SPILL_FILE_BYTES", "WRITER_BYTES", "WRITERS_PER_CORE", "_spark_file_path",
+           "FETCH_TASKS_PER_CORE", "SPILL_FILE_BYTES", "WRITER_BYTES", "WRITERS_PER_CORE",
            # placement (pure numpy)
            "BUCKETS_PER_SHARD", "MAX_BUCKET_BITS", "bucket_bits", "bucket_of", "bucket_starts", "bucket_writers",
            "coalesce_ranges", "contiguous_groups", "hash_order", "partition_keys", "shards_per_writer",

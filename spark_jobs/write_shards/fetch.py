@@ -14,6 +14,7 @@ image bytes it spilled and what it re-encoded.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -27,15 +28,17 @@ from schemas import io as sio
 from ..session import inject_failure, task_attempt_id
 from ..shards import decode_problem, image_extension, image_problem, reencode_image
 from .placement import bucket_of, concat_ranges, runs_of
-from .spill import PAGE, SpillWriter, peak_rss, reset_peak_rss, with_retries
+from .spill import PAGE, SpillWriter, peak_rss, reset_peak_rss, spread_name, with_retries, without_gc
 
-__all__ = ["FetchTask", "fetch_partition", "FETCHED_SCHEMA", "ROWS_ARROW", "DUPLICATE", "NOT_IN_INDEX", "IMAGE_BATCH_ROWS",
-           "binary_views", "verdicts"]
+__all__ = ["FetchTask", "fetch_partition", "FETCHED_SCHEMA", "ROWS_ARROW", "DUPLICATE", "NOT_IN_INDEX",
+           "IMAGE_BATCH_ROWS", "CHUNK_ROWS", "binary_views", "verdicts", "example_chunks"]
 
 #: Arrow batch size while images travel through Python (bytes, not rows, matter).
 IMAGE_BATCH_ROWS = 256
 #: Image bytes a fetch task gathers, then spills in the order of their placement hash.
 SORT_BYTES = 64 << 20
+#: Copy rows a fetch task holds at a time (~100 bytes each, besides its images).
+CHUNK_ROWS = 1 << 18
 #: The ``reason`` of a key the selection holds in more than one row (not a bad image).
 DUPLICATE = "in more than one selection row"
 #: The ``reason`` of a selected key the index does not hold.
@@ -62,7 +65,8 @@ class FetchTask:
     ``reencode``: ``(max_side, quality)`` or None; ``decode``: fully decode
     every image (``--decode-check``), not only check its structure;
     ``sort_bytes``: images gathered before they are spilled in placement
-    order (memory; default ``SORT_BYTES``).
+    order (memory; default ``SORT_BYTES``); ``chunk_rows``: copy rows a task
+    holds at a time (:func:`example_chunks`; default ``CHUNK_ROWS``).
     """
 
     column: str
@@ -74,6 +78,7 @@ class FetchTask:
     reencode: tuple | None = None
     decode: bool = False
     sort_bytes: int = SORT_BYTES
+    chunk_rows: int = CHUNK_ROWS
 
 
 def binary_views(array: pa.Array) -> list:
@@ -129,6 +134,31 @@ def duplicated(table: pa.Table, bounds: np.ndarray) -> list[str]:
     return sorted(set(table.column("key").take(pa.array(bounds[:-1][np.unique(wrong)])).to_pylist()))
 
 
+def example_chunks(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:
+    """Copy rows sorted by (file, row, key, copy), regrouped into tables of
+    at least ``rows`` rows (the last may have fewer), each one chunk per column
+    and cut where an example ends: an example's copies are never split. A
+    fetch task holds one such table at a time, whatever its input's size."""
+    pending: list = []
+    held = 0
+    for batch in batches:
+        if not batch.num_rows:
+            continue
+        pending.append(batch)
+        held += batch.num_rows
+        if held < rows:
+            continue
+        table = pa.Table.from_batches(pending).combine_chunks()
+        cut = int(examples_of(table)[-2])  # the last example may go on in the next batch
+        if cut == 0:
+            continue  # one example so far: keep gathering
+        yield table.slice(0, cut)
+        rest = table.slice(cut)
+        pending, held = rest.to_batches(), rest.num_rows
+    if held:
+        yield pa.Table.from_batches(pending).combine_chunks()
+
+
 def _read_inline(path: str, rows: np.ndarray) -> Iterator[tuple[np.ndarray, pa.Array]]:
     """``(positions into rows, image cells as an Arrow array)`` of one Parquet
     file, row group by row group in file order (sequential reads, only the
@@ -136,21 +166,27 @@ def _read_inline(path: str, rows: np.ndarray) -> Iterator[tuple[np.ndarray, pa.A
     fs, p = sio.filesystem(path)
     state: dict = {}
 
+    def opened() -> pq.ParquetFile:
+        try:
+            if "file" not in state:
+                state["handle"] = fs.open(p, "rb")
+                state["file"] = pq.ParquetFile(state["handle"])
+            return state["file"]
+        except Exception:
+            _close(state)
+            raise
+
     def group(g: int) -> pa.ChunkedArray:
         def attempt():
             try:
-                if "file" not in state:
-                    state["handle"] = fs.open(p, "rb")
-                    state["file"] = pq.ParquetFile(state["handle"])
-                return state["file"].read_row_group(g, columns=["image"]).column("image")
+                return opened().read_row_group(g, columns=["image"]).column("image")
             except Exception:
                 _close(state)
                 raise
         return with_retries(attempt)
 
     try:
-        with_retries(lambda: _open_footer(state, fs, p))
-        pf = state["file"]
+        pf = with_retries(opened)
         bounds = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
         group_of = np.searchsorted(bounds, rows, side="right") - 1
         order = np.argsort(rows, kind="stable")
@@ -166,16 +202,6 @@ def _read_inline(path: str, rows: np.ndarray) -> Iterator[tuple[np.ndarray, pa.A
                 yield members[s:s + IMAGE_BATCH_ROWS], images.slice(s, IMAGE_BATCH_ROWS)
     finally:
         _close(state)
-
-
-def _open_footer(state: dict, fs, p: str) -> bool:
-    try:
-        state["handle"] = fs.open(p, "rb")
-        state["file"] = pq.ParquetFile(state["handle"])
-    except Exception:
-        _close(state)
-        raise
-    return True
 
 
 def _close(state: dict) -> None:
@@ -217,8 +243,12 @@ def fetched(table: pa.Table, bounds: np.ndarray, column: str,
                 items = pc.is_null(images).to_pylist()
                 yield present[examples + start], [None if null else True for null in items], images
     else:
-        uris = table.column("uri").take(pa.array(first)).to_pylist()
-        order = sorted(present.tolist(), key=lambda i: (uris[i] or "", i))
+        column = table.column("uri").take(pa.array(first))
+        by_uri = pc.sort_indices(pa.table({"uri": pc.fill_null(column.take(pa.array(present)), ""),
+                                           "at": pa.array(present)}),
+                                 sort_keys=[("uri", "ascending"), ("at", "ascending")])
+        order = present[by_uri.to_numpy()].tolist()  # by uri (none first), then position
+        uris = column.to_pylist()
         from schemas.uri_policy import check_uris, read_target
 
         for s in range(0, len(order), IMAGE_BATCH_ROWS):
@@ -302,53 +332,57 @@ def fetch_partition(task: FetchTask):
     files are unique to the attempt; only those of a successful attempt are
     reported."""
 
+    @without_gc
     def fetch(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         reset_peak_rss()
         sio.apply_storage_config(task.storage)
-        pending = list(batches)
-        if not pending:
+        chunks = example_chunks(batches, task.chunk_rows)
+        first = next(chunks, None)
+        if first is None:
             return
-        # one chunk per column: each per-batch take below is then O(batch), not O(the task's chunks)
-        table = pa.Table.from_batches(pending).combine_chunks()
-        del pending
-        bounds = examples_of(table)
-        bad: list[tuple[str, str, int]] = []
-        dup = duplicated(table, bounds)
-        if dup:  # reported, nothing read: the driver refuses the selection
-            bad.extend((key, DUPLICATE, 0) for key in dup)
-            table, bounds = table.slice(0, 0), bounds[:1]
         attempt = task_attempt_id()
         spill = SpillWriter(task.spill_dir, attempt, task.spill_file_bytes,
                             align=PAGE if sio.is_local(task.spill_dir) else 1)
-        rows_path = sio.join(task.spill_dir, f"rows-{attempt}.arrow")
+        rows_path = sio.join(task.spill_dir, spread_name(f"rows-{attempt}.arrow"))
         fs, p = sio.filesystem(rows_path)
         fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
         rows_file = fs.open(p, "wb")
         rows_out = pa.ipc.new_file(rows_file, ROWS_ARROW)
         tally = np.zeros(1 << task.bits, np.int64)
         totals = np.zeros(3, np.int64)
-        keys = table.column("key")
+        bad: list[tuple[str, str, int]] = []
         gathered = _Gathered()
-        for examples, items, images in fetched(table, bounds, task.column, task.uri_prefixes):
-            views = binary_views(images)
-            if task.reencode is not None:
-                items, views = reencoded(items, views, *task.reencode, totals)
-            exts, reasons = verdicts(items, views, task.decode)
-            counts = bounds[examples + 1] - bounds[examples]
-            ok = np.array([e is not None for e in exts], bool)
-            for i in np.flatnonzero(~ok).tolist():
-                bad.append((keys[int(bounds[examples[i]])].as_py(), reasons[i], int(counts[i])))
-            good = np.flatnonzero(ok)
-            if not good.size:
+        refused = False  # a key in two selection rows: the driver refuses the selection, so nothing more is read
+        for table in itertools.chain([first], chunks):
+            bounds = examples_of(table)
+            dup = duplicated(table, bounds)
+            bad.extend((key, DUPLICATE, 0) for key in dup)
+            refused = refused or bool(dup)
+            if refused:
                 continue
-            rows = concat_ranges(bounds[examples[good]], counts[good])
-            owner = np.repeat(np.arange(good.size), counts[good])
-            carried = table.select(["key", "copy", "h", "labels", "weight"]).take(pa.array(rows))
-            ext = pa.array([exts[i] for i in good.tolist()], pa.string()).take(pa.array(owner))
-            gathered.add([views[i] for i in good.tolist()], carried, ext, owner, counts[good][owner])
-            tally += np.bincount(bucket_of(carried.column("h").to_numpy(), task.bits), minlength=tally.size)
-            if gathered.bytes >= task.sort_bytes:
-                gathered.flush(spill, rows_out)
+            keys = table.column("key")
+            for examples, items, images in fetched(table, bounds, task.column, task.uri_prefixes):
+                views = binary_views(images)
+                if task.reencode is not None:
+                    items, views = reencoded(items, views, *task.reencode, totals)
+                exts, reasons = verdicts(items, views, task.decode)
+                counts = bounds[examples + 1] - bounds[examples]
+                ok = np.array([e is not None for e in exts], bool)
+                for i in np.flatnonzero(~ok).tolist():
+                    bad.append((keys[int(bounds[examples[i]])].as_py(), reasons[i], int(counts[i])))
+                good = np.flatnonzero(ok)
+                if not good.size:
+                    continue
+                rows = concat_ranges(bounds[examples[good]], counts[good])
+                owner = np.repeat(np.arange(good.size), counts[good])
+                carried = table.select(["key", "copy", "h", "labels", "weight"]).take(pa.array(rows))
+                ext = pa.array([exts[i] for i in good.tolist()], pa.string()).take(pa.array(owner))
+                gathered.add([views[i] for i in good.tolist()], carried, ext, owner, counts[good][owner])
+                tally += np.bincount(bucket_of(carried.column("h").to_numpy(), task.bits), minlength=tally.size)
+                if gathered.bytes >= task.sort_bytes:
+                    gathered.flush(spill, rows_out)
+        if refused:
+            gathered = _Gathered()  # nothing of a refused selection is spilled
         gathered.flush(spill, rows_out)
         spill.close()
         rows_out.close()

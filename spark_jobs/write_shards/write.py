@@ -20,7 +20,7 @@ from schemas import io as sio
 from ..session import inject_failure, task_attempt_id, task_attempt_number
 from ..shards import sample_json, sample_key, shard_name, write_tar
 from .placement import bucket_of, concat_ranges, hash_order, writer_span
-from .spill import PAGE, peak_rss, read_ranges, release_ranges, reset_peak_rss
+from .spill import PAGE, peak_rss, read_ranges, release_ranges, reset_peak_rss, without_gc
 
 __all__ = ["RouteTask", "route_partition", "ROUTED_SCHEMA", "WriteTask", "write_partition", "WRITTEN_SCHEMA",
            "TEMPORARY", "READ_BYTES"]
@@ -59,13 +59,14 @@ def route_partition(task: RouteTask):
     """mapInArrow over rows-file paths (a ``rows_path`` column) ->
     ``ROUTED_SCHEMA`` rows: each good copy once per writer that needs it."""
 
+    @without_gc
     def route(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         sio.apply_storage_config(task.storage)
         for batch in batches:
             for path in batch.column("rows_path").to_pylist():
                 fs, p = sio.filesystem(path)
-                with fs.open(p, "rb") as fh:
-                    reader = pa.ipc.open_file(pa.BufferReader(fh.read()))
+                with fs.open(p, "rb") as fh:  # a record batch at a time, whatever the file's size
+                    reader = pa.ipc.open_file(fh)
                     for i in range(reader.num_record_batches):
                         rows = reader.get_batch(i)
                         if not rows.num_rows:
@@ -148,7 +149,8 @@ def _write_shard(task: WriteTask, rows: pa.Table, paths: list, files: np.ndarray
     target = sio.join(task.output, TEMPORARY, f"{name}.{attempt}") if local else final
     fs, p = sio.filesystem(target)
     fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(p, "wb") as fh:
+    # A local file unbuffered: write_tar hands it the parts with writev (no joined copy).
+    with (open(p, "wb", buffering=0) if local else fs.open(p, "wb")) as fh:
         n, size, digest = write_tar(fh, samples())
     if local:
         os.replace(p, sio.filesystem(final)[1])
@@ -194,6 +196,7 @@ def write_partition(task: WriteTask):
     :func:`placement.hash_order`, keeps the writer's positions and writes
     its shards. A ``WRITTEN_SCHEMA`` row per shard."""
 
+    @without_gc
     def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         reset_peak_rss()
         sio.apply_storage_config(task.storage)

@@ -57,3 +57,17 @@ def s3_server(monkeypatch):
     yield fs
     fsspec.config.conf.pop("s3", None)
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def resampled(spark, source_data, tmp_path_factory):
+    """A same/multinomial selection (many copies) over the generated source."""
+    from spark_jobs import resample as R
+    from tests.helpers import reference_weights, write_weights
+
+    root = tmp_path_factory.mktemp("shards")
+    weights = write_weights(str(root / "weights.parquet"),
+                            reference_weights(source_data.index_path, source_data.labels_path, seed=2))
+    out = str(root / "resampled")
+    R.run(spark, R.ResampleJob(index=source_data.index_path, weights=weights, size=2500, seed=1, output=out))
+    return source_data, out, root

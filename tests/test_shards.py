@@ -24,11 +24,10 @@ import webdataset as wds
 
 from schemas import SchemaError
 from schemas import io as sio
-from spark_jobs import resample as R
 from spark_jobs import shards as SH
 from spark_jobs import verify as V
 from spark_jobs import write_shards as W
-from tests.helpers import reference_weights, run_module, write_weights
+from tests.helpers import run_module
 
 LABELS = pa.list_(pa.int32())
 
@@ -138,17 +137,6 @@ def test_write_tar_equals_tarfile_bytes(n, size):
 
 
 # -- end to end ---------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def resampled(spark, source_data, tmp_path_factory):
-    """A same/multinomial selection (many copies) over the generated source."""
-    root = tmp_path_factory.mktemp("shards")
-    weights = write_weights(str(root / "weights.parquet"),
-                            reference_weights(source_data.index_path, source_data.labels_path, seed=2))
-    out = str(root / "resampled")
-    R.run(spark, R.ResampleJob(index=source_data.index_path, weights=weights, size=2500, seed=1, output=out))
-    return source_data, out, root
-
 
 def read_back(directory):
     """(source key, copy) -> (image bytes, json) read with webdataset, plus per-shard counts."""
@@ -358,8 +346,9 @@ def test_fetch_tasks_take_contiguous_files_one_group_per_partition(spark):
         assert {r["k"]: r["p"] for r in rows} == {k: p for p, k in enumerate(keys)}
     assert W.contiguous_groups(10, 4).tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 3, 3]
     assert W.contiguous_groups(2, 4).tolist() == [0, 2]
-    assert W._spark_file_path("file:///tmp/a%20b.parquet") == "file:/tmp/a%20b.parquet"
-    assert W._spark_file_path("s3a://bucket/x.parquet") == "s3a://bucket/x.parquet"
+    from spark_jobs.write_shards import job as shard_job
+    assert shard_job._spark_file_path("file:///tmp/a%20b.parquet") == "file:/tmp/a%20b.parquet"
+    assert shard_job._spark_file_path("s3a://bucket/x.parquet") == "s3a://bucket/x.parquet"
 
 
 def test_rerun_and_incomplete_output(spark, resampled, tmp_path, capsys):

@@ -46,7 +46,7 @@ reads as it has images (fewer where they touch), and holds its copy rows plus
 """
 
 from .fetch import DUPLICATE, FETCHED_SCHEMA, NOT_IN_INDEX, FetchTask, fetch_partition
-from .job import (FETCH_TASKS_PER_CORE, SPILL_FILE_BYTES, WRITER_BYTES, WRITERS_PER_CORE, ShardJob, _spark_file_path,
+from .job import (FETCH_TASKS_PER_CORE, SPILL_FILE_BYTES, WRITER_BYTES, WRITERS_PER_CORE, ShardJob,
                   build_parser, main, resolve_selection, run)
 from .placement import (BUCKETS_PER_SHARD, MAX_BUCKET_BITS, bucket_bits, bucket_of, bucket_starts, bucket_writers,
                         coalesce_ranges, contiguous_groups, hash_order, partition_keys, shards_per_writer,

@@ -178,10 +178,15 @@ def read_ranges(paths: Sequence[str], files: np.ndarray, starts: np.ndarray, len
 def gc_paused() -> Iterator[None]:
     """Python's cyclic garbage collector off for a task's body (its Arrow
     batches, memoryviews and rows make no cycles, and each collection would
-    walk every object the worker holds: 7% of the job's CPU, measured).
-    Restores the collector's earlier state on exit."""
+    walk every object the worker holds), and what the worker holds before
+    the task (modules, caches) moved out of its reach (``gc.freeze``): Spark's
+    daemon runs a full collection after every task of a reused worker
+    (``pyspark/daemon.py``), which then walks only what tasks left. Both
+    were 7% of the job's CPU (``perf``, ``shards_bench``). Restores the
+    collector's earlier state on exit."""
     was = gc.isenabled()
     gc.disable()
+    gc.freeze()
     try:
         yield
     finally:

@@ -135,10 +135,11 @@ def duplicated(table: pa.Table, bounds: np.ndarray) -> list[str]:
 
 
 def example_chunks(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:
-    """Copy rows sorted by (file, row, key, copy), regrouped into tables of
-    at least ``rows`` rows (the last may have fewer), each one chunk per column
-    and cut where an example ends: an example's copies are never split. A
-    fetch task holds one such table at a time, whatever its input's size."""
+    """Copy rows sorted by (file, row, key, copy), regrouped into tables cut
+    where an example ends once ``rows`` rows are held (an example's copies are
+    never split; a table holds at most ``rows`` plus one input batch and one
+    example), each one chunk per column. A fetch task holds one such table at
+    a time, whatever its input's size."""
     pending: list = []
     held = 0
     for batch in batches:

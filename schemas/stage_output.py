@@ -42,7 +42,7 @@ from typing import Iterator
 from . import io as sio
 
 __all__ = ["MARKER", "SUCCESS", "StageOutput", "is_complete", "require_complete", "require_finished_input",
-           "stage_of"]
+           "stage_of", "pid_alive"]
 
 #: The file that marks a directory as a stage's own (JSON: the stage's name, who made it).
 MARKER = "_STAGE"
@@ -123,13 +123,19 @@ def _process_gone(marker: dict) -> bool:
     known for this host: a temporary of another host is left alone)."""
     if marker.get("host") != socket.gethostname() or not isinstance(marker.get("pid"), int):
         return False
+    return not pid_alive(marker["pid"])
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs (one we may not
+    signal counts as running)."""
     try:
-        os.kill(marker["pid"], 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
-        return True
-    except PermissionError:
         return False
-    return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from schemas import Manifest, ResampleConfig, SchemaError, ShardInfo, check_index_schema, parse_size
 from schemas import io as sio
-from schemas.stage_output import StageOutput, require_complete, require_finished_input
+from schemas.stage_output import StageOutput, pid_alive, require_complete, require_finished_input
 
 from ..session import (StageTimer, add_spark_arguments, observed_metrics, read_parquet_columns,
                        read_parquet_through_fsspec, require_reachable_outputs, run_cli, set_confs)
@@ -260,19 +260,9 @@ def _memory_spill_dir() -> str:
     prefix = "adaptive-transfer-spill-"
     for entry in os.listdir(MEMORY_SPILL_DIR):
         pid = entry[len(prefix):].split("-", 1)[0]
-        if entry.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+        if entry.startswith(prefix) and pid.isdigit() and not pid_alive(int(pid)):
             sio.remove_tree(os.path.join(MEMORY_SPILL_DIR, entry))
     return os.path.join(MEMORY_SPILL_DIR, f"{prefix}{os.getpid()}-{uuid.uuid4().hex[:12]}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def run(spark, job: ShardJob) -> Manifest:

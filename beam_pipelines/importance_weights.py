@@ -40,7 +40,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from schemas import (SchemaError, read_metadata, validate_histogram, validate_vocabulary,
                      with_metadata)
 from schemas import io as sio
-from schemas.stage_output import StageOutput, require_finished_input
+from schemas.stage_output import MARKER, SUCCESS, StageOutput, require_finished_input
 from schemas.targets import list_target
 
 from .label_counts import CountSourceLabels, match_files
@@ -52,7 +52,7 @@ from .weights import (counts_table, entropy, histogram_table, importance_weights
 __all__ = ["build_parser", "check_inputs", "build_pipeline", "write_outputs", "run", "main", "OUTPUT_FILES"]
 
 OUTPUT_FILES = ("label_counts.parquet", "target_histogram.parquet", "weights.parquet", "summary.json",
-                "weights.png", "_SUCCESS", "_STAGE")
+                "weights.png", SUCCESS, MARKER)
 TOP_LABELS = 20
 
 

@@ -56,7 +56,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from schemas import check_index_schema, validate_vocabulary
 from schemas import io as sio
-from schemas.stage_output import StageOutput
+from schemas.stage_output import MARKER, SUCCESS, StageOutput
 from schemas.targets import list_target, read_item_bytes
 
 from .embeddings import (STORE_FORMAT_VERSION, STORE_META, EmbeddedRows, EmbedSource, EmbedTarget,
@@ -82,8 +82,8 @@ NEAR_PAIRS = 8
 #: 1,024 rows runs about 5x as many pairs a second as one of 64 on this VM);
 #: stored embeddings are read this many at a time, fresh ones regrouped.
 COMPARE_ROWS = 1024
-OUTPUT_FILES = ("exclude.parquet", "summary.json", "similarity_histogram.png", "contact_sheet.png", "_SUCCESS",
-                "_STAGE")
+OUTPUT_FILES = ("exclude.parquet", "summary.json", "similarity_histogram.png", "contact_sheet.png", SUCCESS,
+                MARKER)
 EXCLUDE_SCHEMA = pa.schema([pa.field("key", pa.string(), nullable=False),
                             pa.field("target_file", pa.string(), nullable=False),
                             pa.field("target_split", pa.string(), nullable=False),

@@ -426,9 +426,12 @@ def test_shards_do_not_depend_on_buckets_or_fetch_tasks(spark, resampled, tmp_pa
     digests = []
     from spark_jobs.write_shards import job as shard_job, placement
 
-    for buckets_per_shard, tasks_per_core, writer_bytes in ((2, 2, 1 << 30), (64, 1, 1), (1, 5, 600_000)):
+    # Nor does the join: the small index broadcast (the default here) or both sides shuffled.
+    for buckets_per_shard, tasks_per_core, writer_bytes, broadcast in ((2, 2, 1 << 30, 1 << 20), (64, 1, 1, 0),
+                                                                       (1, 5, 600_000, 1 << 20)):
         monkeypatch.setattr(placement, "BUCKETS_PER_SHARD", buckets_per_shard)
         monkeypatch.setattr(shard_job, "FETCH_TASKS_PER_CORE", tasks_per_core)
+        monkeypatch.setattr(shard_job, "BROADCAST_INDEX_ROWS", broadcast)
         out = str(tmp_path / f"b{buckets_per_shard}")
         W.run(spark, W.ShardJob(selection=sel_dir, index=source.index_path, output=out, samples_per_shard=300,
                                 writer_bytes=writer_bytes))

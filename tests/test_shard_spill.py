@@ -5,7 +5,6 @@ bad selection before it touches the output."""
 from __future__ import annotations
 
 import os
-import subprocess
 
 import numpy as np
 import pyarrow as pa
@@ -32,15 +31,18 @@ def test_spill_location_rules():
     # A cluster never spills to memory (one host's), and never silently puts a large spill on an object store.
     assert J.spill_location(None, "/shared/out", False, 1, 64 * GiB) == "output"
     assert J.spill_location(None, "s3://b/out", False, J.OBJECT_STORE_SPILL_LIMIT, None) == "output"
-    for estimate, size in ((J.OBJECT_STORE_SPILL_LIMIT + 1, "about 256 GiB"), (None, "an unknown number")):
-        with pytest.raises(ValueError, match=f"{size}.*s3://b/out/_temporary on the object store: give --spill-dir"):
-            J.spill_location(None, "s3://b/out", False, estimate, None)
+    assert J.spill_location(None, "s3://b/out", False, None, None) == "output"  # unknown: said, not refused
+    assert J.spill_location(None, "hdfs:///out", False, 10 ** 15, None) == "output"  # the cluster's own disks
+    with pytest.raises(ValueError, match="about 256 GiB.*s3://b/out/_temporary on the object store: give --spill-dir"):
+        J.spill_location(None, "s3://b/out", False, J.OBJECT_STORE_SPILL_LIMIT + 1, None)
+    assert [J.is_object_store(p) for p in ("s3a://b/x", "gs://b", "GS://b", "hdfs://nn/x", "file:///x", "/x")] == \
+        [True, True, True, False, False, False]
 
 
 def test_spill_names_spread_over_prefixes():
     names = [spread_name(f"spill-{i}-0000.bin") for i in range(2000)]
     prefixes = {n.split("/")[0] for n in names}
-    assert all(len(p) == 2 and int(p, 16) >= 0 for p in prefixes) and len(prefixes) > 200
+    assert all(len(p) == 2 and p == p.lower() and int(p, 16) < 256 for p in prefixes) and len(prefixes) > 200
     assert spread_name("rows-7.arrow") == spread_name("rows-7.arrow")  # deterministic
     assert names[5].endswith("/spill-5-0000.bin")
 
@@ -66,7 +68,9 @@ def _copy_rows(rng, examples: int, files: int = 3) -> pa.Table:
 @pytest.mark.parametrize("chunk_rows", [1, 7, 64, 10 ** 6])
 def test_example_chunks_never_split_an_example(chunk_rows):
     table = _copy_rows(np.random.default_rng(chunk_rows), 300)
-    chunks = list(F.example_chunks(iter(table.to_batches(max_chunksize=13)), chunk_rows))
+    batches = table.to_batches(max_chunksize=13)
+    batches = [b for batch in batches for b in (batch, batch.slice(0, 0))]  # empty batches too
+    chunks = list(F.example_chunks(iter(batches), chunk_rows))
     assert pa.concat_tables(chunks).equals(table)  # every row once, in order
     assert all(c.num_rows for c in chunks) and (len(chunks) == 1) == (chunk_rows >= table.num_rows)
     ident = [tuple(r.values()) for r in table.select(["file", "row", "key"]).to_pylist()]
@@ -135,19 +139,27 @@ def test_fetch_in_small_chunks_gives_the_same_rows(tmp_path):
     assert all(image == images[int(k[1:])] for (k, _), (image, *_) in got.items())
 
 
+@pytest.mark.skipif((J._memory_free() or 0) < 1 << 30, reason="needs a tmpfs at /dev/shm with 1 GiB free")
 def test_memory_spill_is_used_in_local_mode_and_leaves_nothing(spark, resampled, tmp_path):
+    import fcntl
+
     source, sel_dir, _ = resampled
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    stale = os.path.join(J.MEMORY_SPILL_DIR, f"adaptive-transfer-spill-{dead.pid}-0123456789ab")
-    os.makedirs(os.path.join(stale, "ab"))
-    open(os.path.join(stale, "ab", "spill-x.bin"), "wb").write(b"x" * 100)
-    ours = f"adaptive-transfer-spill-{os.getpid()}-"
+    # A killed run's spill (its lock file free) is removed; a running one's (lock held) is kept.
+    stale, held = (os.path.join(J.MEMORY_SPILL_DIR, f"{J.MemorySpill.PREFIX}0-{name}") for name in ("stale", "held"))
+    for path in (stale, held):
+        os.makedirs(os.path.join(path, "ab"), exist_ok=True)
+        open(os.path.join(path, "ab", "spill-x.bin"), "wb").write(b"x" * 100)
+        open(os.path.join(path, J.MemorySpill.LOCK), "wb").close()
+    lock = os.open(os.path.join(held, J.MemorySpill.LOCK), os.O_RDWR)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    ours = f"{J.MemorySpill.PREFIX}{os.getpid()}-"
     m = W.run(spark, W.ShardJob(selection=sel_dir, index=source.index_path, output=str(tmp_path / "m"),
                                 samples_per_shard=300))
     assert m.extra["spill"]["location"] == "memory"
     assert m.extra["spill"]["released_while_writing"] > 0
-    assert not os.path.exists(stale)  # a killed run's spill, removed
+    assert not os.path.exists(stale) and os.path.exists(os.path.join(held, "ab", "spill-x.bin"))
+    os.close(lock)
+    assert J.MemorySpill.remove_stale() == [held]
     assert not [e for e in os.listdir(J.MEMORY_SPILL_DIR) if e.startswith(ours)]  # this run's, removed
     given = W.run(spark, W.ShardJob(selection=sel_dir, index=source.index_path, output=str(tmp_path / "g"),
                                     samples_per_shard=300, spill_dir=str(tmp_path / "spill")))
@@ -169,3 +181,36 @@ def test_bad_selection_is_refused_before_the_output_is_touched(spark, source_dat
                                 output=str(out)))
     assert os.listdir(out) == []  # not even the stage's marker
     assert sorted(os.listdir(tmp_path)) == ["out", "sel.parquet"]  # no temporary beside it
+
+
+def test_write_all_survives_short_writes_and_many_buffers(tmp_path, monkeypatch):
+    from schemas import io as sio
+
+    real = os.writev
+    calls = []
+
+    def short(fd, buffers):  # the kernel may take less than it is given
+        calls.append(len(buffers))
+        return real(fd, [memoryview(buffers[0])[:max(1, len(buffers[0]) // 2)]])
+
+    parts = [bytes([i % 251]) * (1 + i % 7) for i in range(3000)] + [b"", memoryview(b"tail")]
+    monkeypatch.setattr(os, "writev", short)
+    with open(tmp_path / "f", "wb", buffering=0) as fh:
+        assert sio.write_all(fh.fileno(), parts) == sum(len(p) for p in parts)
+    assert open(tmp_path / "f", "rb").read() == b"".join(parts) and max(calls) <= 1024
+
+
+def test_write_tar_to_a_raw_file_equals_the_buffered_path(tmp_path):
+    import hashlib
+
+    from spark_jobs.shards import sample_json, sample_key, write_tar
+
+    samples = [(sample_key(f"k/{i}", 0), "jpg", memoryview(os.urandom(100 + 37 * i)), sample_json(f"k/{i}", 0, [i], 1.0))
+               for i in range(300)]
+    with open(tmp_path / "raw.tar", "wb", buffering=0) as fh:
+        raw = write_tar(fh, samples)
+    with open(tmp_path / "buffered.tar", "wb") as fh:
+        buffered = write_tar(fh, samples)
+    data = open(tmp_path / "raw.tar", "rb").read()
+    assert data == open(tmp_path / "buffered.tar", "rb").read()
+    assert raw == buffered == (300, len(data), hashlib.sha256(data).hexdigest())

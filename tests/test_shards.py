@@ -432,10 +432,13 @@ def test_shards_do_not_depend_on_buckets_or_fetch_tasks(spark, resampled, tmp_pa
         monkeypatch.setattr(placement, "BUCKETS_PER_SHARD", buckets_per_shard)
         monkeypatch.setattr(shard_job, "FETCH_TASKS_PER_CORE", tasks_per_core)
         monkeypatch.setattr(shard_job, "BROADCAST_INDEX_ROWS", broadcast)
+        # Spark would broadcast so small a side by itself: off, so that the shuffled join runs.
+        spark.conf.set("spark.sql.autoBroadcastJoinThreshold", "10485760" if broadcast else "-1")
         out = str(tmp_path / f"b{buckets_per_shard}")
         W.run(spark, W.ShardJob(selection=sel_dir, index=source.index_path, output=out, samples_per_shard=300,
                                 writer_bytes=writer_bytes))
         digests.append({f: sio.file_sha256(os.path.join(out, f)) for f in os.listdir(out) if f.endswith(".tar")})
+    spark.conf.unset("spark.sql.autoBroadcastJoinThreshold")
     assert len(digests[0]) > 1 and digests[0] == digests[1] == digests[2]
 
 

@@ -14,9 +14,11 @@ good copies (exactly as if the bad examples had never been selected);
 position // samples-per-shard is its shard. Nothing sorts the images:
 
 1. **fetch** (``fetch.py``, one :class:`FetchTask`): each copy meets its
-   example's source location (file, row) in the index; each fetch task
+   example's source location (file, row) in the index (a small index is
+   broadcast, a large one joined by a shuffle); each fetch task
    reads a contiguous range of the index's files, each image once, in
-   source order, checks its structure (or decodes it, ``--decode-check``;
+   source order (``CHUNK_ROWS`` copy rows at a time, cut where an example
+   ends), checks its structure (or decodes it, ``--decode-check``;
    with ``--max-side`` re-encodes it) and appends the good ones to its
    spill files (``spill.py``: plain bytes), each 64 MiB it gathers in the
    order of their first copy's placement hash (so where the job is small a

@@ -383,7 +383,7 @@ def fetch_partition(task: FetchTask):
                 if gathered.bytes >= task.sort_bytes:
                     gathered.flush(spill, rows_out)
         if refused:
-            gathered = _Gathered()  # nothing of a refused selection is spilled
+            gathered = _Gathered()  # no more: the driver refuses it (earlier chunks' spill goes with the job's)
         gathered.flush(spill, rows_out)
         spill.close()
         rows_out.close()

@@ -24,12 +24,13 @@ import pyarrow.parquet as pq
 
 from schemas import Manifest, ResampleConfig, SchemaError, ShardInfo, check_index_schema, parse_size
 from schemas import io as sio
-from schemas.stage_output import StageOutput, pid_alive, require_complete, require_finished_input
+from schemas.stage_output import StageOutput, require_complete, require_finished_input
 
 from ..session import (StageTimer, add_spark_arguments, observed_metrics, read_parquet_columns,
                        read_parquet_through_fsspec, require_reachable_outputs, run_cli, set_confs)
 from ..shards import REENCODE_QUALITY, encoder_version, shard_name
 from .fetch import DUPLICATE, FETCHED_SCHEMA, IMAGE_BATCH_ROWS, FetchTask, fetch_partition
+from .spill import PAGE
 from .placement import bucket_bits, bucket_starts, bucket_writers, contiguous_groups, partition_keys, shards_per_writer
 from .write import (READ_BYTES, ROUTED_SCHEMA, TEMPORARY, WRITTEN_SCHEMA, RouteTask, WriteTask, route_partition,
                     write_partition)
@@ -54,9 +55,9 @@ OBJECT_STORE_SPILL_LIMIT = 256 << 30
 #: Bytes per image assumed for a ``uri`` index (its images' sizes are not known before they are read).
 URI_IMAGE_BYTES = 128 << 10
 #: An index of at most this many rows (and ``BROADCAST_INDEX_FILES`` files, whose footers say so) is
-#: broadcast to the selection's copies (~200 bytes a row per executor): the join then needs no shuffle
-#: of either side (measured 5% of a 707 MB job); a larger one is joined by a shuffle.
-BROADCAST_INDEX_ROWS = 1 << 20
+#: broadcast to the selection's copies (~300 bytes a row, through the driver to each executor): the join
+#: then needs no shuffle of either side (measured 5% of a 707 MB job); a larger one is joined by a shuffle.
+BROADCAST_INDEX_ROWS = 1 << 18
 BROADCAST_INDEX_FILES = 256
 
 
@@ -176,8 +177,6 @@ def _selection_facts(selection_path: str, stats: dict | None) -> SelectionFacts 
     """:class:`SelectionFacts` from the footers (read in parallel: a few
     requests per file, never the data); None when the files cannot be listed
     (Spark's reader then says what is wrong)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     try:
         paths = sio.expand_paths(selection_path)
     except FileNotFoundError:
@@ -188,14 +187,14 @@ def _selection_facts(selection_path: str, stats: dict | None) -> SelectionFacts 
         with fs.open(p, "rb") as fh:
             return pq.read_metadata(fh)
 
-    with ThreadPoolExecutor(16) as pool:
-        footers = list(pool.map(footer, paths))
     rows, lows = 0, []
-    for meta in footers:
+    for meta in _in_parallel(footer, paths):
         rows += meta.num_rows
-        names = [meta.schema.column(i).name for i in range(meta.num_columns)]
+        paths_in = [meta.schema.column(i).path for i in range(meta.num_columns)]
+        at = paths_in.index("copies") if "copies" in paths_in else None
+        integer = at is not None and meta.schema.column(at).physical_type in ("INT32", "INT64")
         for g in range(meta.num_row_groups):
-            stat = meta.row_group(g).column(names.index("copies")).statistics if "copies" in names else None
+            stat = meta.row_group(g).column(at).statistics if integer else None
             lows.append(stat.min if stat is not None and stat.has_min_max else None)
     total = stats["total_copies"] if stats and isinstance(stats.get("total_copies"), int) else rows
     return SelectionFacts(rows=rows, copies=total,
@@ -209,65 +208,156 @@ def _config_from(stats: dict | None, total: int) -> tuple[ResampleConfig, dict]:
     return ResampleConfig(target="unknown", size=max(total, 1)), {}
 
 
+#: URL schemes of object stores (no rename, per-request cost): where a large spill is refused by default.
+OBJECT_STORE_SCHEMES = ("s3", "s3a", "s3n", "gs", "gcs", "abfs", "abfss", "az", "adl", "oss", "r2")
+
+
+def is_object_store(path: str) -> bool:
+    """Whether ``path`` is a URL of an object store (``OBJECT_STORE_SCHEMES``),
+    not a local or cluster filesystem (``file:``, ``hdfs:``, a mount)."""
+    return path.split("://", 1)[0].lower() in OBJECT_STORE_SCHEMES if "://" in path else False
+
+
 def spill_location(given: str | None, output: str, local_master: bool, estimate: int | None,
                    memory_free: int | None) -> str:
     """Where the spill goes: ``"given"`` (``--spill-dir``), ``"memory"``
     (local mode, when ``estimate``, the spill's bytes at most, fits in
-    ``MEMORY_SPILL_SHARE`` of ``memory_free``: the memory available and the
-    tmpfs's free space, the smaller; a tmpfs spill costs no filesystem work
-    and no write-back: measured 25% faster in ``shards_bench``) or
-    ``"output"`` (``OUTPUT/_temporary``). Raises ``ValueError`` on a
-    cluster when the spill would put more than ``OBJECT_STORE_SPILL_LIMIT``
-    on an object-store ``output``. Pure."""
+    ``MEMORY_SPILL_SHARE`` of ``memory_free``, the memory this process may
+    still use and the tmpfs's free space, the smaller; a tmpfs spill costs no
+    filesystem work and no write-back: measured 25% faster in
+    ``shards_bench``) or ``"output"`` (``OUTPUT/_temporary``). Raises
+    ``ValueError`` on a cluster when the spill is known to put more than
+    ``OBJECT_STORE_SPILL_LIMIT`` on an object-store ``output``. Pure."""
     if given:
         return "given"
     if local_master and estimate is not None and memory_free and estimate <= MEMORY_SPILL_SHARE * memory_free:
         return "memory"
-    if not local_master and not sio.is_local(output) and (estimate is None or estimate > OBJECT_STORE_SPILL_LIMIT):
-        size = "an unknown number of" if estimate is None else f"about {estimate / 2**30:,.0f} GiB of"
+    if not local_master and is_object_store(output) and estimate is not None and estimate > OBJECT_STORE_SPILL_LIMIT:
         raise ValueError(
-            f"the spill ({size} image bytes, written once and read once by the shard writers) would go to "
-            f"{sio.join(output, TEMPORARY)} on the object store: give --spill-dir on the cluster's own "
-            "filesystem (e.g. hdfs:///tmp/write_shards; every executor must reach it), or --spill-dir "
-            f"{sio.join(output, TEMPORARY)} to accept the object store")
+            f"the spill (about {estimate / 2**30:,.0f} GiB of image bytes, written once and read once by the "
+            f"shard writers) would go to {sio.join(output, TEMPORARY)} on the object store: give --spill-dir on "
+            "the cluster's own filesystem (e.g. hdfs:///tmp/write_shards; every executor must reach it), or "
+            f"--spill-dir {sio.join(output, TEMPORARY)} to accept the object store")
     return "output"
 
 
 def _memory_free() -> int | None:
-    """Bytes a spill in ``MEMORY_SPILL_DIR`` could take: the memory available
-    (``/proc/meminfo``) or the tmpfs's free space, the smaller; None where
-    either is unknown."""
+    """Bytes a spill in ``MEMORY_SPILL_DIR`` could take: the smallest of the
+    memory available (``/proc/meminfo``), what this process's cgroup may
+    still use (``memory.max - memory.current``, cgroup v2; a tmpfs's pages
+    are charged to it) and the tmpfs's free space; None where the first or
+    the last is unknown."""
     try:
         with open("/proc/meminfo") as fh:
-            available = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))
+            room = [next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))]
         st = os.statvfs(MEMORY_SPILL_DIR)
     except (OSError, StopIteration):
         return None
-    return min(available, st.f_bavail * st.f_frsize)
+    room.append(st.f_bavail * st.f_frsize)
+    try:
+        with open("/proc/self/cgroup") as fh:
+            group = next(line.strip().split("::", 1)[1] for line in fh if line.startswith("0::"))
+        base = os.path.join("/sys/fs/cgroup", group.lstrip("/"))
+        limit = open(os.path.join(base, "memory.max")).read().strip()
+        if limit != "max":
+            room.append(int(limit) - int(open(os.path.join(base, "memory.current")).read()))
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+    return max(0, min(room))
 
 
-def _spill_estimate(files: list[str], column: str, selected: int) -> int | None:
-    """The spill's bytes at most: the index files' sizes (an inline index:
-    every image once), or ``selected`` examples of ``URI_IMAGE_BYTES`` (a
-    ``uri`` index); None when the sizes cannot be read."""
+def _in_parallel(function, items: list) -> list:
+    """``[function(item) for item in items]``, 16 at a time (requests to a store)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(function, items))
+
+
+def _index_rows(files: list[str], max_files: int | None = None) -> int | None:
+    """The index's rows, from its files' footers (read in parallel); None for
+    more than ``max_files`` files or when a footer cannot be read."""
+    if max_files is not None and len(files) > max_files:
+        return None
+
+    def rows(path: str) -> int:
+        fs, p = sio.filesystem(path)
+        with fs.open(p, "rb") as fh:
+            return pq.read_metadata(fh).num_rows
+
+    try:
+        return sum(_in_parallel(rows, files))
+    except (OSError, ValueError, pa.ArrowException):
+        return None
+
+
+def _spill_estimate(files: list[str], column: str, selected: int, index_rows: int | None) -> int | None:
+    """The spill's bytes at most: an inline index's file sizes (every image
+    once) plus a page of padding per row (a local spill aligns each image);
+    ``selected`` examples of ``URI_IMAGE_BYTES`` for a ``uri`` index. None
+    when the sizes or the rows cannot be read."""
     if column == "uri":
         return selected * URI_IMAGE_BYTES
+    if index_rows is None:
+        return None
     try:
         fs, _ = sio.filesystem(files[0])
-        return int(sum(fs.sizes([sio.filesystem(f)[1] for f in files])))
+        return int(sum(_in_parallel(lambda f: fs.size(sio.filesystem(f)[1]), files))) + index_rows * PAGE
     except (OSError, IndexError, ValueError):
         return None
 
 
-def _memory_spill_dir() -> str:
-    """A fresh spill directory in memory (``MEMORY_SPILL_DIR``) named after
-    this process; those of ended processes (killed runs) are removed first."""
-    prefix = "adaptive-transfer-spill-"
-    for entry in os.listdir(MEMORY_SPILL_DIR):
-        pid = entry[len(prefix):].split("-", 1)[0]
-        if entry.startswith(prefix) and pid.isdigit() and not pid_alive(int(pid)):
-            sio.remove_tree(os.path.join(MEMORY_SPILL_DIR, entry))
-    return os.path.join(MEMORY_SPILL_DIR, f"{prefix}{os.getpid()}-{uuid.uuid4().hex[:12]}")
+class MemorySpill:
+    """A spill directory in memory (``MEMORY_SPILL_DIR``), held by this run:
+    a lock file inside it stays ``flock``-ed until :meth:`close`, so that a
+    later run (in any process or container sharing the tmpfs) removes only
+    spills whose lock it can take: those of ended runs (killed ones too)."""
+
+    PREFIX = "adaptive-transfer-spill-"
+    LOCK = "_lock"
+
+    def __init__(self) -> None:
+        import fcntl
+
+        self.remove_stale()
+        self.path = os.path.join(MEMORY_SPILL_DIR, f"{self.PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        os.makedirs(self.path)
+        self._lock = os.open(os.path.join(self.path, self.LOCK), os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+
+    @classmethod
+    def remove_stale(cls) -> list[str]:
+        """Remove this user's spills that no run holds; returns them. A spill
+        without its lock file is left alone (a run may be creating it)."""
+        import fcntl
+        import shutil
+
+        removed = []
+        for entry in os.listdir(MEMORY_SPILL_DIR):
+            path = os.path.join(MEMORY_SPILL_DIR, entry)
+            try:
+                if not entry.startswith(cls.PREFIX) or os.stat(path).st_uid != os.getuid():
+                    continue
+                fd = os.open(os.path.join(path, cls.LOCK), os.O_RDWR)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # held: a running job's
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+            finally:
+                os.close(fd)
+        return removed
+
+    def close(self) -> None:
+        """Remove the spill, then let go of it."""
+        import shutil
+
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.close(self._lock)
 
 
 def run(spark, job: ShardJob) -> Manifest:
@@ -316,7 +406,7 @@ def run(spark, job: ShardJob) -> Manifest:
     if facts is not None and facts.min_copies is not None and facts.min_copies < 1:
         raise SchemaError(f"copies must be > 0 (found {facts.min_copies})", file=selection_path)
     files = sorted(index.inputFiles())
-    spill = _choose_spill(spark, job, index, files, column, facts)
+    spill = _choose_spill(spark, job, files, column, facts)
     work = output.begin()  # every input is checked: the output may be touched now
     try:
         manifest = _write_into(spark, job, work, selection, selection_path, resample_stats, files, spill, column,
@@ -327,23 +417,6 @@ def run(spark, job: ShardJob) -> Manifest:
     output.commit(work)
     return manifest
 
-
-
-def _index_rows(files: list[str]) -> int | None:
-    """Rows of an index of at most ``BROADCAST_INDEX_FILES`` files, from their
-    footers (read in parallel); None for a larger one (not worth reading)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    if len(files) > BROADCAST_INDEX_FILES:
-        return None
-
-    def rows(path: str) -> int:
-        fs, p = sio.filesystem(path)
-        with fs.open(p, "rb") as fh:
-            return pq.read_metadata(fh).num_rows
-
-    with ThreadPoolExecutor(16) as pool:
-        return sum(pool.map(rows, files))
 
 
 def _fetch(spark, job: ShardJob, selection, located, files: list[str], column: str, spill_dir: str, tasks: int,
@@ -370,7 +443,7 @@ def _fetch(spark, job: ShardJob, selection, located, files: list[str], column: s
     task = FetchTask(column=column, bits=bits, storage=sio.storage_config(), spill_dir=spill_dir,
                      spill_file_bytes=job.run_bytes, uri_prefixes=tuple(job.uri_prefixes), reencode=job.reencode,
                      decode=job.decode_check)
-    index_rows = _index_rows(files)
+    index_rows = _index_rows(files, BROADCAST_INDEX_FILES)
     small = index_rows is not None and index_rows <= BROADCAST_INDEX_ROWS
     fetched = (copies.join(F.broadcast(located) if small else located, on="key", how="left").join(F.broadcast(task_of_file), on="file", how="left")
                .repartition(tasks, F.coalesce(F.col("task"), F.hash("file")))
@@ -442,10 +515,10 @@ def _write(spark, job: ShardJob, work: str, rows_paths: list[str], facts: FetchF
     return rows, writers, per_writer
 
 
-def _choose_spill(spark, job: ShardJob, index, files: list[str], column: str, facts: SelectionFacts | None) -> str:
-    """:func:`spill_location` for this job, with the estimate it needs: the
-    index's file sizes (local mode), scaled on a cluster by the share of
-    the index's rows selected (a count from the index's footers)."""
+def _choose_spill(spark, job: ShardJob, files: list[str], column: str, facts: SelectionFacts | None) -> str:
+    """:func:`spill_location` for this job, with the estimate it needs, from
+    the index's file sizes and footers: all of it in local mode (an upper
+    bound), the share of its rows selected on a cluster."""
     local_master = spark.sparkContext.master.startswith("local")
     selected = facts.rows if facts is not None else None
     estimate = memory = None
@@ -454,11 +527,16 @@ def _choose_spill(spark, job: ShardJob, index, files: list[str], column: str, fa
     elif local_master:
         memory = _memory_free()
         if memory and column == "image":
-            estimate = _spill_estimate(files, column, selected or 0)
-    elif not sio.is_local(job.output) and selected is not None:
-        estimate = _spill_estimate(files, column, selected)
-        if estimate is not None and column == "image":
-            estimate = int(estimate * min(1.0, selected / max(1, index.count())))
+            estimate = _spill_estimate(files, column, selected or 0, _index_rows(files, BROADCAST_INDEX_FILES))
+    elif is_object_store(job.output) and selected is not None:
+        rows = _index_rows(files) if column == "image" else None
+        estimate = _spill_estimate(files, column, selected, rows)
+        if estimate is not None and rows:
+            estimate = int(estimate * min(1.0, selected / rows))
+        if estimate is None:
+            print(f"write_shards: the spill's size could not be estimated; it goes to "
+                  f"{sio.join(job.output, TEMPORARY)} on the object store (give --spill-dir to choose)",
+                  file=sys.stderr)
     return spill_location(job.spill_dir, job.output, local_master, estimate, memory)
 
 
@@ -467,7 +545,8 @@ def _write_into(spark, job: ShardJob, work: str, selection, selection_path: str,
                 stages: StageTimer, t0: float) -> Manifest:
     """Fetch, spill (``spill``: :func:`spill_location`) and write the shards
     and the manifest into ``work``."""
-    spill_dir = (_memory_spill_dir() if spill == "memory" else
+    memory = MemorySpill() if spill == "memory" else None
+    spill_dir = (memory.path if memory else
                  sio.join(job.spill_dir if spill == "given" else sio.join(work, TEMPORARY),
                           f"spill-{uuid.uuid4().hex[:12]}"))
     bits = bucket_bits(selected.copies if selected is not None else 0, job.samples_per_shard)
@@ -515,7 +594,10 @@ def _write_into(spark, job: ShardJob, work: str, selection, selection_path: str,
         stages.lap("write")
     finally:
         restore_confs()
-        sio.remove_tree(spill_dir)
+        if memory:
+            memory.close()
+        else:
+            sio.remove_tree(spill_dir)
 
     num_shards = math.ceil(total / job.samples_per_shard)
     by_shard = {}

@@ -28,7 +28,7 @@ from schemas import io as sio
 from .placement import coalesce_ranges
 
 __all__ = ["SpillWriter", "read_ranges", "release_ranges", "PAGE", "with_retries", "is_transient", "reset_peak_rss", "peak_rss", "gc_paused",
-           "without_gc", "spread_name",
+           "without_gc", "spread_name", "TASK_GC_THRESHOLD",
            "READ_ATTEMPTS"]
 
 T = TypeVar("T")
@@ -174,24 +174,32 @@ def read_ranges(paths: Sequence[str], files: np.ndarray, starts: np.ndarray, len
     return views, len(read_file), int((read_end - read_start).sum())
 
 
+#: Objects allocated, net, between young collections while a task runs (Python's default: 700).
+TASK_GC_THRESHOLD = 100_000
+_frozen = False
+
+
 @contextlib.contextmanager
 def gc_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off for a task's body (its Arrow
-    batches, memoryviews and rows make no cycles, and each collection would
-    walk every object the worker holds), and what the worker holds before
-    the task (modules, caches) moved out of its reach (``gc.freeze``): Spark's
-    daemon runs a full collection after every task of a reused worker
-    (``pyspark/daemon.py``), which then walks only what tasks left. Both
-    were 7% of the job's CPU (``perf``, ``shards_bench``). Restores the
-    collector's earlier state on exit."""
-    was = gc.isenabled()
-    gc.disable()
-    gc.freeze()
+    """A task's body with Python's cyclic garbage collector mostly out of the
+    way: what the worker held before its first such task (modules, pyarrow,
+    pyspark) is frozen once (``gc.freeze``), so that the full collection
+    Spark's daemon runs after every task of a reused worker
+    (``pyspark/daemon.py``) walks only what tasks left; and young
+    collections run every ``TASK_GC_THRESHOLD`` allocations, not 700 (a
+    task's Arrow batches, views and rows make few cycles). Both were 7% of
+    the job's CPU (``perf``, ``shards_bench``). The thresholds are restored
+    on exit; nothing a task makes is frozen."""
+    global _frozen
+    if not _frozen:
+        gc.freeze()
+        _frozen = True
+    before = gc.get_threshold()
+    gc.set_threshold(TASK_GC_THRESHOLD, *before[1:])
     try:
         yield
     finally:
-        if was:
-            gc.enable()
+        gc.set_threshold(*before)
 
 
 def without_gc(task: Callable[..., Iterator[T]]) -> Callable[..., Iterator[T]]:

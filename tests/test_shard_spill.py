@@ -205,8 +205,8 @@ def test_write_tar_to_a_raw_file_equals_the_buffered_path(tmp_path):
 
     from spark_jobs.shards import sample_json, sample_key, write_tar
 
-    samples = [(sample_key(f"k/{i}", 0), "jpg", memoryview(os.urandom(100 + 37 * i)), sample_json(f"k/{i}", 0, [i], 1.0))
-               for i in range(300)]
+    samples = [(sample_key(f"k/{i}", 0), "jpg", memoryview(os.urandom(100 + 37 * i)),
+                sample_json(f"k/{i}", 0, [i], 1.0)) for i in range(300)]
     with open(tmp_path / "raw.tar", "wb", buffering=0) as fh:
         raw = write_tar(fh, samples)
     with open(tmp_path / "buffered.tar", "wb") as fh:

@@ -58,7 +58,8 @@ ROWS_ARROW = pa.schema([("key", pa.string()), ("copy", pa.int32()), ("h", pa.int
 class FetchTask:
     """What every fetch task is given (the unit a test builds by hand).
 
-    ``bits``: bits of the placement hash that name its bucket; ``column``: ``"image"`` (bytes in the index) or ``"uri"``; ``storage``:
+    ``bits``: bits of the placement hash that name its bucket; ``column``:
+    ``"image"`` (bytes in the index) or ``"uri"``; ``storage``:
     fsspec options (``schemas.io.storage_config``); ``spill_dir``: where the
     spill files go; ``spill_file_bytes``: a new spill file past this;
     ``uri_prefixes``: where uris may be read (schemas.uri_policy);

@@ -182,13 +182,8 @@ def _selection_facts(selection_path: str, stats: dict | None) -> SelectionFacts 
     except FileNotFoundError:
         return None
 
-    def footer(path: str):
-        fs, p = sio.filesystem(path)
-        with fs.open(p, "rb") as fh:
-            return pq.read_metadata(fh)
-
     rows, lows = 0, []
-    for meta in _in_parallel(footer, paths):
+    for meta in _in_parallel(_footer, paths):
         rows += meta.num_rows
         paths_in = [meta.schema.column(i).path for i in range(meta.num_columns)]
         at = paths_in.index("copies") if "copies" in paths_in else None
@@ -266,6 +261,13 @@ def _memory_free() -> int | None:
     return max(0, min(room))
 
 
+def _footer(path: str) -> pq.FileMetaData:
+    """A Parquet file's footer (a few ranged reads, never the data)."""
+    fs, p = sio.filesystem(path)
+    with fs.open(p, "rb") as fh:
+        return pq.read_metadata(fh)
+
+
 def _in_parallel(function, items: list) -> list:
     """``[function(item) for item in items]``, 16 at a time (requests to a store)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -280,13 +282,8 @@ def _index_rows(files: list[str], max_files: int | None = None) -> int | None:
     if max_files is not None and len(files) > max_files:
         return None
 
-    def rows(path: str) -> int:
-        fs, p = sio.filesystem(path)
-        with fs.open(p, "rb") as fh:
-            return pq.read_metadata(fh).num_rows
-
     try:
-        return sum(_in_parallel(rows, files))
+        return sum(meta.num_rows for meta in _in_parallel(_footer, files))
     except (OSError, ValueError, pa.ArrowException):
         return None
 
@@ -406,11 +403,12 @@ def run(spark, job: ShardJob) -> Manifest:
     if facts is not None and facts.min_copies is not None and facts.min_copies < 1:
         raise SchemaError(f"copies must be > 0 (found {facts.min_copies})", file=selection_path)
     files = sorted(index.inputFiles())
-    spill = _choose_spill(spark, job, files, column, facts)
+    index_rows = _index_rows(files, BROADCAST_INDEX_FILES)  # a small index's rows (read once)
+    spill = _choose_spill(spark, job, files, column, facts, index_rows)
     work = output.begin()  # every input is checked: the output may be touched now
     try:
         manifest = _write_into(spark, job, work, selection, selection_path, resample_stats, files, spill, column,
-                               located, facts, stages, t0)
+                               located, facts, index_rows, stages, t0)
     except BaseException:
         output.abort(work)
         raise
@@ -420,7 +418,7 @@ def run(spark, job: ShardJob) -> Manifest:
 
 
 def _fetch(spark, job: ShardJob, selection, located, files: list[str], column: str, spill_dir: str, tasks: int,
-           bits: int):
+           bits: int, index_rows: int | None):
     """The fetch pass: its ``FETCHED_SCHEMA`` rows (an Arrow table, a row per
     fetch task) and the Observation of the selection's facts."""
     from pyspark.sql import Observation
@@ -443,9 +441,9 @@ def _fetch(spark, job: ShardJob, selection, located, files: list[str], column: s
     task = FetchTask(column=column, bits=bits, storage=sio.storage_config(), spill_dir=spill_dir,
                      spill_file_bytes=job.run_bytes, uri_prefixes=tuple(job.uri_prefixes), reencode=job.reencode,
                      decode=job.decode_check)
-    index_rows = _index_rows(files, BROADCAST_INDEX_FILES)
     small = index_rows is not None and index_rows <= BROADCAST_INDEX_ROWS
-    fetched = (copies.join(F.broadcast(located) if small else located, on="key", how="left").join(F.broadcast(task_of_file), on="file", how="left")
+    fetched = (copies.join(F.broadcast(located) if small else located, on="key", how="left")
+               .join(F.broadcast(task_of_file), on="file", how="left")
                .repartition(tasks, F.coalesce(F.col("task"), F.hash("file")))
                .drop("task").sortWithinPartitions("file", "row", "key", "copy")
                .mapInArrow(fetch_partition(task), FETCHED_SCHEMA)
@@ -515,10 +513,12 @@ def _write(spark, job: ShardJob, work: str, rows_paths: list[str], facts: FetchF
     return rows, writers, per_writer
 
 
-def _choose_spill(spark, job: ShardJob, files: list[str], column: str, facts: SelectionFacts | None) -> str:
+def _choose_spill(spark, job: ShardJob, files: list[str], column: str, facts: SelectionFacts | None,
+                  index_rows: int | None) -> str:
     """:func:`spill_location` for this job, with the estimate it needs, from
-    the index's file sizes and footers: all of it in local mode (an upper
-    bound), the share of its rows selected on a cluster."""
+    the index's file sizes and footers (``index_rows``: its rows where it is
+    small, else None): all of it in local mode (an upper bound), the share of
+    its rows selected on a cluster."""
     local_master = spark.sparkContext.master.startswith("local")
     selected = facts.rows if facts is not None else None
     estimate = memory = None
@@ -527,9 +527,9 @@ def _choose_spill(spark, job: ShardJob, files: list[str], column: str, facts: Se
     elif local_master:
         memory = _memory_free()
         if memory and column == "image":
-            estimate = _spill_estimate(files, column, selected or 0, _index_rows(files, BROADCAST_INDEX_FILES))
+            estimate = _spill_estimate(files, column, selected or 0, index_rows)
     elif is_object_store(job.output) and selected is not None:
-        rows = _index_rows(files) if column == "image" else None
+        rows = (index_rows if index_rows is not None else _index_rows(files)) if column == "image" else None
         estimate = _spill_estimate(files, column, selected, rows)
         if estimate is not None and rows:
             estimate = int(estimate * min(1.0, selected / rows))
@@ -542,7 +542,7 @@ def _choose_spill(spark, job: ShardJob, files: list[str], column: str, facts: Se
 
 def _write_into(spark, job: ShardJob, work: str, selection, selection_path: str, resample_stats: dict | None,
                 files: list[str], spill: str, column: str, located, selected: SelectionFacts | None,
-                stages: StageTimer, t0: float) -> Manifest:
+                index_rows: int | None, stages: StageTimer, t0: float) -> Manifest:
     """Fetch, spill (``spill``: :func:`spill_location`) and write the shards
     and the manifest into ``work``."""
     memory = MemorySpill() if spill == "memory" else None
@@ -558,7 +558,8 @@ def _write_into(spark, job: ShardJob, work: str, selection, selection_path: str,
                                       "spark.sql.files.maxPartitionBytes": str(1 << 50),
                                       "spark.sql.files.minPartitionNum": str(tasks)})
     try:
-        fetched, observed, measures = _fetch(spark, job, selection, located, files, column, spill_dir, tasks, bits)
+        fetched, observed, measures = _fetch(spark, job, selection, located, files, column, spill_dir, tasks, bits,
+                                             index_rows)
         facts = _facts(fetched, bits)
         # No metrics come back when nothing was selected: then count directly.
         counts = observed_metrics(observed) or selection.agg(*measures).first()

@@ -27,9 +27,8 @@ from schemas import io as sio
 
 from .placement import coalesce_ranges
 
-__all__ = ["SpillWriter", "read_ranges", "release_ranges", "PAGE", "with_retries", "is_transient", "reset_peak_rss", "peak_rss", "gc_paused",
-           "without_gc", "spread_name", "TASK_GC_THRESHOLD",
-           "READ_ATTEMPTS"]
+__all__ = ["SpillWriter", "read_ranges", "release_ranges", "spread_name", "PAGE", "with_retries", "is_transient",
+           "READ_ATTEMPTS", "reset_peak_rss", "peak_rss", "gc_paused", "without_gc", "TASK_GC_THRESHOLD"]
 
 T = TypeVar("T")
 

@@ -378,10 +378,11 @@ def by_stored_side(datas: list[bytes], base: list[float], other: list[float]) ->
 # -- GPU (optional) ------------------------------------------------------------------------------
 
 def write_tars(index: str, out: str, shards: int, max_side: int | None, quality: int | None) -> list[str]:
-    """Shards of ``index`` written directly (``spark_jobs.shards.write_tar``,
+    """Shards of ``index`` written directly (``schemas.shard_format.write_tar``,
     one copy each, ``reencode_image`` for ``max_side``): the images
     ``write_shards`` would store, for machines without Spark (the GPU part)."""
-    from spark_jobs.shards import REENCODE_QUALITY, image_extension, reencode_image, sample_json, sample_key, write_tar
+    from schemas.shard_format import image_extension, sample_json, sample_key, write_tar
+    from spark_jobs.reencode import REENCODE_QUALITY, reencode_image
 
     table = pq.read_table(index)
     keys, labels, images = (table.column(c).to_pylist() for c in ("key", "labels", "image"))

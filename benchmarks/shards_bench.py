@@ -39,7 +39,7 @@ from PIL import Image
 
 from spark_jobs import write_shards as W
 from spark_jobs.session import get_session
-from spark_jobs.shards import sample_json, sample_key
+from schemas.shard_format import sample_json, sample_key
 
 
 def make_index(path: str, images: int, seed: int = 0) -> int:

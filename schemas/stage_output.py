@@ -21,8 +21,13 @@ A stage's output is a directory (``--output``) that it owns:
    whose partial output is its resume point (the trainer's checkpoints)
    writes in place everywhere (``in_place=True``). The stale temporaries of
    this stage's earlier killed runs (their process is gone) are removed.
-4. **A rerun over a finished output does no work** and says so in one line
-   (:meth:`StageOutput.skip_line`), unless ``--overwrite``.
+4. **One reuse rule.** A finished output is reused (the rerun does no work
+   and says so in one line, :meth:`StageOutput.skip_line`) when it is
+   complete *and* its fingerprint matches: the digest of the stage's
+   settings, seed, inputs and code (:mod:`schemas.fingerprint`), kept in its
+   marker. A finished output made from anything else is refused, naming what
+   differs, unless ``--overwrite`` (then rebuilt aside and committed whole).
+   :meth:`StageOutput.run` is the whole protocol in one call.
 
 Readers of a stage's result call :func:`require_complete` (a directory) or
 :func:`require_finished_input` (a file inside a stage's output).
@@ -35,14 +40,16 @@ import datetime
 import json
 import os
 import socket
+import sys
 import uuid
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
 
 from . import io as sio
+from .fingerprint import digest
 
 __all__ = ["MARKER", "SUCCESS", "StageOutput", "is_complete", "require_complete", "require_finished_input",
-           "stage_of", "pid_alive"]
+           "stage_of", "pid_alive", "fingerprint_of"]
 
 #: The file that marks a directory as a stage's own (JSON: the stage's name, who made it).
 MARKER = "_STAGE"
@@ -100,11 +107,45 @@ def _entries(path: str) -> list[str] | None:
     return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(p, detail=False))
 
 
-def _marker_text(stage: str, entries: list[str] | None = None) -> str:
+def _read_marker(path: str) -> dict:
+    """The marker of directory ``path`` as a dict (``{}``: none, or unreadable)."""
+    try:
+        marker = json.loads(sio.read_bytes(sio.join(path, MARKER)))
+    except (ValueError, OSError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def fingerprint_of(path: str) -> dict | None:
+    """The fingerprint recorded in the marker of stage output ``path``:
+    ``{"digest": ..., "settings": {...}}`` (``None``: none recorded)."""
+    recorded = _read_marker(path).get("fingerprint")
+    return recorded if isinstance(recorded, dict) and "digest" in recorded else None
+
+
+def _fingerprint_record(settings: Mapping[str, Any] | None) -> dict | None:
+    if settings is None:
+        return None
+    plain = json.loads(json.dumps(settings, sort_keys=True, default=str))
+    return {"digest": digest(plain), "settings": plain}
+
+
+def _differences(recorded: dict | None, wanted: dict) -> str:
+    """What differs between two fingerprint records, for a message."""
+    if recorded is None:
+        return "no recorded fingerprint (made by an earlier version)"
+    old, new = recorded.get("settings") or {}, wanted["settings"]
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return "other " + ", ".join(keys) if keys else "another fingerprint"
+
+
+def _marker_text(stage: str, entries: list[str] | None = None, fingerprint: dict | None = None) -> str:
     marker = {"stage": stage, "host": socket.gethostname(), "pid": os.getpid(),
               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     if entries is not None:
         marker["entries"] = sorted(entries)
+    if fingerprint is not None:
+        marker["fingerprint"] = fingerprint
     return json.dumps(marker)
 
 
@@ -153,6 +194,7 @@ class StageOutput:
     path: str
     stage: str
     in_place: bool = False
+    _fingerprint: dict | None = field(default=None, init=False, repr=False)  # what begin() was given
 
     def __post_init__(self) -> None:
         self.local = sio.is_local(self.path)
@@ -185,28 +227,60 @@ class StageOutput:
         return (f"{self.path} is the output of {owner}, not {self.stage}; nothing there is deleted: give "
                 "an empty or new output directory")
 
-    def check(self, overwrite: bool = False) -> bool:
+    def matches(self, fingerprint: Mapping[str, Any] | None) -> bool:
+        """A finished result of this stage is there, made from ``fingerprint``
+        (``None``: from anything)."""
+        if not self.is_complete():
+            return False
+        wanted = _fingerprint_record(fingerprint)
+        return wanted is None or (fingerprint_of(self.path) or {}).get("digest") == wanted["digest"]
+
+    def check(self, overwrite: bool = False, fingerprint: Mapping[str, Any] | None = None) -> bool:
         """The check before any work: ``True`` when this stage's finished
-        result is there and not ``overwrite`` (the stage then does nothing but
-        report :meth:`skip_line`). Raises ``ValueError`` when the stage may not
-        write ``path`` and must. Changes nothing but removing this stage's
-        dead temporaries (:meth:`remove_stale`)."""
+        result is there, made from ``fingerprint`` (any, where ``None``), and
+        not ``overwrite`` (the stage then does nothing but report
+        :meth:`skip_line`). Raises ``ValueError`` when the stage may not write
+        ``path`` and must: someone else's files, or a finished result made from
+        another fingerprint without ``overwrite`` (the message names what
+        differs). Changes nothing but removing this stage's dead temporaries
+        (:meth:`remove_stale`)."""
         self.remove_stale()
-        if self.is_complete() and not overwrite:
+        if self.matches(fingerprint) and not overwrite:
             return True
         reason = self.refusal()
         if reason:
             raise ValueError(reason)
+        if self.is_complete() and not overwrite:
+            wanted = _fingerprint_record(fingerprint)
+            raise ValueError(f"{self.path} holds a finished {self.stage} result made from "
+                             f"{_differences(fingerprint_of(self.path), wanted)}; nothing there is deleted: "
+                             "--overwrite replaces it once the new one is complete, or give another output")
+        return False
+
+    def run(self, build: Callable[[str], Any], *, fingerprint: Mapping[str, Any] | None = None,
+            overwrite: bool = False, quiet: bool = False) -> bool:
+        """The whole protocol: reuse a finished result made from
+        ``fingerprint`` (prints :meth:`skip_line` unless ``quiet``; returns
+        ``True``), else ``build(work)`` aside and commit it whole, or abort it
+        on failure (returns ``False``). Call it once every input is validated."""
+        if self.check(overwrite, fingerprint):
+            if not quiet:
+                print(self.skip_line(), file=sys.stderr)
+            return True
+        with self.build(fingerprint) as work:
+            build(work)
         return False
 
     def skip_line(self) -> str:
         return f"{self.stage}: {self.path} is complete ({SUCCESS}); nothing to do (--overwrite to redo)"
 
     # -- writing --------------------------------------------------------------------
-    def begin(self) -> str:
+    def begin(self, fingerprint: Mapping[str, Any] | None = None) -> str:
         """Start writing, once every input is validated: returns the directory
         to build in (a fresh temporary sibling, or ``path`` itself, cleared of
-        what this stage wrote before, where the build is in place)."""
+        what this stage wrote before, where the build is in place). The
+        marker records ``fingerprint`` (what the result is made from)."""
+        self._fingerprint = _fingerprint_record(fingerprint)
         reason = self.refusal()
         if reason:
             raise ValueError(reason)
@@ -225,9 +299,10 @@ class StageOutput:
         self._mark(work)
         return work
 
-    def resume(self) -> str:
+    def resume(self, fingerprint: Mapping[str, Any] | None = None) -> str:
         """Continue an in-place output this stage started earlier (or start one):
         nothing is removed. Returns ``path``."""
+        self._fingerprint = _fingerprint_record(fingerprint)
         if not self.in_place:
             raise ValueError(f"{self.stage}: only an in-place output can be resumed")
         reason = self.refusal()
@@ -269,10 +344,10 @@ class StageOutput:
             self._clear(work)
 
     @contextlib.contextmanager
-    def build(self) -> Iterator[str]:
+    def build(self, fingerprint: Mapping[str, Any] | None = None) -> Iterator[str]:
         """``with out.build() as work:`` write into ``work``; committed when the
         block ends, aborted when it raises."""
-        work = self.begin()
+        work = self.begin(fingerprint)
         try:
             yield work
         except BaseException:
@@ -329,8 +404,13 @@ class StageOutput:
         self._clear(work)
 
     def _mark(self, directory: str, entries: list[str] | None = None) -> None:
-        """Write the marker; at commit, with the top-level ``entries`` written."""
-        sio.write_bytes_atomic(sio.join(directory, MARKER), _marker_text(self.stage, entries), durable=False)
+        """Write the marker (with the fingerprint :meth:`begin` was given); at
+        commit, with the top-level ``entries`` written."""
+        fingerprint = self._fingerprint
+        if fingerprint is None and entries is not None:
+            fingerprint = fingerprint_of(directory)  # a build begun elsewhere (e.g. by another rank)
+        sio.write_bytes_atomic(sio.join(directory, MARKER), _marker_text(self.stage, entries, fingerprint),
+                               durable=False)
 
     def _clear(self, directory: str) -> None:
         """Remove ``directory``, which carries this stage's marker (checked; one

@@ -29,14 +29,12 @@ from typing import Sequence
 
 from schemas import Manifest
 from schemas import io as sio
+from schemas.shard_format import (IMAGE_EXTENSIONS, SHARD_NAME_RE, decode_problem, extension_matches, image_problem,
+                                  parse_sample_key, read_tar_samples, shard_name)
 from schemas.stage_output import is_complete
-
-from .shards import SHARD_NAME_RE, decode_problem, image_extension, image_problem, parse_sample_key, \
-    read_tar_samples, shard_name
 
 __all__ = ["VerifyReport", "verify", "main"]
 
-IMAGE_EXTS = {"jpg", "png", "webp", "gif", "bmp", "tiff"}
 
 
 @dataclass
@@ -77,12 +75,12 @@ def _check_shard(path: str, name: str, expected, decode: bool = False) -> tuple[
         try:
             for key, members in read_tar_samples(reader):
                 n += 1
-                images = [e for e in members if e in IMAGE_EXTS]
+                images = [e for e in members if e in IMAGE_EXTENSIONS]
                 if len(images) != 1 or "json" not in members or len(members) != 2:
                     problems.append(f"{name}: sample {key!r} has members {sorted(members)}")
                     continue
                 data = members[images[0]]
-                if image_extension(data) != images[0]:
+                if not extension_matches(images[0], data):
                     problems.append(f"{name}: sample {key!r} .{images[0]} is not a {images[0]} image")
                 else:
                     problem = decode_problem(data) if decode else image_problem(data)

@@ -26,7 +26,7 @@ import torch
 from schemas import VOCABULARY_SCHEMA, Manifest, ResampleConfig, SchemaError, ShardInfo
 from schemas.synthetic import encode_image
 from spark_jobs import verify as V
-from spark_jobs.shards import sample_json, sample_key, shard_name, write_tar
+from schemas.shard_format import sample_json, sample_key, shard_name, write_tar
 from tests.helpers import run_module
 from trainer import runtime as RT
 from trainer.data import MAX_CONSECUTIVE_CORRUPT, ShardStream, collate, shard_urls

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from schemas.synthetic import encode_image
-from spark_jobs.shards import sample_json, sample_key, write_tar
+from schemas.shard_format import sample_json, sample_key, write_tar
 from tests.helpers import free_port, ROOT, run_module
 from tests.test_cluster import cluster_only
 from trainer import data as D

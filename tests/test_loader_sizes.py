@@ -16,7 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from spark_jobs.shards import fit_within, reencode_image, sample_json, sample_key, write_tar
+from schemas.shard_format import sample_json, sample_key, write_tar
+from spark_jobs.reencode import fit_within, reencode_image
 from trainer.data import LoaderState, ShardStream, collate, default_num_workers, local_ranks
 from trainer.transforms import (HashRNG, PreprocessSpec, crop_box, decode_for_crop, draft_factor, normalise_batch,
                                 train_sample)

@@ -203,7 +203,7 @@ def test_write_all_survives_short_writes_and_many_buffers(tmp_path, monkeypatch)
 def test_write_tar_to_a_raw_file_equals_the_buffered_path(tmp_path):
     import hashlib
 
-    from spark_jobs.shards import sample_json, sample_key, write_tar
+    from schemas.shard_format import sample_json, sample_key, write_tar
 
     samples = [(sample_key(f"k/{i}", 0), "jpg", memoryview(os.urandom(100 + 37 * i)),
                 sample_json(f"k/{i}", 0, [i], 1.0)) for i in range(300)]

@@ -24,7 +24,8 @@ import webdataset as wds
 
 from schemas import SchemaError
 from schemas import io as sio
-from spark_jobs import shards as SH
+from schemas import shard_format as SH
+from spark_jobs import reencode
 from spark_jobs import verify as V
 from spark_jobs import write_shards as W
 from tests.helpers import run_module
@@ -671,12 +672,12 @@ def test_max_side_reencodes_only_larger_images_and_reports_bad_ones(spark, sized
         longer = max(source.size)
         assert img.format == "JPEG" and max(img.size) == 64 and not {"exif", "icc_profile"} & set(img.info)
         assert img.size == tuple(max(1, math.floor(Fraction(v * 64, longer) + Fraction(1, 2))) for v in source.size)
-        assert data == SH.reencode_image(image_of[key], 64, 85)
+        assert data == reencode.reencode_image(image_of[key], 64, 85)
     assert len(larger) > 10 and len(larger) < 60
     extra = m.extra["reencoded"]
     assert m.extra["max_side"] == 64 and extra["quality"] == 85 and extra["images"] == len(larger)
     assert extra["bytes_before"] == sum(len(image_of[k]) for k in larger)
-    assert extra["bytes_after"] == sum(len(SH.reencode_image(image_of[k], 64, 85)) for k in larger)
+    assert extra["bytes_after"] == sum(len(reencode.reencode_image(image_of[k], 64, 85)) for k in larger)
     assert V.verify(out).ok
     # Without --max-side nothing is re-encoded, and each image's structure is checked.
     plain = W.run(spark, W.ShardJob(selection=str(root / "selection.parquet"), index=str(root / "index"),
@@ -717,4 +718,4 @@ def test_max_side_options_are_checked(tmp_path):
         W.ShardJob(**job, max_side=0)
     with pytest.raises(ValueError, match=r"--quality must be in 1..100"):
         W.ShardJob(**job, max_side=10, quality=101)
-    assert W.ShardJob(**job, max_side=10).reencode == (10, SH.REENCODE_QUALITY)
+    assert W.ShardJob(**job, max_side=10).reencode == (10, reencode.REENCODE_QUALITY)

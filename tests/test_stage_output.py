@@ -207,3 +207,82 @@ def test_entries_added_to_a_finished_output_are_never_deleted(tmp_path):
     assert (path / "notes.txt").read_text() == "mine" and (path / "result.txt").read_text() == "one"
     assert os.listdir(tmp_path) == ["out"]  # the refused build's temporary is gone too
     assert out.check() is True  # without --overwrite the finished result is still just reused
+
+
+def test_reuse_rule_reuses_only_a_complete_output_made_from_the_same_fingerprint(tmp_path, capsys):
+    path = str(tmp_path / "out")
+    built = []
+
+    def build(work, text="one"):
+        built.append(work)
+        sio.write_bytes_atomic(sio.join(work, "result.txt"), text)
+
+    settings = {"size": 10, "seed": 0, "code": "abc"}
+    assert StageOutput(path, "stage-a").run(build, fingerprint=settings) is False
+    assert len(built) == 1 and is_complete(path)
+    assert StageOutput(path, "stage-a").run(build, fingerprint=dict(settings)) is True  # same: no work
+    assert len(built) == 1 and "nothing to do" in capsys.readouterr().err
+    # another seed or another code: refused without overwrite, naming what differs; nothing deleted
+    for changed, name in (({**settings, "seed": 1}, "seed"), ({**settings, "code": "def"}, "code")):
+        with pytest.raises(ValueError, match=rf"made from other {name}; nothing there is deleted"):
+            StageOutput(path, "stage-a").run(build, fingerprint=changed)
+        assert open(os.path.join(path, "result.txt")).read() == "one" and len(built) == 1
+    # with overwrite: rebuilt aside, committed whole, the new fingerprint recorded
+    new = {**settings, "seed": 1}
+    assert StageOutput(path, "stage-a").run(lambda w: build(w, "two"), fingerprint=new, overwrite=True) is False
+    assert open(os.path.join(path, "result.txt")).read() == "two"
+    assert StageOutput(path, "stage-a").matches(new) and not StageOutput(path, "stage-a").matches(settings)
+
+
+def test_reuse_rule_refuses_an_output_made_before_fingerprints_and_an_unfinished_one_is_rebuilt(tmp_path):
+    path = str(tmp_path / "out")
+    _build(StageOutput(path, "stage-a"), {"result.txt": "old"})  # no fingerprint recorded
+    with pytest.raises(ValueError, match="no recorded fingerprint"):
+        StageOutput(path, "stage-a").run(lambda w: None, fingerprint={"seed": 0})
+    assert StageOutput(path, "stage-a").check() is True  # a caller that asks for no fingerprint still reuses it
+    os.remove(os.path.join(path, SUCCESS))  # unfinished: not a result, rebuilt without --overwrite
+    assert StageOutput(path, "stage-a").run(
+        lambda w: sio.write_bytes_atomic(sio.join(w, "result.txt"), "new"), fingerprint={"seed": 0}) is False
+    assert open(os.path.join(path, "result.txt")).read() == "new"
+
+
+def test_code_digest_follows_imports_and_ignores_docstrings(tmp_path, monkeypatch):
+    from schemas import fingerprint as fp
+
+    pkg = tmp_path / "schemas"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text('"""package."""\n')
+    (pkg / "a.py").write_text('"""A."""\nfrom . import b\n\ndef f():\n    """Doc."""\n    return b.g()\n')
+    (pkg / "b.py").write_text("def g():\n    return 1  # one\n")
+    (pkg / "c.py").write_text("X = 1\n")
+    monkeypatch.setattr(fp, "_package_dir", lambda top: str(pkg) if top == "schemas" else None)
+    fp._module_facts.cache_clear()
+    assert sorted(fp.project_modules("schemas.a")) == ["schemas", "schemas.a", "schemas.b"]
+    before = fp.code_digest("schemas.a")
+    (pkg / "a.py").write_text('"""Another docstring."""\nfrom . import b\n\n\ndef f():\n    return b.g()  # hi\n')
+    (pkg / "c.py").write_text("X = 2\n")  # not imported by a: does not count
+    fp._module_facts.cache_clear()
+    assert fp.code_digest("schemas.a") == before
+    (pkg / "b.py").write_text("def g():\n    return 2\n")
+    fp._module_facts.cache_clear()
+    assert fp.code_digest("schemas.a") != before
+    fp._module_facts.cache_clear()
+
+
+def test_renamed_flags_keep_their_old_spelling_hidden_with_a_note(capsys):
+    from schemas.cli import ArgumentParser
+
+    p = ArgumentParser(prog="stage")
+    p.add_argument("--index", required=True)
+    p.add_argument("--allow-uri-prefix", action="append", default=[])
+    p.add_argument("--grid", type=int, choices=[1, 2])
+    p.add_aliases({"--source-index": "--index", "--prefix": "--allow-uri-prefix", "--cells": "--grid"})
+    args = p.parse_args(["--source-index", "i", "--prefix", "a", "--allow-uri-prefix", "b", "--cells", "2"])
+    assert (args.index, args.allow_uri_prefix, args.grid) == ("i", ["a", "b"], 2)
+    err = capsys.readouterr().err
+    assert "stage: --source-index is deprecated; use --index" in err and err.count("deprecated") == 3
+    assert "--source-index" not in p.format_help() and "--index" in p.format_help()
+    for argv, message in ((["--grid", "1"], "required: --index"), (["--index", "i", "--cells", "3"], "invalid choice")):
+        with pytest.raises(SystemExit):
+            p.parse_args(argv)
+        assert message in capsys.readouterr().err

@@ -145,7 +145,7 @@ def test_ranks_and_workers_read_disjoint_shards(shards):
 
 def test_corrupt_samples_are_counted_and_skipped(tmp_path):
     from schemas.synthetic import encode_image
-    from spark_jobs.shards import sample_json, sample_key, write_tar
+    from schemas.shard_format import sample_json, sample_key, write_tar
     good = encode_image(np.zeros((8, 8, 3), np.uint8))
     samples = [(sample_key(f"k{i}", 0), "jpg", good if i != 2 else b"\xff\xd8\xff broken",
                 sample_json(f"k{i}", 0, [1], 1.0)) for i in range(6)]

@@ -35,6 +35,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from schemas import Manifest
 from schemas import io as sio
+from schemas.shard_format import image_member
 from schemas.stage_output import require_complete
 from schemas.targets import list_target, read_item_bytes
 
@@ -42,9 +43,8 @@ from .transforms import DEFAULT_DECODE_SCALING, HashRNG, PreprocessSpec, decode_
 
 __all__ = ["shard_urls", "missing_shards", "require_shards", "shard_samples", "ShardStream", "TargetDataset",
            "LoaderState", "soft_targets", "collate",
-           "default_num_workers", "local_ranks", "IMAGE_KEYS", "MAX_CONSECUTIVE_CORRUPT"]
+           "default_num_workers", "local_ranks", "MAX_CONSECUTIVE_CORRUPT"]
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff")
 #: Default bound on corrupt samples in a row before :class:`ShardStream` gives up.
 MAX_CONSECUTIVE_CORRUPT = 1000
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
@@ -305,7 +305,7 @@ class ShardStream(IterableDataset):
                 continue  # already consumed before a restart: skipped undecoded
             rng = HashRNG(self.seed, self.rank, worker, position, 0xA06)
             try:
-                image_key = next(k for k in IMAGE_KEYS if k in sample)
+                image_key = image_member(sample)
                 meta = json.loads(sample["json"])
                 if self.train:
                     x = train_sample(sample[image_key], self.spec, rng, self.decode_scaling, self.normalise)

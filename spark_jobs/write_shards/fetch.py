@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 from schemas import io as sio
 
 from ..session import inject_failure, task_attempt_id
-from ..shards import decode_problem, image_extension, image_problem, reencode_image
+from schemas.shard_format import decode_problem, image_extension, image_problem
+from ..reencode import reencode_image
 from .placement import bucket_of, concat_ranges, runs_of
 from .spill import PAGE, SpillWriter, peak_rss, reset_peak_rss, spread_name, with_retries, without_gc
 

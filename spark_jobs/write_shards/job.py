@@ -28,7 +28,8 @@ from schemas.stage_output import StageOutput, require_complete, require_finished
 
 from ..session import (StageTimer, add_spark_arguments, observed_metrics, read_parquet_columns,
                        read_parquet_through_fsspec, require_reachable_outputs, run_cli, set_confs)
-from ..shards import REENCODE_QUALITY, encoder_version, shard_name
+from schemas.shard_format import shard_name
+from ..reencode import REENCODE_QUALITY, encoder_version
 from .fetch import DUPLICATE, FETCHED_SCHEMA, IMAGE_BATCH_ROWS, FetchTask, fetch_partition
 from .spill import PAGE
 from .placement import bucket_bits, bucket_starts, bucket_writers, contiguous_groups, partition_keys, shards_per_writer

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from schemas import io as sio
 
 from ..session import inject_failure, task_attempt_id, task_attempt_number
-from ..shards import sample_json, sample_key, shard_name, write_tar
+from schemas.shard_format import sample_json, sample_key, shard_name, write_tar
 from .placement import bucket_of, concat_ranges, hash_order, writer_span
 from .spill import PAGE, peak_rss, read_ranges, release_ranges, reset_peak_rss, without_gc
 

@@ -1,6 +1,10 @@
-"""WebDataset shard format: sample keys, image formats, deterministic tars.
+"""The shard format: one home for what the writer, the reader and the verifier share.
 
-Pure functions shared by ``write_shards`` and ``verify`` (no Spark here).
+WebDataset tars (docs/design.md, "Shards"): ``<prefix>-NNNNNN.tar`` named
+contiguously; each sample is ``<key>.<ext>`` (the image under the extension
+its bytes show) then ``<key>.json`` (:func:`sample_json`). The writer
+(``spark_jobs.write_shards``), the trainer's reader (``trainer.data``) and
+``spark_jobs.verify`` import it; pure functions, no Spark or torch.
 
 * :func:`sample_key` derives a WebDataset ``__key__`` from a source key and a
   copy number. WebDataset groups tar members by the member name up to the
@@ -12,9 +16,9 @@ Pure functions shared by ``write_shards`` and ``verify`` (no Spark here).
 * :func:`image_extension` names the format from the bytes, not from the key.
 * :func:`write_tar` writes members with fixed metadata (mtime 0, uid/gid 0,
   mode 0644), so equal inputs give byte-identical shards.
-* :func:`reencode_image` shrinks an image whose longer side exceeds a bound
-  (``write_shards --max-side``) to a JPEG with fixed encoder settings and no
-  metadata, so equal inputs give byte-identical images.
+* :data:`IMAGE_EXTENSIONS` are the members that count as a sample's image
+  (the writer names only the canonical ones :func:`image_extension` returns;
+  ``jpeg`` is read too, as WebDataset writers elsewhere use it).
 """
 
 from __future__ import annotations
@@ -29,11 +33,17 @@ from typing import Iterable, Iterator
 from json.encoder import encode_basestring_ascii as _json_string
 from urllib.parse import unquote
 
-from schemas.io import write_all
+from .io import write_all
 
 __all__ = ["sample_key", "parse_sample_key", "image_extension", "sample_json", "write_tar",
-           "read_tar_samples", "shard_name", "SHARD_NAME_RE", "fit_within", "reencode_image", "encoder_version",
-           "REENCODE_QUALITY", "image_problem", "decode_problem"]
+           "read_tar_samples", "shard_name", "SHARD_NAME_RE", "SHARD_PREFIX", "IMAGE_EXTENSIONS", "image_member", "extension_matches",
+           "image_problem", "decode_problem"]
+
+#: The members that are a sample's image. :func:`image_extension` gives the
+#: writer's (the first six); ``jpeg`` is accepted from other writers.
+IMAGE_EXTENSIONS = ("jpg", "png", "webp", "gif", "bmp", "tiff", "jpeg")
+#: The shard names' default prefix (``write_shards --prefix``).
+SHARD_PREFIX = "shard"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 SHARD_NAME_RE = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{6,})\.tar$")
@@ -173,7 +183,19 @@ def sample_json(source_key: str, copy: int, labels: Iterable[int], weight: float
 
 
 def shard_name(prefix: str, index: int) -> str:
+    """``<prefix>-NNNNNN.tar`` (6 digits at least, 0-based)."""
     return f"{prefix}-{index:06d}.tar"
+
+
+def image_member(members) -> str | None:
+    """The image member's extension among a sample's ``members`` (names or a
+    mapping), in :data:`IMAGE_EXTENSIONS` order; ``None`` when there is none."""
+    return next((ext for ext in IMAGE_EXTENSIONS if ext in members), None)
+
+
+def extension_matches(ext: str, data) -> bool:
+    """Whether image member ``.ext`` holds bytes of that format (``jpeg`` is ``jpg``)."""
+    return image_extension(data) == ("jpg" if ext == "jpeg" else ext)
 
 
 _BLOCK = 512
@@ -287,57 +309,3 @@ def read_tar_samples(fileobj) -> Iterator[tuple[str, dict[str, bytes]]]:
             members[ext] = data
     if current is not None:
         yield current, members
-
-
-#: ``write_shards --quality``'s default: ImageNet's JPEGs are mostly about this.
-REENCODE_QUALITY = 90
-
-
-def fit_within(width: int, height: int, max_side: int) -> tuple[int, int]:
-    """The size of a ``width`` x ``height`` image scaled so that its longer
-    side is ``max_side`` (aspect ratio kept, the shorter side rounded half up,
-    at least 1); the size itself when the longer side is at most ``max_side``."""
-    longer = max(width, height)
-    if longer <= max_side:
-        return width, height
-    # round(v * max_side / longer) in integers (half up); the longer side gives max_side exactly.
-    return tuple(max(1, (2 * v * max_side + longer) // (2 * longer)) for v in (width, height))
-
-
-def reencode_image(data, max_side: int, quality: int = REENCODE_QUALITY) -> bytes | None:
-    """``None`` when the image's longer side is at most ``max_side`` (keep its
-    bytes); else the image scaled to :func:`fit_within` and encoded as a
-    baseline JPEG at ``quality`` (4:2:0 chroma, optimised Huffman tables; no
-    EXIF, ICC profile, DPI or comment: what the trainer decodes, as RGB or
-    grayscale, and nothing else). A JPEG is first decoded at the smallest
-    DCT scale (1/2, 1/4, 1/8) that keeps at least twice the target size, as
-    ``Image.thumbnail`` does, then resized with Lanczos. Deterministic: the
-    same bytes, settings and Pillow/libjpeg-turbo give the same output bytes.
-    Raises when the image cannot be read or decoded."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:  # its message names the buffer's address: not reproducible
-        raise UnidentifiedImageError("cannot identify image file") from None
-    width, height = img.size
-    if max(width, height) <= max_side:
-        return None
-    size = fit_within(width, height, max_side)
-    img.draft("RGB", (2 * size[0], 2 * size[1]))  # JPEG only; never below twice the target
-    img.load()
-    if img.mode not in ("RGB", "L"):
-        img = img.convert("RGB")  # as the trainer's decode does (alpha, palette, CMYK, 16-bit)
-    out = io.BytesIO()
-    img.resize(size, Image.LANCZOS).save(out, "JPEG", quality=quality, subsampling="4:2:0", optimize=True,
-                                         progressive=False)
-    return out.getvalue()
-
-
-def encoder_version() -> str:
-    """The encoder behind :func:`reencode_image` (its output bytes depend on it)."""
-    import PIL
-    from PIL import features
-
-    turbo = features.version("libjpeg_turbo")
-    return f"Pillow {PIL.__version__}, " + (f"libjpeg-turbo {turbo}" if turbo else f"libjpeg {features.version('jpg')}")

@@ -22,6 +22,7 @@ __all__ = [
     "is_local",
     "punch_holes",
     "write_all",
+    "exchange",
     "expand_paths",
     "read_parquet",
     "write_parquet_atomic",
@@ -274,6 +275,31 @@ def punch_holes(path: str, ranges: Sequence[tuple[int, int]]) -> int:
     finally:
         os.close(fd)
     return released
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def exchange(a: str, b: str) -> bool:
+    """Swap two local paths atomically (``renameat2(RENAME_EXCHANGE)``):
+    ``True`` when done, ``False`` where the system or filesystem has no such
+    call (the caller then renames twice)."""
+    import ctypes
+    import errno
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), a)
 
 
 def move(src: str, dst: str) -> None:

@@ -47,9 +47,10 @@ from typing import Any, Callable, Iterator, Mapping
 
 from . import io as sio
 from .fingerprint import digest
+from .output_lock import RUN_ID, OutputLock, still_ours
 
 __all__ = ["MARKER", "SUCCESS", "StageOutput", "is_complete", "require_complete", "require_finished_input",
-           "stage_of", "pid_alive", "fingerprint_of"]
+           "stage_of", "fingerprint_of"]
 
 #: The file that marks a directory as a stage's own (JSON: the stage's name, who made it).
 MARKER = "_STAGE"
@@ -57,6 +58,10 @@ MARKER = "_STAGE"
 SUCCESS = "_SUCCESS"
 _TMP = ".tmp-"
 _OLD = ".old-"
+#: An object-store commit in progress: names the complete build being copied in.
+_COMMITTING = "_COMMITTING"
+#: The protocol's own files in an output (never counted as the stage's entries).
+_OWN = (MARKER, SUCCESS, _COMMITTING)
 
 
 def is_complete(path: str) -> bool:
@@ -140,7 +145,7 @@ def _differences(recorded: dict | None, wanted: dict) -> str:
 
 
 def _marker_text(stage: str, entries: list[str] | None = None, fingerprint: dict | None = None) -> str:
-    marker = {"stage": stage, "host": socket.gethostname(), "pid": os.getpid(),
+    marker = {"stage": stage, "run_id": RUN_ID, "host": socket.gethostname(), "pid": os.getpid(),
               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     if entries is not None:
         marker["entries"] = sorted(entries)
@@ -159,26 +164,6 @@ def _written(path: str) -> list[str] | None:
     return entries if isinstance(entries, list) else None
 
 
-def _process_gone(marker: dict) -> bool:
-    """Whether the process that made a temporary directory has ended (only
-    known for this host: a temporary of another host is left alone)."""
-    if marker.get("host") != socket.gethostname() or not isinstance(marker.get("pid"), int):
-        return False
-    return not pid_alive(marker["pid"])
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` of this host still runs (one we may not
-    signal counts as running)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @dataclass
 class StageOutput:
     """The output directory ``path`` of stage ``stage`` (e.g. ``"resample"``).
@@ -195,6 +180,7 @@ class StageOutput:
     stage: str
     in_place: bool = False
     _fingerprint: dict | None = field(default=None, init=False, repr=False)  # what begin() was given
+    _lock: OutputLock | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.local = sio.is_local(self.path)
@@ -215,7 +201,7 @@ class StageOutput:
         owner = stage_of(self.path)
         if owner == self.stage:
             written = _written(self.path)
-            foreign = sorted(set(names) - set(written or ()) - {MARKER, SUCCESS})
+            foreign = sorted(set(names) - set(written or ()) - set(_OWN))
             if written is not None and foreign:
                 return (f"{self.path} holds {', '.join(foreign[:5])}, which {self.stage} did not write; nothing "
                         "there is deleted: move those away or give a new output directory")
@@ -243,7 +229,12 @@ class StageOutput:
         ``path`` and must: someone else's files, or a finished result made from
         another fingerprint without ``overwrite`` (the message names what
         differs). Changes nothing but removing this stage's dead temporaries
-        (:meth:`remove_stale`)."""
+        (:meth:`remove_stale`). Another live run writing ``path`` is refused
+        (:class:`schemas.output_lock.OutputBusy`)."""
+        with self.lock():
+            return self._check(overwrite, fingerprint)
+
+    def _check(self, overwrite: bool, fingerprint: Mapping[str, Any] | None) -> bool:
         self.remove_stale()
         if self.matches(fingerprint) and not overwrite:
             return True
@@ -262,25 +253,43 @@ class StageOutput:
         """The whole protocol: reuse a finished result made from
         ``fingerprint`` (prints :meth:`skip_line` unless ``quiet``; returns
         ``True``), else ``build(work)`` aside and commit it whole, or abort it
-        on failure (returns ``False``). Call it once every input is validated."""
-        if self.check(overwrite, fingerprint):
-            if not quiet:
-                print(self.skip_line(), file=sys.stderr)
-            return True
-        with self.build(fingerprint) as work:
-            build(work)
+        on failure (returns ``False``). Call it once every input is validated.
+        The output's lock is held throughout."""
+        with self.lock():
+            if self.check(overwrite, fingerprint):
+                if not quiet:
+                    print(self.skip_line(), file=sys.stderr)
+                return True
+            with self.build(fingerprint) as work:
+                build(work)
         return False
 
     def skip_line(self) -> str:
         return f"{self.stage}: {self.path} is complete ({SUCCESS}); nothing to do (--overwrite to redo)"
 
     # -- writing --------------------------------------------------------------------
+    def lock(self) -> OutputLock:
+        """This output's lock (:mod:`schemas.output_lock`): one run at a time."""
+        if self._lock is None:
+            self._lock = OutputLock(self.path, self.stage)
+        return self._lock
+
     def begin(self, fingerprint: Mapping[str, Any] | None = None) -> str:
-        """Start writing, once every input is validated: returns the directory
-        to build in (a fresh temporary sibling, or ``path`` itself, cleared of
-        what this stage wrote before, where the build is in place). The
-        marker records ``fingerprint`` (what the result is made from)."""
+        """Start writing, once every input is validated: takes the output's
+        lock (held until :meth:`commit` or :meth:`abort`; another live run is
+        refused) and returns the directory to build in (a fresh temporary
+        sibling, or ``path`` itself, cleared of what this stage wrote before,
+        where the build is in place). The marker records this run's id and
+        ``fingerprint`` (what the result is made from)."""
         self._fingerprint = _fingerprint_record(fingerprint)
+        self.lock().acquire()
+        try:
+            return self._begin()
+        except BaseException:
+            self.release()
+            raise
+
+    def _begin(self) -> str:
         reason = self.refusal()
         if reason:
             raise ValueError(reason)
@@ -301,47 +310,58 @@ class StageOutput:
 
     def resume(self, fingerprint: Mapping[str, Any] | None = None) -> str:
         """Continue an in-place output this stage started earlier (or start one):
-        nothing is removed. Returns ``path``."""
-        self._fingerprint = _fingerprint_record(fingerprint)
+        nothing is removed. Takes the output's lock. Returns ``path``."""
         if not self.in_place:
             raise ValueError(f"{self.stage}: only an in-place output can be resumed")
-        reason = self.refusal()
-        if reason:
-            raise ValueError(reason)
-        if stage_of(self.path) != self.stage:
+        self._fingerprint = _fingerprint_record(fingerprint)
+        self.lock().acquire()
+        try:
+            reason = self.refusal()
+            if reason:
+                raise ValueError(reason)
+            self.remove_stale()
             self._mark(self.path)
+        except BaseException:
+            self.release()
+            raise
         return self.path
 
     def commit(self, work: str) -> None:
-        """Finish: ``_SUCCESS`` last. A temporary sibling is renamed into place
-        (local) or copied in (object store); a finished result this stage wrote
-        there before is replaced only now."""
-        self._mark(work, entries=[n for n in _entries(work) or [] if n not in (MARKER, SUCCESS)])
-        if work == self.path:
-            sio.write_bytes_atomic(sio.join(work, SUCCESS), "")
-            return
-        reason = self.refusal()  # checked again: someone may have written there meanwhile
-        if reason:
-            raise ValueError(f"{reason} (the new result is kept at {work})")
-        if not self.local:
-            self._copy_in(work)
-            return
-        sio.write_bytes_atomic(sio.join(work, SUCCESS), "")
-        if os.path.isdir(self.path) and not os.listdir(self.path):
-            os.rmdir(self.path)  # an empty directory (adopted): nothing to keep
-        if os.path.lexists(self.path):
-            old = self._sibling(_OLD)
-            os.rename(self.path, old)
-            os.rename(work, self.path)  # a crash between the renames: remove_stale puts `old` back
-            self._clear(old)
-        else:
-            os.rename(work, self.path)
+        """Finish: ``_SUCCESS`` last, carrying the run id. A temporary sibling
+        replaces ``path`` by one atomic exchange (local) or is copied in
+        (object store, rolled forward by the next run if cut off); a finished
+        result this stage wrote there before is replaced only now. A build
+        that is gone, or not this run's, fails and leaves ``path`` as it was."""
+        self.lock().acquire()  # held since begin (by this object or, re-entrantly, another of this process)
+        try:
+            self._check_own_build(work)
+            self._mark(work, entries=[n for n in _entries(work) or [] if n not in _OWN])
+            if work == self.path:
+                self._write_success(work)
+                return
+            reason = self.refusal()  # checked again: someone may have written there meanwhile
+            if reason:
+                raise ValueError(f"{reason} (the new result is kept at {work})")
+            self._write_success(work)
+            (self._swap_in if self.local else self._copy_in)(work)
+        finally:
+            self.release()  # the commit's own
+            self.release()  # begin's: the build is over
 
     def abort(self, work: str) -> None:
         """Remove a failed build's temporary sibling (in place: leave it; without
-        ``_SUCCESS`` it is not a result, and the next run clears it)."""
-        if work != self.path:
-            self._clear(work)
+        ``_SUCCESS`` it is not a result, and the next run clears it); release the lock."""
+        try:
+            if work != self.path and _read_marker(work).get("run_id") == RUN_ID:
+                self._clear(work)
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Let go of the output's lock (after :meth:`commit` or :meth:`abort`,
+        which call it; a process that ends releases it too)."""
+        if self._lock is not None:
+            self._lock.release()
 
     @contextlib.contextmanager
     def build(self, fingerprint: Mapping[str, Any] | None = None) -> Iterator[str]:
@@ -356,52 +376,115 @@ class StageOutput:
         self.commit(work)
 
     def remove_stale(self) -> list[str]:
-        """Tidy what this stage's earlier runs, now ended, left beside a local
-        ``path``: their temporaries (``.NAME.tmp-*``) are removed; a finished
-        result set aside by a commit that was cut off (``.NAME.old-*`` while
-        ``path`` is missing) is put back, else removed. Returns what it removed."""
-        if not self.local:
-            return []
-        parent, name = os.path.split(self.path)
-        if not os.path.isdir(parent):
-            return []
+        """Tidy what this stage's earlier runs, now ended, left beside ``path``
+        (called with the lock held, so no live run owns any of it): their
+        temporaries (``.NAME.tmp-*``) are removed; a local commit cut off
+        between its two renames (the set-aside ``.NAME.old-*`` and the
+        finished new build there, ``path`` missing) is finished; an old result
+        set aside is never put back (the user may have removed ``path`` on
+        purpose); an object-store commit cut off while copying in is finished
+        from its complete build. Returns what it removed."""
+        if not self.lock().held:
+            with self.lock():
+                return self.remove_stale()
         removed = []
-        for entry in sorted(os.listdir(parent)):
-            old = entry.startswith(f".{name}{_OLD}")
-            if not (old or entry.startswith(f".{name}{_TMP}")):
-                continue
-            candidate = os.path.join(parent, entry)
-            try:
-                with open(os.path.join(candidate, MARKER)) as fh:
-                    marker = json.load(fh)
-            except (OSError, ValueError):
-                continue  # not ours, or not readable: left alone
-            if marker.get("stage") != self.stage:
-                continue
-            if old and not os.path.lexists(self.path):
-                os.rename(candidate, self.path)  # the previous result, back where it was
-            elif old or _process_gone(marker):
-                self._clear(candidate)
-                removed.append(candidate)
+        if not self.local:
+            self._roll_forward_copy_in()
+        siblings = self._siblings()
+        old = [c for c, kind in siblings if kind == _OLD]
+        if self.local and old and not os.path.lexists(self.path):
+            finished = [c for c, kind in siblings if kind == _TMP and is_complete(c)]
+            if finished:
+                os.rename(finished[0], self.path)  # the cut-off commit, finished
+                siblings = [(c, k) for c, k in siblings if c != finished[0]]
+        for candidate, _ in siblings:
+            self._clear(candidate)
+            removed.append(candidate)
         return removed
+
+    def _siblings(self) -> list[tuple[str, str]]:
+        """This stage's temporaries and set-aside results beside ``path``: (path, kind)."""
+        parent, name = (os.path.split(self.path) if self.local else self.path.rsplit("/", 1))
+        fs, p = sio.filesystem(parent)
+        if not fs.isdir(p):
+            return []
+        found = []
+        for entry in sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(p, detail=False)):
+            kind = _OLD if entry.startswith(f".{name}{_OLD}") else _TMP if entry.startswith(f".{name}{_TMP}") else None
+            candidate = f"{parent}/{entry}"
+            if kind and stage_of(candidate) == self.stage:
+                found.append((candidate, kind))
+        return found
+
+    def _check_own_build(self, work: str) -> None:
+        marker = _read_marker(work)
+        if not marker or marker.get("run_id") != RUN_ID:
+            raise ValueError(f"{self.stage}: the build at {work} is gone or is not this run's; the result at "
+                             f"{self.path} is left as it was")
+        if not still_ours(self.path):
+            raise ValueError(f"{self.stage}: this run no longer holds the lock of {self.path} (its lease "
+                             "was not renewed in time and another run may have taken it); the result there "
+                             f"is left as it was, the new one stays at {work}")
+
+    def _write_success(self, directory: str) -> None:
+        sio.write_bytes_atomic(sio.join(directory, SUCCESS), json.dumps({"stage": self.stage, "run_id": RUN_ID}))
+
+    def _swap_in(self, work: str) -> None:
+        """Local commit: ``work`` becomes ``path`` (an atomic exchange where
+        the filesystem has one; else two renames, finished by the next run if
+        cut off between them)."""
+        if os.path.isdir(self.path) and not os.listdir(self.path):
+            os.rmdir(self.path)  # an empty directory (adopted): nothing to keep
+        if not os.path.lexists(self.path):
+            os.rename(work, self.path)
+        elif sio.exchange(work, self.path):
+            self._clear(work)  # now the old result
+        else:
+            old = self._sibling(_OLD)
+            os.rename(self.path, old)
+            os.rename(work, self.path)  # cut off before this: remove_stale finishes it
+            self._clear(old)
+
+    def _copy_in(self, work: str) -> None:
+        """Object stores: replace the finished result at ``path`` with
+        ``work``'s entries (server-side copies). ``_COMMITTING`` names the
+        complete build first, so a commit cut off part way is finished by the
+        next run from it; ``_SUCCESS`` goes last."""
+        sio.write_bytes_atomic(sio.join(self.path, _COMMITTING), json.dumps({"run_id": RUN_ID, "from": work}))
+        self._finish_copy_in(work)
+
+    def _finish_copy_in(self, work: str) -> None:
+        fs, final = sio.filesystem(self.path)
+        sio.remove_tree(sio.join(self.path, SUCCESS))  # no longer a result, from now on
+        src = sio.filesystem(work)[1]
+        keep = _entries(work) or []
+        for name in keep:
+            if name not in (SUCCESS, MARKER):
+                fs.copy(f"{src}/{name}", f"{final}/{name}", recursive=True)
+        for name in _entries(self.path) or []:
+            if name not in keep and name not in _OWN:
+                sio.remove_tree(sio.join(self.path, name))  # what the new result does not hold
+        fs.copy(f"{src}/{MARKER}", f"{final}/{MARKER}")
+        fs.copy(f"{src}/{SUCCESS}", f"{final}/{SUCCESS}")
+        sio.remove_tree(sio.join(self.path, _COMMITTING))
+        sio.remove_tree(work)
+
+    def _roll_forward_copy_in(self) -> None:
+        intent = sio.join(self.path, _COMMITTING)
+        if not sio.exists(intent):
+            return
+        try:
+            work = json.loads(sio.read_bytes(intent))["from"]
+        except (ValueError, KeyError, TypeError, OSError):
+            work = None
+        if work and is_complete(work) and stage_of(work) == self.stage:
+            self._finish_copy_in(work)  # the cut-off commit, finished
+        else:
+            sio.remove_tree(intent)  # nothing complete to finish from: not a result
 
     def _sibling(self, kind: str) -> str:
         parent, name = (os.path.split(self.path) if self.local else self.path.rsplit("/", 1))
         return f"{parent}/.{name}{kind}{uuid.uuid4().hex[:12]}"
-
-    def _copy_in(self, work: str) -> None:
-        """Object stores: replace the finished result at ``path`` with ``work``'s
-        entries (server-side copies), ``_SUCCESS`` last, then drop ``work``."""
-        fs, final = sio.filesystem(self.path)
-        sio.remove_tree(sio.join(self.path, SUCCESS))  # no longer a result, from now on
-        for name in _entries(self.path) or []:
-            if name != MARKER:
-                sio.remove_tree(sio.join(self.path, name))
-        src = sio.filesystem(work)[1]
-        for name in _entries(work) or []:
-            fs.copy(f"{src}/{name}", f"{final}/{name}", recursive=True)
-        sio.write_bytes_atomic(sio.join(self.path, SUCCESS), "")
-        self._clear(work)
 
     def _mark(self, directory: str, entries: list[str] | None = None) -> None:
         """Write the marker (with the fingerprint :meth:`begin` was given); at

@@ -79,28 +79,104 @@ def test_an_empty_directory_is_adopted(tmp_path):
     assert stage_of(str(tmp_path / "out")) == "stage-a"
 
 
-def test_stale_temporaries_of_killed_runs_are_removed_others_kept(tmp_path):
+def test_stale_temporaries_of_ended_runs_are_removed_others_kept(tmp_path):
+    """Temporaries of this stage beside the output belong to runs that have
+    ended (a live run would hold the output's lock): removed whatever pid
+    their marker names; another stage's and unmarked ones are kept."""
     path = str(tmp_path / "out")
     out = StageOutput(path, "stage-a")
-    # A run killed mid-build: its process is gone (a child that has exited).
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True).stdout.strip()
     stale = tmp_path / ".out.tmp-dead"
     stale.mkdir()
-    (stale / MARKER).write_text(json.dumps({"stage": "stage-a", "host": os.uname().nodename, "pid": int(dead)}))
+    (stale / MARKER).write_text(json.dumps({"stage": "stage-a", "host": os.uname().nodename, "pid": os.getpid()}))
     (stale / "half.bin").write_text("x")
-    running = tmp_path / ".out.tmp-live"  # a concurrent run in this very process
-    running.mkdir()
-    (running / MARKER).write_text(json.dumps({"stage": "stage-a", "host": os.uname().nodename,
-                                              "pid": os.getpid()}))
     foreign = tmp_path / ".out.tmp-notours"  # no marker: not ours
     foreign.mkdir()
     other = tmp_path / ".out.tmp-other"  # another stage's
     other.mkdir()
-    (other / MARKER).write_text(json.dumps({"stage": "stage-b", "host": os.uname().nodename, "pid": int(dead)}))
+    (other / MARKER).write_text(json.dumps({"stage": "stage-b", "host": os.uname().nodename, "pid": 1}))
     _build(out, {"r": "1"})
     assert not stale.exists()
-    assert running.exists() and foreign.exists() and other.exists()
+    assert foreign.exists() and other.exists()
+
+
+_HOLD_BUILD = """
+import sys
+from schemas import io as sio
+from schemas.stage_output import StageOutput
+out = StageOutput(sys.argv[1], "stage-a")
+work = out.begin()
+sio.write_bytes_atomic(sio.join(work, "result.txt"), "first run")
+print(work, flush=True)
+sys.stdin.readline()          # the test lets it commit
+out.commit(work)
+print("committed", flush=True)
+"""
+
+
+def _start_holder(path: str, *prefix: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([*prefix, sys.executable, "-c", _HOLD_BUILD, path], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=os.getcwd(),
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    return proc, proc.stdout.readline().strip()
+
+
+@pytest.mark.parametrize("namespace", ["same", "own pid namespace"])
+def test_a_live_build_is_never_judged_dead_and_a_second_run_is_refused(tmp_path, namespace):
+    """Two runs into one output, the first building (in this or in another
+    pid namespace, as containers sharing the host are): the second is refused
+    with the holder named and touches nothing; the first commits its result."""
+    import shutil
+
+    from schemas.output_lock import OutputBusy
+
+    prefix = ()
+    if namespace != "same":
+        if os.geteuid() != 0 or not shutil.which("unshare"):
+            pytest.skip("needs root and unshare for a pid namespace")
+        prefix = ("unshare", "--pid", "--fork", "--mount-proc")
+    path = str(tmp_path / "out")
+    _build(StageOutput(path, "stage-a"), {"result.txt": "earlier"})
+    holder, work = _start_holder(path, *prefix)
+    try:
+        assert os.path.isdir(work)
+        for attempt in (lambda o: o.check(overwrite=True), lambda o: o.begin(),
+                        lambda o: o.run(lambda w: None, overwrite=True)):
+            with pytest.raises(OutputBusy, match=r"is being written by another run \(stage stage-a, run_id"):
+                attempt(StageOutput(path, "stage-a"))
+        assert os.path.isdir(work) and open(os.path.join(path, "result.txt")).read() == "earlier"
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "committed"
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert holder.returncode == 0
+    assert open(os.path.join(path, "result.txt")).read() == "first run" and is_complete(path)
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary, no lock file left
+    assert StageOutput(path, "stage-a").check() is True  # the lock went with the run
+
+
+def test_a_killed_run_leaves_no_lock(tmp_path):
+    path = str(tmp_path / "out")
+    holder, work = _start_holder(path)
+    holder.kill()
+    holder.wait(timeout=60)
+    out = StageOutput(path, "stage-a")
+    assert out.check() is False  # the kernel released its lock; its build is not a result
+    _build(out, {"result.txt": "second"})
+    assert not os.path.exists(work) and open(os.path.join(path, "result.txt")).read() == "second"
+
+
+def test_a_commit_whose_build_is_gone_fails_and_leaves_the_result(tmp_path):
+    path = str(tmp_path / "out")
+    out = StageOutput(path, "stage-a")
+    _build(out, {"result.txt": "finished"})
+    work = out.begin()
+    sio.remove_tree(work)  # e.g. removed by hand
+    with pytest.raises(ValueError, match="is gone or is not this run's; the result at .* is left as it was"):
+        out.commit(work)
+    assert open(os.path.join(path, "result.txt")).read() == "finished" and is_complete(path)
+    assert StageOutput(path, "stage-a").check() is True  # and the lock was let go
 
 
 def test_in_place_output_resumes_and_clears_only_its_own(tmp_path):
@@ -156,14 +232,38 @@ def test_success_without_this_stages_marker_is_not_its_result(tmp_path):
         StageOutput(path, "write_shards").check()
 
 
-def test_a_commit_cut_off_between_its_renames_puts_the_previous_result_back(tmp_path):
+def test_a_commit_cut_off_between_its_renames_is_finished_never_resurrected(tmp_path):
+    """Two renames (where the filesystem has no atomic exchange) cut off in
+    between: the next run finishes the commit with the new, finished build.
+    A set-aside old result is never put back: the user may have removed
+    the output on purpose."""
     path = tmp_path / "out"
     out = StageOutput(str(path), "stage-a")
     _build(out, {"result.txt": "previous"})
+    new = tmp_path / ".out.tmp-newbuild"
+    _build(StageOutput(str(new), "stage-a"), {"result.txt": "new"})  # a finished build beside it
     set_aside = tmp_path / ".out.old-cutoff"
     os.rename(path, set_aside)  # what a commit does just before its second rename
-    assert out.check() is True  # the previous result is back, and finished
-    assert (path / "result.txt").read_text() == "previous" and not set_aside.exists()
+    assert out.check() is True  # the new result is in place, and finished
+    assert (path / "result.txt").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["out"]
+    os.rename(path, set_aside)  # a stale copy, then the user deletes the output on purpose
+    assert out.check() is False
+    assert not path.exists() and sorted(os.listdir(tmp_path)) == []  # not put back; the stale copy removed
+
+
+def test_the_commit_exchanges_atomically_where_the_filesystem_can(tmp_path, monkeypatch):
+    """With RENAME_EXCHANGE the output is never missing; without it (other
+    filesystems) the two renames give the same result."""
+    path = tmp_path / "out"
+    _build(StageOutput(str(path), "stage-a"), {"result.txt": "one"})
+    seen = []
+    real = sio.exchange
+    monkeypatch.setattr(sio, "exchange", lambda a, b: seen.append(real(a, b)) or seen[-1])
+    _build(StageOutput(str(path), "stage-a"), {"result.txt": "two"})
+    assert (path / "result.txt").read_text() == "two" and seen
+    monkeypatch.setattr(sio, "exchange", lambda a, b: False)
+    _build(StageOutput(str(path), "stage-a"), {"result.txt": "three"})
+    assert (path / "result.txt").read_text() == "three" and sorted(os.listdir(tmp_path)) == ["out"]
 
 
 def test_symlinked_and_file_url_outputs_are_the_real_directory(tmp_path):
@@ -286,3 +386,63 @@ def test_renamed_flags_keep_their_old_spelling_hidden_with_a_note(capsys):
         with pytest.raises(SystemExit):
             p.parse_args(argv)
         assert message in capsys.readouterr().err
+
+
+def test_object_store_commit_cut_off_is_finished_from_its_complete_build(s3_server):
+    """--overwrite on an object store, killed while copying in: the new build
+    is complete beside the output and ``_COMMITTING`` names it; the next run
+    finishes the copy (never a mixture marked complete)."""
+    from schemas import stage_output as so
+
+    path = "s3://bucket/runs/out"
+    _build(StageOutput(path, "resample"), {"stats.json": '{"v": 1}', "old-only.txt": "x"})
+    out = StageOutput(path, "resample")
+    work = out.begin()
+    assert work.startswith("s3://bucket/runs/.out.tmp-")
+    sio.write_bytes_atomic(sio.join(work, "stats.json"), '{"v": 2}')
+    calls = []
+    real_copy = so.StageOutput._finish_copy_in
+
+    def cut_off(self, w):  # the process dies after the intent and a first copy
+        fs, final = sio.filesystem(self.path)
+        sio.remove_tree(sio.join(self.path, SUCCESS))
+        fs.copy(f"{sio.filesystem(w)[1]}/stats.json", f"{final}/stats.json")
+        calls.append(w)
+        raise KeyboardInterrupt("killed")
+
+    so.StageOutput._finish_copy_in = cut_off
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            out.commit(work)
+    finally:
+        so.StageOutput._finish_copy_in = real_copy
+    assert calls and not is_complete(path)  # a mixture is never a result
+    assert StageOutput(path, "resample").check() is True  # finished by the next run
+    names = sorted(p.rsplit("/", 1)[-1] for p in s3_server.ls("bucket/runs/out"))
+    assert names == [MARKER, SUCCESS, "stats.json"]
+    assert json.loads(sio.read_bytes(sio.join(path, "stats.json"))) == {"v": 2}
+    assert s3_server.ls("bucket/runs") == ["bucket/runs/out"]
+    assert json.loads(sio.read_bytes(sio.join(path, SUCCESS)))["stage"] == "resample"
+
+
+def test_object_store_two_first_runs_are_one_at_a_time_and_a_dead_lease_expires(s3_server, monkeypatch):
+    from schemas import output_lock
+    from schemas.output_lock import OutputBusy, lock_path
+
+    path = "s3://bucket/runs/first"
+    first = StageOutput(path, "resample")
+    work = first.begin()  # a first run: in place, holding the lease
+    assert work == path and s3_server.exists(lock_path(path))
+    monkeypatch.setattr(output_lock, "RUN_ID", "another-process")  # a second run elsewhere
+    monkeypatch.setattr(output_lock, "_HELD", {})
+    with pytest.raises(OutputBusy, match="is being written by another run .*its lease expires at"):
+        StageOutput(path, "resample").begin()
+    # the first run dies without releasing: after LEASE_SECONDS without renewal its lease is taken over
+    lease = json.loads(s3_server.cat(lock_path(path)))
+    s3_server.pipe(lock_path(path), json.dumps({**lease, "renewed": lease["renewed"] - 2 * output_lock.LEASE_SECONDS})
+                   .encode())
+    second = StageOutput(path, "resample")
+    w2 = second.begin()  # the dead run's partial output is cleared: in place again
+    sio.write_bytes_atomic(sio.join(w2, "stats.json"), '{"v": 2}')
+    second.commit(w2)
+    assert is_complete(path) and not s3_server.exists(lock_path(path))

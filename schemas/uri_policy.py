@@ -5,32 +5,32 @@ a stage reads: without a policy, ``/etc/passwd``, ``/dev/zero`` or
 ``http://internal-host/...`` would be read (or requested) like any image. A
 uri is fetched only when it lies under one of the *allowed prefixes*:
 
-* the default (:func:`default_prefixes`) is the index's own storage: for an
-  index on an object store or cluster filesystem (``gs://bucket/...``,
-  ``s3://bucket/...``, ``hdfs://host/...``) that scheme and bucket (host),
-  ``s3://bucket/``; for a local index (a path or ``file://``) the directory
-  that contains the index path, i.e. its parent: ``/d/jft/`` for a directory
-  index ``/d/jft/index`` and for a one-file index ``/d/jft/index.parquet``
-  (``/d/jft/index/`` for ``/d/jft/index/part-0.parquet``: name the
-  directory); a glob counts as the directory it lists
-  (``/d/jft/index/*.parquet`` -> ``/d/jft/``);
+* the default (:func:`default_prefixes`) is the index's own directory tree
+  and nothing outside it: ``/d/jft/index/`` for a directory index
+  ``/d/jft/index`` (or a glob that lists it, ``/d/jft/index/*.parquet``),
+  ``s3://bucket/jft/index/`` for ``s3://bucket/jft/index``; a one-file index
+  (``/d/jft/index.parquet``) has none: name where its images are;
 * given prefixes replace the default (repeat to allow several roots, the
   index's own included). A prefix is a directory: ``/d/jft`` allows
   ``/d/jft/a.jpg``, not ``/d/jftX/a.jpg``; ``s3://bucket`` allows that
   bucket, ``s3://`` every bucket, ``/`` every local file, ``http://host``
-  that host (and port) only.
+  that host (and port) only;
+* below a prefix, a hidden path component (``.ssh``, ``.git``) is refused:
+  only a prefix that names it allows what is under it.
 
 Both sides are normalised before comparing (:func:`canonical`): a uri with a
-``..`` segment (also percent-encoded, or between backslashes) is refused,
-never resolved; local paths (plain or ``file:``/``file://``/``local://``)
+``..`` segment (also percent-encoded, at any depth of encoding, or between
+backslashes) is refused, never resolved; local paths (plain or ``file:``/``file://``/``local://``)
 must be absolute, and are resolved with symlinks (so a link inside an
 allowed directory that points outside it is outside); schemes compare in
 lower case, with fsspec's aliases (``gcs`` = ``gs``, ``s3a`` = ``s3``).
 URLs that fsspec would chain (``::``) or glob (``*``), control characters
 and malformed hosts or buckets are refused. The fetch then reads the
 canonical form it checked (:func:`read_target`), not the raw string; local
-files with ``open``, never through fsspec's URL parsing, and only regular
-files (not devices or FIFOs).
+files by a walk that opens each directory without following a link (a
+directory swapped for a symlink after the check is refused), and only
+regular files (not devices or FIFOs); ``http(s)`` with each redirect's
+target checked against the prefixes like the uri itself.
 
 Pure Python, no Spark; the only filesystem access is resolving local
 symlinks (``resolve``, replaceable in tests) and :func:`read_target`.
@@ -38,6 +38,7 @@ symlinks (``resolve``, replaceable in tests) and :func:`read_target`.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import re
@@ -89,11 +90,23 @@ def resolve_local(path: str) -> str:
     return real.rstrip("/") + "/" + tail
 
 
+#: Percent-decoding is applied until nothing changes, at most this often.
+_MAX_DECODES = 8
+
+
 def _dotdot(path: str) -> bool:
-    for text in (path, unquote(path)):
+    """A ``..`` segment at any depth of percent-encoding (``%2e%2e``,
+    ``%252e%252e``, ...); a uri still changing after :data:`_MAX_DECODES`
+    decodings counts as one."""
+    text = path
+    for _ in range(_MAX_DECODES):
         if ".." in re.split(r"[/\\]", text):
             return True
-    return False
+        decoded = unquote(text)
+        if decoded == text:
+            return False
+        text = decoded
+    return True
 
 
 def canonical(uri: str, resolve: Callable[[str], str] = resolve_local) -> str:
@@ -166,31 +179,36 @@ def canonical_prefix(prefix: str, resolve: Callable[[str], str] = resolve_local)
 
 
 def default_prefixes(index: str, resolve: Callable[[str], str] = resolve_local) -> tuple[str, ...]:
-    """The index's own storage (see the module docstring): ``scheme://bucket/``
-    for an index on a URL, the directory containing the index path for a local
-    one."""
+    """The index's own directory tree (see the module docstring): the
+    directory an index names or a glob lists; ``()`` for a one-file index."""
     path = index.strip()
     cut = min((path.find(c) for c in _GLOB_CHARS if c in path), default=-1)
     if cut >= 0:  # a glob: the directory it lists is the index
         path = path[:path.rfind("/", 0, cut) + 1] if "/" in path[:cut] else "."
     path = path.rstrip("/") or "/"
+    if path.lower().endswith(".parquet"):
+        return ()
     if "://" in path and path.split("://", 1)[0].lower() not in ("file", "local"):
-        scheme, rest = path.split("://", 1)
-        return (canonical_prefix(f"{scheme}://{rest.split('/', 1)[0]}/", resolve),)
+        return (canonical_prefix(path + "/", resolve),)
     if "://" in path:
         path = path.split("://", 1)[1]
     elif path.lower().startswith(("file:", "local:")):
         path = path.split(":", 1)[1]
     if path.startswith("localhost/"):
         path = path[len("localhost"):]
-    parent = os.path.dirname(os.path.abspath(path))
-    return (canonical_prefix(parent, resolve),)
+    return (canonical_prefix(os.path.abspath(path), resolve),)
 
 
 def allowed(target: str, prefixes: Sequence[str]) -> bool:
     """Whether a canonical uri lies under one of the canonical ``prefixes`` (on
-    path-component boundaries: each prefix ends in ``/``)."""
-    return any(target.startswith(p) or target == p.rstrip("/") for p in prefixes)
+    path-component boundaries: each prefix ends in ``/``) with no hidden
+    component (``.name``) below the prefix."""
+    for p in prefixes:
+        if target == p.rstrip("/"):
+            return True
+        if target.startswith(p) and not any(part.startswith(".") for part in target[len(p):].split("/")):
+            return True
+    return False
 
 
 def check_uris(prefixes: Sequence[str], uris: Sequence[str | None],
@@ -213,16 +231,22 @@ def check_uris(prefixes: Sequence[str], uris: Sequence[str | None],
     return out
 
 
-def read_target(target: str) -> bytes:
-    """Read an allowed uri's canonical form: a local one with ``open`` (a
-    regular file only; no symlink followed at the last step), a URL through
-    the filesystem layer."""
+#: Redirects followed (each checked against the prefixes) before a read is refused.
+MAX_REDIRECTS = 5
+
+
+def read_target(target: str, prefixes: Sequence[str] = ()) -> bytes:
+    """Read an allowed uri's canonical form: a local one by a walk that
+    follows no link and reads a regular file only; ``http(s)`` following a
+    redirect only to a uri the canonical ``prefixes`` allow (none: no
+    redirect is followed); other URLs through the filesystem layer."""
+    if target.startswith(("http://", "https://")):
+        return _read_http(target, prefixes)
     if "://" in target:
         from . import io as sio
 
         return sio.read_bytes(target)
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(target, flags)
+    fd = _open_without_links(target)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ValueError(f"{target}: not a regular file")
@@ -235,3 +259,62 @@ def read_target(target: str) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def _open_without_links(path: str) -> int:
+    """Open absolute ``path`` one component at a time from ``/``, no link
+    followed at any step (``openat`` with ``O_NOFOLLOW``): what was checked
+    is what is read, even if a directory is swapped for a link meanwhile."""
+    parts = [p for p in path.split("/") if p]
+    if not path.startswith("/") or not parts:
+        raise ValueError(f"{path}: not an absolute file path")
+    cloexec, nofollow = getattr(os, "O_CLOEXEC", 0), getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | cloexec)
+    try:
+        for part in parts[:-1]:
+            try:
+                step = os.open(part, os.O_RDONLY | os.O_DIRECTORY | nofollow | cloexec, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise ValueError(f"{path}: {part} is not a directory (a link is not followed)") from None
+                raise
+            os.close(fd)
+            fd = step
+        try:
+            return os.open(parts[-1], os.O_RDONLY | os.O_NONBLOCK | nofollow | cloexec, dir_fd=fd)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise ValueError(f"{path}: a link (not followed)") from None
+            raise
+    finally:
+        os.close(fd)
+
+
+def _read_http(url: str, prefixes: Sequence[str]) -> bytes:
+    """GET ``url``; a redirect is followed only to a uri ``prefixes`` allow."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    class CheckedRedirects(urllib.request.HTTPRedirectHandler):
+        max_redirections = MAX_REDIRECTS
+
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            absolute = urllib.parse.urljoin(req.full_url, newurl)
+            try:
+                ok = allowed(canonical(absolute), prefixes)
+            except _Refused:
+                ok = False
+            if not ok:
+                raise ValueError(f"{url}: redirected ({code}) to {absolute[:200]!r}, outside the allowed prefixes; "
+                                 "not followed")
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+    opener = urllib.request.build_opener(CheckedRedirects)
+    try:
+        with opener.open(url, timeout=60) as response:
+            return response.read()
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            raise FileNotFoundError(url) from None
+        raise OSError(f"{url}: HTTP {e.code} {e.reason}") from None

@@ -1,6 +1,6 @@
 """schemas.uri_policy and write_shards' --allow-uri-prefix: an index's ``uri``
 column is fetched only under the allowed prefixes (default: the index's own
-storage); anything else is a bad example with the policy's reason."""
+directory tree); anything else is a bad example with the policy's reason."""
 
 from __future__ import annotations
 
@@ -41,9 +41,16 @@ GRID = [
     ("/d/jft/../etc/passwd", REFUSED, "'..'"),
     ("/d/jft/a/..", REFUSED, "'..'"),
     ("/d/jft/%2e%2e/%2E%2E/etc/passwd", REFUSED, "'..'"),
+    ("/d/jft/%252e%252e/etc/passwd", REFUSED, "'..'"),   # encoded twice (or more): decoded to a fixed point
+    ("/d/jft/%25252e%25252E/x", REFUSED, "'..'"),
+    ("http://host:8080/imgs/%252e%252e/admin", REFUSED, "'..'"),
+    ("/d/jft/.ssh/id_rsa", OUT, None),                   # hidden components below a prefix
+    ("/d/jft/a/.git/config", OUT, None),
+    ("s3://bucket/.secrets/x.jpg", OUT, None),
+    ("/d/jft/a/x.jpg.bak", OK, "/d/jft/a/x.jpg.bak"),    # a dot inside a name is no hidden component
     ("/d/jft/..%2f..%2fetc/passwd", REFUSED, "'..'"),
     ("/d/jft/a\\..\\b", REFUSED, "'..'"),
-    ("/d/jft/..a/1.jpg", OK, "/d/jft/..a/1.jpg"),  # a name starting with '..' is no parent step
+    ("/d/jft/..a/1.jpg", OUT, None),  # no parent step ('..' refused), but hidden: see test_a_prefix_that_names...
     ("/etc/passwd", OUT, None),
     ("/dev/zero", OUT, None),
     ("d/jft/1.jpg", REFUSED, "absolute"),
@@ -165,29 +172,37 @@ def test_unusable_prefixes(prefix):
 
 
 @pytest.mark.parametrize("index,default", [
-    ("/d/jft/index", "/d/jft/"),                    # a directory index: its parent
-    ("/d/jft/index/", "/d/jft/"),
-    ("/d/jft/index.parquet", "/d/jft/"),            # a one-file index: its directory
-    ("/d/jft/index/part-0.parquet", "/d/jft/index/"),
-    ("/d/jft/index/*.parquet", "/d/jft/"),           # a glob: the directory it lists is the index
-    ("/d/jft/index/part-[0-3].parquet", "/d/jft/"),
-    ("file:///d/jft/index", "/d/jft/"),
-    ("file:/d/jft/index", "/d/jft/"),
-    ("s3://bucket/jft/index", "s3://bucket/"),      # object stores: the scheme and bucket
-    ("s3://bucket/index.parquet", "s3://bucket/"),
-    ("s3a://bucket/x/index", "s3://bucket/"),
-    ("gs://bucket/a/b/index/part-*.parquet", "gs://bucket/"),
-    ("gcs://bucket/x", "gs://bucket/"),
-    ("hdfs://nn:8020/d/index", "hdfs://nn:8020/"),
-    ("hdfs:///d/index", "hdfs:///"),
+    ("/d/jft/index", ("/d/jft/index/",)),                 # a directory index: its own tree, nothing outside
+    ("/d/jft/index/", ("/d/jft/index/",)),
+    ("/d/jft/index.parquet", ()),                         # a one-file index: none (name the images' root)
+    ("/x.parquet", ()),
+    ("/d/jft/index/part-0.parquet", ()),
+    ("/d/jft/index/*.parquet", ("/d/jft/index/",)),       # a glob: the directory it lists is the index
+    ("/d/jft/index/part-[0-3].parquet", ("/d/jft/index/",)),
+    ("file:///d/jft/index", ("/d/jft/index/",)),
+    ("file:/d/jft/index", ("/d/jft/index/",)),
+    ("s3://bucket/jft/index", ("s3://bucket/jft/index/",)),  # object stores: the index's prefix, not the bucket
+    ("s3://bucket/index.parquet", ()),
+    ("s3a://bucket/x/index", ("s3://bucket/x/index/",)),
+    ("gs://bucket/a/b/index/part-*.parquet", ("gs://bucket/a/b/index/",)),
+    ("hdfs://nn:8020/d/index", ("hdfs://nn:8020/d/index/",)),
 ])
-def test_default_prefix_is_the_index_storage(index, default):
-    assert U.default_prefixes(index, resolve=ident) == (default,)
+def test_default_prefix_is_the_index_own_tree(index, default):
+    assert U.default_prefixes(index, resolve=ident) == default
 
 
 def test_default_prefix_of_a_relative_index(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert U.default_prefixes("data/jft/index") == (os.path.realpath(tmp_path) + "/data/jft/",)
+    assert U.default_prefixes("data/jft/index") == (os.path.realpath(tmp_path) + "/data/jft/index/",)
+
+
+def test_a_prefix_that_names_a_hidden_directory_allows_it():
+    (v,) = U.check_uris(["/home/u/.cache/images"], ["/home/u/.cache/images/a.jpg"], resolve=ident)
+    assert v.target == "/home/u/.cache/images/a.jpg"
+    (v,) = U.check_uris(["/home/u/.cache/images"], ["/home/u/.cache/images/.x/a.jpg"], resolve=ident)
+    assert v.target is None
+    (v,) = U.check_uris(["/d/jft/..a"], ["/d/jft/..a/1.jpg"], resolve=ident)  # a name starting with '..'
+    assert v == U.Verdict("/d/jft/..a/1.jpg", None)                              # is no parent step
 
 
 # -- local resolution: symlinks, and what is read ------------------------------------------
@@ -213,6 +228,63 @@ def test_symlinks_are_resolved_on_both_sides(tmp_path):
     assert v.target == f"{real}/a.jpg"
 
 
+def test_a_directory_swapped_for_a_link_after_the_check_is_not_followed(tmp_path):
+    root, secret = tmp_path / "root", tmp_path / "secret"
+    (root / "sub").mkdir(parents=True)
+    secret.mkdir()
+    (root / "sub" / "a.jpg").write_bytes(b"image")
+    (secret / "a.jpg").write_bytes(b"secret")
+    (v,) = U.check_uris([str(root)], [str(root / "sub" / "a.jpg")])
+    assert U.read_target(v.target) == b"image"
+    (root / "sub" / "a.jpg").unlink()
+    (root / "sub").rmdir()
+    (root / "sub").symlink_to(secret)  # the swap, between the check and the read
+    with pytest.raises(ValueError, match="sub is not a directory \\(a link is not followed\\)"):
+        U.read_target(v.target)
+    (root / "file.jpg").symlink_to(secret / "a.jpg")
+    with pytest.raises(ValueError, match="a link \\(not followed\\)"):
+        U.read_target(os.path.realpath(root) + "/file.jpg")
+
+
+def test_http_redirects_are_followed_only_into_the_allowed_prefixes():
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            routes = {"/imgs/ok.jpg": (200, b"pixels"), "/imgs/moved.jpg": (302, "/imgs/ok.jpg"),
+                      "/imgs/away.jpg": (302, "http://169.254.169.254/latest/meta-data/"),
+                      "/imgs/out.jpg": (302, "/admin/secret"), "/admin/secret": (200, b"secret")}
+            code, body = routes.get(self.path, (404, b""))
+            self.send_response(code)
+            if code == 302:
+                self.send_header("Location", body)
+                body = b""
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        prefixes = (U.canonical_prefix(f"{base}/imgs"),)
+        assert U.read_target(f"{base}/imgs/ok.jpg", prefixes) == b"pixels"
+        assert U.read_target(f"{base}/imgs/moved.jpg", prefixes) == b"pixels"  # within the prefix: followed
+        for path, where in (("/imgs/away.jpg", "169.254.169.254"), ("/imgs/out.jpg", "/admin/secret")):
+            with pytest.raises(ValueError, match=f"redirected \\(302\\) to .*{where}.*outside the allowed"):
+                U.read_target(f"{base}{path}", prefixes)
+        with pytest.raises(ValueError, match="outside the allowed prefixes; not followed"):
+            U.read_target(f"{base}/imgs/moved.jpg")  # no prefixes given: no redirect followed
+        with pytest.raises(FileNotFoundError):
+            U.read_target(f"{base}/imgs/missing.jpg", prefixes)
+    finally:
+        server.shutdown()
+
+
 def test_read_target_reads_regular_files_only(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"\xff\xd8\xff" + bytes(range(256)) * 100)
     assert U.read_target(os.path.realpath(tmp_path / "a.jpg")) == b"\xff\xd8\xff" + bytes(range(256)) * 100
@@ -230,9 +302,9 @@ def test_read_target_reads_regular_files_only(tmp_path):
 def test_shard_job_prefixes(tmp_path):
     real = os.path.realpath(tmp_path)
     job = W.ShardJob(selection="s", index=str(tmp_path / "jft" / "index"), output="o")
-    assert job.allow_uri_prefixes is None and job.uri_prefixes == (f"{real}/jft/",)
+    assert job.allow_uri_prefixes is None and job.uri_prefixes == (f"{real}/jft/index/",)
     job = W.ShardJob(selection="s", index="s3://bucket/jft/index", output="o")
-    assert job.uri_prefixes == ("s3://bucket/",)
+    assert job.uri_prefixes == ("s3://bucket/jft/index/",)
     job = W.ShardJob(selection="s", index="s3://bucket/jft/index", output="o",
                      allow_uri_prefixes=["gs://imgs", "gs://imgs/", str(tmp_path / "train")])
     assert job.uri_prefixes == ("gs://imgs/", f"{real}/train/")  # replaces the default; deduplicated
@@ -275,6 +347,8 @@ def test_cli_fetches_only_allowed_uris(tmp_path):
 
     uris = {f"good/{i}": image(src / "images" / f"{i}.img", i) for i in range(5)}
     uris["good/file-form"] = f"file://{src}/images/3.img"
+    (src / "images" / ".ssh").mkdir()
+    uris["bad/hidden"] = image(src / "images" / ".ssh" / "id.img", 5)
     uris.update({"other/0": image(other / "0.img", 6), "other/1": image(other / "1.img", 7)})
     (src / "images" / "escape.img").symlink_to(other / "0.img")
     uris.update({
@@ -293,17 +367,24 @@ def test_cli_fetches_only_allowed_uris(tmp_path):
               "--samples-per-shard", "4", "--max-bad-fraction", "0.9", "--master", "local[2]",
               "--driver-memory", "1g"]
 
-    # Default: the index's storage, i.e. the directory containing the index (src/).
+    # Default: the index's own directory tree (src/index/) and nothing outside it: no image is allowed.
     out = str(tmp_path / "default")
-    run_module("spark_jobs.write_shards", *common, "--output", out)
+    refused = run_module("spark_jobs.write_shards", *common, "--output", out, check=False)
+    assert refused.returncode == 1 and not os.path.exists(out)
+    assert refused.stderr.splitlines()[-1].startswith(f"write_shards: error: {len(keys)} of {len(keys)} selected")
+
+    # Naming the images' root: its images are fetched, the rest are bad examples with the policy's reason.
+    out = str(tmp_path / "named")
+    run_module("spark_jobs.write_shards", *common, "--output", out, "--allow-uri-prefix", str(src / "images"))
     manifest = json.load(open(os.path.join(out, "manifest.json")))
     reasons = {b["key"]: b["reason"] for b in manifest["bad_records"]}
-    outside = {"other/0", "other/1", "bad/symlink-out", "bad/sibling", "bad/passwd", "bad/zero", "bad/http"}
+    outside = {"other/0", "other/1", "bad/symlink-out", "bad/sibling", "bad/passwd", "bad/zero", "bad/http",
+               "bad/hidden"}
     assert set(reasons) == outside | {"bad/dotdot", "bad/relative"}
     real_src = os.path.realpath(src)
     for key in outside:
-        assert reasons[key] == (f"{U.OUTSIDE}: {uris[key]!r} (allowed: {real_src}/; see --allow-uri-prefix)"
-                                [:300]), key
+        assert reasons[key] == (f"{U.OUTSIDE}: {uris[key]!r} (allowed: {real_src}/images/; see "
+                                "--allow-uri-prefix)"[:300]), key
     assert "'..' segment" in reasons["bad/dotdot"] and "not an absolute path" in reasons["bad/relative"]
     good = [k for k in keys if k.startswith("good/")]
     assert _shard_keys(out) == {k: copies[k] for k in good}
@@ -315,15 +396,15 @@ def test_cli_fetches_only_allowed_uris(tmp_path):
                "--allow-uri-prefix", str(other), "--allow-uri-prefix", f"file://{src}/images/")
     manifest = json.load(open(os.path.join(out, "manifest.json")))
     assert {b["key"] for b in manifest["bad_records"]} == {"bad/sibling", "bad/passwd", "bad/zero", "bad/http",
-                                                          "bad/dotdot", "bad/relative"}
+                                                          "bad/dotdot", "bad/relative", "bad/hidden"}
     assert _shard_keys(out) == {k: copies[k] for k in good + ["other/0", "other/1", "bad/symlink-out"]}
     assert run_module("spark_jobs.verify", out).returncode == 0
 
 
 def test_uris_on_object_storage_only_in_the_allowed_bucket(spark, tmp_path, s3_server):
     # Spark here has no s3 filesystem for the index itself, so it stays local and
-    # the bucket is named; an index on s3://bucket/ would allow it by default
-    # (test_shard_job_prefixes, test_default_prefix_is_the_index_storage).
+    # the bucket is named (an index on s3://bucket/index would allow only
+    # s3://bucket/index/ by default: test_default_prefix_is_the_index_own_tree).
     from schemas.synthetic import encode_image
 
     fs = s3_server

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import math
 import re
 import tarfile
@@ -177,7 +176,9 @@ def sample_json(source_key: str, copy: int, labels: Iterable[int], weight: float
     ":"))`` (tested), formatted directly: it runs once per sample.
     """
     weight = float(weight)
-    number = repr(weight) if math.isfinite(weight) else json.dumps(weight)
+    if not math.isfinite(weight):
+        raise ValueError(f"sample {source_key!r}: weight {weight!r} is not a finite number (JSON has none)")
+    number = repr(weight)
     return (f'{{"copy":{int(copy)},"key":{_json_string(source_key)},'
             f'"labels":[{",".join([str(int(x)) for x in labels])}],"weight":{number}}}').encode()
 

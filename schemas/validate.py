@@ -19,7 +19,7 @@ __all__ = [
     "check_index_schema",
     "validate_index_batch",
     "validate_vocabulary",
-    "validate_weights",
+    "validate_weights", "MAX_WEIGHT", "MIN_TOP_WEIGHT",
     "validate_histogram",
 ]
 
@@ -183,8 +183,20 @@ def _check_finite_nonnegative(table: pa.Table, column: str, file: str | None, wh
     return values
 
 
+#: The largest label weight accepted: an example's weight sums up to 1,024 of
+#: them (``aggregate=sum``) and must stay a finite float64.
+MAX_WEIGHT = float(np.finfo(np.float64).max) / 2 ** 11
+#: The smallest largest weight accepted: the resampler's fixed point maps the
+#: largest weight to 2**52, and smaller ones in proportion (a float64 normal
+#: number keeps their ratios exact to 2**-52).
+MIN_TOP_WEIGHT = float(np.finfo(np.float64).tiny) * 2.0 ** 53
+
+
 def validate_weights(table: pa.Table, file: str | None = None) -> None:
-    """Weights table: required columns, unique label ids, weights finite and >= 0."""
+    """Weights table: required columns, unique label ids, weights finite and
+    >= 0, the largest at most :data:`MAX_WEIGHT` and at least
+    :data:`MIN_TOP_WEIGHT` (only the weights' ratios matter: a table outside
+    that range is refused, saying so)."""
     for col in ("label_id", "weight"):
         if col not in table.schema.names:
             raise SchemaError(f"weights table has no '{col}' column", file=file)
@@ -192,6 +204,18 @@ def validate_weights(table: pa.Table, file: str | None = None) -> None:
     for col in ("weight", "p_source", "p_target"):
         if col in table.schema.names:
             _check_finite_nonnegative(table, col, file, col)
+    weights = table.column("weight").to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+    if weights.size == 0:
+        return
+    j = int(np.argmax(weights))
+    top, label = float(weights[j]), int(table.column("label_id")[j].as_py())
+    if top > MAX_WEIGHT:
+        raise SchemaError(f"weight of label {label} is {top!r}, too large to sum (at most {MAX_WEIGHT:.3g}); only "
+                          "the weights' ratios matter: divide them all by the largest", file=file, row=j)
+    if 0 < top < MIN_TOP_WEIGHT:
+        raise SchemaError(f"the largest weight (label {label}) is {top!r}, too small to keep the weights' ratios "
+                          f"(at least {MIN_TOP_WEIGHT:.3g}); only their ratios matter: divide them all by the largest",
+                          file=file, row=j)
 
 
 def validate_histogram(table: pa.Table, file: str | None = None,

@@ -146,6 +146,10 @@ def weights(values):
     ([1.0, float("nan"), 2.0], "weights.parquet, row 1: weight of label 11 is NaN (nan)"),
     ([1.0, 2.0, -0.5], "weights.parquet, row 2: weight of label 12 is negative (-0.5)"),
     ([float("inf"), 2.0], "weights.parquet, row 0: weight of label 10 is infinite (inf)"),
+    ([1.0, 1e308, 2.0], "weights.parquet, row 1: weight of label 11 is 1e+308, too large to sum (at most 8.78e+304); "
+                        "only the weights' ratios matter: divide them all by the largest"),
+    ([0.0, 5e-324], "weights.parquet, row 1: the largest weight (label 11) is 5e-324, too small to keep the weights' "
+                    "ratios (at least 2e-292); only their ratios matter: divide them all by the largest"),
 ])
 def test_weights_bad_values(values, message):
     assert error_of(validate_weights, weights(values), "weights.parquet") == message

@@ -46,6 +46,8 @@ setup(
     packages=find_packages(include=[p for name in PACKAGES for p in (name, f"{name}.*")]),
     include_package_data=True,
     install_requires=CORE,
+    # One command, a subcommand per stage (adaptive_transfer/cli.py); python -m MODULE works as well.
+    entry_points={"console_scripts": ["adaptive-transfer=adaptive_transfer.cli:main"]},
     extras_require={
         **STAGES,
         **OBJECT_STORES,

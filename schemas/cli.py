@@ -20,9 +20,14 @@ The names every command uses (docs/design.md, "One name per concept"):
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-__all__ = ["ArgumentParser", "DeprecatedAlias"]
+__all__ = ["ArgumentParser", "DeprecatedAlias", "PROG_ENV"]
+
+#: Set by the ``adaptive-transfer`` command to the subcommand's name, which
+#: the stage's parser then shows as its program name.
+PROG_ENV = "ADAPTIVE_TRANSFER_PROG"
 
 
 class DeprecatedAlias(argparse.Action):
@@ -42,10 +47,13 @@ class ArgumentParser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` with :meth:`add_alias` for renamed flags.
 
     Formatted with ``RawDescriptionHelpFormatter`` unless told otherwise, so a
-    module docstring used as ``description`` keeps its layout."""
+    module docstring used as ``description`` keeps its layout; named
+    ``adaptive-transfer STAGE`` when run as that subcommand (:data:`PROG_ENV`)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        if os.environ.get(PROG_ENV):  # run as a subcommand of the adaptive-transfer command
+            kwargs["prog"] = os.environ[PROG_ENV]
         super().__init__(*args, **kwargs)
         self._aliased_required: list[argparse.Action] = []
 

@@ -50,5 +50,5 @@ def read_digits_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{path}: row {int(bad[0])} has a pixel that is not an integer in 0..255")
     bad = np.flatnonzero((labels != np.round(labels)) | (labels < 0) | (labels > 9))
     if bad.size:
-        raise ValueError(f"{path}: row {int(bad[0])} has label {labels[bad[0]]!r}, not a digit 0..9")
+        raise ValueError(f"{path}: row {int(bad[0])} has label {float(labels[bad[0]]):g}, not a digit 0..9")
     return pixels.astype(np.uint8).reshape(-1, DIGIT_SIDE, DIGIT_SIDE), labels.astype(np.int64)

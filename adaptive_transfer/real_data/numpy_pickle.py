@@ -2,8 +2,9 @@
 
 Some data sets ship as pickles of numpy arrays. A pickle can name any
 callable and call it, so :func:`load_numpy_pickle` admits exactly the three
-globals a plain ``numpy.ndarray`` pickle names (the array reconstructor,
-``numpy.ndarray`` and ``numpy.dtype``, under numpy 1's and 2's module names)
+globals a plain ``numpy.ndarray`` pickle names (the array reconstructors of
+protocols 0-4 and 5, ``numpy.ndarray`` and ``numpy.dtype``, under numpy 1's and 2's module names;
+and, for protocol 2, ``_codecs.encode`` limited to str -> latin-1 bytes)
 and refuses every other one *before* it is looked up, so nothing it names is
 imported or called. The result must be one plain ndarray of a numeric or
 boolean dtype (never ``object``: that would hold arbitrary Python objects).
@@ -20,14 +21,30 @@ import numpy as np
 
 __all__ = ["ALLOWED_GLOBALS", "UnsafePickleError", "load_numpy_pickle", "loads_numpy_pickle"]
 
-_RECONSTRUCT = np.zeros(0).__reduce__()[0]  # numpy's own array reconstructor, whatever its module path
+# numpy's own array reconstructors, whatever their module paths: protocols 0-4 and protocol 5
+_RECONSTRUCT = np.zeros(0).__reduce__()[0]
+_FROMBUFFER = np.zeros(0).__reduce_ex__(5)[0]
+
+
+
+def _latin1_bytes(text, encoding):
+    """Protocol 2 pickles write bytes as ``_codecs.encode(text, 'latin1')``:
+    admitted for exactly that (str to latin-1 bytes), nothing else."""
+    if type(text) is not str or encoding != "latin1":
+        raise pickle.UnpicklingError(f"_codecs.encode is admitted only as (str, 'latin1'), got "
+                                     f"({type(text).__name__}, {encoding!r})")
+    return text.encode("latin1")
+
 
 #: (module, name) -> the object a plain ndarray pickle needs; nothing else is admitted.
 ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
     ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
+    ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_bytes,
 }
 
 

@@ -181,6 +181,19 @@ def test_numpy_pickle_admits_codecs_encode_only_as_protocol_2_writes_bytes():
         loads_numpy_pickle(pickle.dumps(Encodes("abc", "latin1"), protocol=2))
 
 
+@pytest.mark.parametrize("build", [b"}q\x00U\x01xK\x01sb",                 # BUILD with a dict state
+                                   b"N}q\x00U\x08__call__K\x01s\x86b"])  # BUILD with a slot state
+@pytest.mark.parametrize("glob", [b"c_codecs\nencode\n", b"cnumpy\ndtype\n", b"cnumpy\nndarray\n"])
+def test_numpy_pickle_admitted_globals_cannot_be_altered_by_build(glob, build):
+    from adaptive_transfer.real_data.numpy_pickle import ALLOWED_GLOBALS
+
+    before = {k: dict(getattr(v, "__dict__", {})) for k, v in ALLOWED_GLOBALS.items()}
+    with pytest.raises(ValueError):
+        loads_numpy_pickle(b"\x80\x02" + glob + build + b".")
+    assert {k: dict(getattr(v, "__dict__", {})) for k, v in ALLOWED_GLOBALS.items()} == before
+    assert callable(ALLOWED_GLOBALS[("_codecs", "encode")]) and np.dtype("u1").itemsize == 1
+
+
 def test_numpy_pickle_refuses_persistent_ids_and_garbage(tmp_path):
     class WithPid(pickle.Pickler):
         def persistent_id(self, obj):

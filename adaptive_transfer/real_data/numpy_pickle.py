@@ -27,13 +27,18 @@ _FROMBUFFER = np.zeros(0).__reduce_ex__(5)[0]
 
 
 
-def _latin1_bytes(text, encoding):
+class _Latin1Bytes:
     """Protocol 2 pickles write bytes as ``_codecs.encode(text, 'latin1')``:
-    admitted for exactly that (str to latin-1 bytes), nothing else."""
-    if type(text) is not str or encoding != "latin1":
-        raise pickle.UnpicklingError(f"_codecs.encode is admitted only as (str, 'latin1'), got "
-                                     f"({type(text).__name__}, {encoding!r})")
-    return text.encode("latin1")
+    admitted for exactly that (str to latin-1 bytes), nothing else. No
+    ``__dict__`` and no attributes to set, so a pickle's BUILD cannot alter it."""
+
+    __slots__ = ()
+
+    def __call__(self, text, encoding):
+        if type(text) is not str or encoding != "latin1":
+            raise pickle.UnpicklingError(f"_codecs.encode is admitted only as (str, 'latin1'), got "
+                                         f"({type(text).__name__}, {encoding!r})")
+        return text.encode("latin1")
 
 
 #: (module, name) -> the object a plain ndarray pickle needs; nothing else is admitted.
@@ -44,7 +49,7 @@ ALLOWED_GLOBALS = {
     ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
-    ("_codecs", "encode"): _latin1_bytes,
+    ("_codecs", "encode"): _Latin1Bytes(),
 }
 
 

@@ -169,7 +169,7 @@ def plan_split(pool: Pool, spec: RealSpec, leaf_id: dict[str, int], parent_of: d
         members = members[np.lexsort((rank[members], [position[int(i)] for i in pool.leaf[members]]))]
         is_train = rank[members] < spec.train_per_class
         split.targets[t.name] = {"train": members[is_train], "test": members[~is_train]}
-    empty = [int(i) for i in leaf_id.values() if available[i] - taken[i] < 1]
+    empty = sorted(name for name, i in leaf_id.items() if available[i] - taken[i] < 1)
     if empty:
         raise ValueError(f"leaves {empty} have no image left for the source")
     offset = rank - taken[pool.leaf]

@@ -70,7 +70,7 @@ SPARK_ENV_DIR ?= build/spark-env
 SPARK_ENV_EXTRAS ?= spark,gcs,s3
 SPARK_ENV_PYTHON_PREFIX ?=
 
-.PHONY: install test test-cluster demo experiment resample spark-env clean distclean
+.PHONY: install test test-cluster demo experiment resample real-data spark-env clean distclean
 
 install: $(STAMP)
 
@@ -106,6 +106,16 @@ resample: install
 	  --samples-per-shard "$(SAMPLES_PER_SHARD)" $(foreach p,$(ALLOW_URI_PREFIX),--allow-uri-prefix "$(p)") \
 	  $(if $(filter 0,$(DEDUP)),--no-dedup) $(if $(MAX_SIDE),--max-side "$(MAX_SIDE)") \
 	  $(if $(QUALITY),--quality "$(QUALITY)")
+
+REAL_DATA ?= data/real
+REAL_SEEDS ?= 0 1
+# The real-image datasets (Fashion-MNIST, Animal-MNIST, MNIST digits; pinned archives checked by
+# sha256) and, per seed in REAL_SEEDS, a source and three targets built from them under REAL_DATA.
+real-data: install
+	$(BIN)/python -m adaptive_transfer.real_data.fetch --cache $(REAL_DATA)
+	@for seed in $(REAL_SEEDS); do \
+	  $(BIN)/python -m adaptive_transfer.real_data.build --cache $(REAL_DATA) --seed $$seed || exit 1; \
+	done
 
 spark-env: install $(SPARK_ENV_DIR)/env.tar.gz $(SPARK_ENV_DIR)/code.zip
 

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 
 from schemas.stage_output import StageOutput
-from schemas.synthetic import SourceSpec, TargetSpec, generate_source, generate_target
+from adaptive_transfer.synthetic import SourceSpec, TargetSpec, generate_source, generate_target
 
 __all__ = ["DemoData", "DEMO_SOURCE", "DEMO_TARGET", "ensure_demo_data"]
 

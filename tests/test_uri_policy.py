@@ -263,7 +263,7 @@ def _shard_keys(out: str) -> dict[str, int]:
 
 @pytest.mark.slow
 def test_cli_fetches_only_allowed_uris(tmp_path):
-    from schemas.synthetic import encode_image
+    from adaptive_transfer.synthetic import encode_image
 
     src, other, sibling = tmp_path / "src", tmp_path / "other", tmp_path / "srcX"
     for d in (src / "index", src / "images", other, sibling):
@@ -324,7 +324,7 @@ def test_uris_on_object_storage_only_in_the_allowed_bucket(spark, tmp_path, s3_s
     # Spark here has no s3 filesystem for the index itself, so it stays local and
     # the bucket is named; an index on s3://bucket/ would allow it by default
     # (test_shard_job_prefixes, test_default_prefix_is_the_index_storage).
-    from schemas.synthetic import encode_image
+    from adaptive_transfer.synthetic import encode_image
 
     fs = s3_server
     fs.mkdir("elsewhere")

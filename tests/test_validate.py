@@ -6,7 +6,7 @@ import pytest
 
 from schemas import (SchemaError, check_index_schema, validate_histogram, validate_index_batch, validate_vocabulary,
                      validate_weights)
-from schemas.synthetic import make_vocabulary
+from adaptive_transfer.synthetic import make_vocabulary
 
 LABELS = pa.list_(pa.int32())
 

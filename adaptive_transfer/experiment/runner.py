@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from schemas import io as sio
-from schemas.synthetic import generate_source, generate_target
+from adaptive_transfer.synthetic import generate_source, generate_target
 
 from .plan import ExperimentConfig, FinetuneRun, PretrainSet, TargetPlan, finetune_runs, unique_sets
 

@@ -162,6 +162,10 @@ def test_generator_command_line_and_its_deprecated_spelling(tmp_path):
     part = "index/part-00000.parquet"
     assert (tmp_path / "s" / part).read_bytes() == (tmp_path / "s-old" / part).read_bytes()
     assert (tmp_path / "t" / "meta" / "train.txt").read_text() == (tmp_path / "t-old" / "meta" / "train.txt").read_text()
+    aliased = subprocess.run([sys.executable, "-m", "adaptive_transfer.synthetic", *source, "--out",
+                              str(tmp_path / "s-alias")], check=True, capture_output=True, text=True)
+    assert aliased.stderr.strip().splitlines() == [
+        "python -m adaptive_transfer.synthetic source: --out is deprecated; use --output"], aliased.stderr
     helped = subprocess.run([sys.executable, "-m", "adaptive_transfer.synthetic", "source", "--help"],
                             check=True, capture_output=True, text=True).stdout
     assert "--output" in helped and "--out " not in helped and "--out\n" not in helped

@@ -153,7 +153,8 @@ def test_generator_command_line_and_its_deprecated_spelling(tmp_path):
                           check=True, capture_output=True, text=True) for args, d in ((source, "s"), (target, "t"))]
     assert all(p.stderr == "" for p in new), [p.stderr for p in new]
     old = [subprocess.run([sys.executable, "-m", "schemas.synthetic", *args, "--out", str(tmp_path / d)],
-                          check=True, capture_output=True, text=True) for args, d in ((source, "s-old"), (target, "t-old"))]
+                          check=True, capture_output=True, text=True)
+           for args, d in ((source, "s-old"), (target, "t-old"))]
     for proc in old:
         assert proc.stderr.strip().splitlines() == [
             "python -m schemas.synthetic is deprecated; use python -m adaptive_transfer.synthetic "
@@ -161,7 +162,8 @@ def test_generator_command_line_and_its_deprecated_spelling(tmp_path):
     assert (tmp_path / "t" / "meta" / "classes.txt").read_text().count("\n") == 4
     part = "index/part-00000.parquet"
     assert (tmp_path / "s" / part).read_bytes() == (tmp_path / "s-old" / part).read_bytes()
-    assert (tmp_path / "t" / "meta" / "train.txt").read_text() == (tmp_path / "t-old" / "meta" / "train.txt").read_text()
+    train = "meta/train.txt"
+    assert (tmp_path / "t" / train).read_text() == (tmp_path / "t-old" / train).read_text()
     aliased = subprocess.run([sys.executable, "-m", "adaptive_transfer.synthetic", *source, "--out",
                               str(tmp_path / "s-alias")], check=True, capture_output=True, text=True)
     assert aliased.stderr.strip().splitlines() == [

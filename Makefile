@@ -39,8 +39,8 @@
 #        same path, or SPARK_ENV_PYTHON_PREFIX=/usr for where theirs lives; a tar.gz:
 #        Spark unpacks it with tar, keeping the interpreter's symlink), rebuilt when
 #        setup.py changes; and
-#        SPARK_ENV_DIR/code.zip, this project's schemas/ and spark_jobs/ (--py-files),
-#        rebuilt when they change.
+#        SPARK_ENV_DIR/code.zip, this project's schemas/ and spark_jobs/ (--py-files;
+#        not the data generator), rebuilt when they change.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -134,12 +134,16 @@ $(SPARK_ENV_DIR)/env.tar.gz: setup.py
 	  $(if $(SPARK_ENV_PYTHON_PREFIX),--python-prefix $(SPARK_ENV_PYTHON_PREFIX))
 	mv $(SPARK_ENV_DIR)/tmp.tar.gz $@ && rm -rf $(SPARK_ENV_DIR)/venv
 
-$(SPARK_ENV_DIR)/code.zip: $(wildcard schemas/*.py spark_jobs/*.py spark_jobs/*/*.py)
+# Not shipped: the deprecated `python -m schemas.synthetic` (the data generator
+# itself is adaptive_transfer/synthetic.py, which executors never import).
+CODE_ZIP_EXCLUDE := schemas/synthetic.py
+$(SPARK_ENV_DIR)/code.zip: $(filter-out $(CODE_ZIP_EXCLUDE),$(wildcard schemas/*.py spark_jobs/*.py spark_jobs/*/*.py))
 	@mkdir -p $(SPARK_ENV_DIR)
 	$(BIN)/python -c "import pathlib, sys, zipfile; \
+	  skip = set(sys.argv[2].split()); \
 	  z = zipfile.ZipFile(sys.argv[1], 'w', zipfile.ZIP_DEFLATED); \
-	  [z.write(f) for d in sys.argv[2:] for f in sorted(pathlib.Path(d).rglob('*.py'))]; z.close()" \
-	  $@.tmp schemas spark_jobs && mv $@.tmp $@
+	  [z.write(f) for d in sys.argv[3:] for f in sorted(pathlib.Path(d).rglob('*.py')) if f.as_posix() not in skip]; \
+	  z.close()" $@.tmp "$(CODE_ZIP_EXCLUDE)" schemas spark_jobs && mv $@.tmp $@
 
 clean:
 	rm -rf $(DEMO_OUT) $(EXPERIMENT_OUT) $(OUT) .pytest_cache build *.egg-info

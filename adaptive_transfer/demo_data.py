@@ -1,6 +1,6 @@
 """Generated data for ``TARGET=demo`` / ``SOURCE=demo`` and ``make demo``.
 
-Under ``DIR``: ``source/`` (index + vocabulary, schemas.synthetic),
+Under ``DIR``: ``source/`` (index + vocabulary, adaptive_transfer.synthetic),
 ``target/`` (Food-101 layout, mostly the 'food' branch) and ``generalist/``
 (a small CNN pre-trained on the entire source: the paper's generalist, made
 with the project's own resampler, shard writer and trainer). Each part is
@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 
 from schemas.stage_output import StageOutput
-from schemas.synthetic import SourceSpec, TargetSpec, generate_source, generate_target
+from adaptive_transfer.synthetic import SourceSpec, TargetSpec, generate_source, generate_target
 
 __all__ = ["DemoData", "DEMO_SOURCE", "DEMO_TARGET", "ensure_demo_data"]
 

@@ -67,7 +67,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from schemas.arrow import INDEX_SCHEMA_INLINE
-from schemas.synthetic import make_vocabulary
+from adaptive_transfer.synthetic import make_vocabulary
 from trainer.data import LoaderState, ShardStream, collate, shard_urls
 from trainer.transforms import HashRNG, PreprocessSpec, crop_box, draft_factor, normalise_batch, train_sample
 

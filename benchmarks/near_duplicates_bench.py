@@ -42,7 +42,7 @@ from beam_pipelines.label_counts import match_files
 from beam_pipelines.near_duplicates import COMPARE_ROWS, BestMatch
 from beam_pipelines.similarity import best_matches, row_norms, unit_rows
 from schemas import io as sio
-from schemas.synthetic import SourceSpec, generate_source
+from adaptive_transfer.synthetic import SourceSpec, generate_source
 from trainer.models import build_model, embed, embedding_dim, load_generalist, save_generalist
 from trainer.transforms import PreprocessSpec
 

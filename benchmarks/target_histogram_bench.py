@@ -25,7 +25,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_pipelines.target_histogram import TargetHistogram
 from beam_pipelines.weights import softmax
-from schemas.synthetic import SourceSpec, TargetSpec, generate_source, generate_target
+from adaptive_transfer.synthetic import SourceSpec, TargetSpec, generate_source, generate_target
 from schemas.targets import list_target
 from trainer.models import build_model, load_generalist, preprocess_spec, read_generalist, save_generalist
 from trainer.transforms import PreprocessSpec

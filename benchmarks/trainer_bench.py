@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 import torch
 
 from schemas import io as sio
-from schemas.synthetic import SourceSpec, generate_source
+from adaptive_transfer.synthetic import SourceSpec, generate_source
 from spark_jobs.session import get_session
 from spark_jobs import write_shards as W
 from trainer.data import LoaderState, ShardStream, collate, shard_urls

@@ -1,6 +1,6 @@
 """Contracts shared by every stage: Arrow schemas, manifest types, validation.
 
-See DESIGN.md §3. Importing this package is cheap (pyarrow, numpy, fsspec).
+See docs/design.md, "Contracts". Importing this package is cheap (pyarrow, numpy, fsspec).
 """
 
 from .arrow import (INDEX_SCHEMA_INLINE, INDEX_SCHEMA_URI, LABEL_COUNTS_SCHEMA, LABEL_SETS_SCHEMA,

@@ -1,4 +1,4 @@
-"""Arrow schemas of every contract between stages (DESIGN.md §3).
+"""Arrow schemas of every contract between stages (docs/design.md, "Contracts").
 
 Tables that carry run metadata (number of examples, temperature, model
 fingerprint, ...) keep it as JSON in the Arrow schema metadata under

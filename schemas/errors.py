@@ -6,7 +6,7 @@ __all__ = ["SchemaError"]
 
 
 class SchemaError(ValueError):
-    """Bad data against a contract of DESIGN.md §3.
+    """Bad data against a contract (docs/design.md, "Contracts").
 
     The message always starts with where the problem is: the file, then the
     row (0-based, counted across the whole file) or the label, then what is

@@ -1,7 +1,8 @@
 """Run configuration and shard manifest types, with a versioned JSON form.
 
-``manifest.json`` sits beside the WebDataset shards (DESIGN.md §3). It is
-the only thing a training run needs to find and check its data.
+``manifest.json`` sits beside the WebDataset shards (docs/design.md,
+"Shards and manifest"). It is the only thing a training run needs to find
+and check its data.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ class ShardInfo:
 
 @dataclass
 class Manifest:
-    """Description of a finished set of shards (see DESIGN.md §3)."""
+    """Description of a finished set of shards (docs/design.md, "Shards and manifest")."""
 
     config: ResampleConfig
     inputs: dict[str, str]

@@ -1,4 +1,4 @@
-"""The one output protocol every stage follows (DESIGN.md §5).
+"""The one output protocol every stage follows (docs/design.md, "Output protocol").
 
 A stage's output is a directory (``--output``) that it owns:
 

@@ -1,4 +1,4 @@
-"""Validators for the contracts of DESIGN.md §3.
+"""Validators for the contracts (docs/design.md, "Contracts").
 
 Each raises :class:`~schemas.errors.SchemaError` (a ``ValueError``) whose
 message names the file, the first offending row or label, and what is wrong.

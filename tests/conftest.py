@@ -6,7 +6,7 @@ import urllib.request
 
 import pytest
 
-from schemas.synthetic import SourceSpec, TargetSpec, generate_source, generate_target
+from adaptive_transfer.synthetic import SourceSpec, TargetSpec, generate_source, generate_target
 from tests.helpers import free_port
 
 

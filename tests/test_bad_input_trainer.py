@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from schemas import VOCABULARY_SCHEMA, Manifest, ResampleConfig, SchemaError, ShardInfo
-from schemas.synthetic import encode_image
+from adaptive_transfer.synthetic import encode_image
 from spark_jobs import verify as V
 from schemas.shard_format import sample_json, sample_key, shard_name, write_tar
 from tests.helpers import run_module

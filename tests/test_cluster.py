@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import zipfile
 
 import pytest
 
@@ -344,6 +345,10 @@ def test_cluster_without_shared_disk_matches_local_mode(spark, standalone_cluste
         assert not f["prefix"].startswith(os.path.realpath(sys.prefix))
         assert f["packages"]["torch"] is None and f["packages"]["pyarrow"] and f["packages"]["s3fs"], f
         assert "code.zip" in f["spark_jobs"], f
+    # code.zip ships the contracts and the jobs, never the data generator (nor its deprecated spelling).
+    shipped = zipfile.ZipFile(spark_env.code).namelist()
+    assert "schemas/io.py" in shipped and any(n.startswith("spark_jobs/") for n in shipped), shipped
+    assert not [n for n in shipped if n.endswith("synthetic.py")], shipped
 
     # Local mode, in this process, to local directories.
     local = tmp_path / "local"

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from schemas.synthetic import encode_image
+from adaptive_transfer.synthetic import encode_image
 from schemas.shard_format import sample_json, sample_key, write_tar
 from tests.helpers import free_port, ROOT, run_module
 from tests.test_cluster import cluster_only

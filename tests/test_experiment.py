@@ -130,15 +130,41 @@ def _records(gaps: dict[str, float], seeds=range(5)):
     return out
 
 
+def _per_seed(accuracies: dict[str, list[float]]):
+    """Records of target 't' with each arm's top-1 per seed 0..4 (0.80 where not given)."""
+    return [{"seed": s, "target": "t", "arm": arm, "figure3": False, "size": 100, "set": arm, "top1": acc,
+             "mean_per_class": acc, "test_images": 1000, "unique_examples": 50, "samples": 100,
+             "share_on_target_leaves": 0.5}
+            for arm, _ in P.ARMS for s, acc in enumerate(accuracies.get(arm, [0.80] * 5))]
+
+
+#: Per-seed top-1 against an arm at 0.80 on every seed, as paired differences in points:
+UP = [0.85, 0.86, 0.85, 0.86, 0.85]  # +5, +6, +5, +6, +5: interval [4.72, 6.08], wholly above 0
+MIXED = [0.82, 0.78, 0.81, 0.79, 0.805]  # +2, -2, +1, -1, +0.5: the interval includes 0
+HELD, FALSIFIED, NOT_SHOWN = "held", "falsified", "not shown (an interval includes 0)"
+
+
 def test_verdicts_follow_the_intervals():
-    held = summarize_results(_records({"adaptive": 0.05, "hand-picked": 0.05, "adaptive-topk": 0.05,
-                                       "topk-uniform": 0.03, "reversed": 0.01}), ["t"])
-    verdicts = [c["verdicts"]["t"] for c in held["claims"]]
-    assert verdicts == ["held"] * 4
-    lost = summarize_results(_records({"entire": 0.05, "reversed": 0.08, "class-balanced": 0.001}), ["t"])
-    verdicts = [c["verdicts"]["t"] for c in lost["claims"]]
-    assert verdicts[0] == "falsified" and verdicts[2] == "falsified"
-    assert verdicts[3] in ("not shown (an interval includes 0)", "falsified")
+    # The claims, in order: adaptive > entire ('above'); adaptive not below hand-picked
+    # ('not-below'); uniform > reversed and adaptive top-k > uniform ('above', both);
+    # adaptive > class-balanced ('above').
+    held = summarize_results(_per_seed({"adaptive": UP, "topk-uniform": UP,
+                                        "adaptive-topk": [a + 0.05 for a in UP]}), ["t"])
+    assert [c["verdicts"] for c in held["claims"]] == [{"t": HELD}] * 4
+    d = held["paired"]["t"]["adaptive - entire"]
+    half = 2.776 * 0.3 ** 0.5 / 5 ** 0.5  # the differences' sample variance is 0.3; t(4 df) = 2.776
+    assert d["differences"] == pytest.approx([5, 6, 5, 6, 5]) and d["wins"] == 5
+    assert d["ci95"] == pytest.approx([5.4 - half, 5.4 + half])
+
+    lost = summarize_results(_per_seed({"entire": UP, "hand-picked": UP, "reversed": UP,
+                                        "class-balanced": MIXED}), ["t"])
+    assert [c["verdicts"]["t"] for c in lost["claims"]] == [FALSIFIED, FALSIFIED, FALSIFIED, NOT_SHOWN]
+
+    unclear = summarize_results(_per_seed({"adaptive": MIXED, "topk-uniform": UP,
+                                           "adaptive-topk": [u + m - 0.80 for u, m in zip(UP, MIXED)]}), ["t"])
+    # an interval that includes 0 shows nothing for an 'above' claim, and does not falsify 'not-below'
+    assert [c["verdicts"]["t"] for c in unclear["claims"]] == [NOT_SHOWN, HELD, NOT_SHOWN, NOT_SHOWN]
+
     one_seed = summarize_results(_records({}, seeds=[0]), ["t"])
     assert all(c["verdicts"]["t"].startswith("not measured") for c in one_seed["claims"])
 
@@ -157,17 +183,21 @@ def test_quick_mode_end_to_end_and_rerun_reuses(tmp_path):
     main = [r for r in runs if not r["figure3"]]
     assert {(r["target"], r["arm"]) for r in main} == {(t.name, a) for t in P.QUICK.targets for a, _ in P.ARMS}
     assert {r["size"] for r in runs if r["figure3"]} | {P.QUICK.size} == set(P.QUICK.figure3_sizes)
-    assert all(0.0 <= r["top1"] <= 1.0 and r["test_images"] == P.QUICK.num_classes * P.QUICK.test_per_class
-               for r in runs)
+    n = P.QUICK.num_classes * P.QUICK.test_per_class
+    assert all(r["test_images"] == n for r in runs)
+    for r in runs:
+        # top-1 is a count of the n test images; every class has as many test images, so the
+        # mean per-class accuracy is the top-1 itself
+        correct = round(r["top1"] * n)
+        assert 0 <= correct <= n and r["top1"] == pytest.approx(correct / n, abs=1e-12), r
+        assert r["mean_per_class"] == pytest.approx(r["top1"], abs=1e-12), r
     by = {(r["target"], r["arm"]): r for r in main}
     # the selections differ as their schemes say: elastic and entire never repeat an example
     assert by[("food", "elastic")]["unique_examples"] == P.QUICK.size
     assert by[("food", "entire")]["unique_examples"] == P.QUICK.size
     assert by[("animal", "wrong-domain")]["share_on_target_leaves"] < by[("animal", "hand-picked")][
         "share_on_target_leaves"]
-    # the summary is what summarize_results gives from the per-seed records
-    targets = [t["name"] for t in results["config"]["targets"]]
-    assert json.loads(json.dumps(summarize_results(runs, targets))) == results["summary"]
+    _check_quick_summary(results["summary"], runs)
     text = (report / "report.md").read_text()
     for needle in ("Falsified if", "Paired differences", "Figure 3", "Mass on the target's true leaves"):
         assert needle in text
@@ -179,3 +209,55 @@ def test_quick_mode_end_to_end_and_rerun_reuses(tmp_path):
     stage_lines = [line for line in again.stdout.splitlines() if ": reused" in line or line.rstrip().endswith(" s")]
     assert stage_lines and all(line.endswith(": reused") for line in stage_lines), stage_lines[:5]
     assert json.loads((report / "results.json").read_text())["runs"] == runs
+
+
+#: The paired differences the report gives for every target: name -> (arm a, arm b), a - b.
+PAIRS = {
+    "adaptive - entire": ("adaptive", "entire"),
+    "adaptive - hand-picked": ("adaptive", "hand-picked"),
+    "adaptive - uniform": ("adaptive", "topk-uniform"),
+    "adaptive top-k - uniform": ("adaptive-topk", "topk-uniform"),
+    "uniform - reversed": ("topk-uniform", "reversed"),
+    "adaptive - class-balanced": ("adaptive", "class-balanced"),
+    "hand-picked - wrong-domain": ("hand-picked", "wrong-domain"),
+    "entire - random-init": ("entire", "random-init"),
+}
+
+
+def _check_quick_summary(summary: dict, runs: list[dict]) -> None:
+    """The summary in results.json, recomputed plainly from the per-seed
+    records: with one seed every mean is that seed's value (in points), and
+    there is no spread, no interval and no verdict."""
+    targets = [t.name for t in P.QUICK.targets]
+    assert set(summary["arms"]) == set(summary["paired"]) == set(targets)
+    for t in targets:
+        rec = {r["arm"]: r for r in runs if r["target"] == t and not r["figure3"]}
+        assert set(summary["arms"][t]) == set(rec) == {arm for arm, _ in P.ARMS}
+        for arm, r in rec.items():
+            s = summary["arms"][t][arm]
+            assert (s["top1"]["n"], s["top1"]["std"], s["top1"]["ci95"]) == (1, None, None)
+            assert s["top1"]["mean"] == pytest.approx(100 * r["top1"])
+            assert s["mean_per_class"]["mean"] == pytest.approx(100 * r["mean_per_class"])
+            assert (s["unique_examples"], s["share_on_target_leaves"], s["test_images"]) == (
+                r["unique_examples"], r["share_on_target_leaves"], r["test_images"])
+            p = r["top1"]
+            assert s["binomial_sd"] == pytest.approx(100 * (p * (1 - p) / r["test_images"]) ** 0.5)
+        assert set(summary["paired"][t]) == set(PAIRS)
+        for name, (a, b) in PAIRS.items():
+            d, diff = summary["paired"][t][name], 100 * (rec[a]["top1"] - rec[b]["top1"])
+            assert (d["seeds"], d["wins"], d["ci95"]) == ([0], int(diff > 0), None), name
+            assert d["differences"] == pytest.approx([diff]) and d["mean"] == pytest.approx(diff), name
+    # Figure 3: the target's same and elastic sets at every size, the main size included.
+    fig_target = P.QUICK.figure3_target
+    sweep = {(r["arm"], r["size"]): r for r in runs
+             if r["target"] == fig_target and r["arm"] in ("adaptive", "elastic")}
+    assert {(a, s) for a in ("adaptive", "elastic") for s in P.QUICK.figure3_sizes} == set(sweep)
+    assert set(summary["figure3"]) == {fig_target}
+    fig = summary["figure3"][fig_target]
+    assert {(arm, int(size)) for arm in fig for size in fig[arm]} == set(sweep)
+    for (arm, size), r in sweep.items():
+        point = fig[arm][str(size)]  # JSON object keys are strings
+        assert point["top1"]["mean"] == pytest.approx(100 * r["top1"])
+        assert point["unique_examples"] == r["unique_examples"]
+    assert [c["verdicts"] for c in summary["claims"]] == [
+        {t: "not measured (one seed: no interval)" for t in targets}] * 4

@@ -8,7 +8,7 @@ import pytest
 from schemas import (FORMAT_VERSION, Hierarchy, Manifest, ResampleConfig, SchemaError, ShardInfo,
                      read_metadata, with_metadata)
 from schemas import io as sio
-from schemas.synthetic import make_vocabulary
+from adaptive_transfer.synthetic import make_vocabulary
 
 
 def manifest(**overrides):

@@ -28,8 +28,8 @@ from beam_pipelines.similarity import (best_matches, choose_threshold, detection
                                        near_threshold, similarity_histogram, unit_rows)
 from schemas import SchemaError
 from schemas import io as sio
-from schemas.synthetic import (NEAR_DUPLICATE_KINDS, TargetSpec, generate_target, near_duplicate,
-                               plant_near_duplicates)
+from adaptive_transfer.synthetic import TargetSpec, generate_target
+from tests.near_duplicate_data import NEAR_DUPLICATE_KINDS, near_duplicate, plant_near_duplicates
 from schemas.targets import list_target
 from trainer.models import build_model, embed, load_generalist, save_generalist
 from trainer.transforms import PreprocessSpec, decode_image, eval_transform
@@ -273,7 +273,7 @@ def test_embed_target_transform_matches_reference_and_routes_bad_images(generali
 
 
 def test_read_source_images_streams_row_groups_and_names_bad_rows(tmp_path):
-    from schemas.synthetic import encode_image
+    from adaptive_transfer.synthetic import encode_image
     good = encode_image(np.zeros((8, 8, 3), np.uint8))
     table = pa.table({"key": [f"k{i}" for i in range(7)], "labels": pa.array([[0]] * 7, pa.list_(pa.int32())),
                       "image": [good, good, b"junk", good, None, good, good]})

@@ -101,7 +101,7 @@ def _fetch_rows(index_dir, copy_rows: pa.Table, spill_dir: str, chunk_rows: int)
 
 
 def test_fetch_in_small_chunks_gives_the_same_rows(tmp_path):
-    from schemas.synthetic import encode_image
+    from adaptive_transfer.synthetic import encode_image
 
     rng = np.random.default_rng(3)
     keys, images = [], []

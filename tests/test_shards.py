@@ -72,7 +72,7 @@ def test_sample_key_and_json_fast_paths_match_their_definitions(key):
 
 
 def test_image_extension_from_bytes():
-    from schemas.synthetic import encode_image
+    from adaptive_transfer.synthetic import encode_image
     px = np.zeros((8, 8, 3), np.uint8)
     assert SH.image_extension(encode_image(px, "JPEG")) == "jpg"
     assert SH.image_extension(encode_image(px, "PNG")) == "png"
@@ -216,7 +216,7 @@ def test_copies_are_spread_over_shards(spark, resampled, tmp_path):
 
 
 def test_keys_with_dots_spaces_and_bad_images(spark, tmp_path):
-    from schemas.synthetic import encode_image
+    from adaptive_transfer.synthetic import encode_image
     px = np.full((16, 16, 3), 200, np.uint8)
     keys = ["a.b.c.jpg", "dir with space/x.y.JPEG", "plain", "bad/one.JPEG", "png/as.jpg", "also.bad"]
     images = [encode_image(px), encode_image(px), encode_image(px), b"garbage", encode_image(px, "PNG"), None]
@@ -482,7 +482,7 @@ def test_unfinished_resampler_output_is_refused(spark, resampled, tmp_path):
 
 
 def test_bad_selection_inputs(spark, source_data, tmp_path):
-    from schemas.synthetic import encode_image
+    from adaptive_transfer.synthetic import encode_image
     pq.write_table(pa.table({"key": ["a", "a"], "copies": pa.array([1, 2], pa.int32())}), tmp_path / "dup.parquet")
     with pytest.raises(SchemaError, match="1 keys appear in more than one row"):
         W.run(spark, W.ShardJob(selection=str(tmp_path / "dup.parquet"), index=source_data.index_path,
@@ -515,7 +515,7 @@ def _truncated_index(tmp_path):
     """20 JPEGs of which 5 are cut to 40 bytes, one whose header says height 0
     (whole in structure, but it does not decode), and a PNG and a WebP cut short."""
     from PIL import Image
-    from schemas.synthetic import encode_image
+    from adaptive_transfer.synthetic import encode_image
 
     keys, images = [], []
     for i in range(20):
@@ -568,7 +568,7 @@ def test_truncated_images_are_bad_records_and_verify_decode_finds_the_rest(spark
 # -- object storage -------------------------------------------------------------------------
 
 def test_uri_images_and_shards_on_object_storage(spark, tmp_path, s3_server):
-    from schemas.synthetic import encode_image
+    from adaptive_transfer.synthetic import encode_image
     fs = s3_server
     keys, uris = [], []
     for i in range(12):

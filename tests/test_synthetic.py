@@ -11,7 +11,7 @@ from PIL import Image
 
 from schemas import Hierarchy, validate_index_batch
 from schemas import io as sio
-from schemas.synthetic import SourceSpec, TargetSpec, generate_source, generate_target, make_vocabulary
+from adaptive_transfer.synthetic import SourceSpec, TargetSpec, generate_source, generate_target, make_vocabulary
 
 
 def ancestors(h: Hierarchy, label_id: int) -> list[int]:

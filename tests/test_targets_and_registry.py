@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -14,6 +15,7 @@ from PIL import Image
 from adaptive_transfer import registry
 from schemas import SchemaError, validate_index_batch
 from schemas import io as sio
+from schemas.stage_output import is_complete, stage_of
 from schemas.targets import list_target, read_item_bytes
 from tests.layouts import LAYOUT_BUILDERS
 
@@ -147,37 +149,54 @@ def test_make_resample_orchestration_reuses_finished_stages(source_data, food_ta
     args = AR.build_parser().parse_args(["--target", "mytarget", "--source", "mysource", "--size", "900",
                                          "--matcher", "elastic", "--out", str(tmp_path / "out"),
                                          "--samples-per-shard", "400", "--spark-master", "local[2]"])
-    lines = []
-    try:
-        first = AR.run(args, log=lines.append)
-        assert first["samples"] == 900 and first["unique_examples"] == 900 and first["shard_files"] == 3
-        assert first["shards"].endswith("/shards/manifest.json") and "/mytarget/900-elastic-" in first["shards"]
-        assert any(line.startswith("top labels by importance weight:") for line in lines)
-        assert json.loads(sio.read_bytes(first["shards"]))["config"]["target"] == "mytarget"
-        # Near-duplicates of the train and test images were found and never drawn.
-        assert any(line.startswith("[2/5] near-duplicates of train+test: Beam") for line in lines)
-        dedup = json.loads(sio.read_bytes(sio.join(first["dedup"], "summary.json")))
-        assert dedup["target_images"] == {"train": 160, "test": 80} and dedup["embeddings"]["reused"] is False
-        excluded = set(pq.read_table(sio.join(first["dedup"], "exclude.parquet")).column("key").to_pylist())
-        assert first["excluded"] == len(excluded) == dedup["excluded"]
-        stats = json.loads(sio.read_bytes(sio.join(first["resample"], "stats.json")))
-        assert stats["job"]["exclude"] == sio.join(first["dedup"], "exclude.parquet")
-        assert stats["source_examples"] == source_data.num_examples - len(excluded)
-        selected = set(pq.read_table(sio.join(first["resample"], "selection")).column("key").to_pylist())
-        assert not selected & excluded
-        lines.clear()
-        again = AR.run(args, log=lines.append)
-        assert again["shards"] == first["shards"] and any("weights: reusing" in line for line in lines)
-        assert any("near-duplicates: reusing" in line for line in lines)
-        args.size, args.matcher = "1200", "same"
-        lines.clear()
-        third = AR.run(args, log=lines.append)
-        assert any("weights: reusing" in line for line in lines) and third["shards"] != first["shards"]
-        assert any("near-duplicates: reusing" in line for line in lines) and third["samples"] == 1200
-        # DEDUP=0: another pre-training set (its own directory), nothing excluded.
-        args.dedup = False
-        plain = AR.plan(args, log=lines.append)
-        assert plain["dedup"] is None and plain["resample_dir"] != third["resample"]
-    finally:
-        if "session" in AR._SPARK:
-            AR._SPARK.pop("session")  # the test session's spark fixture owns the JVM
+    # AR keeps the Spark session it uses in module state; give it its own for this test
+    # (restored afterwards: the test session's spark fixture owns the JVM).
+    monkeypatch.setattr(AR, "_SPARK", {}, raising=False)
+    first = AR.run(args, log=lambda line: None)
+    assert first["samples"] == 900 and first["unique_examples"] == 900 and first["shard_files"] == 3
+    assert first["shards"].endswith("/shards/manifest.json") and "/mytarget/900-elastic-" in first["shards"]
+    assert json.loads(sio.read_bytes(first["shards"]))["config"]["target"] == "mytarget"
+    # The summary's top labels are the weights table's, by weight (ties by label id).
+    weights = pq.read_table(sio.join(first["weights"], "weights.parquet"))
+    vocab_names = dict(zip(vocab.column("label_id").to_pylist(), vocab.column("name").to_pylist()))
+    by_weight = sorted(zip(weights.column("weight").to_pylist(), weights.column("label_id").to_pylist()),
+                       key=lambda wl: (-wl[0], wl[1]))[:10]
+    assert [name for name, _ in first["top_labels"]] == [vocab_names[label] for _, label in by_weight]
+    # Near-duplicates of the train and test images were found and never drawn.
+    assert stage_of(first["dedup"]) == "near_duplicates" and is_complete(first["dedup"])
+    dedup = json.loads(sio.read_bytes(sio.join(first["dedup"], "summary.json")))
+    assert dedup["target_images"] == {"train": 160, "test": 80} and dedup["embeddings"]["reused"] is False
+    excluded = set(pq.read_table(sio.join(first["dedup"], "exclude.parquet")).column("key").to_pylist())
+    assert first["excluded"] == len(excluded) == dedup["excluded"]
+    stats = json.loads(sio.read_bytes(sio.join(first["resample"], "stats.json")))
+    assert stats["job"]["exclude"] == sio.join(first["dedup"], "exclude.parquet")
+    assert stats["source_examples"] == source_data.num_examples - len(excluded)
+    selected = set(pq.read_table(sio.join(first["resample"], "selection")).column("key").to_pylist())
+    assert not selected & excluded
+
+    # A rerun rebuilds nothing: every stage's finished output is the same files.
+    stages = {"weights": first["weights"], "dedup": first["dedup"], "resample": first["resample"],
+              "shards": first["shards"].rsplit("/", 1)[0]}
+    before = _identities(stages.values())
+    again = AR.run(args, log=lambda line: None)
+    assert again["shards"] == first["shards"] and _identities(stages.values()) == before
+    # A new size and matcher: new selection and shards; weights and near-duplicates reused.
+    args.size, args.matcher = "1200", "same"
+    third = AR.run(args, log=lambda line: None)
+    assert third["samples"] == 1200 and third["shards"] != first["shards"] and third["resample"] != first["resample"]
+    kept = [stages["weights"], stages["dedup"]]
+    assert [third["weights"], third["dedup"]] == kept and _identities(kept) == {k: before[k] for k in kept}
+    # DEDUP=0: another pre-training set (its own directory), nothing excluded.
+    args.dedup = False
+    plain = AR.plan(args, log=lambda line: None)
+    assert plain["dedup"] is None and plain["resample_dir"] != third["resample"]
+
+
+def _identities(paths) -> dict:
+    """What changes when a stage output is rebuilt (committed anew): the inode
+    and modification time of its directory and of every file in it."""
+    out = {}
+    for path in paths:
+        files = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names)
+        out[path] = [(p, os.stat(p).st_ino, os.stat(p).st_mtime_ns) for p in [path, *files]]
+    return out

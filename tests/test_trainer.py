@@ -144,7 +144,7 @@ def test_ranks_and_workers_read_disjoint_shards(shards):
 
 
 def test_corrupt_samples_are_counted_and_skipped(tmp_path):
-    from schemas.synthetic import encode_image
+    from adaptive_transfer.synthetic import encode_image
     from schemas.shard_format import sample_json, sample_key, write_tar
     good = encode_image(np.zeros((8, 8, 3), np.uint8))
     samples = [(sample_key(f"k{i}", 0), "jpg", good if i != 2 else b"\xff\xd8\xff broken",
@@ -361,7 +361,7 @@ def test_finetune_and_evaluate(pretrained, food_target, tmp_path):
 
 
 def test_evaluate_rejects_a_model_of_other_classes(pretrained, food_target, tmp_path):
-    from schemas.synthetic import TargetSpec, generate_target
+    from adaptive_transfer.synthetic import TargetSpec, generate_target
     other = generate_target(str(tmp_path / "other"), TargetSpec(layout="imagefolder", branch="animal",
                                                                 num_classes=3, train_per_class=4,
                                                                 test_per_class=2))

@@ -335,7 +335,7 @@ def _shard_keys(out: str) -> dict[str, int]:
 
 @pytest.mark.slow
 def test_cli_fetches_only_allowed_uris(tmp_path):
-    from schemas.synthetic import encode_image
+    from adaptive_transfer.synthetic import encode_image
 
     src, other, sibling = tmp_path / "src", tmp_path / "other", tmp_path / "srcX"
     for d in (src / "index", src / "images", other, sibling):
@@ -405,7 +405,7 @@ def test_uris_on_object_storage_only_in_the_allowed_bucket(spark, tmp_path, s3_s
     # Spark here has no s3 filesystem for the index itself, so it stays local and
     # the bucket is named (an index on s3://bucket/index would allow only
     # s3://bucket/index/ by default: test_default_prefix_is_the_index_own_tree).
-    from schemas.synthetic import encode_image
+    from adaptive_transfer.synthetic import encode_image
 
     fs = s3_server
     fs.mkdir("elsewhere")

@@ -6,7 +6,7 @@ import pytest
 
 from schemas import (SchemaError, check_index_schema, validate_histogram, validate_index_batch, validate_vocabulary,
                      validate_weights)
-from schemas.synthetic import make_vocabulary
+from adaptive_transfer.synthetic import make_vocabulary
 
 LABELS = pa.list_(pa.int32())
 
@@ -21,9 +21,11 @@ def index(keys, labels, image=None, uri=None):
 
 
 def error_of(fn, *args, **kwargs) -> str:
-    with pytest.raises(SchemaError) as err:
+    """The message of the error ``fn`` raises: caught as ``ValueError`` (what
+    the stages' command lines catch and report), and exactly a ``SchemaError``."""
+    with pytest.raises(ValueError) as err:
         fn(*args, **kwargs)
-    assert isinstance(err.value, ValueError)
+    assert type(err.value) is SchemaError, f"{type(err.value).__name__}: {err.value}"
     return str(err.value)
 
 
@@ -37,6 +39,14 @@ def test_index_null_key():
     t = index(["a", None, "c"], [[1], [1], [1]], image=[b"x"] * 3)
     assert error_of(validate_index_batch, t, num_labels=3, file="part-0.parquet", row_offset=100) \
         == "part-0.parquet, row 101: key is null"
+
+
+def test_error_keeps_where_for_callers_that_count_and_skip():
+    t = index(["a", "b", "c/d.JPEG"], [[1], [1], []], image=[b"x"] * 3)
+    with pytest.raises(SchemaError) as err:
+        validate_index_batch(t, num_labels=3, file="part-7.parquet", row_offset=40)
+    assert (err.value.file, err.value.row, err.value.key, err.value.detail) == \
+        ("part-7.parquet", 42, "c/d.JPEG", "labels is empty")
 
 
 def test_index_empty_key():

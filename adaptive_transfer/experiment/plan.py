@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from schemas.synthetic import SourceSpec, TargetSpec
+from adaptive_transfer.synthetic import SourceSpec, TargetSpec
 
 __all__ = ["TargetPlan", "ExperimentConfig", "FULL", "QUICK", "PretrainSet", "FinetuneRun", "ARMS",
            "pretrain_sets", "finetune_runs"]

@@ -1,6 +1,6 @@
 """Runs the plan through the project's real stages, in this process.
 
-Generated source and targets (``schemas.synthetic``), the generalist (resample
+Generated source and targets (``adaptive_transfer.synthetic``), the generalist (resample
 'entire' -> shards -> ``trainer.pretrain``), importance weights per target
 (``beam_pipelines.importance_weights``, DirectRunner), then per seed each
 pre-training set (``spark_jobs.resample`` -> ``spark_jobs.write_shards`` ->
@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from schemas import io as sio
-from schemas.synthetic import generate_source, generate_target
+from adaptive_transfer.synthetic import generate_source, generate_target
 
 from .plan import ExperimentConfig, FinetuneRun, PretrainSet, TargetPlan, finetune_runs, unique_sets
 

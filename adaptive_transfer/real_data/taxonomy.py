@@ -14,7 +14,7 @@ Groups (a choice, recorded here and in the vocabulary):
   ``straight`` (1, 4, 7: straight strokes), ``curved`` (2, 3, 5: open curves).
 
 Label ids: roots first, then groups, then leaves, in the order written here
-(as :func:`schemas.synthetic.make_vocabulary` numbers them).
+(as :func:`adaptive_transfer.synthetic.make_vocabulary` numbers them).
 """
 
 from __future__ import annotations

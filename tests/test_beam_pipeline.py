@@ -182,9 +182,12 @@ def test_read_and_preprocess_routes_bad_images(tmp_path):
 # -- end to end -------------------------------------------------------------------------
 
 def run_weights(source_data, target_root, model, output, *extra):
-    return IW.run(["--source-index", source_data.index_path, "--labels", source_data.labels_path,
-                   "--target-images", target_root, "--target-layout", "food101", "--model", model,
-                   "--batch-size", str(BATCH), "--output", str(output), *extra])
+    """The stage through its command line (own flags and Beam's, as a user gives them)."""
+    job, beam_args = IW.job_from_args(["--index", source_data.index_path, "--labels", source_data.labels_path,
+                                       "--target-root", target_root, "--target-layout", "food101",
+                                       "--checkpoint", model, "--batch-size", str(BATCH), "--output", str(output),
+                                       *extra])
+    return IW.run(job, beam_args)
 
 
 def test_end_to_end_matches_numpy_reference(source_data, food_target, generalist, tmp_path):
@@ -264,7 +267,7 @@ def test_precomputed_target_histogram(source_data, tmp_path):
     vocab = sio.read_parquet(source_data.labels_path)
     p = np.random.default_rng(3).dirichlet(np.ones(vocab.num_rows))
     pq.write_table(pa.table({"label_id": vocab.column("label_id"), "p_target": p}), tmp_path / "pt.parquet")
-    rc = IW.main(["--source-index", source_data.index_path, "--labels", source_data.labels_path,
+    rc = IW.main(["--index", source_data.index_path, "--labels", source_data.labels_path,
                   "--target-histogram", str(tmp_path / "pt.parquet"), "--output", str(tmp_path / "w")])
     assert rc == 0
     counts, n = reference_counts(source_data)

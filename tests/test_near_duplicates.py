@@ -24,14 +24,14 @@ from beam_pipelines import near_duplicates as ND
 from beam_pipelines.embeddings import (BAD_IMAGES, EmbeddedRows, EmbedTarget, ReadSourceImages, rows_table,
                                        table_rows)
 from beam_pipelines.label_counts import RowGroup
-from beam_pipelines.similarity import (best_matches, choose_threshold, detection_rates, histogram_edges,
-                                       near_threshold, similarity_histogram, unit_rows)
+from beam_pipelines.similarity import best_matches, histogram_edges, near_threshold, similarity_histogram, unit_rows
 from schemas import SchemaError
 from schemas import io as sio
 from schemas.synthetic import (NEAR_DUPLICATE_KINDS, TargetSpec, generate_target, near_duplicate,
                                plant_near_duplicates)
 from schemas.targets import list_target
 from trainer.models import build_model, embed, load_generalist, save_generalist
+from tests.threshold_calibration import choose_threshold, detection_rates
 from trainer.transforms import PreprocessSpec, decode_image, eval_transform
 
 PIPELINE_OPTIONS = ["--runner", "DirectRunner"]
@@ -113,11 +113,13 @@ def small_index(tmp_path_factory, world):
 
 
 def run_dedup(world_or_index, source_data, model, output, *extra, target=None):
+    """The stage through its command line (own flags and Beam's, as a user gives them)."""
     index = world_or_index["index"] if isinstance(world_or_index, dict) else world_or_index
     root = target or world_or_index["target"].root
-    return ND.run(["--source-index", index, "--labels", source_data.labels_path, "--target-images", root,
-                   "--target-layout", "food101", "--model", model, "--batch-size", "32", "--output", str(output),
-                   *extra])
+    job, beam_args = ND.job_from_args(["--index", index, "--labels", source_data.labels_path, "--target-root", root,
+                                       "--target-layout", "food101", "--checkpoint", model, "--batch-size", "32",
+                                       "--output", str(output), *extra])
+    return ND.run(job, beam_args)
 
 
 def planted_rates(similarity: dict[str, float], planted, threshold: float) -> dict:
@@ -315,8 +317,8 @@ def test_planted_near_duplicates_are_found_at_the_default_threshold(world, sourc
     right = sum(files[k] == (path, split) for k, (path, split, _) in planted.copies.items())
     assert right / len(planted.copies) >= 0.95
 
-    assert ND.main(["--source-index", world["index"], "--labels", source_data.labels_path, "--target-images",
-                    world["target"].root, "--target-layout", "food101", "--model", generalist,
+    assert ND.main(["--index", world["index"], "--labels", source_data.labels_path, "--target-root",
+                    world["target"].root, "--target-layout", "food101", "--checkpoint", generalist,
                     "--embeddings", str(tmp_path / "emb"), "--output", str(tmp_path / "dedup")]) == 0
     out = tmp_path / "dedup"
     assert sorted(os.listdir(out)) == sorted(ND.OUTPUT_FILES)
@@ -419,7 +421,7 @@ def test_uri_index_reads_only_allowed_prefixes(world, source_data, generalist, t
 def test_default_threshold_measurement(source_data, generalist, tmp_path):
     """How the default was chosen: on seeds 1-3 (other targets, copies and
     negatives than seed 0's; the same generalist), the lowest threshold that
-    removes at most 1 % of the hard negatives (similarity.choose_threshold);
+    removes at most 1 % of the hard negatives (threshold_calibration.choose_threshold);
     the default is the largest of the three, rounded up to 3 decimals. Checks
     it still is (to within 0.005), and the rates there. Run with -s to print."""
     chosen, rates = [], []

@@ -5,8 +5,8 @@ bad-data error as one line.
   own flags: ``--runner``, ``--direct_num_workers``, Dataflow's, the
   inference options of :mod:`beam_pipelines.target_histogram`) or a
   ``PipelineOptions``.
-* :func:`run_pipeline`: build and run one pipeline. ``--runner
-  DirectRunner``, and no ``--runner`` at all, run in this process on Beam's
+* :func:`new_pipeline` / :func:`run_pipeline`: a pipeline; one built and
+  run. ``--runner DirectRunner``, and no ``--runner`` at all, run in this process on Beam's
   ``FnApiRunner``: what Beam's DirectRunner runs a batch pipeline on once
   its first choice, the Prism runner, is not there. Left to itself, that
   DirectRunner downloads Prism's binary from GitHub at run time and leaves
@@ -29,7 +29,7 @@ from typing import Callable, Iterator, Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-__all__ = ["DATA_ERRORS", "pipeline_options", "in_process_runner", "run_pipeline", "error_line"]
+__all__ = ["DATA_ERRORS", "pipeline_options", "in_process_runner", "new_pipeline", "run_pipeline", "error_line"]
 
 #: Errors that report bad input (a ``SchemaError`` is a ``ValueError``): one line, no traceback.
 DATA_ERRORS = (ValueError, FileNotFoundError)
@@ -84,10 +84,17 @@ def _quiet_data_errors() -> Iterator[None]:
         logger.removeFilter(held)
 
 
+def new_pipeline(args: Sequence[str] | PipelineOptions = ()) -> beam.Pipeline:
+    """A pipeline with Beam's options ``args``, on :func:`in_process_runner`
+    where it applies (``with new_pipeline(args) as p:`` runs it at the end)."""
+    options = pipeline_options(args)
+    return beam.Pipeline(runner=in_process_runner(options), options=options)
+
+
 def run_pipeline(options: PipelineOptions, build: Callable[[beam.Pipeline], None]) -> None:
-    """``build(p)`` adds the transforms to a new pipeline, which then runs to
-    the end (on :func:`in_process_runner` where it applies)."""
-    with _quiet_data_errors(), beam.Pipeline(runner=in_process_runner(options), options=options) as p:
+    """``build(p)`` adds the transforms to a :func:`new_pipeline`, which then
+    runs to the end; Beam's log of a step's bad-data error is held back."""
+    with _quiet_data_errors(), new_pipeline(options) as p:
         build(p)
 
 

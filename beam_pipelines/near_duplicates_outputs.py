@@ -13,7 +13,6 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import numpy as np
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 

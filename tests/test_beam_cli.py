@@ -114,6 +114,33 @@ def test_old_spellings_run_the_same_job(source_data, tmp_path, capsys):
     assert "--source-index is deprecated; use --index" in err and "nothing to do" in err
 
 
+def test_a_finished_output_is_reused_only_when_made_from_the_same_job(source_data, tmp_path, capsys,
+                                                                      monkeypatch):
+    """The one reuse rule: the same job is a no-op; other settings or other code
+    are refused naming what differs, unless --overwrite."""
+    vocab = sio.read_parquet(source_data.labels_path)
+    p = np.random.default_rng(6).dirichlet(np.ones(vocab.num_rows))
+    pq.write_table(pa.table({"label_id": vocab.column("label_id"), "p_target": p}), tmp_path / "pt.parquet")
+    out = tmp_path / "w"
+    args = ["--index", source_data.index_path, "--labels", source_data.labels_path,
+            "--target-histogram", str(tmp_path / "pt.parquet"), "--output", str(out)]
+    assert IW.main(args) == 0
+    first = (out / "weights.parquet").read_bytes()
+    capsys.readouterr()
+    assert IW.main([*args, "--batch-size", "7", "--runner", "DirectRunner"]) == 0  # performance knobs: the same job
+    assert "nothing to do" in capsys.readouterr().err
+    assert IW.main([*args, "--temperature", "3", "--target", "other"]) == 1
+    err = capsys.readouterr().err
+    assert "holds a finished importance_weights result made from other target, temperature" in err
+    assert (out / "weights.parquet").read_bytes() == first
+    monkeypatch.setattr(IW, "code_digest", lambda *modules: "0" * 64)  # the stage's code changed
+    assert IW.main(args) == 1
+    assert "made from other code;" in capsys.readouterr().err
+    assert IW.main([*args, "--overwrite"]) == 0
+    capsys.readouterr()
+    assert IW.main(args) == 0 and "nothing to do" in capsys.readouterr().err
+
+
 def test_pipeline_options_and_runner():
     assert pipeline_options(["--runner", "DirectRunner"]).get_all_options()["runner"] == "DirectRunner"
     options = pipeline_options(["--direct_num_workers", "2"])

@@ -29,9 +29,10 @@ from schemas import SchemaError
 from schemas import io as sio
 from schemas.synthetic import (NEAR_DUPLICATE_KINDS, TargetSpec, generate_target, near_duplicate,
                                plant_near_duplicates)
+from schemas.stage_output import MARKER, fingerprint_of
 from schemas.targets import list_target
-from trainer.models import build_model, embed, load_generalist, save_generalist
 from tests.threshold_calibration import choose_threshold, detection_rates
+from trainer.models import build_model, checkpoint_fingerprint, embed, load_generalist, save_generalist
 from trainer.transforms import PreprocessSpec, decode_image, eval_transform
 
 PIPELINE_OPTIONS = ["--runner", "DirectRunner"]
@@ -372,6 +373,18 @@ def test_store_from_another_model_is_refused_and_unchanged(world, small_index, s
     with pytest.raises(ValueError, match="other inputs .*grid: stored 2, this run 1"):
         run_dedup(small_index, source_data, other, tmp_path / "b", "--embeddings", str(tmp_path / "emb"),
                   "--grid", "1", target=world["target"].root)
+    # The store's fingerprint is the output protocol's (its marker); a store written
+    # before the marker held it is judged by its embeddings.json, and still serves.
+    recorded = fingerprint_of(str(tmp_path / "emb"))
+    described = json.loads((tmp_path / "emb" / "embeddings.json").read_text())["fingerprint"]
+    assert recorded["settings"] == described and described["model"] == checkpoint_fingerprint(other)
+    marker = json.loads((tmp_path / "emb" / MARKER).read_text())
+    del marker["fingerprint"]
+    (tmp_path / "emb" / MARKER).write_text(json.dumps(marker))
+    summary = run_dedup(small_index, source_data, other, tmp_path / "c", "--embeddings", str(tmp_path / "emb"),
+                        target=world["target"].root)
+    assert summary["embeddings"]["reused"] is True
+    assert summary["excluded"] == json.loads((tmp_path / "a" / "summary.json").read_text())["excluded"]
 
 
 def test_unreadable_target_images_are_counted_and_named(world, small_index, source_data, generalist, tmp_path):

@@ -58,7 +58,7 @@ from .unreadable import CountUnreadable
 from .weights_outputs import Measured, WeightsConfig, write_outputs
 
 __all__ = ["STAGE", "OUTPUT_FILES", "RENAMED_FLAGS", "WeightsJob", "WeightsPlan", "build_parser", "job_from_args",
-           "check_inputs", "build_pipeline", "run", "main"]
+           "check_inputs", "build_pipeline", "run", "describe", "main"]
 
 STAGE = "importance_weights"
 OUTPUT_FILES = ("label_counts.parquet", "target_histogram.parquet", "weights.parquet", "summary.json",
@@ -80,8 +80,8 @@ class WeightsJob:
     recorded (default: the root's basename). ``temperature`` of the softmax
     (default 2.0); ``max_bad_fraction`` of unreadable target images before the
     run fails (default 0.01); ``batch_size``: images per forward pass (default
-    64; the result does not depend on it); ``overwrite``: redo a finished
-    output made from anything else.
+    64: a performance setting, left out of the fingerprint); ``overwrite``:
+    redo a finished output made from anything else.
     """
 
     index: str

@@ -109,8 +109,8 @@ class NearDuplicatesJob:
     uri index's images are read only under these (default: the index's own
     storage, ``schemas.uri_policy``); ``max_bad_fraction`` of unreadable target
     images before the run fails (default 0.01); ``batch_size``: images per
-    forward pass (default 64); ``overwrite``: redo a finished output made from
-    anything else.
+    forward pass (default 64: a performance setting, left out of the
+    fingerprint); ``overwrite``: redo a finished output made from anything else.
     """
 
     index: str

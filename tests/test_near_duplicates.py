@@ -23,6 +23,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from beam_pipelines import near_duplicates as ND
 from beam_pipelines.embeddings import (BAD_IMAGES, EmbeddedRows, EmbedTarget, ReadSourceImages, rows_table,
                                        table_rows)
+from beam_pipelines.execution import in_process_runner
 from beam_pipelines.label_counts import RowGroup
 from beam_pipelines.similarity import best_matches, histogram_edges, near_threshold, similarity_histogram, unit_rows
 from schemas import SchemaError
@@ -36,6 +37,12 @@ from trainer.models import build_model, checkpoint_fingerprint, embed, load_gene
 from trainer.transforms import PreprocessSpec, decode_image, eval_transform
 
 PIPELINE_OPTIONS = ["--runner", "DirectRunner"]
+
+
+def beam_test_pipeline() -> BeamTestPipeline:
+    """A TestPipeline on the stages' in-process runner (no Prism download attempt)."""
+    options = PipelineOptions(PIPELINE_OPTIONS)
+    return BeamTestPipeline(runner=in_process_runner(options), options=options)
 #: Steps of the test generalist's training on the generated source (batch 64).
 TRAIN_STEPS = 150
 #: A cluttered Food-101-layout target: each image carries a few random shapes
@@ -270,7 +277,7 @@ def test_embed_target_transform_matches_reference_and_routes_bad_images(generali
     items = [(i, "test", p) for i, p in enumerate(paths)] + [(20, "test", str(bad))]
     expected = reference_embeddings(generalist, [open(p, "rb").read() for p in paths], 2, 8)
     spec = PreprocessSpec(32).to_dict()
-    with BeamTestPipeline(options=PipelineOptions(PIPELINE_OPTIONS)) as p:
+    with beam_test_pipeline() as p:
         out = p | beam.Create(items) | EmbedTarget(generalist, spec, grid=2, batch_size=8)
 
         def check(result):
@@ -291,7 +298,7 @@ def test_read_source_images_streams_row_groups_and_names_bad_rows(tmp_path):
     pq.write_table(table, tmp_path / "i.parquet", row_group_size=4)
     path = str(tmp_path / "i.parquet")
     spec = PreprocessSpec(8).to_dict()
-    with BeamTestPipeline(options=PipelineOptions(PIPELINE_OPTIONS)) as p:
+    with beam_test_pipeline() as p:
         out = (p | beam.Create([RowGroup(path, 0, 0, 4), RowGroup(path, 1, 4, 3)])
                  | beam.ParDo(ReadSourceImages(spec, "image", batch_size=3)).with_outputs(BAD_IMAGES, main="images"))
         assert_that(out.images | beam.Map(lambda e: (e[0][1].tolist(), e[0][2], tuple(e[1].shape))),

@@ -75,9 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         weights = os.path.join(out, "weights")
         if not is_complete(weights):
             log("importance weights (Beam DirectRunner)")
-            IW.run(["--source-index", data.index, "--labels", data.labels, "--target-images", data.target,
-                    "--target-layout", "food101", "--target-name", "demo", "--model", data.generalist,
-                    "--output", weights])
+            IW.run(IW.WeightsJob(index=data.index, labels=data.labels, target_root=data.target,
+                                 target_layout="food101", target="demo", checkpoint=data.generalist, output=weights))
         summary = json.loads(open(os.path.join(weights, "summary.json")).read())
         log("top labels: " + ", ".join(f"{t['name']} ({t['weight']:.2f})" for t in summary["top_labels"][:8]))
         shutil.copy(os.path.join(weights, "weights.png"), os.path.join(report_dir, "weights.png"))

@@ -171,10 +171,10 @@ def run(args: argparse.Namespace, log=print) -> dict:
         log(f"[1/5] weights: reusing {p['weights_dir']}")
     else:
         log(f"[1/5] weights: Beam ({args.runner}) -> {p['weights_dir']}")
-        IW.run(["--source-index", p["index"], "--labels", p["labels"], "--target-images", p["root"],
-                "--target-layout", target.layout, "--target-split", target.train_split,
-                "--target-name", target.name, "--model", p["model"], "--temperature", str(args.temperature),
-                "--output", p["weights_dir"], "--runner", args.runner, *args.beam_arg])
+        IW.run(IW.WeightsJob(index=p["index"], labels=p["labels"], target_root=p["root"],
+                             target_layout=target.layout, target_split=target.train_split, target=target.name,
+                             checkpoint=p["model"], temperature=args.temperature, output=p["weights_dir"]),
+               ["--runner", args.runner, *args.beam_arg])
     dedup, exclude, excluded = p["dedup"], None, 0
     if dedup is None:
         log("[2/5] near-duplicates: off (--no-dedup): the source may hold copies of target images")
@@ -184,11 +184,12 @@ def run(args: argparse.Namespace, log=print) -> dict:
         else:
             log(f"[2/5] near-duplicates of {'+'.join(dedup['splits'])}: Beam ({args.runner}) -> {dedup['dir']} "
                 f"(source embeddings: {dedup['embeddings']})")
-            ND.run(["--source-index", p["index"], "--labels", p["labels"], "--target-images", p["root"],
-                    "--target-layout", target.layout, "--splits", ",".join(dedup["splits"]), "--model", p["model"],
-                    "--threshold", repr(dedup["threshold"]), "--embeddings", dedup["embeddings"],
-                    "--output", dedup["dir"], "--runner", args.runner, *args.beam_arg,
-                    *[a for prefix in p["allow_uri_prefixes"] or () for a in ("--allow-uri-prefix", prefix)]])
+            ND.run(ND.NearDuplicatesJob(index=p["index"], labels=p["labels"], target_root=p["root"],
+                                        target_layout=target.layout, splits=tuple(dedup["splits"]),
+                                        checkpoint=p["model"], threshold=dedup["threshold"],
+                                        embeddings=dedup["embeddings"], output=dedup["dir"],
+                                        allow_uri_prefixes=tuple(p["allow_uri_prefixes"] or ())),
+                   ["--runner", args.runner, *args.beam_arg])
         found = json.loads(sio.read_bytes(sio.join(dedup["dir"], "summary.json")))
         exclude, excluded = sio.join(dedup["dir"], "exclude.parquet"), found["excluded"]
         log(f"      {found['excluded']:,} source examples excluded (by split: "

@@ -45,13 +45,14 @@ from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, R
 from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerTensor
 
 from schemas import io as sio
-from schemas.stage_output import StageOutput
+from schemas.stage_output import StageOutput, fingerprint_of
 from schemas.targets import read_item_bytes
 from trainer.models import build_model, embed
 from trainer.transforms import PreprocessSpec, decode_image, eval_transform
 
 from .label_counts import split_row_groups
-from .target_histogram import BAD_IMAGES, GeneralistModelHandler
+from .target_histogram import GeneralistModelHandler
+from .unreadable import BAD_IMAGES
 
 __all__ = ["BAD_IMAGES", "STORE_STAGE", "STORE_META", "STORE_FORMAT_VERSION", "EmbeddedRows", "concat_rows",
            "TargetEmbeddings",
@@ -400,26 +401,40 @@ class ReadStore(beam.PTransform):
                 | "ReadStoreRowGroup" >> beam.ParDo(_ReadStoreRowGroup(self.dim, self.batch_size)))
 
 
+def _recorded_fingerprint(store: StageOutput) -> dict:
+    """The fingerprint a finished store was made from: kept in its marker (the
+    output protocol's), or, for a store written before the marker held it, in
+    its ``embeddings.json``."""
+    recorded = fingerprint_of(store.path)
+    if recorded is not None:
+        return recorded["settings"]
+    return json.loads(sio.read_bytes(sio.join(store.path, STORE_META))).get("fingerprint", {})
+
+
 def open_store(path: str, fingerprint: dict[str, Any]) -> tuple[StageOutput, dict[str, Any] | None]:
     """The store at ``path`` and its description when it is complete (``None``:
-    it is to be written; raises ``ValueError`` where it may not be). A
-    complete store made from other inputs (another model, index, grid or uri
-    prefixes) is refused with a message that names the difference."""
+    it is to be written, with ``fingerprint`` in its marker; raises
+    ``ValueError`` where it may not be). A complete store made from other
+    inputs (another model, index, grid or uri prefixes) is refused with a
+    message that names the difference. The fingerprint leaves the code out
+    (:data:`STORE_FORMAT_VERSION` stands for it): a store costs a forward pass
+    per source image, and embeddings made by the same model, grid and format
+    are the same whatever else changed."""
     store = StageOutput(path, STORE_STAGE)
     if not store.is_complete():
         store.check()  # refuses a directory that is not the store's own
         return store, None
-    meta = json.loads(sio.read_bytes(sio.join(path, STORE_META)))
-    stored = meta.get("fingerprint", {})
-    if stored != fingerprint:
-        differ = [k for k in sorted(set(stored) | set(fingerprint)) if stored.get(k) != fingerprint.get(k)]
-        shown = "; ".join(f"{k}: stored {_short(stored.get(k))}, this run {_short(fingerprint.get(k))}"
+    stored = _recorded_fingerprint(store)
+    wanted = json.loads(json.dumps(fingerprint, sort_keys=True))
+    if not store.matches(fingerprint) and stored != wanted:
+        differ = [k for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)]
+        shown = "; ".join(f"{k}: stored {_short(stored.get(k))}, this run {_short(wanted.get(k))}"
                           for k in differ)
         what = "another model" if "model" in differ else "other inputs"
         raise ValueError(f"--embeddings {path} holds source embeddings made with {what} ({shown}); embeddings "
                          "of different models or inputs cannot be compared: give a new --embeddings directory "
                          "(one per source and model) or delete this one")
-    return store, meta
+    return store, json.loads(sio.read_bytes(sio.join(path, STORE_META)))
 
 
 def _short(value: Any) -> str:

@@ -28,13 +28,12 @@ from schemas.targets import read_item_bytes
 from trainer.models import build_model, load_generalist
 from trainer.transforms import PreprocessSpec, decode_image, eval_transform
 
+from .unreadable import BAD_IMAGES
 from .weights import quantize_probabilities, softmax
 
 __all__ = ["BAD_IMAGES", "ProbabilitySums", "softmax_sums_inference", "GeneralistModelHandler",
            "ReadAndPreprocess", "SumProbabilities", "TargetHistogram", "InferenceOptions", "inference_settings"]
 
-#: Tag of the side output that carries ``(path, reason)`` of unreadable images.
-BAD_IMAGES = "bad_images"
 
 
 @dataclass

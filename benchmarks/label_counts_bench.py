@@ -28,8 +28,8 @@ import time
 import apache_beam as beam
 import numpy as np
 import pyarrow.parquet as pq
-from apache_beam.options.pipeline_options import PipelineOptions
 
+from beam_pipelines.execution import new_pipeline
 from beam_pipelines.label_counts import CountSourceLabels, match_files
 from benchmarks.resample_bench import NUM_LABELS, generate_index
 from schemas import parse_size
@@ -46,7 +46,7 @@ def run_numpy(files: list[str]) -> tuple[float, np.ndarray]:
 
 def run_pipeline(files: list[str], options: list[str], out: str) -> tuple[float, np.ndarray]:
     start = time.perf_counter()
-    with beam.Pipeline(options=PipelineOptions(options)) as p:
+    with new_pipeline(options) as p:
         (p | beam.Create(files) | CountSourceLabels(np.arange(NUM_LABELS))
            | beam.Map(lambda r: np.save(out, r.counts)))
     return time.perf_counter() - start, np.load(out)
@@ -60,7 +60,7 @@ def run_naive(files: list[str], records: int, options: list[str]) -> float:
                 yield label, 1
 
     start = time.perf_counter()
-    with beam.Pipeline(options=PipelineOptions(options)) as p:
+    with new_pipeline(options) as p:
         _ = p | beam.Create(files) | beam.FlatMap(labels_of) | beam.CombinePerKey(sum)
     return time.perf_counter() - start
 

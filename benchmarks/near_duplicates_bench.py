@@ -34,8 +34,8 @@ import apache_beam as beam
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from apache_beam.options.pipeline_options import PipelineOptions
 
+from beam_pipelines.execution import new_pipeline
 from beam_pipelines.embeddings import (EmbeddedRows, EmbedSource, ReadStore, TargetEmbeddings, WriteStore,
                                        rows_table)
 from beam_pipelines.label_counts import match_files
@@ -79,7 +79,7 @@ def embedding_pipeline(index: str, model_path: str, batch_size: int, grid: int, 
                        store: str | None = None) -> float:
     spec, dim = _spec(model_path), _dim(model_path, grid)
     start = time.perf_counter()
-    with beam.Pipeline(options=PipelineOptions(options)) as p:
+    with new_pipeline(options) as p:
         embedded = (p | beam.Create(match_files(index))
                       | EmbedSource(model_path, spec, "image", grid, batch_size))["embeddings"]
         if store is not None:
@@ -128,7 +128,7 @@ def compare_pipeline(store_files: list[str], target_file: str, dim: int, batch_s
         return TargetEmbeddings([f"t{i}" for i in range(len(vectors))], ["train"] * len(vectors), vectors)
 
     start = time.perf_counter()
-    with beam.Pipeline(options=PipelineOptions(IN_PROCESS)) as p:
+    with new_pipeline(IN_PROCESS) as p:
         target_pc = p | "TargetFile" >> beam.Create([target_file]) | "LoadTarget" >> beam.Map(load)
         _ = (p | "StoreFiles" >> beam.Create(store_files) | ReadStore(dim, batch_size)
                | beam.ParDo(BestMatch(), beam.pvalue.AsSingleton(target_pc))

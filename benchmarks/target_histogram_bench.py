@@ -21,8 +21,8 @@ import time
 
 import apache_beam as beam
 import torch
-from apache_beam.options.pipeline_options import PipelineOptions
 
+from beam_pipelines.execution import new_pipeline
 from beam_pipelines.target_histogram import TargetHistogram
 from beam_pipelines.weights import softmax
 from adaptive_transfer.synthetic import SourceSpec, TargetSpec, generate_source, generate_target
@@ -64,7 +64,7 @@ def plain_loop(model_path: str, paths: list[str], batch_size: int) -> float:
 def pipeline(model_path: str, paths: list[str], batch_size: int, options: list[str]) -> float:
     spec = preprocess_spec(read_generalist(model_path)).to_dict()
     start = time.perf_counter()
-    with beam.Pipeline(options=PipelineOptions(options)) as p:
+    with new_pipeline(options) as p:
         _ = p | beam.Create(paths) | TargetHistogram(model_path, spec, 2.0, batch_size)
     return time.perf_counter() - start
 

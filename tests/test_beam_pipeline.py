@@ -14,10 +14,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from beam_pipelines import importance_weights as IW
+from beam_pipelines.execution import in_process_runner
 from beam_pipelines.label_counts import CountSourceLabels, SumLabelCounts, LabelCounts, match_files
 from beam_pipelines.target_histogram import BAD_IMAGES, ReadAndPreprocess, TargetHistogram
 from beam_pipelines.weights import (importance_weights, mean_from_fixed_point, quantize_probabilities,
@@ -30,6 +32,12 @@ from trainer.transforms import PreprocessSpec
 
 BATCH = 16
 PIPELINE_OPTIONS = ["--runner", "DirectRunner"]
+
+
+def beam_test_pipeline() -> BeamTestPipeline:
+    """A TestPipeline on the stages' in-process runner (no Prism download attempt)."""
+    options = PipelineOptions(PIPELINE_OPTIONS)
+    return BeamTestPipeline(runner=in_process_runner(options), options=options)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +128,7 @@ def test_softmax_temperature():
 def test_count_source_labels_transform(source_data):
     counts, n = reference_counts(source_data)
     label_ids = np.arange(len(counts))
-    with BeamTestPipeline(options=beam.options.pipeline_options.PipelineOptions(PIPELINE_OPTIONS)) as p:
+    with beam_test_pipeline() as p:
         result = (p | beam.Create(match_files(source_data.index_path))
                     | CountSourceLabels(label_ids)
                     | beam.Map(lambda r: (r.counts.tolist(), r.num_examples)))
@@ -141,7 +149,7 @@ def test_label_outside_vocabulary_names_file_row_and_key(tmp_path):
     pq.write_table(t, tmp_path / "part-0.parquet", row_group_size=2)
     with pytest.raises(SchemaError, match=r"part-0\.parquet, row 2, key 'b/3': "
                                           r"label 9 is not in the label vocabulary"):
-        with BeamTestPipeline(options=beam.options.pipeline_options.PipelineOptions(PIPELINE_OPTIONS)) as p:
+        with beam_test_pipeline() as p:
             _ = p | beam.Create([str(tmp_path / "part-0.parquet")]) | CountSourceLabels(np.array([0, 1]))
 
 
@@ -149,7 +157,7 @@ def test_target_histogram_transform(generalist, food_target):
     split = list_target(food_target.root, "food101", "train")
     ckpt = read_generalist(generalist)
     expected = reference_p_target(generalist, split.paths, 2.0)
-    with BeamTestPipeline(options=beam.options.pipeline_options.PipelineOptions(PIPELINE_OPTIONS)) as p:
+    with beam_test_pipeline() as p:
         out = (p | beam.Create(split.paths)
                  | TargetHistogram(generalist, preprocess_spec(ckpt).to_dict(), 2.0, BATCH))
         order = np.argsort(ckpt["label_ids"])
@@ -171,7 +179,7 @@ def test_read_and_preprocess_routes_bad_images(tmp_path):
     Image.new("RGB", (40, 30), (200, 10, 10)).save(good)
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     spec = PreprocessSpec(32).to_dict()
-    with BeamTestPipeline(options=beam.options.pipeline_options.PipelineOptions(PIPELINE_OPTIONS)) as p:
+    with beam_test_pipeline() as p:
         out = (p | beam.Create([str(good), str(tmp_path / "bad.jpg"), str(tmp_path / "missing.jpg")])
                  | beam.ParDo(ReadAndPreprocess(spec)).with_outputs(BAD_IMAGES, main="images"))
         assert_that(out.images | beam.Map(lambda t: tuple(t.shape)), equal_to([(3, 32, 32)]))
@@ -182,9 +190,12 @@ def test_read_and_preprocess_routes_bad_images(tmp_path):
 # -- end to end -------------------------------------------------------------------------
 
 def run_weights(source_data, target_root, model, output, *extra):
-    return IW.run(["--source-index", source_data.index_path, "--labels", source_data.labels_path,
-                   "--target-images", target_root, "--target-layout", "food101", "--model", model,
-                   "--batch-size", str(BATCH), "--output", str(output), *extra])
+    """The stage through its command line (own flags and Beam's, as a user gives them)."""
+    job, beam_args = IW.job_from_args(["--index", source_data.index_path, "--labels", source_data.labels_path,
+                                       "--target-root", target_root, "--target-layout", "food101",
+                                       "--checkpoint", model, "--batch-size", str(BATCH), "--output", str(output),
+                                       *extra])
+    return IW.run(job, beam_args)
 
 
 def test_end_to_end_matches_numpy_reference(source_data, food_target, generalist, tmp_path):
@@ -264,7 +275,7 @@ def test_precomputed_target_histogram(source_data, tmp_path):
     vocab = sio.read_parquet(source_data.labels_path)
     p = np.random.default_rng(3).dirichlet(np.ones(vocab.num_rows))
     pq.write_table(pa.table({"label_id": vocab.column("label_id"), "p_target": p}), tmp_path / "pt.parquet")
-    rc = IW.main(["--source-index", source_data.index_path, "--labels", source_data.labels_path,
+    rc = IW.main(["--index", source_data.index_path, "--labels", source_data.labels_path,
                   "--target-histogram", str(tmp_path / "pt.parquet"), "--output", str(tmp_path / "w")])
     assert rc == 0
     counts, n = reference_counts(source_data)

@@ -69,7 +69,7 @@ def test_inference_settings_come_from_pipeline_options(argv, expected):
 
 def test_bad_model_copies_are_refused_before_the_output_is_touched(tmp_path):
     with pytest.raises(ValueError, match="--model_copies must be >= 1, got 0"):
-        IW.run(["--source-index", "i", "--labels", "l", "--output", str(tmp_path / "w"), "--model_copies", "0"])
+        IW.run(IW.WeightsJob(index="i", labels="l", output=str(tmp_path / "w")), ["--model_copies", "0"])
     assert not (tmp_path / "w").exists()
 
 
@@ -174,12 +174,12 @@ def test_weights_with_workers_in_their_own_environment_and_everything_on_s3(
     fs.put(source_data.labels_path, "bucket/src/labels.parquet")
     fs.put(generalist, "bucket/models/generalist.pt")
     fs.put(food_target.root, "bucket/food", recursive=True)
-    common = ["--target-layout", "food101", "--batch-size", "16", "--target-name", "food"]
+    common = {"target_layout": "food101", "batch_size": 16, "target": "food"}
 
     # DirectRunner on the local copies: the reference.
-    local = IW.run(["--source-index", source_data.index_path, "--labels", source_data.labels_path,
-                    "--target-images", food_target.root, "--model", generalist, *common,
-                    "--output", str(tmp_path / "local"), "--runner", "DirectRunner"])
+    local = IW.run(IW.WeightsJob(index=source_data.index_path, labels=source_data.labels_path,
+                                 target_root=food_target.root, checkpoint=generalist, **common,
+                                 output=str(tmp_path / "local")), ["--runner", "DirectRunner"])
 
     facts = tmp_path / "facts"
     facts.mkdir()
@@ -189,10 +189,10 @@ def test_weights_with_workers_in_their_own_environment_and_everything_on_s3(
     worker = (f"ADAPTIVE_TRANSFER_FACTS={facts} PYTHONPATH={code} {beam_worker_env.python} {main}")
     endpoint = os.environ["FSSPEC_S3_ENDPOINT_URL"]
     # A glob: an object store has no directories to list (label_counts.match_files matches names).
-    remote = IW.run(["--source-index", "s3://bucket/src/index/*.parquet", "--labels", "s3://bucket/src/labels.parquet",
-                     "--target-images", "s3://bucket/food", "--model", "s3://bucket/models/generalist.pt", *common,
-                     "--output", "s3://bucket/weights/food",
-                     "--runner", "PortableRunner", "--job_endpoint", "embed",
+    remote = IW.run(IW.WeightsJob(index="s3://bucket/src/index/*.parquet", labels="s3://bucket/src/labels.parquet",
+                                  target_root="s3://bucket/food", checkpoint="s3://bucket/models/generalist.pt",
+                                  **common, output="s3://bucket/weights/food"),
+                    ["--runner", "PortableRunner", "--job_endpoint", "embed",
                      "--environment_type", "beam:env:harness_subprocess_python:v1", "--environment_config", worker,
                      # Beam's S3 filesystem (index files, target images) and the inference options.
                      "--s3_endpoint_url", endpoint, "--s3_access_key_id", "testing",

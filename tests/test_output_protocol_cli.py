@@ -190,7 +190,7 @@ def test_importance_weights_bad_argument_keeps_the_finished_result(source_data, 
     hist = str(tmp_path / "pt.parquet")
     pq.write_table(pa.table({"label_id": pa.array(np.arange(p_t.size), pa.int32()), "p_target": p_t}), hist)
     out = str(tmp_path / "w")
-    args = ["--source-index", source_data.index_path, "--labels", source_data.labels_path,
+    args = ["--index", source_data.index_path, "--labels", source_data.labels_path,
             "--target-histogram", hist, "--output", out]
     assert importance_weights.main(args) == 0
     before = tree_digest(out)

@@ -152,10 +152,10 @@ class Experiment:
         from beam_pipelines import importance_weights as IW
 
         with _logged_to(path + ".log"):
-            IW.run(["--source-index", os.path.join(self.source, "index"),
-                    "--labels", os.path.join(self.source, "labels.parquet"),
-                    "--target-images", self.target_root(target), "--target-layout", target.layout,
-                    "--target-name", target.name, "--model", self.generalist, "--output", path])
+            IW.run(IW.WeightsJob(index=os.path.join(self.source, "index"),
+                                 labels=os.path.join(self.source, "labels.parquet"),
+                                 target_root=self.target_root(target), target_layout=target.layout,
+                                 target=target.name, checkpoint=self.generalist, output=path))
 
     def _pretrain(self, shards: str, out: str, steps: int, seed: int, log_path: str) -> None:
         from trainer import pretrain

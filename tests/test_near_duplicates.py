@@ -438,8 +438,12 @@ def test_uri_index_reads_only_allowed_prefixes(world, source_data, generalist, t
     uris.append(str(outside))
     pq.write_table(pa.table({"key": ["a", "b", "c", "d"], "labels": pa.array([[0]] * 4, pa.list_(pa.int32())),
                              "uri": uris}), tmp_path / "src" / "index.parquet")
-    summary = run_dedup(str(tmp_path / "src" / "index.parquet"), source_data, generalist, tmp_path / "out",
+    # A one-file index allows no uri by default (schemas.uri_policy): its images' root is named.
+    refused = run_dedup(str(tmp_path / "src" / "index.parquet"), source_data, generalist, tmp_path / "refused",
                         target=world["target"].root)
+    assert refused["source_examples_compared"] == 0 and refused["source_unreadable_images"] == 4
+    summary = run_dedup(str(tmp_path / "src" / "index.parquet"), source_data, generalist, tmp_path / "out",
+                        "--allow-uri-prefix", str(images), target=world["target"].root)
     assert summary["source_examples_compared"] == 3 and summary["source_unreadable_images"] == 1
     assert summary["source_unreadable_image_names"] == ["d"]
     assert set(pq.read_table(tmp_path / "out" / "exclude.parquet").column("key").to_pylist()) == {"a", "b", "c"}

@@ -7,12 +7,13 @@ torch's extension cache (``TORCH_EXTENSIONS_DIR``, default
 with a ``lock`` file that holds no owner: a run killed during the build
 leaves it, and every later run waits on it in silence, forever.
 
-:func:`check_build_locks` runs before DeepSpeed starts: a lock that some
-process of this host holds open is a build under way (said in one line, then
-waited for, as torch does); a lock that no process holds is left by a killed
-build, and the run stops with one line naming it and what to do (the lock is
-not removed here: a build in another PID namespace sharing the cache cannot
-be seen). ``python -m trainer.ops build`` builds the op ahead (the install
+:func:`check_build_locks` runs before DeepSpeed starts: a lock that goes away
+within a moment is another rank loading the op (torch takes the lock for
+every load, built or not); one that some process of this host holds open is
+a build under way (said in one line, then waited for, as torch does); one
+that stays and that no process holds is left by a killed build, and the run
+stops with one line naming it and what to do (the lock is not removed here:
+a build in another PID namespace sharing the cache cannot be seen). ``python -m trainer.ops build`` builds the op ahead (the install
 step), so that no training run builds it.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Iterable
 
 __all__ = ["StaleBuildLock", "extensions_root", "build_locks", "lock_holders", "check_build_locks", "build", "main"]
@@ -83,15 +85,36 @@ def _listdir(path: str) -> Iterable[str]:
         return []
 
 
-def check_build_locks(root: str | None = None, log=None) -> None:
+#: Seconds a lock may stay before it is judged: torch holds it briefly for every
+#: load of a built op, and between closing it and removing it no process holds it.
+LOCK_GRACE_SECONDS = 2.0
+
+
+def _lock_state(lock: str, grace: float, poll: float = 0.05) -> int | None:
+    """After at most ``grace`` seconds: ``None`` where ``lock`` went away, the
+    pid of a process holding it, or 0 where it stayed and nobody holds it."""
+    deadline = time.monotonic() + grace
+    while True:
+        if not os.path.exists(lock):
+            return None
+        if time.monotonic() >= deadline:
+            holders = lock_holders(lock)
+            return holders[0] if holders else 0
+        time.sleep(poll)
+
+
+def check_build_locks(root: str | None = None, log=None, grace: float = LOCK_GRACE_SECONDS) -> None:
     """Raise :class:`StaleBuildLock` in one line for a build lock under ``root``
-    (default :func:`extensions_root`) that no process holds; say in one line
-    (``log``, default standard error) which process builds where one does."""
+    (default :func:`extensions_root`) that stays ``grace`` seconds with no
+    process holding it; say in one line (``log``, default standard error)
+    which process builds where one holds it."""
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     for lock in build_locks(root or extensions_root()):
-        holders = lock_holders(lock)
-        if holders:
-            log(f"[ops] {os.path.basename(os.path.dirname(lock))} is being built by process {holders[0]} "
+        holder = _lock_state(lock, grace)
+        if holder is None:
+            continue
+        if holder:
+            log(f"[ops] {os.path.basename(os.path.dirname(lock))} is being built by process {holder} "
                 f"(lock {lock}); waiting for it")
             continue
         raise StaleBuildLock(f"{lock} is left by a DeepSpeed op build that was killed (no process holds it), and "

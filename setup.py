@@ -24,7 +24,8 @@ STAGES = {
     # Trainer ranks (pretrain, finetune, evaluate). DeepSpeed >= 0.17.2: the
     # `torch_autocast` config section (trainer.optim); `deepspeed --no_ssh` needs
     # >= 0.14.5. Tested with 0.19.8; the checkpoint engine API moves between minors.
-    "trainer": ["torch>=2.1", "deepspeed>=0.17.2,<0.20", "webdataset>=0.2.86", "scipy>=1.10"],
+    # tensorboard: the curves' event files (trainer.curves, through torch.utils.tensorboard).
+    "trainer": ["torch>=2.1", "deepspeed>=0.17.2,<0.20", "webdataset>=0.2.86", "scipy>=1.10", "tensorboard>=2.14"],
     # The machine that launches the stages: spark-submit's driver (Spark >= 3.4
     # for _metadata.row_index; 3.5 tested), make resample / demo, plots.
     "driver": ["pyspark>=3.5", "pandas>=2.2,<3", "matplotlib>=3.7", "pyyaml>=6"],

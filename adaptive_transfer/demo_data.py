@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 
 from schemas.stage_output import StageOutput
@@ -74,29 +72,21 @@ def train_on_entire_source(data: DemoData, out: str, spark, steps: int, log=prin
 
 def run_pretrain(manifest: str, labels: str, out: str, steps: int, batch: int = 64, lr: float = 0.1,
                  seed: int = 0, log=print) -> None:
-    """trainer.pretrain in its own process (as a user would run it)."""
-    cmd = [sys.executable, "-m", "trainer.pretrain", "--shards", manifest, "--labels", labels,
-           "--model", "small", "--steps", str(steps), "--batch-size", str(batch), "--lr", str(lr),
-           "--seed", str(seed), "--num-workers", "2", "--log-every", str(max(1, steps // 4)),
-           "--save-every", str(steps), "--keep-checkpoints", "1", "--output", out]
-    run_logged(cmd, log)
+    """trainer.pretrain in this process (its typed job)."""
+    from trainer import pretrain
+
+    pretrain.run(pretrain.PretrainJob(shards=manifest, labels=labels, output=out, arch="small", steps=steps,
+                                      batch_size=batch, lr=lr, seed=seed, num_workers=2,
+                                      log_every=max(1, steps // 4), save_every=steps, keep_checkpoints=1))
 
 
 def run_finetune(target_root: str, init: str, out: str, steps: int, seed: int = 0, log=print) -> dict:
-    """trainer.finetune on the demo target (``init``: generalist.pt or 'none');
-    returns its metrics."""
-    run_logged([sys.executable, "-m", "trainer.finetune", "--target", "food101", "--target-root", target_root,
-                "--init", init, "--model", "small", "--steps", str(steps), "--batch-size", "32", "--lr", "0.05",
-                "--seed", str(seed), "--num-workers", "2", "--log-every", str(steps), "--output", out], log)
+    """trainer.finetune on the demo target (``init``: generalist.pt or 'none'),
+    in this process (its typed job); returns its metrics."""
+    from trainer import finetune
+
+    finetune.run(finetune.FinetuneJob(target_layout="food101", target_root=target_root, init=init, output=out,
+                                      arch="small", steps=steps, batch_size=32, lr=0.05, seed=seed, num_workers=2,
+                                      log_every=steps))
     with open(os.path.join(out, "metrics.json")) as fh:
         return json.load(fh)
-
-
-def run_logged(cmd: list[str], log) -> None:
-    """Run a stage's command; keep its progress lines, fail with its stderr."""
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith(("step ", "pretrain:", "finetune:", "evaluate:")):
-            log(f"    {line}")
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")

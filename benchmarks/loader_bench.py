@@ -28,8 +28,11 @@ one process each unless said, the same images, in one run:
   as draft, and for simplejpeg also any factor M/8 (the smallest that keeps
   the crop at least the input size);
 * ``loader``: ``trainer.data.ShardStream`` through a DataLoader with N
-  workers (tar streaming, shuffle buffer, decode, augmentation, batching into
-  shared memory), whole and with draft decoding.
+  workers (tar streaming, each shard checked against its manifest entry as
+  it streams, shuffle buffer, decode, augmentation, batching into shared
+  memory), whole and with draft decoding; ``loader 1w draft, unchecked``:
+  the same without the manifest check (sha256 of every byte read, sample
+  count), so that the check's cost is the difference.
 
 Reported: images per CPU-second of one worker process (per worker: what a
 worker does with a core of its own; a loop is one worker) and of every
@@ -68,7 +71,7 @@ from PIL import Image, ImageDraw
 
 from schemas.arrow import INDEX_SCHEMA_INLINE
 from adaptive_transfer.synthetic import make_vocabulary
-from trainer.data import LoaderState, ShardStream, collate, shard_urls
+from trainer.data import LoaderConfig, LoaderState, ShardStream, ShardList, collate, read_shard_list, shard_urls
 from trainer.transforms import HashRNG, PreprocessSpec, crop_box, draft_factor, normalise_batch, train_sample
 
 #: (width, height), share of the images: ImageNet-like, some large.
@@ -301,15 +304,17 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def loader_rate(urls, spec: PreprocessSpec, workers: int, decode_scaling: str, images: int,
-                normalise_here: bool = False) -> dict:
+def loader_rate(shards: ShardList, spec: PreprocessSpec, workers: int, decode_scaling: str, images: int,
+                normalise_here: bool = False, checked: bool = True) -> dict:
     """ShardStream through a DataLoader as trainer.pretrain runs it (uint8
     batches, normalised where the model runs: on a GPU, not by the CPU; with
-    ``normalise_here`` by this process, as CPU training does): one epoch's
+    ``normalise_here`` by this process, as CPU training does; each shard
+    checked against its manifest entry unless not ``checked``): one epoch's
     images after the first batch; CPU time of the workers and of this (the
     training) process."""
-    stream = ShardStream(urls, spec, seed=0, shuffle_buffer=1000, state=LoaderState(workers=workers),
-                         decode_scaling=decode_scaling, normalise=False)
+    config = LoaderConfig(shards.urls, spec, seed=0, shuffle_buffer=1000, decode_scaling=decode_scaling,
+                          normalise=False, expected=shards.expected if checked else None)
+    stream = ShardStream(config, state=LoaderState(workers=workers))
     loader = torch.utils.data.DataLoader(stream, batch_size=BATCH, num_workers=workers, collate_fn=collate,
                                          prefetch_factor=2)
     it = iter(loader)
@@ -468,8 +473,8 @@ def gpu_part(shard_sets: dict[str, list[str]], steps: int, batch: int = 256) -> 
             for workers in sorted({1, 4, 8, default}):
                 if workers > len(urls):
                     continue
-                stream = ShardStream(urls, spec, seed=0, shuffle_buffer=500, state=LoaderState(workers=workers),
-                                     normalise=False)
+                stream = ShardStream(LoaderConfig(urls, spec, seed=0, shuffle_buffer=500, normalise=False),
+                                     state=LoaderState(workers=workers))
                 it = iter(torch.utils.data.DataLoader(stream, batch_size=BATCH, num_workers=workers,
                                                       collate_fn=collate, prefetch_factor=2))
                 for _ in range(2 * workers):  # all workers start at once: past the batches made meanwhile
@@ -499,8 +504,8 @@ def gpu_part(shard_sets: dict[str, list[str]], steps: int, batch: int = 256) -> 
             spec = PreprocessSpec(size)
 
             def from_shards(urls=urls, spec=spec):
-                stream = ShardStream(urls, spec, seed=0, shuffle_buffer=500, state=LoaderState(workers=default),
-                                     normalise=False)
+                stream = ShardStream(LoaderConfig(urls, spec, seed=0, shuffle_buffer=500, normalise=False),
+                                     state=LoaderState(workers=default))
                 loader = torch.utils.data.DataLoader(stream, batch_size=batch, num_workers=default,
                                                      collate_fn=collate, pin_memory=True, prefetch_factor=4)
                 for x, labels, *_ in loader:
@@ -559,7 +564,8 @@ def main(argv=None) -> int:
     workers = [int(w) for w in args.workers.split(",")]
     results: dict = {"cores": len(os.sched_getaffinity(0)), "sets": {}}
     for set_name, manifest in manifests.items():
-        urls = shard_urls(manifest)
+        shards = read_shard_list(manifest)
+        urls = list(shards.urls)
         datas = read_images(urls)
         m = json.load(open(manifest))
         facts = {"images": len(datas), "image_kb": sum(map(len, datas)) / len(datas) / 1024,
@@ -577,8 +583,9 @@ def main(argv=None) -> int:
             for mode in ("none", "draft"):
                 for w in workers:
                     rows[f"loader {w}w {'draft' if mode == 'draft' else 'whole'}"] = loader_rate(
-                        urls, spec, w, mode, len(datas))
-            rows["loader 1w draft, CPU normalise"] = loader_rate(urls, spec, 1, "draft", len(datas), True)
+                        shards, spec, w, mode, len(datas))
+            rows["loader 1w draft, unchecked"] = loader_rate(shards, spec, 1, "draft", len(datas), checked=False)
+            rows["loader 1w draft, CPU normalise"] = loader_rate(shards, spec, 1, "draft", len(datas), True)
             base = rows["plain PIL loop"]
             print(f"\n  input {size}: images per CPU-second of one worker process (per worker: a loop is one "
                   "worker) and of all processes, the training process's included (per core); ratios to the "

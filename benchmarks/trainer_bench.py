@@ -10,12 +10,14 @@ training steps/s of the small model on CPU.
 * ``ShardStream``: the trainer's loader (WebDataset tar iterators, shuffle
   buffer, decode, augmentation) through a DataLoader with N workers,
   reported per worker;
-* ``train steps/s``: ``trainer.pretrain`` (DeepSpeed, one process, gloo) on
-  the small model, batch 64, from its own progress line.
+* ``train steps/s``: ``trainer.pretrain`` (its job, in this process:
+  DeepSpeed, gloo) on the small model, batch 64, from its ``metrics.jsonl``
+  (the second half of the steps).
 
 Prints images/s and ratios; asserts nothing. At real image sizes (and
 other decoders, ``write_shards --max-side``) see ``benchmarks/loader_bench.py``;
-for ResNet-50 on a GPU ``benchmarks/gpu_resnet50.py``.
+for ResNet-50 on a GPU ``benchmarks/gpu_resnet50.py`` and
+``benchmarks/gpu_pretrain_bench.py``.
 """
 
 from __future__ import annotations
@@ -23,9 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import subprocess
-import sys
 import tarfile
 import time
 
@@ -38,7 +37,8 @@ from schemas import io as sio
 from adaptive_transfer.synthetic import SourceSpec, generate_source
 from spark_jobs.session import get_session
 from spark_jobs import write_shards as W
-from trainer.data import LoaderState, ShardStream, collate, shard_urls
+from trainer import pretrain
+from trainer.data import LoaderConfig, LoaderState, ShardStream, collate, shard_urls
 from trainer.transforms import PreprocessSpec, decode_image, train_transform
 
 
@@ -73,8 +73,8 @@ def plain_loop(urls, spec, limit) -> float:
 
 
 def stream_rate(urls, spec, workers, limit, batch=64) -> float:
-    stream = ShardStream(urls, spec, seed=0, shuffle_buffer=1000, state=LoaderState(workers=max(1, workers)),
-                         normalise=False)  # as trainer.pretrain: uint8 batches, normalised on the device
+    stream = ShardStream(LoaderConfig(urls, spec, seed=0, shuffle_buffer=1000, normalise=False),
+                         state=LoaderState(workers=max(1, workers)))  # as pretrain: uint8, normalised on the device
     loader = torch.utils.data.DataLoader(stream, batch_size=batch, num_workers=workers, collate_fn=collate)
     it = iter(loader)
     next(it)  # worker start-up is not throughput
@@ -104,14 +104,11 @@ def main(argv=None) -> int:
         print(f"ShardStream {w} worker(s) {rate:7.0f} images/s = {rate / w:.0f} per worker "
               f"({rate / w / plain:.2f}x the plain loop per worker)", flush=True)
     out = os.path.join(args.work, "pretrain")
-    proc = subprocess.run([sys.executable, "-m", "trainer.pretrain", "--shards", manifest, "--labels", labels,
-                           "--steps", str(args.steps), "--batch-size", "64", "--num-workers", "2",
-                           "--log-every", str(args.steps // 2), "--save-every", str(args.steps),
-                           "--output", out], capture_output=True, text=True)
-    rates = [float(m) for m in re.findall(r"(\d+) img/s", proc.stdout)]
-    if proc.returncode or not rates:
-        print(proc.stdout[-2000:], proc.stderr[-2000:])
-        return 1
+    half = max(1, args.steps // 2)
+    pretrain.run(pretrain.PretrainJob(shards=manifest, labels=labels, output=out, steps=2 * half, batch_size=64,
+                                      num_workers=2, log_every=half, save_every=2 * half, overwrite=True))
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    rates = [r["images_per_second"] for r in records[1:]]  # the second half: past start-up
     results["train_images_per_s"] = rates[-1]
     print(f"pretrain small model  {rates[-1]:7.0f} images/s = {rates[-1] / 64:.2f} steps/s "
           "(batch 64, DeepSpeed, 1 process, CPU)", flush=True)

@@ -29,7 +29,7 @@ from spark_jobs import verify as V
 from schemas.shard_format import sample_json, sample_key, shard_name, write_tar
 from tests.helpers import run_module
 from trainer import runtime as RT
-from trainer.data import MAX_CONSECUTIVE_CORRUPT, ShardStream, collate, shard_urls
+from trainer.data import MAX_CONSECUTIVE_CORRUPT, LoaderConfig, ShardStream, collate, shard_urls
 from trainer.transforms import PreprocessSpec
 
 GOOD = encode_image(np.full((8, 8, 3), 120, np.uint8))
@@ -84,7 +84,7 @@ def _labels(path) -> str:
 
 
 def _pretrain_args(manifest: str, labels: str, out, *extra: str) -> list[str]:
-    return ["--shards", manifest, "--labels", labels, "--model", "small", "--steps", "3", "--batch-size", "4",
+    return ["--shards", manifest, "--labels", labels, "--arch", "small", "--steps", "3", "--batch-size", "4",
             "--lr", "0.05", "--input-size", "16", "--shuffle-buffer", "4", "--output", str(out), *extra]
 
 
@@ -102,7 +102,8 @@ def _take(stream, n):
 def test_a_few_bad_samples_among_good_ones_are_counted_and_skipped(tmp_path):
     bad = {1, 2, 5, 6, 8}  # runs of at most 2 bad samples in a row
     manifest = _shard_dir(tmp_path / "shards", 1, 12, lambda i: i in bad)
-    stream = ShardStream(shard_urls(manifest), PreprocessSpec(8), shuffle_buffer=1, max_consecutive_corrupt=3)
+    stream = ShardStream(LoaderConfig(shard_urls(manifest), PreprocessSpec(8), shuffle_buffer=1,
+                                      max_consecutive_corrupt=3))
     got = _take(stream, 7)
     assert [g[3] for g in got] == [1, 4, 5, 8, 10, 11, 12]  # next raw positions: the bad ones were skipped
     assert [g[4] for g in got] == [0, 2, 0, 2, 1, 0, 0]  # corrupt samples skipped just before each
@@ -112,25 +113,26 @@ def test_a_few_bad_samples_among_good_ones_are_counted_and_skipped(tmp_path):
 def test_as_many_bad_samples_in_a_row_as_the_limit_raise_naming_the_shard(tmp_path):
     manifest = _shard_dir(tmp_path / "shards", 1, 12, lambda i: 3 <= i < 6)
     url = shard_urls(manifest)[0]
-    stream = ShardStream([url], PreprocessSpec(8), shuffle_buffer=1, max_consecutive_corrupt=3)
+    stream = ShardStream(LoaderConfig([url], PreprocessSpec(8), shuffle_buffer=1, max_consecutive_corrupt=3))
     with pytest.raises(ValueError, match=r"^3 consecutive samples could not be decoded") as e:
         _take(stream, 12)
     assert f"{url} (3)" in str(e.value) and "--max-consecutive-corrupt 3" in str(e.value)
     # one fewer bad in a row is fine
-    assert len(_take(ShardStream([url], PreprocessSpec(8), shuffle_buffer=1, max_consecutive_corrupt=4), 9)) == 9
+    assert len(_take(ShardStream(LoaderConfig([url], PreprocessSpec(8), shuffle_buffer=1, max_consecutive_corrupt=4)),
+                     9)) == 9
 
 
 def test_max_consecutive_corrupt_default_and_range():
-    assert ShardStream(["a.tar"], PreprocessSpec(8)).max_consecutive_corrupt == MAX_CONSECUTIVE_CORRUPT == 1000
+    assert LoaderConfig(["a.tar"], PreprocessSpec(8)).max_consecutive_corrupt == MAX_CONSECUTIVE_CORRUPT == 1000
     for value in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="max_consecutive_corrupt must be an integer >= 1"):
-            ShardStream(["a.tar"], PreprocessSpec(8), max_consecutive_corrupt=value)
+            LoaderConfig(["a.tar"], PreprocessSpec(8), max_consecutive_corrupt=value)
 
 
 def test_cli_main_prints_the_original_message_of_an_error_in_a_loader_worker(tmp_path, capsys):
     manifest = _shard_dir(tmp_path / "shards", 2, 10, lambda i: True)
     urls = shard_urls(manifest)
-    stream = ShardStream(urls, PreprocessSpec(8), shuffle_buffer=2, max_consecutive_corrupt=4)
+    stream = ShardStream(LoaderConfig(urls, PreprocessSpec(8), shuffle_buffer=2, max_consecutive_corrupt=4))
 
     def run(args):
         loader = torch.utils.data.DataLoader(stream, batch_size=2, num_workers=1, collate_fn=collate)

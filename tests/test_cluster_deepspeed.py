@@ -156,7 +156,7 @@ def _two_nodes(pattern, labels, outputs, tmp, *extra, steps=6):
         os.makedirs(scratch, exist_ok=True)
         cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--hostfile", hostfile, "--no_ssh",
                "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", port,
-               "--module", "trainer.pretrain", "--shards", pattern, "--labels", labels, "--model", "small",
+               "--module", "trainer.pretrain", "--shards", pattern, "--labels", labels, "--arch", "small",
                "--steps", str(steps), "--batch-size", "16", "--lr", "0.05", "--seed", "7", "--num-workers", "1",
                "--input-size", "24", "--save-every", "2", "--log-every", "2", "--output", str(out), *extra]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -18,7 +18,7 @@ from PIL import Image
 
 from schemas.shard_format import sample_json, sample_key, write_tar
 from spark_jobs.reencode import fit_within, reencode_image
-from trainer.data import LoaderState, ShardStream, collate, default_num_workers, local_ranks
+from trainer.data import LoaderConfig, LoaderState, ShardStream, collate, default_num_workers, local_ranks
 from trainer.transforms import (HashRNG, PreprocessSpec, crop_box, decode_for_crop, draft_factor, normalise_batch,
                                 train_sample)
 
@@ -148,8 +148,8 @@ def test_stream_with_draft_decoding_is_deterministic_and_uint8_matches(tmp_path)
     spec = PreprocessSpec(64)
 
     def batches(normalise, scaling="draft"):
-        stream = ShardStream(urls, spec, seed=5, shuffle_buffer=4, state=LoaderState(workers=2),
-                             decode_scaling=scaling, normalise=normalise)
+        stream = ShardStream(LoaderConfig(urls, spec, seed=5, shuffle_buffer=4, decode_scaling=scaling,
+                                          normalise=normalise), state=LoaderState(workers=2))
         loader = torch.utils.data.DataLoader(stream, batch_size=3, num_workers=2, collate_fn=collate)
         out = []
         for b in loader:

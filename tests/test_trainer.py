@@ -18,7 +18,7 @@ from spark_jobs import resample as R
 from spark_jobs import write_shards as W
 from tests.helpers import free_port, ROOT, reference_weights, run_module, write_weights
 from trainer import runtime as RT
-from trainer.data import LoaderState, ShardStream, collate, shard_urls, soft_targets
+from trainer.data import LoaderConfig, LoaderState, ShardStream, collate, shard_urls, soft_targets
 from trainer.finetune import index_batches
 from trainer.models import load_finetuned, load_generalist, read_generalist
 from trainer.optim import default_lr, default_warmup, warmup_cosine
@@ -120,11 +120,11 @@ def first_batches(stream: ShardStream, n: int, batch: int, workers: int):
 def test_stream_resumes_exactly_where_it_stopped(shards):
     urls = shard_urls(shards[0])
     spec = PreprocessSpec(32)
-    make = lambda state: ShardStream(urls, spec, seed=3, shuffle_buffer=50, state=state)  # noqa: E731
+    make = lambda state: ShardStream(LoaderConfig(urls, spec, seed=3, shuffle_buffer=50), state=state)  # noqa: E731
     straight = first_batches(make(LoaderState(workers=2)), 7, 16, workers=2)
     state = LoaderState(workers=2)
-    for x, labels, worker, position, corrupt in first_batches(make(state), 3, 16, workers=2):
-        state.update(worker, position, corrupt)
+    for batch in first_batches(make(state), 3, 16, workers=2):
+        state.update(batch)
     resumed = first_batches(make(LoaderState(**state.to_dict())), 4, 16, workers=2)
     for a, b in zip(straight[3:], resumed):
         assert torch.equal(a[0], b[0]) and a[1] == b[1] and a[2] == b[2]
@@ -134,13 +134,13 @@ def test_ranks_and_workers_read_disjoint_shards(shards):
     urls = shard_urls(shards[0])
     seen = []
     for rank in range(2):
-        stream = ShardStream(urls, PreprocessSpec(32), seed=0, rank=rank, world_size=2)
+        stream = ShardStream(LoaderConfig(urls, PreprocessSpec(32), seed=0), rank, 2, LoaderState(workers=2))
         for worker in range(2):
             seen.append(set(stream.shards_for(0, worker, 2)))
     assert all(not (a & b) for i, a in enumerate(seen) for b in seen[i + 1:])
     assert set().union(*seen) == set(urls)
     with pytest.raises(ValueError, match="8 shards cannot give each of 4 rank"):
-        ShardStream(urls, PreprocessSpec(32), world_size=4).check_split(3)
+        ShardStream(LoaderConfig(urls, PreprocessSpec(32)), world_size=4).check_split(3)
 
 
 def test_corrupt_samples_are_counted_and_skipped(tmp_path):
@@ -151,7 +151,7 @@ def test_corrupt_samples_are_counted_and_skipped(tmp_path):
                 sample_json(f"k{i}", 0, [1], 1.0)) for i in range(6)]
     with open(tmp_path / "s-000000.tar", "wb") as fh:
         write_tar(fh, samples)
-    stream = ShardStream([str(tmp_path / "s-000000.tar")], PreprocessSpec(8), shuffle_buffer=1)
+    stream = ShardStream(LoaderConfig([str(tmp_path / "s-000000.tar")], PreprocessSpec(8), shuffle_buffer=1))
     got = []
     for item in stream:
         got.append(item)
@@ -188,7 +188,7 @@ def test_resume_skips_an_incomplete_latest(tmp_path):
 
 def pretrain_args(shards, out, steps, *extra):
     manifest, labels, _ = shards
-    return ["--shards", manifest, "--labels", labels, "--model", "small", "--steps", str(steps),
+    return ["--shards", manifest, "--labels", labels, "--arch", "small", "--steps", str(steps),
             "--batch-size", "32", "--lr", "0.05", "--seed", "7", "--log-every", "5", "--output", str(out), *extra]
 
 
@@ -239,7 +239,7 @@ def test_resume_gives_the_same_parameters(shards, tmp_path):
     assert "step 1/8" not in proc.stdout
     # --overwrite with a bad option fails before the finished run is touched.
     before = sorted(os.listdir(straight))
-    for bad in (["--model", "smal"], ["--max-consecutive-corrupt", "0"]):
+    for bad in (["--arch", "smal"], ["--max-consecutive-corrupt", "0"]):
         proc = run_module("trainer.pretrain", *pretrain_args(shards, straight, 8, "--num-workers", "2", "--overwrite"),
                           *bad, check=False)
         assert proc.returncode == 1, proc.stderr[-2000:]
@@ -315,7 +315,7 @@ def test_two_nodes_on_loopback(shards, tmp_path):
 def test_finetune_and_evaluate(pretrained, food_target, tmp_path):
     out, _ = pretrained
     ft = tmp_path / "ft"
-    proc = run_module("trainer.finetune", "--target", "food101", "--target-root", food_target.root,
+    proc = run_module("trainer.finetune", "--target-layout", "food101", "--target-root", food_target.root,
                       "--init", str(out / "generalist.pt"), "--steps", "30", "--batch-size", "32",
                       "--lr", "0.05", "--output", str(ft), "--log-every", "10")
     assert "step 30/30" in proc.stdout
@@ -341,20 +341,21 @@ def test_finetune_and_evaluate(pretrained, food_target, tmp_path):
         {c: int((labels == k).sum()) for k, c in enumerate(test_split.classes)}
     assert metrics["mean_per_class_accuracy"] == pytest.approx(np.mean(list(by_class.values())), rel=1e-12)
     ev = tmp_path / "ev"
-    run_module("trainer.evaluate", "--target", "food101", "--target-root", food_target.root,
+    run_module("trainer.evaluate", "--target-layout", "food101", "--target-root", food_target.root,
                "--checkpoint", str(ft / "model.pt"), "--output", str(ev))
     again = json.loads((ev / "metrics.json").read_text())
     assert again["top1"] == metrics["top1"]
     assert again["mean_per_class_accuracy"] == metrics["mean_per_class_accuracy"]
-    assert sorted(os.listdir(ft)) == ["_STAGE", "_SUCCESS", "metrics.json", "model.pt"]
+    assert sorted(os.listdir(ft)) == ["_STAGE", "_SUCCESS", "metrics.json", "metrics.jsonl", "model.pt",
+                                      "tensorboard"]
     # A rerun does nothing and says so; someone else's directory is refused, untouched.
-    proc = run_module("trainer.evaluate", "--target", "food101", "--target-root", food_target.root,
+    proc = run_module("trainer.evaluate", "--target-layout", "food101", "--target-root", food_target.root,
                       "--checkpoint", str(ft / "model.pt"), "--output", str(ev))
     assert f"evaluate: {ev} is complete (_SUCCESS); nothing to do" in proc.stderr
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     (theirs / "metrics.json").write_text("their numbers")
-    proc = run_module("trainer.evaluate", "--target", "food101", "--target-root", food_target.root,
+    proc = run_module("trainer.evaluate", "--target-layout", "food101", "--target-root", food_target.root,
                       "--checkpoint", str(ft / "model.pt"), "--output", str(theirs), "--overwrite", check=False)
     assert proc.returncode == 1 and "was not written by evaluate" in proc.stderr
     assert (theirs / "metrics.json").read_text() == "their numbers"
@@ -366,9 +367,9 @@ def test_evaluate_rejects_a_model_of_other_classes(pretrained, food_target, tmp_
                                                                 num_classes=3, train_per_class=4,
                                                                 test_per_class=2))
     ft = tmp_path / "ft"
-    run_module("trainer.finetune", "--target", "imagefolder", "--target-root", other.root, "--init", "none",
+    run_module("trainer.finetune", "--target-layout", "imagefolder", "--target-root", other.root, "--init", "none",
                "--steps", "2", "--batch-size", "4", "--output", str(ft), "--num-workers", "0")
-    proc = run_module("trainer.evaluate", "--target", "food101", "--target-root", food_target.root,
+    proc = run_module("trainer.evaluate", "--target-layout", "food101", "--target-root", food_target.root,
                       "--checkpoint", str(ft / "model.pt"), "--output", str(tmp_path / "ev"), check=False)
     assert proc.returncode == 1
     assert "the checkpoint was fine-tuned on 3 classes" in proc.stderr

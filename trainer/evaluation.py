@@ -8,6 +8,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .transforms import normalise_batch
+
 __all__ = ["accuracy_metrics", "evaluate", "describe"]
 
 
@@ -28,7 +30,9 @@ def accuracy_metrics(correct: np.ndarray, total: np.ndarray, classes: list[str])
 
 def evaluate(model: torch.nn.Module, dataset, classes: list[str], device: torch.device,
              batch_size: int = 256, num_workers: int = 0) -> dict:
-    """Evaluate ``dataset`` (items ``(x, class index)``) split over ranks."""
+    """Evaluate ``dataset`` (items ``(x, class index)``) split over ranks.
+    uint8 images (a dataset with ``normalise=False``) are normalised on
+    ``device`` with the dataset's ``spec``."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     indices = list(range(rank, len(dataset), world))
@@ -40,7 +44,10 @@ def evaluate(model: torch.nn.Module, dataset, classes: list[str], device: torch.
     model.eval()
     with torch.no_grad():
         for x, y in loader:
-            pred = model(x.to(device)).argmax(dim=1).cpu()
+            x = x.to(device, non_blocking=True)
+            if x.dtype == torch.uint8:
+                x = normalise_batch(x, dataset.spec)
+            pred = model(x).argmax(dim=1).cpu()
             total += torch.bincount(y, minlength=len(classes))
             correct += torch.bincount(y[pred == y], minlength=len(classes))
     if was_training:

@@ -12,6 +12,8 @@ share; it reads with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import io
+import pickle
+import re
 from typing import Any, Callable
 
 import numpy as np
@@ -39,6 +41,7 @@ __all__ = [
     "checkpoint_fingerprint",
     "save_finetuned",
     "load_finetuned",
+    "load_weights",
     "feature_pool",
     "embedding_dim",
     "embed",
@@ -146,17 +149,52 @@ def save_generalist(path: str, model: nn.Module, architecture: str, label_ids, s
     sio.write_bytes_atomic(path, buf.getvalue())
 
 
+_GLOBAL = re.compile(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.]+)")
+
+
 def _load_weights_only(path: str, what: str) -> Any:
     """``torch.load(weights_only=True)`` of a file on any filesystem; a file
-    that is not a checkpoint is a ``ValueError`` naming it."""
+    that is not a checkpoint is a ``ValueError`` naming it, in one line. A
+    pickle that would run code (or build any object but tensors and plain
+    containers) is refused, naming what it asks for, and never loaded
+    otherwise (torch's hint to pass ``weights_only=False`` is not repeated)."""
     try:
         data = sio.read_bytes(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such {what} checkpoint") from None
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = _GLOBAL.search(str(e))
+        asks = f" ({found.group(1)})" if found else ""
+        raise ValueError(f"{path}: refused as a {what} checkpoint: it holds Python objects other than tensors"
+                         f"{asks}, which could run code when loaded; only weights are read "
+                         "(torch.load weights_only=True)") from None
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for bad files
-        raise ValueError(f"{path}: cannot read {what} checkpoint: {e}") from None
+        first = " ".join(str(e).split("\n")[0].split())
+        raise ValueError(f"{path}: cannot read {what} checkpoint: {type(e).__name__}: {first}") from None
+
+
+def load_weights(model: nn.Module, state_dict: dict, path: str, architecture: str) -> None:
+    """``model.load_state_dict(state_dict)``; weights that do not fit (another
+    architecture, another number of classes) are a ``ValueError`` in one
+    line naming ``path`` and the first mismatch of each kind."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError:
+        raise ValueError(f"{path}: its weights do not fit architecture {architecture!r}: "
+                         f"{_mismatches(model.state_dict(), state_dict)}") from None
+
+
+def _mismatches(own: dict, given: dict) -> str:
+    shapes = [f"{k} is {tuple(given[k].shape)}, the model's {tuple(v.shape)}" for k, v in own.items()
+              if k in given and hasattr(given[k], "shape") and tuple(given[k].shape) != tuple(v.shape)]
+    missing = [k for k in own if k not in given]
+    unexpected = [k for k in given if k not in own]
+    parts = [f"{len(shapes)} tensor(s) of another shape (first: {shapes[0]})" if shapes else "",
+             f"{len(missing)} missing (first: {missing[0]})" if missing else "",
+             f"{len(unexpected)} not in the model (first: {unexpected[0]})" if unexpected else ""]
+    return "; ".join(p for p in parts if p) or "tensors of another kind"
 
 
 def read_generalist(path: str, vocabulary: pa.Table | str | None = None) -> dict[str, Any]:
@@ -180,7 +218,7 @@ def load_generalist(path: str, vocabulary: pa.Table | str | None = None, device:
     trained on another label space is a clear error."""
     ckpt = read_generalist(path, vocabulary)
     model = build_model(ckpt["architecture"], ckpt["num_classes"])
-    model.load_state_dict(ckpt["state_dict"])
+    load_weights(model, ckpt["state_dict"], path, ckpt["architecture"])
     model.to(device).eval()
     spec = preprocess_spec(ckpt)
 
@@ -217,7 +255,7 @@ def load_finetuned(path: str, classes: list[str] | None = None, device: str = "c
     ckpt = _load_weights_only(path, "fine-tuned")
     validate_finetuned(ckpt, path, classes)
     model = build_model(ckpt["architecture"], len(ckpt["classes"]))
-    model.load_state_dict(ckpt["state_dict"])
+    load_weights(model, ckpt["state_dict"], path, ckpt["architecture"])
     model.to(device).eval()
     return model, preprocess_spec(ckpt), ckpt
 

@@ -14,7 +14,11 @@
   and marks its node's copy (DeepSpeed's ``checkpoint.use_node_local_storage``);
   :func:`check_output_sharing` refuses a directory that is not what the run
   says it is (shared, or one per node).
-* :class:`Progress`: the progress line (step, loss, lr, images/s, ETA).
+* :func:`start_output` / :func:`building`: the output protocol, rank-aware,
+  with the one reuse rule (a finished result is reused only when its
+  fingerprint matches).
+* :func:`check_build_locks` first: a DeepSpeed op build that was killed is
+  one line, not a silent hang (:mod:`trainer.ops`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ import os
 import shutil
 import socket
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
@@ -35,9 +38,11 @@ import torch.distributed as dist
 from schemas import io as sio
 from schemas.stage_output import StageOutput
 
+from .ops import StaleBuildLock, check_build_locks
+
 __all__ = ["DistInfo", "setup_distributed", "initialize", "SafeCheckpointEngine", "save_checkpoint",
            "resume_tag", "agree_resume_tag", "check_output_sharing", "run_on_node_leaders", "load_checkpoint",
-           "average_buffers", "all_gather_longs", "Progress", "barrier",
+           "average_buffers", "all_gather_longs", "barrier", "speed_settings",
            "write_json_main", "GO", "SKIP", "decide_on_rank0", "start_output", "building", "cli_main"]
 
 TAG_PREFIX = "step"
@@ -64,8 +69,13 @@ def _free_port() -> int:
 
 
 def setup_distributed() -> DistInfo:
-    """Initialise torch.distributed through DeepSpeed (idempotent)."""
+    """Initialise torch.distributed through DeepSpeed (idempotent). On CPU,
+    a DeepSpeed op build left locked by a killed run is said in one line
+    (:func:`trainer.ops.check_build_locks`) rather than waited on forever."""
     import deepspeed
+
+    if not dist.is_initialized() and not torch.cuda.is_available():
+        check_build_locks()
 
     if "RANK" not in os.environ:  # plain `python -m ...`: a world of one
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
@@ -111,6 +121,18 @@ def initialize(model, optimizer, scheduler, config: dict):
                                                            lr_scheduler=scheduler, config=config)
     engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
     return engine, optimizer, scheduler
+
+
+def speed_settings(engine, channels_last: bool = False, compile: bool = False) -> None:
+    """GPU speed settings, after ``initialize`` (DeepSpeed broadcasts the
+    parameters as contiguous bytes there): the model's weights in the
+    channels-last memory format (cuDNN's faster convolutions; feed it
+    channels-last inputs), and ``torch.compile`` of the model (in place: its
+    ``state_dict`` keeps its names). Neither changes what is computed."""
+    if channels_last:
+        engine.module.to(memory_format=torch.channels_last)
+    if compile:
+        engine.module.compile()
 
 
 def tag_for(step: int) -> str:
@@ -298,30 +320,6 @@ def all_gather_longs(values: list[int]) -> list[list[int]]:
     return [o.tolist() for o in out]
 
 
-class Progress:
-    """One line every ``every`` steps: step, loss, lr, images/s, ETA (rank 0)."""
-
-    def __init__(self, total_steps: int, start_step: int, images_per_step: int, every: int = 10,
-                 enabled: bool = True, stream=sys.stdout):
-        self.total = total_steps
-        self.start = start_step
-        self.images = images_per_step
-        self.every = max(1, every)
-        self.enabled = enabled
-        self.stream = stream
-        self.t0 = time.perf_counter()
-
-    def update(self, step: int, loss: float, lr: float) -> None:
-        done = step + 1
-        if not self.enabled or (done % self.every and done != self.total):
-            return
-        elapsed = time.perf_counter() - self.t0
-        rate = (done - self.start) * self.images / max(elapsed, 1e-9)
-        remaining = (self.total - done) * self.images / max(rate, 1e-9)
-        print(f"step {done}/{self.total}  loss {loss:.4f}  lr {lr:.5f}  {rate:.0f} img/s  "
-              f"ETA {datetime.timedelta(seconds=int(remaining))}", file=self.stream, flush=True)
-
-
 def write_json_main(path: str, data: dict) -> None:
     """Rank 0 writes ``data`` to ``path`` (atomically); every rank then waits."""
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -359,24 +357,26 @@ def decide_on_rank0(decide, device: torch.device | None = None) -> int:
     return code
 
 
-def start_output(path: str, stage: str, overwrite: bool, info: DistInfo) -> tuple[StageOutput, str | None,
-                                                                                 dict | None]:
+def start_output(path: str, stage: str, overwrite: bool, info: DistInfo, fingerprint: dict | None = None
+                 ) -> tuple[StageOutput, str | None, dict | None]:
     """The output protocol (``schemas.stage_output``) for a run that writes
     its results at the end (finetune, evaluate), once its inputs are read:
     ``(output, work, None)`` where rank 0 builds in ``work`` (``None`` on the
     other ranks; see :func:`building`); ``(output, None, metrics)`` where a
-    finished result is there (nothing to do: said in one line). Rank 0
-    decides (:func:`decide_on_rank0`)."""
+    finished result made from ``fingerprint`` is there (nothing to do: said
+    in one line). A finished result made from another fingerprint is refused,
+    naming what differs, unless ``overwrite``; the marker of the new one
+    records ``fingerprint``. Rank 0 decides (:func:`decide_on_rank0`)."""
     if not sio.is_local(path):
         raise ValueError(f"--output {path}: give a local or shared POSIX directory, not a URL")
     output = StageOutput(path, stage)
     work: list[str] = []
 
     def decide() -> int:
-        if output.check(overwrite):
+        if output.check(overwrite, fingerprint):
             print(output.skip_line(), file=sys.stderr)
             return SKIP
-        work.append(output.begin())
+        work.append(output.begin(fingerprint))
         return GO
 
     if decide_on_rank0(decide, info.device) == SKIP:
@@ -415,7 +415,7 @@ def cli_main(prog: str, parser, run, describe, argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         result = run(args)
-    except (ValueError, OSError) as e:  # bad input, or a shard that could not be read (retried: trainer.data)
+    except (ValueError, OSError, StaleBuildLock) as e:  # bad input, a shard that could not be read (retried), a lock
         message = str(e)
         m = re.match(r"Caught (\w+) (in DataLoader worker process \d+)\.\nOriginal Traceback", message)
         if m:

@@ -17,7 +17,15 @@ differ from a full decode (a different resampling path: the scaled IDCT
 drops the block's high frequencies, then the bilinear resize shrinks by the
 remaining factor) and the random draws do not: the same box and flip, in
 the same order, as :func:`train_transform`. ``decode_scaling="none"`` gives
-exactly :func:`train_transform` of :func:`decode_image`. With
+exactly :func:`train_transform` of :func:`decode_image`.
+
+One decoding for every image the project reads (the trainer's loaders, and
+the Beam stages through the generalist's preprocessing): the picture as it
+is meant to be seen, in 8-bit RGB. EXIF orientation is applied (a phone's
+portrait photo stands upright; the crop box is drawn in the upright
+picture), 16-bit greyscale (PNG, TIFF) is scaled to 8 bits (not clipped to
+white), CMYK (Adobe's inverted JPEGs included), palette, greyscale and alpha
+images are converted by Pillow. With
 ``normalise=False`` it returns the uint8 CHW crop instead, a quarter of the
 bytes to move between processes and to the device, where
 :func:`normalise_batch` gives exactly the float32 values the CPU path would
@@ -119,15 +127,49 @@ class HashRNG:
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Decode encoded image bytes to an RGB PIL image; raises on corrupt data."""
+    """Decode encoded image bytes to an upright RGB PIL image (module
+    docstring: EXIF orientation, 16-bit greyscale); raises on corrupt data."""
     img = Image.open(io.BytesIO(data))
+    orientation = _orientation(img)
     img.load()  # force decoding now: truncated files fail here, not later
-    return _rgb(img)
+    return _rgb(_upright(img, orientation))
+
+
+#: 16-bit greyscale modes (Pillow: PNG and TIFF open as ``I;16``; older Pillow gave ``I``).
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+#: EXIF orientations that swap width and height.
+_TRANSPOSED = (5, 6, 7, 8)
+_ORIENT = {2: (Image.Transpose.FLIP_LEFT_RIGHT,), 3: (Image.Transpose.ROTATE_180,),
+           4: (Image.Transpose.FLIP_TOP_BOTTOM,), 5: (Image.Transpose.TRANSPOSE,),
+           6: (Image.Transpose.ROTATE_270,), 7: (Image.Transpose.TRANSVERSE,), 8: (Image.Transpose.ROTATE_90,)}
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1..8) of an opened image (1: as stored)."""
+    try:
+        value = img.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - unreadable EXIF: the picture as stored
+        return 1
+    return value if value in _ORIENT else 1
+
+
+def _upright(img: Image.Image, orientation: int) -> Image.Image:
+    """``img`` turned as its EXIF ``orientation`` says (as ``ImageOps.exif_transpose``)."""
+    for method in _ORIENT.get(orientation, ()):
+        img = img.transpose(method)
+    return img
 
 
 def _rgb(img: Image.Image) -> Image.Image:
-    """``img`` in RGB (``convert`` copies even an RGB image: skipped then)."""
-    return img if img.mode == "RGB" else img.convert("RGB")
+    """``img`` in 8-bit RGB (``convert`` copies even an RGB image: skipped
+    then). 16-bit greyscale is scaled to 8 bits, rounded (Pillow's
+    ``convert`` would clip it: nearly every pixel white)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in _SIXTEEN_BIT:
+        wide = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        img = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
+    return img.convert("RGB")
 
 
 @lru_cache(maxsize=16)
@@ -239,20 +281,22 @@ def decode_for_crop(data: bytes, output_size: int, rng: "np.random.Generator | H
     if decode_scaling not in DECODE_SCALINGS:
         raise ValueError(f"decode_scaling must be one of {DECODE_SCALINGS}, got {decode_scaling!r}")
     img = Image.open(io.BytesIO(data))
-    w, h = img.size
-    box: tuple[float, ...] = crop_box(w, h, rng)
+    orientation = _orientation(img)
+    w, h = img.size  # as stored
+    upright = (h, w) if orientation in _TRANSPOSED else (w, h)
+    box: tuple[float, ...] = crop_box(*upright, rng)
     if decode_scaling == "draft" and img.format == "JPEG":
         d = draft_factor(box[2] - box[0], box[3] - box[1], output_size)
         if d > 1:
             # PIL decodes at 1/s for the largest s in (8, 4, 2, 1) that is at most
             # min(w // (w // d), h // (h // d)), which is d; the scale it chose is
-            # read back from the box it returns.
+            # read back from the box it returns (the same on both sides).
             drafted = img.draft("RGB", (w // d, h // d))
             if drafted is not None:
                 s = w / drafted[1][2]
                 box = tuple(v / s for v in box)
     img.load()  # truncated data fails here
-    return _rgb(img), box
+    return _rgb(_upright(img, orientation)), box
 
 
 def train_sample(data: bytes, spec: PreprocessSpec, rng: "np.random.Generator | HashRNG",

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict
 from typing import Any, Callable
@@ -80,6 +81,17 @@ def _logged_to(path: str):
     """The stage's own printing goes to ``path`` (the console keeps one line per stage)."""
     with open(path, "a") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
         yield
+
+
+def _run_job(run, job, prog: str) -> int:
+    """``run(job)`` in this process; a bad input or unreadable file is one
+    line in the (redirected) log and exit status 1, as the stage's CLI says it."""
+    try:
+        run(job)
+    except (ValueError, OSError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _check(rc: int, what: str, log_path: str) -> None:
@@ -161,13 +173,13 @@ class Experiment:
         from trainer import pretrain
 
         c = self.config
+        job = pretrain.PretrainJob(shards=os.path.join(shards, "manifest.json"),
+                                   labels=os.path.join(self.source, "labels.parquet"), output=out, arch="small",
+                                   steps=steps, batch_size=c.pretrain_batch, lr=c.pretrain_lr, seed=seed,
+                                   num_workers=1, log_every=max(1, steps // 4), save_every=steps,
+                                   keep_checkpoints=1)
         with _logged_to(log_path):
-            rc = pretrain.main(["--shards", os.path.join(shards, "manifest.json"),
-                                "--labels", os.path.join(self.source, "labels.parquet"), "--model", "small",
-                                "--steps", str(steps), "--batch-size", str(c.pretrain_batch),
-                                "--lr", str(c.pretrain_lr), "--seed", str(seed), "--num-workers", "1",
-                                "--log-every", str(max(1, steps // 4)), "--save-every", str(steps),
-                                "--keep-checkpoints", "1", "--output", out])
+            rc = _run_job(pretrain.run, job, "pretrain")
         _check(rc, f"pretrain {out}", log_path)
 
     # -- per seed ------------------------------------------------------------------
@@ -220,12 +232,12 @@ class Experiment:
 
         def build(p: str) -> None:
             log_path = p + ".log"
+            job = finetune.FinetuneJob(target_layout=target.layout, target_root=self.target_root(target),
+                                       init=init, output=p, arch="small", steps=c.finetune_steps,
+                                       batch_size=c.finetune_batch, lr=c.finetune_lr, seed=run.seed,
+                                       num_workers=1, log_every=c.finetune_steps)
             with _logged_to(log_path):
-                rc = finetune.main(["--target", target.layout, "--target-root", self.target_root(target),
-                                    "--init", init, "--model", "small", "--steps", str(c.finetune_steps),
-                                    "--batch-size", str(c.finetune_batch), "--lr", str(c.finetune_lr),
-                                    "--seed", str(run.seed), "--num-workers", "1",
-                                    "--log-every", str(c.finetune_steps), "--output", p])
+                rc = _run_job(finetune.run, job, "finetune")
             _check(rc, f"finetune {p}", log_path)
 
         self._stage(f"seed {run.seed}: fine-tune {run.target} from {run.slug}", path, fp, build)

@@ -79,7 +79,7 @@ def test_help_names_the_new_flags_only():
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
-    from schemas.synthetic import TargetSpec, generate_target
+    from adaptive_transfer.synthetic import TargetSpec, generate_target
     return generate_target(str(tmp_path_factory.mktemp("target")),
                            TargetSpec(layout="imagefolder", branch="animal", num_classes=3, train_per_class=6,
                                       test_per_class=4))

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from schemas import VOCABULARY_SCHEMA, ResampleConfig
 from schemas.shard_format import sample_json, sample_key, shard_name, write_tar
-from schemas.synthetic import encode_image
+from adaptive_transfer.synthetic import encode_image
 
 
 def sample_image(label: int, rng: np.random.Generator, side: int = 16) -> bytes:

@@ -70,7 +70,7 @@ SPARK_ENV_DIR ?= build/spark-env
 SPARK_ENV_EXTRAS ?= spark,gcs,s3
 SPARK_ENV_PYTHON_PREFIX ?=
 
-.PHONY: install test test-cluster demo experiment resample real-data spark-env clean distclean
+.PHONY: install test test-cluster demo experiment resample real-data gpu-bundle spark-env clean distclean
 
 install: $(STAMP)
 
@@ -82,6 +82,7 @@ $(STAMP): setup.py Makefile
 	@# or pip would fetch a second (CUDA) torch into a build environment.
 	$(BIN)/python -m pip install --quiet --no-build-isolation -e ".[test]"
 	$(BIN)/python -c "import schemas, beam_pipelines, spark_jobs, trainer"
+	$(BIN)/python -m trainer.ops build  # DeepSpeed's CPU op, built once here rather than by a training run
 	@touch $@
 
 test: install
@@ -116,6 +117,12 @@ real-data: install
 	@for seed in $(REAL_SEEDS); do \
 	  $(BIN)/python -m adaptive_transfer.real_data.build --cache $(REAL_DATA) --seed $$seed || exit 1; \
 	done
+
+BUNDLE ?= dist/gpu-bundle
+# Wheels for an air-gapped GPU node that has torch but no package index: DeepSpeed built as a
+# wheel with the trainer's pure-Python dependencies and this project (scripts/gpu_bundle.sh).
+gpu-bundle: install
+	PY=$(BIN)/python bash scripts/gpu_bundle.sh $(BUNDLE)
 
 spark-env: install $(SPARK_ENV_DIR)/env.tar.gz $(SPARK_ENV_DIR)/code.zip
 

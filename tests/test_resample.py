@@ -20,6 +20,7 @@ from schemas import io as sio
 from spark_jobs import label_sets as LS
 from spark_jobs import resample as R
 from spark_jobs import sampling as S
+from tests.sampling_reference import sample_in_memory
 from tests.helpers import reference_weights, run_module, write_weights
 
 LABELS = pa.list_(pa.int32())
@@ -191,7 +192,7 @@ def test_spark_equals_numpy_oracle(spark, multi_label, tmp_path, matcher, draw, 
     lsid = np.array([spark_labels_hash(ls) for ls in labels], np.int64)
     order = np.array([spark_order_hash(k, 3) for k in keys], np.int64)
     # The single-process sampler on those inputs draws exactly what the job drew.
-    copies, _ = S.sample_in_memory(keys, lsid, order, np.array(q, np.int64), size, matcher, draw, seed=3)
+    copies, _ = sample_in_memory(keys, lsid, order, np.array(q, np.int64), size, matcher, draw, seed=3)
     expected = {k: int(c) for k, c in zip(keys, copies) if c > 0}
     assert got == expected
     assert sum(got.values()) == size

@@ -1,4 +1,4 @@
-"""The sampling mathematics of DESIGN.md §4 as pure numpy functions.
+"""The sampling mathematics (docs/design.md, "Sampling") as pure numpy functions.
 
 Nothing here knows about Spark: the job (``spark_jobs.resample``) is a thin
 layer that groups records into *classes* of equal weight (one per distinct
@@ -315,7 +315,7 @@ class ClassPlan:
 
 def make_class_plan(matcher: str, draw: str, size: int, seed: int, class_ids: Sequence[int],
                     records: Sequence[int], q: Sequence[int]) -> ClassPlan:
-    """Driver side of DESIGN.md §4, from the exact class table.
+    """Driver side of the sampling (docs/design.md, "Sampling"), from the exact class table.
 
     Classes of weight 0 or no records draw nothing. ``same/multinomial``:
     class counts ~ Multinomial(N, m·q/Σm·q). ``same/systematic``: systematic

@@ -15,7 +15,7 @@ How it stays exact and deterministic (docs/design.md, "Exactness and
 partition invariance"): records are grouped into classes, one per distinct
 label list (``lsid = xxhash64(labels)``), so every record of a class has the
 same fixed-point weight. One aggregation counts the records per class (and
-checks that every key is held once); the driver computes the exact weights
+one pass over the keys checks that each is held once); the driver computes the exact weights
 and splits N across classes with Python integers
 (``spark_jobs.sampling.make_class_plan``). Inside a class, records are
 ranked by ``order = xxhash64(key, seed)`` (ties by key) and the copies go by

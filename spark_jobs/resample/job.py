@@ -199,9 +199,10 @@ def _count_and_draw(spark, job: ResampleJob, weighting: Weighting, index_df, inp
 
 
 def _count_label_sets(spark, job: ResampleJob, index_df, sets_key: dict[str, Any]) -> pa.Table:
-    """Count the label sets in one scan of the index, which also checks that
-    every key is held once (refused naming the key and its files); store the
-    table at ``--label-sets`` where given."""
+    """Count the label sets (``label_sets.count_label_sets``: the index's
+    labels and keys read once), refusing a key held by more than one record,
+    whatever its labels, naming it and its files; store the table at
+    ``--label-sets`` where given."""
     count = LS.count_label_sets(index_df)
     shared = LS.duplicate_key(index_df, count)
     if shared is not None:

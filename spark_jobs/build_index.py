@@ -21,21 +21,55 @@ and, last, ``DIR/_SUCCESS``; ``--overwrite`` redoes a finished output.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-from typing import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
 
 import pyarrow as pa
 
 from schemas import SchemaError, VOCABULARY_SCHEMA, validate_index_batch, validate_vocabulary
 from schemas import io as sio
+from schemas.cli import ArgumentParser
+from schemas.fingerprint import code_digest, digest
 from schemas.stage_output import StageOutput
 from schemas.targets import IMAGE_EXTENSIONS
 
-from .session import add_spark_arguments, require_reachable_outputs, run_job
+from .session import add_spark_arguments, require_reachable_outputs, run_cli
 
-__all__ = ["read_hierarchy", "build_vocabulary", "list_training_images", "run", "main"]
+__all__ = ["BuildIndexJob", "read_hierarchy", "build_vocabulary", "list_training_images", "run", "build_parser",
+           "job_from_args", "main"]
+
+
+@dataclass(frozen=True)
+class BuildIndexJob:
+    """One index build's inputs and options (the command line, typed).
+
+    ``train_root``: ImageNet's ``train/`` folder (``--imagenet-train``);
+    ``hierarchy``: ``wordnet.is_a.txt``; ``words``: ``words.txt``;
+    ``inline_images``: copy the image bytes into the index; ``files``: the
+    index's Parquet files (>= 1); ``shared_output``: a local ``output`` is
+    mounted by every executor (``session.require_reachable_outputs``)."""
+
+    train_root: str
+    hierarchy: str
+    words: str
+    output: str
+    inline_images: bool = False
+    files: int = 64
+    overwrite: bool = False
+    shared_output: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.files, int) or self.files < 1:
+            raise ValueError(f"--files must be >= 1, got {self.files}")
+
+    def fingerprint(self, images: list[tuple[str, int]]) -> dict[str, Any]:
+        """What the index is made from (the one reuse rule): where the images
+        are and the listing of ``images`` (key, bytes), the hierarchy and
+        words files' content, the layout (inline images, files) and the code."""
+        return {"train_root": self.train_root, "images": digest(images), "inline_images": self.inline_images,
+                "files": self.files, "hierarchy": sio.file_sha256(self.hierarchy),
+                "words": sio.file_sha256(self.words), "code": code_digest("spark_jobs.build_index")}
 
 
 def read_hierarchy(path: str) -> dict[str, str]:
@@ -84,16 +118,22 @@ def build_vocabulary(leaves: Sequence[str], parent: dict[str, str], names: dict[
 
 def list_training_images(train_root: str) -> list[tuple[str, str, str]]:
     """``(key, wnid, path)`` for every image under ``<root>/<wnid>/``, sorted by key."""
+    return [(key, wnid, path) for key, wnid, path, _ in _find_training_images(train_root)]
+
+
+def _find_training_images(train_root: str) -> list[tuple[str, str, str, int]]:
+    """``(key, wnid, path, bytes)`` for every image under ``<root>/<wnid>/``,
+    sorted by key (sizes from the one listing: no request per file)."""
     fs, p = sio.filesystem(train_root)
     if not fs.isdir(p):
         raise FileNotFoundError(f"{train_root}: no such directory")
     out = []
-    for f in fs.find(p):
+    for f, info in fs.find(p, detail=True).items():
         rel = f[len(p):].lstrip("/")
         if "/" not in rel or not rel.lower().endswith(IMAGE_EXTENSIONS + (".jpeg",)):
             continue
         wnid = rel.split("/", 1)[0]
-        out.append((rel, wnid, sio.join(train_root, rel) if "://" in train_root else f))
+        out.append((rel, wnid, sio.join(train_root, rel) if "://" in train_root else f, int(info.get("size") or 0)))
     if not out:
         raise FileNotFoundError(f"{train_root}: no images in <wnid>/ folders")
     return sorted(out)
@@ -109,62 +149,70 @@ def _read_images(storage: dict):
     return read
 
 
-def run(spark, train_root: str, hierarchy: str, words: str, output: str, inline: bool = False,
-        files: int = 64, overwrite: bool = False, shared_output: bool = False) -> dict:
-    """Build the index and vocabulary in ``output``; return the summary (with
-    ``"reused": True`` where a finished output was there). Every input is
-    read and checked first; the output is built aside and committed whole
-    (``schemas.stage_output``): nothing this stage did not write is deleted.
-    ``shared_output``: a local ``output`` is mounted by every executor
-    (``session.require_reachable_outputs``)."""
-    require_reachable_outputs(spark, {"--output": output}, shared_output)
-    out = StageOutput(output, "build_index")
-    entries = list_training_images(train_root)
-    parent = read_hierarchy(hierarchy)
+def run(spark, job: BuildIndexJob) -> dict:
+    """Build the index and vocabulary in ``job.output``; return the summary
+    (with ``"reused": True`` where a finished output made from the same
+    fingerprint was there). Every input is read and checked first; the
+    output is built aside and committed whole (``schemas.stage_output``):
+    nothing this stage did not write is deleted."""
+    require_reachable_outputs(spark, {"--output": job.output}, job.shared_output)
+    out = StageOutput(job.output, "build_index")
+    found = _find_training_images(job.train_root)
+    entries = [(key, wnid, path) for key, wnid, path, _ in found]
+    parent = read_hierarchy(job.hierarchy)
     leaves = sorted({w for _, w, _ in entries})
     unknown = [w for w in leaves if w not in parent]
     if unknown:
-        raise SchemaError(f"training folders {unknown[:5]} are not in the hierarchy", file=hierarchy)
-    vocab, ids = build_vocabulary(leaves, parent, read_words(words))
-    if files < 1:
-        raise ValueError(f"--files must be >= 1, got {files}")
-    if out.check(overwrite):
-        print(out.skip_line(), file=sys.stderr)
-        return {**json.loads(sio.read_bytes(sio.join(output, "summary.json"))), "reused": True}
+        raise SchemaError(f"training folders {unknown[:5]} are not in the hierarchy", file=job.hierarchy)
+    vocab, ids = build_vocabulary(leaves, parent, read_words(job.words))
     rows = pa.table({"key": [k for k, _, _ in entries],
                      "labels": pa.array([[ids[w]] for _, w, _ in entries], pa.list_(pa.int32())),
                      "uri": [u for _, _, u in entries]})
-    validate_index_batch(rows, label_ids=vocab.column("label_id").to_numpy(), file=train_root)
+    validate_index_batch(rows, label_ids=vocab.column("label_id").to_numpy(), file=job.train_root)
     summary = {"examples": rows.num_rows, "classes": len(leaves), "labels": vocab.num_rows,
-               "inline_images": inline, "train_root": train_root}
-    with out.build() as work:
-        df = spark.createDataFrame(rows).repartitionByRange(max(1, min(files, rows.num_rows)), "key")
-        if inline:
-            df = df.mapInArrow(_read_images(sio.storage_config()), "key string, labels array<int>, image binary")
-        df.sortWithinPartitions("key").write.parquet(sio.join(work, "index"))
-        sio.write_parquet_atomic(vocab.select(["label_id", "name", "parent_id"]).cast(VOCABULARY_SCHEMA),
-                                 sio.join(work, "labels.parquet"))
-        sio.write_bytes_atomic(sio.join(work, "summary.json"), json.dumps(summary, indent=2) + "\n")
+               "inline_images": job.inline_images, "train_root": job.train_root}
+    fingerprint = job.fingerprint([(key, size) for key, _, _, size in found])
+    if out.run(lambda work: _write_index(spark, job, rows, vocab, summary, work), fingerprint=fingerprint,
+               overwrite=job.overwrite):
+        return {**json.loads(sio.read_bytes(sio.join(job.output, "summary.json"))), "reused": True}
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m spark_jobs.build_index", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--imagenet-train", required=True)
-    ap.add_argument("--hierarchy", required=True)
-    ap.add_argument("--words", required=True)
+def _write_index(spark, job: BuildIndexJob, rows: pa.Table, vocab: pa.Table, summary: dict, work: str) -> None:
+    """Write the index (sorted by key, in ``job.files`` files), the vocabulary and the summary into ``work``."""
+    df = spark.createDataFrame(rows).repartitionByRange(max(1, min(job.files, rows.num_rows)), "key")
+    if job.inline_images:
+        df = df.mapInArrow(_read_images(sio.storage_config()), "key string, labels array<int>, image binary")
+    df.sortWithinPartitions("key").write.parquet(sio.join(work, "index"))
+    sio.write_parquet_atomic(vocab.select(["label_id", "name", "parent_id"]).cast(VOCABULARY_SCHEMA),
+                             sio.join(work, "labels.parquet"))
+    sio.write_bytes_atomic(sio.join(work, "summary.json"), json.dumps(summary, indent=2) + "\n")
+
+
+def build_parser() -> ArgumentParser:
+    ap = ArgumentParser(prog="python -m spark_jobs.build_index", description=__doc__)
+    ap.add_argument("--imagenet-train", required=True, help="ImageNet's train/ folder (<wnid>/<file>.JPEG)")
+    ap.add_argument("--hierarchy", required=True, help="wordnet.is_a.txt: '<parent wnid> <child wnid>' lines")
+    ap.add_argument("--words", required=True, help="words.txt: '<wnid>\\t<names>' lines")
     ap.add_argument("--output", required=True)
     ap.add_argument("--inline-images", action="store_true", help="copy image bytes into the index")
     ap.add_argument("--files", type=int, default=64, help="Parquet files to write (default 64)")
     ap.add_argument("--overwrite", action="store_true", help="redo a complete output")
     add_spark_arguments(ap)
-    args = ap.parse_args(argv)
-    return run_job("build_index", args.master, args.driver_memory,
-                   lambda spark: run(spark, args.imagenet_train, args.hierarchy, args.words, args.output,
-                                     args.inline_images, args.files, args.overwrite, args.shared_output),
-                   lambda s: f"{s['examples']} examples, {s['classes']} classes, {s['labels']} labels "
-                             f"-> {args.output}")
+    return ap
+
+
+def job_from_args(args) -> BuildIndexJob:
+    return BuildIndexJob(train_root=args.imagenet_train, hierarchy=args.hierarchy, words=args.words,
+                         output=args.output, inline_images=args.inline_images, files=args.files,
+                         overwrite=args.overwrite, shared_output=args.shared_output)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli("build_index", args, lambda: job_from_args(args), run,
+                   lambda job, s: f"{s['examples']} examples, {s['classes']} classes, {s['labels']} labels "
+                                  f"-> {job.output}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,12 @@ property of the index alone: every target, size, matcher and scheme over one
 index needs the same one. Counting it is a full scan of the index, so the
 job can keep it in a file (``--label-sets PATH``) and read it back next time.
 
+The count also checks that the index holds every key once
+(:func:`count_label_sets`, one read of the key column): a key two records
+share, whatever their labels and whether or not the draw would select them,
+is refused there, naming the key and its files. So that check too runs once
+per index: a stored table records that it was made with it.
+
 A stored table is used only when its recorded fingerprint matches: the
 index's files by name, size and modification time (or object version), and
 the ``--exclude`` file's content. Parquet files are immutable once written,
@@ -21,8 +27,10 @@ whose classes only shrank would pass unnoticed.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -30,11 +38,13 @@ import pyarrow.parquet as pq
 from schemas import LABEL_SETS_SCHEMA, read_metadata, with_metadata
 from schemas import io as sio
 
-__all__ = ["labels_column", "distinct_label_sets", "check_label_sets_path", "read_label_sets",
-           "write_label_sets"]
+__all__ = ["labels_column", "LabelSetCount", "count_label_sets", "distinct_label_sets", "duplicate_key",
+           "check_label_sets_path", "read_label_sets", "write_label_sets"]
 
 #: Recorded in the table's metadata: what wrote it (a file without it is not replaced).
 WRITTEN_BY = "spark_jobs.label_sets"
+#: Recorded in the table's metadata: the index's keys were found unique when it was counted.
+KEYS_CHECKED = "keys_unique"
 
 
 def labels_column():
@@ -45,19 +55,64 @@ def labels_column():
     return F.coalesce(F.col("labels").cast("array<int>"), F.array().cast("array<int>"))
 
 
+@dataclass(frozen=True)
+class LabelSetCount:
+    """What the count of an index found: the label-set table (``lsid``,
+    ``labels``, ``n``; sorted by lsid) and, from the key check, how many key
+    hashes more than one record has (``shared_hashes``) and the smallest of
+    them (``smallest_shared``; ``None`` where none). A shared hash is a key
+    held twice, or (rarely) a 64-bit collision of two keys:
+    :func:`duplicate_key` tells which."""
+
+    table: pa.Table
+    shared_hashes: int = 0
+    smallest_shared: int | None = None
+
+
+def count_label_sets(index_df) -> LabelSetCount:
+    """The label-set table of ``index_df`` (key, labels) and the key check:
+    the labels read once (:func:`distinct_label_sets`: a map-side aggregate,
+    a few rows per task leave it), the keys read once and their 64-bit
+    hashes (8 bytes a record) grouped by value across tasks, where
+    :func:`_shared_hashes` finds the repeated ones with numpy."""
+    from pyspark.sql import functions as F
+
+    table = distinct_label_sets(index_df)
+    hashes = index_df.select(F.xxhash64(F.col("key").cast("string")).alias("h"))
+    found = hashes.repartition("h").mapInArrow(_shared_hashes, "groups long, smallest long").collect()
+    smallest = [r["smallest"] for r in found if r["smallest"] is not None]
+    return LabelSetCount(table, sum(r["groups"] for r in found), min(smallest) if smallest else None)
+
+
+def _shared_hashes(batches):
+    """mapInArrow over key hashes grouped by value: one row, the number of
+    distinct hashes seen more than once and the smallest of them."""
+    parts = [b.column(0).to_numpy(zero_copy_only=False) for b in batches]
+    h = np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+    repeated = np.unique(h[1:][h[1:] == h[:-1]])
+    yield pa.RecordBatch.from_pydict({"groups": [int(repeated.size)],
+                                      "smallest": [int(repeated[0]) if repeated.size else None]},
+                                     schema=pa.schema([("groups", pa.int64()), ("smallest", pa.int64())]))
+
+
 def distinct_label_sets(index_df) -> pa.Table:
     """lsid, labels, n (records): one row per distinct label list, sorted by lsid.
 
     Groups by the list itself (a hash aggregate on the array, no sort), then
     hashes the few distinct lists exactly as the job does per record; two
-    lists with one ``lsid`` (a 64-bit collision) are an error.
+    lists with one ``lsid`` (a 64-bit collision) are an error. Reads the
+    labels only (:func:`count_label_sets` also checks the keys).
     """
     from pyspark.sql import functions as F
 
     labels = labels_column()
     rows = (index_df.groupBy(labels.alias("labels")).agg(F.count(F.lit(1)).alias("n"))
             .select(F.xxhash64("labels").alias("lsid"), "labels", "n").collect())
-    rows.sort(key=lambda r: r["lsid"])
+    return _label_set_table(sorted(rows, key=lambda r: r["lsid"]))
+
+
+def _label_set_table(rows) -> pa.Table:
+    """The table of rows (lsid, labels, n) sorted by lsid; a repeated lsid is an error."""
     for a, b in zip(rows, rows[1:]):
         if a["lsid"] == b["lsid"]:
             raise ValueError(f"64-bit hash collision between label lists {a['labels']} and {b['labels']}; "
@@ -65,6 +120,28 @@ def distinct_label_sets(index_df) -> pa.Table:
     return pa.table({"lsid": pa.array([r["lsid"] for r in rows], pa.int64()),
                      "labels": pa.array([r["labels"] for r in rows], pa.list_(pa.int32())),
                      "n": pa.array([r["n"] for r in rows], pa.int64())}, schema=LABEL_SETS_SCHEMA)
+
+
+def duplicate_key(index_df, count: LabelSetCount) -> str | None:
+    """A key that more than one record of ``index_df`` holds, where
+    :func:`count_label_sets` found shared key hashes (``None``: every key is
+    unique). Reads only the records of the smallest shared hash; where that
+    was a hash collision of distinct keys and other hashes are shared, groups
+    every key (exact). Deterministic: the smallest such key of what it reads."""
+    from pyspark.sql import functions as F
+
+    if not count.shared_hashes:
+        return None
+    keys = index_df.select(F.col("key").cast("string").alias("key"))
+
+    def smallest_shared_key(records) -> str | None:
+        row = records.groupBy("key").count().where(F.col("count") > 1).orderBy("key").first()
+        return row["key"] if row is not None else None
+
+    found = smallest_shared_key(keys.where(F.xxhash64("key") == F.lit(count.smallest_shared)))
+    if found is None and count.shared_hashes > 1:
+        found = smallest_shared_key(keys)  # that hash was two distinct keys: check every key
+    return found
 
 
 def check_label_sets_path(path: str) -> None:
@@ -89,8 +166,10 @@ def check_label_sets_path(path: str) -> None:
 
 def read_label_sets(path: str, fingerprint: dict[str, Any]) -> pa.Table | None:
     """The table stored at ``path`` if it was counted over inputs with this
-    ``fingerprint``; ``None`` (with a line on stderr saying why) if there is
-    none or it is for other inputs. Call :func:`check_label_sets_path` first."""
+    ``fingerprint`` (and their keys checked); ``None`` (with a line on stderr
+    saying why) if there is none, it is for other inputs, or it was counted
+    without the key check (an earlier version). Call
+    :func:`check_label_sets_path` first."""
     if not sio.exists(path):
         return None
     table = sio.read_parquet(path)
@@ -100,11 +179,17 @@ def read_label_sets(path: str, fingerprint: dict[str, Any]) -> pa.Table | None:
         print(f"resample: label-set table {path} was counted over other inputs; counting again",
               file=sys.stderr)
         return None
+    if meta.get(KEYS_CHECKED) is not True:
+        print(f"resample: label-set table {path} was counted without checking the index's keys; counting again",
+              file=sys.stderr)
+        return None
     return table
 
 
 def write_label_sets(table: pa.Table, path: str, fingerprint: dict[str, Any]) -> None:
-    """Store ``table`` at ``path`` (atomically) with the inputs' fingerprint."""
-    meta = {"written_by": WRITTEN_BY, "fingerprint": fingerprint,
+    """Store ``table`` at ``path`` (atomically) with the inputs' fingerprint,
+    as counted with the key check (:func:`count_label_sets`): write only a
+    table whose index was found to hold every key once."""
+    meta = {"written_by": WRITTEN_BY, "fingerprint": fingerprint, KEYS_CHECKED: True,
             "records": int(pc.sum(table.column("n")).as_py() or 0)}
     sio.write_parquet_atomic(with_metadata(table.cast(LABEL_SETS_SCHEMA), meta), path)

@@ -1,4 +1,4 @@
-"""The sampling mathematics of DESIGN.md §4 as pure numpy functions.
+"""The sampling mathematics (docs/design.md, "Sampling") as pure numpy functions.
 
 Nothing here knows about Spark: the job (``spark_jobs.resample``) is a thin
 layer that groups records into *classes* of equal weight (one per distinct
@@ -56,9 +56,11 @@ __all__ = [
     "ORDER_MAX",
     "ranks_needed",
     "candidate_bound",
+    "canonical_order",
     "sort_class",
+    "Allotment",
+    "assign_copies",
     "scheme_label_weights",
-    "sample_in_memory",
 ]
 
 #: Resolution of the integer weights: ``q(y) = round(w(y) / max w * 2**52)``.
@@ -313,7 +315,7 @@ class ClassPlan:
 
 def make_class_plan(matcher: str, draw: str, size: int, seed: int, class_ids: Sequence[int],
                     records: Sequence[int], q: Sequence[int]) -> ClassPlan:
-    """Driver side of DESIGN.md §4, from the exact class table.
+    """Driver side of the sampling (docs/design.md, "Sampling"), from the exact class table.
 
     Classes of weight 0 or no records draw nothing. ``same/multinomial``:
     class counts ~ Multinomial(N, m·q/Σm·q). ``same/systematic``: systematic
@@ -473,26 +475,105 @@ def candidate_bound(needed: int, records: int, sigmas: float = CANDIDATE_SIGMAS)
     return min(ORDER_MAX, -(1 << 63) + span - 1)
 
 
+def canonical_order(class_ids: np.ndarray, order: np.ndarray, keys: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """Canonical order of records of many classes: by class id, then order
+    hash, ties by key (:func:`rank_copies` gives copies by rank in it).
+
+    Returns ``(perm, duplicates)``: the permutation, and the keys (sorted,
+    distinct) that two records of one class share (equal keys with equal
+    label lists hash equally, so they meet here as ties). ``keys[i]`` is the
+    key of record i; it is read only at ties (rare), so a lazy sequence over
+    an Arrow column serves.
+    """
+    class_ids = np.asarray(class_ids, np.int64)
+    order = np.asarray(order, np.int64)
+    perm = np.lexsort((order, class_ids))
+    sc, so = class_ids[perm], order[perm]
+    tie = np.concatenate([[0], ((sc[1:] == sc[:-1]) & (so[1:] == so[:-1])).astype(np.int8), [0]])
+    duplicates: set[str] = set()
+    # Equal (class, order hash): a 64-bit collision or a duplicate key; resolved by key.
+    for a, b in zip(np.flatnonzero(np.diff(tie) == 1), np.flatnonzero(np.diff(tie) == -1) + 1):
+        members = sorted(perm[a:b].tolist(), key=lambda i: keys[i])
+        duplicates.update(keys[i] for i, j in zip(members, members[1:]) if keys[i] == keys[j])
+        perm[a:b] = members
+    return perm, sorted(duplicates)
+
+
 def sort_class(order: np.ndarray, keys: Sequence[str]) -> np.ndarray:
-    """Canonical order of a class's records: by order hash, ties by key.
+    """Canonical order of one class's records: by order hash, ties by key.
 
     Returns the permutation. Raises ``ValueError`` on a duplicate key (equal
     keys with equal labels hash equally, so they meet here).
     """
     order = np.asarray(order, np.int64)
-    perm = np.argsort(order, kind="stable")
-    so = order[perm]
-    if np.any(so[1:] == so[:-1]):
-        # Resolve equal hashes by key (rare: a 64-bit collision or a duplicate).
-        perm = perm.copy()
-        for g in np.split(np.arange(so.size), np.flatnonzero(so[1:] != so[:-1]) + 1):
-            if g.size > 1:
-                members = sorted(perm[g].tolist(), key=lambda i: keys[i])
-                for a, b in zip(members, members[1:]):
-                    if keys[a] == keys[b]:
-                        raise ValueError(f"duplicate key {keys[a]!r} in the source index")
-                perm[g] = members
+    perm, duplicates = canonical_order(np.zeros(order.size, np.int64), order, keys)
+    if duplicates:
+        raise ValueError(f"duplicate key {duplicates[0]!r} in the source index")
     return perm
+
+
+@dataclass(frozen=True)
+class Allotment:
+    """Copies of a batch of whole classes' candidate records, in canonical
+    order (:func:`canonical_order`), from :func:`assign_copies`.
+
+    ``copies`` per record (0: not selected). Per class of the batch, in
+    class id order: ``plan_index`` (its position in the plan), ``starts``
+    (its first record), ``have`` (its candidates), ``disagree`` (its records
+    disagree with the plan's count: more than counted, or a class sent whole
+    with another number) and ``short`` (it drew nothing: it disagrees, or
+    gives copies to more ranks than it has candidates).
+    """
+
+    copies: np.ndarray
+    plan_index: np.ndarray
+    starts: np.ndarray
+    have: np.ndarray
+    disagree: np.ndarray
+    short: np.ndarray
+
+    def class_copies(self) -> np.ndarray:
+        """Copies drawn per class of the batch."""
+        if self.starts.size == 0:
+            return np.zeros(0, np.int64)
+        return np.add.reduceat(self.copies, self.starts)
+
+    def record_plan_index(self) -> np.ndarray:
+        """Each record's class, as a position in the plan."""
+        return np.repeat(self.plan_index, self.have)
+
+
+def assign_copies(plan: ClassPlan, class_ids: np.ndarray, whole: np.ndarray) -> Allotment:
+    """Give a batch of whole classes' records their copies by rank
+    (:func:`rank_copies_many`, all classes at once).
+
+    ``class_ids``: each record's class, in canonical order (so sorted); every
+    one must be in ``plan``. ``whole[k]``: plan class k sent every record, so
+    its candidates must be exactly its count. A class whose records disagree
+    with the plan's count, or with fewer candidates than ranks that get copies
+    (its candidate bound fell short), draws nothing (``short``).
+    """
+    class_ids = np.asarray(class_ids, np.int64)
+    n = class_ids.size
+    if n == 0:
+        empty = np.zeros(0, np.int64)
+        return Allotment(empty, empty, empty, empty, np.zeros(0, bool), np.zeros(0, bool))
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(class_ids)) + 1])
+    have = np.diff(np.append(starts, n))
+    cls = plan.index_of(class_ids[starts])
+    m = plan.records[cls]
+    disagree = (have > m) | (np.asarray(whole)[cls] & (have != m))
+    short = disagree.copy()
+    live = np.flatnonzero(~short)
+    lengths, by_rank = rank_copies_many(plan.draw, plan.counts[cls[live]], m[live], plan.seed,
+                                        plan.class_ids[cls[live]])
+    fits = lengths <= have[live]
+    short[live[~fits]] = True
+    rank = np.arange(by_rank.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    keep = np.repeat(fits, lengths)
+    copies = np.zeros(n, np.int64)
+    copies[(np.repeat(starts[live], lengths) + rank)[keep]] = by_rank[keep]
+    return Allotment(copies, cls, starts, have, disagree, short)
 
 
 def _inverse_counts(counts) -> np.ndarray:
@@ -560,30 +641,3 @@ def scheme_label_weights(scheme: str, label_ids: np.ndarray, weights: np.ndarray
         out[top] = weights[top[::-1]]
         return out
     raise ValueError(f"unknown scheme {scheme!r}")
-
-
-def sample_in_memory(keys: Sequence[str], classes: np.ndarray, order: np.ndarray, q: np.ndarray,
-                     size: int, matcher: str = "same", draw: str = "multinomial", seed: int = 0
-                     ) -> tuple[np.ndarray, ClassPlan]:
-    """Single-process reference of the whole sampler: copies per input record.
-
-    ``classes`` groups the records (the job uses the label-list hash); ``q``
-    must be equal within a class. Same results as the Spark job for the same
-    arrays; used by the tests as an oracle.
-    """
-    classes = np.asarray(classes, np.int64)
-    order = np.asarray(order, np.int64)
-    q = np.asarray(q, np.int64)
-    keys = list(keys)
-    ids, first, inv, counts = np.unique(classes, return_index=True, return_inverse=True, return_counts=True)
-    class_q = q[first]
-    if np.any(q != class_q[inv]):
-        raise ValueError("records of one class have different weights")
-    plan = make_class_plan(matcher, draw, size, seed, ids, counts, class_q)
-    copies = np.zeros(len(keys), np.int64)
-    for k, cid in enumerate(plan.class_ids.tolist()):
-        members = np.flatnonzero(classes == cid)
-        ranked = members[sort_class(order[members], [keys[i] for i in members])]
-        by_rank = rank_copies(plan.draw, int(plan.counts[k]), members.size, seed, cid)
-        copies[ranked[:by_rank.size]] = by_rank
-    return copies, plan

@@ -15,11 +15,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from schemas import WEIGHTS_SCHEMA, SchemaError, read_metadata
+from schemas import WEIGHTS_SCHEMA, SchemaError, read_metadata, with_metadata
 from schemas import io as sio
 from spark_jobs import label_sets as LS
 from spark_jobs import resample as R
 from spark_jobs import sampling as S
+from tests.sampling_reference import sample_in_memory
 from tests.helpers import reference_weights, run_module, write_weights
 
 LABELS = pa.list_(pa.int32())
@@ -191,7 +192,7 @@ def test_spark_equals_numpy_oracle(spark, multi_label, tmp_path, matcher, draw, 
     lsid = np.array([spark_labels_hash(ls) for ls in labels], np.int64)
     order = np.array([spark_order_hash(k, 3) for k in keys], np.int64)
     # The single-process sampler on those inputs draws exactly what the job drew.
-    copies, _ = S.sample_in_memory(keys, lsid, order, np.array(q, np.int64), size, matcher, draw, seed=3)
+    copies, _ = sample_in_memory(keys, lsid, order, np.array(q, np.int64), size, matcher, draw, seed=3)
     expected = {k: int(c) for k, c in zip(keys, copies) if c > 0}
     assert got == expected
     assert sum(got.values()) == size
@@ -628,6 +629,71 @@ def test_duplicate_keys_in_index(spark, tmp_path):
                                           r".*part-0.parquet \(labels \[0\]\); .*part-0.parquet \(labels \[0\]\)"):
         R.run(spark, R.ResampleJob(index=index, weights=weights, size=2, output=str(tmp_path / "out")))
     assert not os.path.exists(tmp_path / "out")
+
+
+def _index_with_a_key_twice(root, second_labels):
+    """part-0 holds dup/7 with labels [0], part-1 holds it again with ``second_labels``."""
+    index = root / "index"
+    index.mkdir()
+    pq.write_table(pa.table({"key": ["a/1", "a/2", "dup/7"], "labels": pa.array([[0], [1], [0]], LABELS),
+                             "image": [b"\xff\xd8a", b"\xff\xd8b", b"\xff\xd8c"]}), str(index / "part-0.parquet"))
+    pq.write_table(pa.table({"key": ["b/1", "dup/7"], "labels": pa.array([[1], second_labels], LABELS),
+                             "image": [b"\xff\xd8d", b"\xff\xd8e"]}), str(index / "part-1.parquet"))
+    return str(index)
+
+
+def test_a_key_held_twice_with_different_labels_not_both_selected_is_refused(spark, tmp_path, capsys):
+    """Issue 25: dup/7 with labels [1] weighs 0, so only its [0] record can be
+    selected (the selection alone has it once); the label-set count, the one
+    full scan of the index, finds it and names the key and both files."""
+    index = _index_with_a_key_twice(tmp_path, [1])
+    weights = write_table_weights(str(tmp_path / "w.parquet"), [0, 1], [1.0, 0.0])
+    sets = str(tmp_path / "label-sets.parquet")
+    for extra in ([], ["--label-sets", sets]):
+        out = str(tmp_path / f"out{len(extra)}")
+        rc = R.main(["--index", index, "--weights", weights, "--size", "2", "--draw", "systematic",
+                     "--output", out, *extra])
+        err = capsys.readouterr().err
+        assert rc == 1, err
+        assert "key 'dup/7'" in err and "key is not unique: 2 records of the source index have it" in err
+        assert "part-0.parquet (labels [0])" in err and "part-1.parquet (labels [1])" in err
+        assert not os.path.exists(out) and not os.path.exists(sets)  # no table stored for such an index
+
+
+def test_a_key_a_drawing_task_finds_twice_is_refused_naming_it(spark, tmp_path):
+    """With a stored label-set table the count (and its key check) is skipped;
+    a drawing task that meets a key twice in one class reports it (a tally
+    row, not an exception) and the driver refuses it naming the key and files."""
+    index = _index_with_a_key_twice(tmp_path, [0])
+    sets = str(tmp_path / "label-sets.parquet")
+    LS.write_label_sets(LS.distinct_label_sets(spark.read.parquet(index)), sets,
+                        {"index": sio.listing_fingerprint(index, versions=True), "exclude": None})
+    stored = open(sets, "rb").read()
+    job = R.ResampleJob(index=index, scheme="entire", draw="systematic", size=5, label_sets=sets,
+                        output=str(tmp_path / "out"))
+    with pytest.raises(SchemaError, match=r"key 'dup/7': key is not unique: 2 records of the source index have "
+                                          r"it: .*part-0.parquet \(labels \[0\]\); .*part-1.parquet \(labels \[0\]\)"):
+        R.run(spark, job)
+    assert not os.path.exists(tmp_path / "out") and open(sets, "rb").read() == stored
+
+
+def test_a_label_set_table_counted_without_the_key_check_is_counted_again(spark, multi_label, tmp_path, capsys):
+    source, weights, _ = multi_label
+    sets = str(tmp_path / "label-sets.parquet")
+    job = R.ResampleJob(index=source.index_path, weights=weights, size=500, seed=4, label_sets=sets,
+                        output=str(tmp_path / "first"))
+    assert R.run(spark, job)["job"]["label_sets_counted"]
+    stored = pq.read_table(sets)
+    meta = read_metadata(stored.schema)
+    assert meta[LS.KEYS_CHECKED] is True
+    del meta[LS.KEYS_CHECKED]  # as an earlier version wrote it
+    pq.write_table(with_metadata(stored, meta), sets)
+    again = R.ResampleJob(index=source.index_path, weights=weights, size=500, seed=4, label_sets=sets,
+                          output=str(tmp_path / "again"))
+    assert R.run(spark, again)["job"]["label_sets_counted"]
+    assert "counted without checking the index's keys; counting again" in capsys.readouterr().err
+    assert read_metadata(pq.read_table(sets).schema)[LS.KEYS_CHECKED] is True
+    assert selection_of(again.output) == selection_of(job.output)
 
 
 @pytest.mark.parametrize("size,message", [("0", "size must be positive"),

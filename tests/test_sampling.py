@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from spark_jobs import sampling as S
+from tests.sampling_reference import sample_in_memory
 
 
 def lw_for(weights):
@@ -139,9 +140,9 @@ def test_exact_size(matcher, draw, size):
     keys, cls, order, q = synthetic_records(1000, seed=size)
     if matcher == "elastic" and size > 1000:
         with pytest.raises(ValueError, match="size 2000 is larger than the 1000 examples"):
-            S.sample_in_memory(keys, cls, order, q, size, matcher, draw)
+            sample_in_memory(keys, cls, order, q, size, matcher, draw)
         return
-    copies, _ = S.sample_in_memory(keys, cls, order, q, size, matcher, draw)
+    copies, _ = sample_in_memory(keys, cls, order, q, size, matcher, draw)
     assert copies.sum() == size and (copies >= 0).all()
     if matcher == "elastic":
         assert copies.max() == 1
@@ -150,7 +151,7 @@ def test_exact_size(matcher, draw, size):
 @pytest.mark.parametrize("size", [10, 999, 5000, 12345])
 def test_systematic_gives_floor_or_ceil(size):
     keys, cls, order, q = synthetic_records(1000, seed=3)
-    copies, _ = S.sample_in_memory(keys, cls, order, q, size, "same", "systematic", seed=1)
+    copies, _ = sample_in_memory(keys, cls, order, q, size, "same", "systematic", seed=1)
     e = size * q.astype(float) / q.astype(object).sum()
     assert ((copies == np.floor(e)) | (copies == np.ceil(e))).all()
     assert copies.sum() == size
@@ -159,7 +160,7 @@ def test_systematic_gives_floor_or_ceil(size):
 def test_systematic_integer_expectations_are_exact():
     keys, cls, order, _ = synthetic_records(300, seed=4)
     q = np.full(300, 5, np.int64)
-    copies, _ = S.sample_in_memory(keys, cls, order, q, 900, "same", "systematic", seed=2)
+    copies, _ = sample_in_memory(keys, cls, order, q, 900, "same", "systematic", seed=2)
     assert (copies == 3).all()
 
 
@@ -167,7 +168,7 @@ def test_elastic_takes_saturated_classes_whole():
     keys, cls, order, q = synthetic_records(600, seed=5, classes=9, distinct=[400, 200, 1])
     n_top, n_mid = int((q == 400).sum()), int((q == 200).sum())
     size = n_top + n_mid + 10
-    copies, plan = S.sample_in_memory(keys, cls, order, q, size, "elastic")
+    copies, plan = sample_in_memory(keys, cls, order, q, size, "elastic")
     assert plan.threshold == 200
     assert copies[q == 400].sum() == n_top and copies[q == 200].sum() == n_mid
     assert copies[q == 1].sum() == 10 and copies.sum() == size
@@ -176,7 +177,7 @@ def test_elastic_takes_saturated_classes_whole():
 def test_elastic_whole_index_when_size_equals_nonzero_count():
     keys, cls, order, q = synthetic_records(200, seed=6, classes=6, distinct=[3, 2, 1])
     cls[:5], q[:5] = 99, 0
-    copies, _ = S.sample_in_memory(keys, cls, order, q, 195, "elastic")
+    copies, _ = sample_in_memory(keys, cls, order, q, 195, "elastic")
     assert (copies[5:] == 1).all() and (copies[:5] == 0).all()
 
 
@@ -192,7 +193,7 @@ def test_unbiased_over_seeds(matcher, draw):
     total = np.zeros(50)
     for seed in range(runs):
         order = np.random.default_rng(1000 + seed).integers(-2 ** 63, 2 ** 63 - 1, 50, dtype=np.int64)
-        total += S.sample_in_memory(keys, cls, order, q, size, matcher, draw, seed=seed)[0]
+        total += sample_in_memory(keys, cls, order, q, size, matcher, draw, seed=seed)[0]
     mean = total / runs
     if matcher == "same":
         expected = size * q / q.sum()
@@ -216,7 +217,7 @@ def test_multinomial_chi_square():
     copies = np.zeros(40)
     for seed in range(4):
         order = rng.integers(-2 ** 63, 2 ** 63 - 1, 40, dtype=np.int64)
-        copies += S.sample_in_memory(keys, cls, order, q, size // 4, "same", "multinomial", seed=seed)[0]
+        copies += sample_in_memory(keys, cls, order, q, size // 4, "same", "multinomial", seed=seed)[0]
     expected = size * q / q.sum()
     chi2 = float(((copies - expected) ** 2 / expected).sum())
     # 39 degrees of freedom: P(chi2 > 72.1) = 0.001.
@@ -227,11 +228,11 @@ def test_deterministic_and_independent_of_input_order():
     keys, cls, order, q = synthetic_records(800, seed=11)
     perm = np.random.default_rng(0).permutation(800)
     for matcher, draw in (("same", "multinomial"), ("same", "systematic"), ("elastic", "systematic")):
-        a, _ = S.sample_in_memory(keys, cls, order, q, 300, matcher, draw, seed=7)
-        b, _ = S.sample_in_memory([keys[i] for i in perm], cls[perm], order[perm], q[perm], 300,
+        a, _ = sample_in_memory(keys, cls, order, q, 300, matcher, draw, seed=7)
+        b, _ = sample_in_memory([keys[i] for i in perm], cls[perm], order[perm], q[perm], 300,
                                   matcher, draw, seed=7)
         assert (a[perm] == b).all()
-        c, _ = S.sample_in_memory(keys, cls, order, q, 300, matcher, draw, seed=8)
+        c, _ = sample_in_memory(keys, cls, order, q, 300, matcher, draw, seed=8)
         assert not (a == c).all()
 
 
@@ -343,3 +344,121 @@ def test_scheme_weights():
         S.scheme_label_weights("balanced", ids, w)
     with pytest.raises(ValueError, match="top_k 5 exceeds the 4 labels with non-zero weight"):
         S.scheme_label_weights("reversed", ids, w, top_k=5)
+
+
+# -- the per-partition draw: canonical order and copies by rank --------------------------
+
+class CountingKeys:
+    """A sequence of keys that records which of them are read (canonical_order reads only ties)."""
+
+    def __init__(self, keys):
+        self.keys, self.read = list(keys), set()
+
+    def __getitem__(self, i):
+        self.read.add(i)
+        return self.keys[i]
+
+
+def test_canonical_order_by_hand():
+    # Records 0..6: classes 2, 1, 2, 1, 2, 2, 1; order hashes 5, 9, 5, 3, -4, 5, 9.
+    cls = np.array([2, 1, 2, 1, 2, 2, 1])
+    order = np.array([5, 9, 5, 3, -4, 5, 9])
+    keys = CountingKeys(["c", "q", "a", "z", "y", "b", "p"])
+    perm, duplicates = S.canonical_order(cls, order, keys)
+    # class 1: (3, z), then the tie at 9 by key: p (6), q (1); class 2: -4 (4), then the tie at 5: a, b, c.
+    assert perm.tolist() == [3, 6, 1, 4, 2, 5, 0] and duplicates == []
+    assert keys.read == {0, 1, 2, 5, 6}  # only the tied records' keys were read
+    untied = CountingKeys("abcdefg")
+    assert S.canonical_order(np.arange(7), order, untied)[0].tolist() == list(range(7))
+    assert untied.read == set()
+
+
+def test_canonical_order_reports_keys_shared_within_a_class():
+    # "k" twice in class 1 and "m" three times in class 2 (equal keys hash equally); "k" once more
+    # in class 2 is not a duplicate within a class.
+    cls = np.array([1, 2, 1, 2, 2, 2, 1])
+    order = np.array([7, 3, 7, 3, 3, 8, 1])
+    keys = ["k", "m", "k", "m", "m", "k", "a"]
+    perm, duplicates = S.canonical_order(cls, order, keys)
+    assert duplicates == ["k", "m"]
+    assert sorted(perm.tolist()) == list(range(7))
+    assert [keys[i] for i in perm] == ["a", "k", "k", "m", "m", "m", "k"]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_canonical_order_within_a_class_is_sort_class(seed):
+    keys, cls, _, _ = synthetic_records(400, seed=seed, classes=7)
+    order = np.random.default_rng(seed).integers(-5, 5, 400)  # many ties, broken by key
+    perm, duplicates = S.canonical_order(cls, order, keys)
+    assert duplicates == []
+    assert (np.diff(cls[perm]) >= 0).all()
+    for c in np.unique(cls):
+        members = np.flatnonzero(cls == c)
+        expected = members[S.sort_class(order[members], [keys[i] for i in members])]
+        assert perm[cls[perm] == c].tolist() == expected.tolist()
+
+
+def _all_candidates(plan, keys, cls, order):
+    """Every record as a candidate, in canonical order: (perm, class ids in that order)."""
+    perm, duplicates = S.canonical_order(cls, order, keys)
+    assert duplicates == []
+    return perm, cls[perm]
+
+
+@pytest.mark.parametrize("matcher,draw,size", [("same", "multinomial", 700), ("same", "systematic", 700),
+                                               ("elastic", "systematic", 300)])
+def test_assign_copies_equals_the_reference_sampler(matcher, draw, size):
+    keys, cls, order, q = synthetic_records(900, seed=21, classes=40)
+    copies, plan = sample_in_memory(keys, cls, order, q, size, matcher, draw, seed=4)
+    planned = np.isin(cls, plan.class_ids)
+    keys_p, cls_p, order_p = [k for k, p in zip(keys, planned) if p], cls[planned], order[planned]
+    perm, sorted_cls = _all_candidates(plan, keys_p, cls_p, order_p)
+    whole = np.ones(plan.class_ids.size, bool)
+    a = S.assign_copies(plan, sorted_cls, whole)
+    assert not a.short.any() and not a.disagree.any()
+    got = np.zeros(cls.size, np.int64)
+    got[np.flatnonzero(planned)[perm]] = a.copies
+    assert got.tolist() == copies.tolist()
+    assert a.class_copies().tolist() == plan.counts[a.plan_index].tolist()
+    assert plan.class_ids[a.plan_index].tolist() == np.unique(cls_p).tolist()
+    assert (plan.class_ids[a.record_plan_index()] == sorted_cls).all()
+    assert a.have.tolist() == plan.records[a.plan_index].tolist() and a.copies.sum() == size
+
+
+def test_assign_copies_flags_short_and_disagreeing_classes():
+    # Three classes of 10 records with weights 1, 2, 3: systematic N = 60 gives 10, 20, 30 copies.
+    plan = S.make_class_plan("same", "systematic", 60, 0, [11, 22, 33], [10, 10, 10], [1, 2, 3])
+    assert plan.counts.tolist() == [10, 20, 30]
+    # Class 11 sends 4 of its 10 records (needs all 10 ranks: short); class 22 sends 12 (more
+    # than counted: disagrees); class 33 is sent whole but with 9 records (disagrees).
+    ids = np.array([11] * 4 + [22] * 12 + [33] * 9)
+    a = S.assign_copies(plan, ids, np.array([False, False, True]))
+    assert a.have.tolist() == [4, 12, 9] and a.starts.tolist() == [0, 4, 16]
+    assert a.disagree.tolist() == [False, True, True] and a.short.tolist() == [True, True, True]
+    assert a.copies.sum() == 0 and a.class_copies().tolist() == [0, 0, 0]
+    # Enough candidates: class 22 with its 10 records gets 2 copies each; 33 whole with 10: 3 each.
+    ids = np.array([22] * 10 + [33] * 10)
+    a = S.assign_copies(plan, ids, np.array([False, False, True]))
+    assert not a.short.any() and a.copies.tolist() == [2] * 10 + [3] * 10
+    assert a.plan_index.tolist() == [1, 2] and a.class_copies().tolist() == [20, 30]
+    empty = S.assign_copies(plan, np.zeros(0, np.int64), np.zeros(3, bool))
+    assert empty.copies.size == 0 and empty.class_copies().size == 0
+    with pytest.raises(ValueError, match="a record's class is not in the plan"):
+        S.assign_copies(plan, np.array([44]), np.zeros(3, bool))
+
+
+def test_assign_copies_of_a_candidate_prefix_equals_all_records():
+    """Candidates under a bound are a prefix of each class's canonical order:
+    where it is long enough, the copies are those of the whole class."""
+    keys, cls, order, q = synthetic_records(2000, seed=22, classes=12)
+    plan = S.make_class_plan("same", "multinomial", 150, 3, *np.unique(cls, return_counts=True),
+                             q[np.unique(cls, return_index=True)[1]])
+    perm, sorted_cls = _all_candidates(plan, keys, cls, order)
+    full = S.assign_copies(plan, sorted_cls, np.ones(plan.class_ids.size, bool))
+    bounds = np.array([S.candidate_bound(k, m) for k, m in
+                       zip(S.ranks_needed("multinomial", plan.counts, plan.records).tolist(), plan.records.tolist())])
+    keep = order[perm] <= bounds[plan.index_of(sorted_cls)]
+    assert keep.sum() < keep.size  # the bounds cut something
+    prefix = S.assign_copies(plan, sorted_cls[keep], np.zeros(plan.class_ids.size, bool))
+    assert not prefix.short.any()
+    assert prefix.copies.tolist() == full.copies[keep].tolist() and full.copies[~keep].sum() == 0

@@ -95,8 +95,8 @@ def _imagenet_tree(root):
 def test_build_index_from_imagenet_folders(spark, tmp_path):
     from spark_jobs import build_index as B
     train = _imagenet_tree(tmp_path)
-    summary = B.run(spark, str(train), str(tmp_path / "wordnet.is_a.txt"), str(tmp_path / "words.txt"),
-                    str(tmp_path / "out"), inline=True, files=2)
+    summary = B.run(spark, B.BuildIndexJob(str(train), str(tmp_path / "wordnet.is_a.txt"), str(tmp_path / "words.txt"),
+                                           str(tmp_path / "out"), inline_images=True, files=2))
     assert summary == {"examples": 7, "classes": 3, "labels": 5, "inline_images": True, "train_root": str(train)}
     vocab = pq.read_table(tmp_path / "out" / "labels.parquet")
     names = dict(zip(vocab.column("label_id").to_pylist(), vocab.column("name").to_pylist()))
@@ -119,8 +119,8 @@ def test_build_index_rejects_folders_outside_the_hierarchy(spark, tmp_path):
     (train / "n07777777").mkdir()
     Image.new("RGB", (4, 4)).save(train / "n07777777" / "x.JPEG", format="JPEG")
     with pytest.raises(SchemaError, match=r"training folders \['n07777777'\] are not in the hierarchy"):
-        B.run(spark, str(train), str(tmp_path / "wordnet.is_a.txt"), str(tmp_path / "words.txt"),
-              str(tmp_path / "out"))
+        B.run(spark, B.BuildIndexJob(str(train), str(tmp_path / "wordnet.is_a.txt"), str(tmp_path / "words.txt"),
+                                     str(tmp_path / "out")))
 
 
 def test_make_resample_orchestration_reuses_finished_stages(source_data, food_target, tmp_path, monkeypatch):

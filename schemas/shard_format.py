@@ -35,12 +35,17 @@ from urllib.parse import unquote
 from .io import write_all
 
 __all__ = ["sample_key", "parse_sample_key", "image_extension", "sample_json", "write_tar",
-           "read_tar_samples", "shard_name", "SHARD_NAME_RE", "SHARD_PREFIX", "IMAGE_EXTENSIONS", "image_member", "extension_matches",
+           "read_tar_samples", "shard_name", "SHARD_NAME_RE", "SHARD_PREFIX", "IMAGE_EXTENSIONS", "IMAGE_SUFFIXES",
+           "image_member", "extension_matches",
            "image_problem", "decode_problem"]
 
-#: The members that are a sample's image. :func:`image_extension` gives the
-#: writer's (the first six); ``jpeg`` is accepted from other writers.
-IMAGE_EXTENSIONS = ("jpg", "png", "webp", "gif", "bmp", "tiff", "jpeg")
+#: The image file extensions, the project's one list: a sample's image member
+#: is one of these (:func:`image_extension` gives the writer's, the first
+#: six; ``jpeg`` and ``tif`` are read from other writers), and a target
+#: folder's images end in one of them (``schemas.targets``, ``build_index``).
+IMAGE_EXTENSIONS = ("jpg", "png", "webp", "gif", "bmp", "tiff", "jpeg", "tif")
+#: :data:`IMAGE_EXTENSIONS` as file name suffixes (``.jpg``, ...), compared in lower case.
+IMAGE_SUFFIXES = tuple(f".{ext}" for ext in IMAGE_EXTENSIONS)
 #: The shard names' default prefix (``write_shards --prefix``).
 SHARD_PREFIX = "shard"
 
@@ -195,8 +200,8 @@ def image_member(members) -> str | None:
 
 
 def extension_matches(ext: str, data) -> bool:
-    """Whether image member ``.ext`` holds bytes of that format (``jpeg`` is ``jpg``)."""
-    return image_extension(data) == ("jpg" if ext == "jpeg" else ext)
+    """Whether image member ``.ext`` holds bytes of that format (``jpeg`` is ``jpg``, ``tif`` is ``tiff``)."""
+    return image_extension(data) == {"jpeg": "jpg", "tif": "tiff"}.get(ext, ext)
 
 
 _BLOCK = 512

@@ -34,10 +34,10 @@ from typing import Callable
 
 from . import io as sio
 from .errors import SchemaError
+from .shard_format import IMAGE_SUFFIXES
 
-__all__ = ["TargetSplit", "LAYOUTS", "list_target", "read_item_bytes", "IMAGE_EXTENSIONS", "CIFAR_RECORD"]
+__all__ = ["TargetSplit", "LAYOUTS", "list_target", "read_item_bytes", "CIFAR_RECORD"]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 @dataclass
@@ -79,7 +79,7 @@ def _imagefolder(root: str, split: str) -> TargetSplit:
         raise SchemaError("no class directories", file=base)
     items = []
     for index, cls in enumerate(classes):
-        files = sorted(f for f in fs.find(f"{p}/{cls}") if f.lower().endswith(IMAGE_EXTENSIONS))
+        files = sorted(f for f in fs.find(f"{p}/{cls}") if f.lower().endswith(IMAGE_SUFFIXES))
         items += [(sio.join(base, f[len(p):]) if "://" in base else f, index) for f in files]
     return TargetSplit("imagefolder", root, split, classes, items)
 

@@ -32,7 +32,7 @@ from schemas import io as sio
 from schemas.cli import ArgumentParser
 from schemas.fingerprint import code_digest, digest
 from schemas.stage_output import StageOutput
-from schemas.targets import IMAGE_EXTENSIONS
+from schemas.shard_format import IMAGE_SUFFIXES
 
 from .session import add_spark_arguments, require_reachable_outputs, run_cli
 
@@ -130,7 +130,7 @@ def _find_training_images(train_root: str) -> list[tuple[str, str, str, int]]:
     out = []
     for f, info in fs.find(p, detail=True).items():
         rel = f[len(p):].lstrip("/")
-        if "/" not in rel or not rel.lower().endswith(IMAGE_EXTENSIONS + (".jpeg",)):
+        if "/" not in rel or not rel.lower().endswith(IMAGE_SUFFIXES):
             continue
         wnid = rel.split("/", 1)[0]
         out.append((rel, wnid, sio.join(train_root, rel) if "://" in train_root else f, int(info.get("size") or 0)))

@@ -92,18 +92,18 @@ test-cluster: install
 	ADAPTIVE_TRANSFER_CLUSTER_TESTS=1 $(BIN)/python -m pytest $(wildcard tests/test_cluster*.py) $(PYTEST_ARGS)
 
 demo: install
-	$(BIN)/python -m adaptive_transfer.demo --out $(DEMO_OUT)
+	$(BIN)/python -m adaptive_transfer.demo --output $(DEMO_OUT)
 
 experiment: install
-	$(BIN)/python -m adaptive_transfer.experiment --out $(EXPERIMENT_OUT) $(if $(QUICK),--quick) \
+	$(BIN)/python -m adaptive_transfer.experiment --output $(EXPERIMENT_OUT) $(if $(QUICK),--quick) \
 	  $(if $(SEEDS),--seeds $(SEEDS))
 
 resample: install
 	@test -n "$(SIZE)" || { echo "make resample: set SIZE (e.g. SIZE=80M; SIZE=5000 for TARGET=demo)"; exit 2; }
 	$(BIN)/python -m adaptive_transfer.resample --target "$(TARGET)" --size "$(SIZE)" \
 	  $(if $(SOURCE),--source "$(SOURCE)") --matcher "$(MATCHER)" --draw "$(DRAW)" --seed "$(SEED)" \
-	  --runner "$(RUNNER)" $(if $(SPARK_MASTER),--spark-master "$(SPARK_MASTER)") --out "$(OUT)" \
-	  $(if $(TARGET_ROOT),--target-root "$(TARGET_ROOT)") $(if $(MODEL),--model "$(MODEL)") \
+	  --runner "$(RUNNER)" $(if $(SPARK_MASTER),--master "$(SPARK_MASTER)") --output "$(OUT)" \
+	  $(if $(TARGET_ROOT),--target-root "$(TARGET_ROOT)") $(if $(MODEL),--checkpoint "$(MODEL)") \
 	  --samples-per-shard "$(SAMPLES_PER_SHARD)" $(foreach p,$(ALLOW_URI_PREFIX),--allow-uri-prefix "$(p)") \
 	  $(if $(filter 0,$(DEDUP)),--no-dedup) $(if $(MAX_SIDE),--max-side "$(MAX_SIDE)") \
 	  $(if $(QUALITY),--quality "$(QUALITY)")

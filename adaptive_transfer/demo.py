@@ -13,21 +13,24 @@
 
 ::
 
-    python -m adaptive_transfer.demo [--out demo_out] [--size 6000] [--pretrain-steps 300]
+    python -m adaptive_transfer.demo [--output demo_out] [--size 6000] [--pretrain-steps 300]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
+import sys
 import time
 from typing import Sequence
 
-from . import demo_data as D
+from schemas.cli import ArgumentParser
 
-__all__ = ["main", "ROWS"]
+from . import demo_data as D
+from . import stages
+
+__all__ = ["main", "build_parser", "ROWS", "SLUGS"]
 
 #: (row name, resampler options) in the order of the paper's tables.
 ROWS = [
@@ -38,105 +41,61 @@ ROWS = [
                                                       "draw": "multinomial"}),
     ("Adaptive transfer, elastic distribution matcher", {"scheme": "adaptive", "matcher": "elastic"}),
 ]
+#: Each row's directory under ``OUT/runs/seed-S/``.
+SLUGS = ["entire", "subset-food", "adaptive-same", "adaptive-elastic"]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m adaptive_transfer.demo", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="demo_out")
-    ap.add_argument("--size", type=int, default=6000, help="examples in each pre-training set")
-    ap.add_argument("--generalist-steps", type=int, default=300)
-    ap.add_argument("--pretrain-steps", type=int, default=300)
-    ap.add_argument("--finetune-steps", type=int, default=100)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--spark-master", default=None)
-    args = ap.parse_args(argv)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m adaptive_transfer.demo", description=__doc__)
+    p.add_argument("--output", default="demo_out", help="where everything goes (default demo_out)")
+    p.add_argument("--size", type=int, default=6000, help="examples in each pre-training set")
+    p.add_argument("--generalist-steps", type=int, default=300)
+    p.add_argument("--pretrain-steps", type=int, default=300)
+    p.add_argument("--finetune-steps", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--master", default=None, help="Spark master (default local[*])")
+    p.add_aliases({"--out": "--output", "--spark-master": "--master"})
+    return p
 
-    from beam_pipelines import importance_weights as IW
-    from spark_jobs import resample as R
-    from spark_jobs import verify as V
-    from spark_jobs import write_shards as W
-    from schemas.stage_output import is_complete
 
-    from .experiment.runner import reuse_or_build
-    from spark_jobs.session import get_session
+def _finetune(data: D.DemoData, init: str, output: str, args, engines) -> dict:
+    """Fine-tune the demo target from ``init`` (a generalist.pt, or 'none')."""
+    from trainer.finetune import FinetuneJob
 
-    t0 = time.time()
-    out = os.path.abspath(args.out)
-    report_dir = os.path.join(out, "demo")
-    os.makedirs(report_dir, exist_ok=True)
+    stages.finetune(FinetuneJob(target_layout="food101", target_root=data.target, init=init, output=output,
+                                arch="small", steps=args.finetune_steps, batch_size=32, lr=0.05, seed=args.seed,
+                                num_workers=2, log_every=args.finetune_steps), engines)
+    with open(os.path.join(output, "metrics.json")) as fh:
+        return json.load(fh)
 
-    def log(msg: str) -> None:
-        print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)
 
-    spark = get_session("adaptive-transfer demo", args.spark_master)
-    try:
-        data = D.ensure_demo_data(os.path.join(out, "demo-data"), spark, args.generalist_steps, log)
-        weights = os.path.join(out, "weights")
-        if not is_complete(weights):
-            log("importance weights (Beam DirectRunner)")
-            IW.run(IW.WeightsJob(index=data.index, labels=data.labels, target_root=data.target,
-                                 target_layout="food101", target="demo", checkpoint=data.generalist, output=weights))
-        summary = json.loads(open(os.path.join(weights, "summary.json")).read())
-        log("top labels: " + ", ".join(f"{t['name']} ({t['weight']:.2f})" for t in summary["top_labels"][:8]))
-        shutil.copy(os.path.join(weights, "weights.png"), os.path.join(report_dir, "weights.png"))
+def _row(name: str, options: dict, slug: str, data: D.DemoData, weights: str, args, engines) -> dict:
+    """One pre-training set of the table: built, pre-trained, fine-tuned."""
+    from spark_jobs.resample import ResampleJob
 
-        def finetuned(init: str, init_digest: str | None, slug: str) -> dict:
-            """Fine-tune from ``init`` (reused when the model, steps and seed are the same)."""
-            path = os.path.join(out, "runs", f"seed-{args.seed}", "finetune", slug)
-            reuse_or_build(path, {"init": init_digest, "steps": args.finetune_steps, "seed": args.seed},
-                           lambda p: D.run_finetune(data.target, init, p, args.finetune_steps, args.seed, log), log)
-            return json.loads(open(os.path.join(path, "metrics.json")).read())
+    runs = os.path.join(os.path.abspath(args.output), "runs", f"seed-{args.seed}")
+    job = ResampleJob(index=data.index, output="", weights=os.path.join(weights, "weights.parquet"),
+                      labels=data.labels, size=args.size, seed=args.seed, target="demo",
+                      label_sets=os.path.join(os.path.abspath(args.output), "label-sets.parquet"), **options)
+    engines.log(f"{name}: {args.size} samples, {args.pretrain_steps} pre-training steps")
+    built = stages.build_set(stages.plan_set(
+        os.path.join(runs, slug), job, samples_per_shard=500,
+        pretrain={"arch": "small", "steps": args.pretrain_steps, "batch_size": 64, "lr": 0.1, "num_workers": 2,
+                  "log_every": max(1, args.pretrain_steps // 4), "save_every": args.pretrain_steps,
+                  "keep_checkpoints": 1}), engines)
+    metrics = _finetune(data, built.model, os.path.join(runs, "finetune", slug), args, engines)
+    return {"pre-training set": name, "unique examples": built.stats["unique_examples"],
+            "samples": built.stats["total_copies"], "total variation": built.stats["total_variation"],
+            "top1": metrics["top1"], "mean per-class": metrics["mean_per_class_accuracy"],
+            "label_stats": os.path.join(built.plan.resample.output, "label_stats.png")}
 
-        results = []
-        for i, (name, options) in enumerate(ROWS):
-            slug = ["entire", "subset-food", "adaptive-same", "adaptive-elastic"][i]
-            # per seed, and rebuilt when any setting it was made from changed (never another seed's model)
-            run_dir = os.path.join(out, "runs", f"seed-{args.seed}", slug)
-            fingerprint = {"options": options, "size": args.size, "seed": args.seed,
-                           "pretrain_steps": args.pretrain_steps, "weights": weights,
-                           "generalist_steps": args.generalist_steps}
 
-            def build(path, name=name, options=options, slug=slug):
-                log(f"{name}: resample {args.size} examples")
-                R.run(spark, R.ResampleJob(index=data.index, weights=os.path.join(weights, "weights.parquet"),
-                                           labels=data.labels, size=args.size, seed=args.seed, target="demo",
-                                           output=os.path.join(path, "resample"),
-                                           label_sets=os.path.join(out, "label-sets.parquet"), **options))
-                manifest = W.run(spark, W.ShardJob(selection=os.path.join(path, "resample"), index=data.index,
-                                                   output=os.path.join(path, "shards"), samples_per_shard=500,
-                                                   seed=args.seed))
-                check = V.verify(os.path.join(path, "shards"))
-                if not check.ok:
-                    raise RuntimeError(f"verify failed for {slug}: {check.problems[:3]}")
-                log(f"{name}: pre-train {args.pretrain_steps} steps on {manifest.total_samples} samples")
-                D.run_pretrain(os.path.join(path, "shards", "manifest.json"), data.labels,
-                               os.path.join(path, "pretrain"), args.pretrain_steps, seed=args.seed, log=log)
-
-            model_digest, reused = reuse_or_build(run_dir, fingerprint, build, log)
-            if reused:
-                log(f"{name}: pre-trained model reused (same settings and seed)")
-            stats = json.loads(open(os.path.join(run_dir, "resample", "stats.json")).read())
-            shutil.copy(os.path.join(run_dir, "resample", "label_stats.png"),
-                        os.path.join(report_dir, f"label_stats-{slug}.png"))
-            log(f"{name}: fine-tune {args.finetune_steps} steps")
-            metrics = finetuned(os.path.join(run_dir, "pretrain", "generalist.pt"), model_digest, slug)
-            results.append({"pre-training set": name, "unique examples": stats["unique_examples"],
-                            "samples": stats["total_copies"], "total variation": stats["total_variation"],
-                            "top1": metrics["top1"], "mean per-class": metrics["mean_per_class_accuracy"]})
-        log("Random initialisation (no pre-training): fine-tune")
-        metrics = finetuned("none", None, "random-init")
-        results.append({"pre-training set": "Random initialisation", "unique examples": 0, "samples": 0,
-                        "total variation": None, "top1": metrics["top1"],
-                        "mean per-class": metrics["mean_per_class_accuracy"]})
-    finally:
-        spark.stop()
-
+def _report(report_dir: str, results: list[dict], args, minutes: float) -> list[str]:
+    """The paper's table (rows: pre-training set) in report.md and results.json."""
     table = ["| Pre-training set | Unique examples | Target top-1 | Mean per-class |",
              "|---|---:|---:|---:|"]
     table += [f"| {r['pre-training set']} | {r['unique examples']:,} | {100 * r['top1']:.1f} | "
               f"{100 * r['mean per-class']:.1f} |" for r in results]
-    minutes = (time.time() - t0) / 60
     text = "\n".join([
         "# Demo: domain adaptive transfer on generated data", "",
         f"Source: {D.DEMO_SOURCE.num_examples} generated examples, 66 leaf labels in 4 branches; target: "
@@ -146,8 +105,52 @@ def main(argv: Sequence[str] | None = None) -> int:
         *table, "",
         "Plots: weights.png (top labels by importance weight), label_stats-*.png (realised vs desired).",
         f"Took {minutes:.1f} minutes.", ""])
-    open(os.path.join(report_dir, "report.md"), "w").write(text)
-    open(os.path.join(report_dir, "results.json"), "w").write(json.dumps(results, indent=2) + "\n")
+    with open(os.path.join(report_dir, "report.md"), "w") as fh:
+        fh.write(text)
+    rows = [{k: v for k, v in r.items() if k != "label_stats"} for r in results]
+    with open(os.path.join(report_dir, "results.json"), "w") as fh:
+        fh.write(json.dumps(rows, indent=2, allow_nan=False) + "\n")
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from beam_pipelines.importance_weights import WeightsJob
+
+    t0 = time.time()
+    out = os.path.abspath(args.output)
+    report_dir = os.path.join(out, "demo")
+    os.makedirs(report_dir, exist_ok=True)
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)
+
+    engines = stages.Engines(master=args.master, log=log)
+    try:
+        data = D.ensure_demo_data(os.path.join(out, "demo-data"), engines, args.generalist_steps)
+        weights = os.path.join(out, "weights")
+        summary = stages.weights(WeightsJob(index=data.index, labels=data.labels, target_root=data.target,
+                                            target_layout="food101", target="demo", checkpoint=data.generalist,
+                                            output=weights), engines)
+        log("top labels: " + ", ".join(f"{t['name']} ({t['weight']:.2f})" for t in summary["top_labels"][:8]))
+        shutil.copy(os.path.join(weights, "weights.png"), os.path.join(report_dir, "weights.png"))
+        results = []
+        for (name, options), slug in zip(ROWS, SLUGS):
+            results.append(_row(name, options, slug, data, weights, args, engines))
+            shutil.copy(results[-1]["label_stats"], os.path.join(report_dir, f"label_stats-{slug}.png"))
+        log("Random initialisation (no pre-training): fine-tune")
+        metrics = _finetune(data, "none", os.path.join(out, "runs", f"seed-{args.seed}", "finetune", "random-init"),
+                            args, engines)
+        results.append({"pre-training set": "Random initialisation", "unique examples": 0, "samples": 0,
+                        "total variation": None, "top1": metrics["top1"],
+                        "mean per-class": metrics["mean_per_class_accuracy"]})
+    except (ValueError, OSError) as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        engines.stop()
+    minutes = (time.time() - t0) / 60
+    table = _report(report_dir, results, args, minutes)
     print()
     print("\n".join(table))
     print(f"\nreport, table and plots: {report_dir}  ({minutes:.1f} min)")

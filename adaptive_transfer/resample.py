@@ -4,240 +4,250 @@
 
     python -m adaptive_transfer.resample --target food101 --size 80M [--source jft]
       [--matcher same|elastic] [--draw multinomial|systematic] [--seed 0]
-      [--runner DirectRunner] [--spark-master local[*]] [--out out]
-      [--target-root PATH] [--model generalist.pt] [--samples-per-shard 10000]
+      [--runner DirectRunner] [--master local[*]] [--output out]
+      [--target-root PATH] [--checkpoint generalist.pt] [--samples-per-shard 10000]
       [--no-dedup] [--dedup-threshold T]
 
-Layout under ``--out`` (a local path or URL)::
+(``adaptive-transfer pipeline ...`` is the same command.)
 
-    weights/<target>-<fingerprint>/          importance weights (reused while inputs are unchanged)
-    embeddings/index-<fp>-model-<fp>/        source embeddings (one per index and generalist, every target)
-    dedup/<target>-<fingerprint>/            near-duplicates of the target's train and test images
-    label-sets/index-<fingerprint>[-exclude-<fp>].parquet
+Layout under ``--output`` (a local path or URL)::
+
+    weights/<target>-<key>/                  importance weights
+    embeddings/index-<key>-model-<key>/      source embeddings (one per index and generalist, every target)
+    dedup/<target>-<key>/                    near-duplicates of the target's train and test images
+    label-sets/index-<key>[-exclude-<key>].parquet
                                              the index's label-set table (shared by every run over it
                                              and the same exclusions)
-    <target>/<size>-<matcher>-<fingerprint>/
+    <target>/<size>-<matcher>[-<draw>]-<key>/
         resample/                            selection, stats.json, label_stats.png
         shards/                              shard-*.tar, manifest.json, _SUCCESS
 
+``<key>`` names a directory by its inputs (listings of the index and target,
+the vocabulary, the generalist) and options, so runs with other settings sit
+side by side. Whether a stage's output there is reused is decided by the one
+reuse rule (``schemas.stage_output``, through ``adaptive_transfer.stages``):
+complete, and made from the same settings, inputs and code; otherwise it is
+rebuilt. Training runs point at ``.../shards/manifest.json``.
+
 The resampler never draws a near-duplicate of a target image (``--exclude``
 with the dedup stage's ``exclude.parquet``); ``--no-dedup`` (``make
-resample DEDUP=0``) draws from the whole source.
-
-Fingerprints hash the inputs (listings of the index and target, contents of
-the vocabulary, the generalist) and every option, so a rerun finds finished
-work and skips it, and any training run can point at ``.../shards/manifest.json``.
-``--target demo`` (with ``--source demo``) runs the same path on generated data.
+resample DEDUP=0``) draws from the whole source. ``--target demo`` (with
+``--source demo``) runs the same path on generated data.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
 import sys
 import time
-from typing import Sequence
+from argparse import ArgumentTypeError as _ArgumentTypeError
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 from schemas import format_size, parse_size
 from schemas import io as sio
-from schemas.stage_output import is_complete
+from schemas.cli import ArgumentParser
+from schemas.fingerprint import digest
 from schemas.targets import list_target
 
-from .registry import load_source, load_target
+from . import stages
+from .registry import SourceConfig, TargetConfig, load_source, load_target
 
-__all__ = ["build_parser", "plan", "run", "main"]
-
-
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+__all__ = ["build_parser", "TargetRun", "plan", "run", "main"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m adaptive_transfer.resample", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m adaptive_transfer.resample", description=__doc__)
     p.add_argument("--target", required=True, help="a configs/targets name (food101, ...) or a YAML path")
-    p.add_argument("--size", required=True, help="pre-training set size: 80M, 2M, 1.5B, ...")
+    p.add_argument("--size", required=True, type=_size, help="pre-training set size: 80M, 2M, 1.5B, ...")
     p.add_argument("--source", default=None, help="a configs/sources name (default jft; demo for --target demo)")
     p.add_argument("--matcher", choices=["same", "elastic"], default="same")
     p.add_argument("--draw", choices=["multinomial", "systematic"], default="multinomial")
     p.add_argument("--aggregate", choices=["mean", "max", "sum"], default="mean")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--temperature", type=_positive(float), default=2.0)
     p.add_argument("--runner", default="DirectRunner", help="Beam runner for the weights pipeline")
     p.add_argument("--beam-arg", action="append", default=[], help="extra Beam option, repeatable")
-    p.add_argument("--spark-master", default=None, help="default local[*]")
-    p.add_argument("--out", default="out")
+    p.add_argument("--master", default=None, help="Spark master (default local[*])")
+    p.add_argument("--output", default="out", help="where every stage's output goes (default out)")
     p.add_argument("--target-root", help="where the target data lives (overrides the config)")
-    p.add_argument("--model", help="generalist checkpoint (overrides the source config)")
-    p.add_argument("--samples-per-shard", type=int, default=10000)
-    p.add_argument("--max-side", type=int, metavar="N",
+    p.add_argument("--checkpoint", help="the generalist (overrides the source config)")
+    p.add_argument("--samples-per-shard", type=_positive(int), default=10000)
+    p.add_argument("--max-side", type=_positive(int), metavar="N",
                    help="shards: re-encode images whose longer side exceeds N pixels (write_shards --max-side)")
-    p.add_argument("--quality", type=int, metavar="Q", help="JPEG quality of re-encoded images (default 90)")
+    p.add_argument("--quality", type=_positive(int), metavar="Q", help="JPEG quality of re-encoded images "
+                                                                        "(default 90)")
     p.add_argument("--allow-uri-prefix", action="append", default=[], metavar="PREFIX",
                    help="where a uri index's images may be read from, repeatable (default: the source "
-                        "config's image_root or train_root, else the index's own storage)")
+                        "config's image_root or train_root, else the index's own directory)")
     p.add_argument("--no-dedup", dest="dedup", action="store_false",
                    help="keep near-duplicates of the target's train and test images in the source")
     p.add_argument("--dedup-threshold", type=float, default=None,
                    help="near-duplicate similarity threshold (default: beam_pipelines.near_duplicates')")
+    p.add_aliases({"--out": "--output", "--spark-master": "--master", "--model": "--checkpoint"})
     return p
 
 
-def plan(args: argparse.Namespace, log=print) -> dict:
-    """Resolve configs and fingerprints into the run's directories (no work)."""
-    source_name = args.source or ("demo" if args.target == "demo" else "jft")
-    target = load_target(args.target, args.target_root)
-    source = load_source(source_name)
-    index, labels, model, root = source.index, source.labels, args.model or source.generalist, target.root
-    if "generated" in (index, labels, model, root) or target.name == "demo":
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise _ArgumentTypeError(str(e)) from None
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise _ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+@dataclass(frozen=True)
+class TargetRun:
+    """Everything one target's run does, as typed jobs (no work done yet)."""
+
+    target: TargetConfig
+    source: str
+    weights: Any  # beam_pipelines.importance_weights.WeightsJob
+    dedup: Any  # beam_pipelines.near_duplicates.NearDuplicatesJob, or None (--no-dedup)
+    set: stages.SetPlan  # resample -> shards -> verify
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    index: str
+    labels: str
+    checkpoint: str
+    root: str
+    keys: dict
+
+
+def _inputs(args, target: TargetConfig, source: SourceConfig, engines: stages.Engines) -> _Inputs:
+    """The source's and target's files (the demo's generated on first use) and their fingerprints."""
+    index, labels = source.index, source.labels
+    checkpoint, root = args.checkpoint or source.generalist, target.root
+    if "generated" in (index, labels, checkpoint, root) or target.name == "demo":
         from .demo_data import ensure_demo_data
 
-        data = ensure_demo_data(sio.join(args.out, "demo-data"), spark=_spark(args), log=log)
+        data = ensure_demo_data(sio.join(args.output, "demo-data"), engines)
         index, labels = data.index, data.labels
-        model = args.model or data.generalist
+        checkpoint = args.checkpoint or data.generalist
         root = args.target_root or data.target
-    if not model:
-        raise ValueError(f"source {source_name!r} names no generalist; pass --model generalist.pt "
+    if not checkpoint:
+        raise ValueError(f"source {source.name!r} names no generalist; pass --checkpoint generalist.pt "
                          "(train one with trainer.pretrain on the entire source)")
-    size = parse_size(args.size)
     split = list_target(root, target.layout, target.train_split)
-    inputs = {
-        "index": sio.listing_fingerprint(index), "labels": sio.fingerprint_paths(labels),
-        "model": sio.file_sha256(model),
-        "target_images": _hash(split.paths),
-    }
-    weights_key = _hash({"inputs": inputs, "layout": target.layout, "split": target.train_split,
-                         "temperature": args.temperature})
-    options = {"size": size, "matcher": args.matcher, "draw": args.draw if args.matcher == "same" else "systematic",
-               "aggregate": args.aggregate, "seed": args.seed, "samples_per_shard": args.samples_per_shard,
-               **({"max_side": args.max_side, "quality": args.quality} if args.max_side else {})}
-    dedup = _plan_dedup(args, target, root, inputs) if getattr(args, "dedup", True) else None
-    run_key = _hash({"weights": weights_key, **({"dedup": dedup["key"]} if dedup else {}), **options})
-    label = f"{format_size(size)}-{args.matcher}" + (f"-{args.draw}" if args.matcher == "same" else "")
-    base = sio.join(args.out, target.name, f"{label}-{run_key[:12]}")
+    keys = {"index": sio.listing_fingerprint(index), "labels": sio.fingerprint_paths(labels),
+            "model": sio.file_sha256(checkpoint), "target_images": digest(split.paths)}
+    return _Inputs(index, labels, checkpoint, root, keys)
+
+
+def _dedup_job(args, target: TargetConfig, inputs: _Inputs, allowed):
+    from beam_pipelines.near_duplicates import DEFAULT_GRID, DEFAULT_THRESHOLD, NearDuplicatesJob
+
+    splits = tuple(dict.fromkeys([target.train_split, target.test_split]))
+    listed = [list_target(inputs.root, target.layout, s).paths for s in splits]
+    threshold = DEFAULT_THRESHOLD if args.dedup_threshold is None else args.dedup_threshold
+    key = digest({"index": inputs.keys["index"], "model": inputs.keys["model"], "layout": target.layout,
+                  "splits": list(splits), "target_images": digest(listed), "threshold": threshold,
+                  "grid": DEFAULT_GRID})
+    embeddings = sio.join(args.output, "embeddings",
+                          f"index-{inputs.keys['index'][:12]}-model-{inputs.keys['model'][:12]}")
+    return NearDuplicatesJob(index=inputs.index, labels=inputs.labels, target_root=inputs.root,
+                             target_layout=target.layout, splits=splits, checkpoint=inputs.checkpoint,
+                             threshold=threshold, embeddings=embeddings, allow_uri_prefixes=tuple(allowed or ()),
+                             output=sio.join(args.output, "dedup", f"{target.name}-{key[:12]}")), key
+
+
+def plan(args, engines: stages.Engines) -> TargetRun:
+    """Resolve configs and fingerprints into the run's typed jobs (the
+    demo's data are generated here on first use; no stage runs)."""
+    from beam_pipelines.importance_weights import WeightsJob
+    from spark_jobs.resample import ResampleJob
+
+    target = load_target(args.target, args.target_root)
+    source_name = args.source or ("demo" if args.target == "demo" else "jft")
+    source = load_source(source_name)
+    inputs = _inputs(args, target, source, engines)
+    weights_key = digest({"inputs": inputs.keys, "layout": target.layout, "split": target.train_split,
+                          "temperature": args.temperature})
+    weights = WeightsJob(index=inputs.index, labels=inputs.labels, target_root=inputs.root,
+                         target_layout=target.layout, target_split=target.train_split, target=target.name,
+                         checkpoint=inputs.checkpoint, temperature=args.temperature,
+                         output=sio.join(args.output, "weights", f"{target.name}-{weights_key[:12]}"))
     image_root = source.extra.get("image_root") or source.extra.get("train_root")
     allowed = args.allow_uri_prefix or ([image_root] if image_root else None)
-    return {"target": target, "source": source_name, "index": index, "labels": labels, "model": model,
-            "allow_uri_prefixes": allowed,
-            "root": root, "size": size, "options": options, "inputs": inputs,
-            "weights_dir": sio.join(args.out, "weights", f"{target.name}-{weights_key[:12]}"),
-            # One per index (less the excluded keys), shared by every size and matcher (spark_jobs.label_sets).
-            "label_sets": sio.join(args.out, "label-sets", f"index-{inputs['index'][:12]}"
-                                   + (f"-exclude-{dedup['key'][:12]}" if dedup else "") + ".parquet"),
-            "dedup": dedup, "resample_dir": sio.join(base, "resample"), "shards_dir": sio.join(base, "shards")}
+    dedup, dedup_key = _dedup_job(args, target, inputs, allowed) if args.dedup else (None, None)
+    draw = args.draw if args.matcher == "same" else "systematic"
+    options = {"size": args.size, "matcher": args.matcher, "draw": draw, "aggregate": args.aggregate,
+               "seed": args.seed, "samples_per_shard": args.samples_per_shard,
+               **({"max_side": args.max_side, "quality": args.quality} if args.max_side else {})}
+    run_key = digest({"weights": weights_key, **({"dedup": dedup_key} if dedup else {}), **options})
+    label = f"{format_size(args.size)}-{args.matcher}" + (f"-{args.draw}" if args.matcher == "same" else "")
+    label_sets = sio.join(args.output, "label-sets", f"index-{inputs.keys['index'][:12]}"
+                          + (f"-exclude-{dedup_key[:12]}" if dedup else "") + ".parquet")
+    selection = ResampleJob(index=inputs.index, output="", weights=sio.join(weights.output, "weights.parquet"),
+                            size=args.size, matcher=args.matcher, draw=draw, aggregate=args.aggregate,
+                            seed=args.seed, labels=inputs.labels, target=target.name, temperature=args.temperature,
+                            exclude=sio.join(dedup.output, "exclude.parquet") if dedup else None,
+                            label_sets=label_sets)
+    chain = stages.plan_set(sio.join(args.output, target.name, f"{label}-{run_key[:12]}"), selection,
+                            samples_per_shard=args.samples_per_shard, allow_uri_prefixes=allowed,
+                            max_side=args.max_side, quality=args.quality)
+    return TargetRun(target, source_name, weights, dedup, chain)
 
 
-def _plan_dedup(args: argparse.Namespace, target, root: str, inputs: dict) -> dict:
-    """The near-duplicates stage's directories: its output (per target,
-    generalist, index and threshold) and the source embeddings (per index and
-    generalist: every target reuses them)."""
-    from beam_pipelines.near_duplicates import DEFAULT_GRID, DEFAULT_THRESHOLD
-
-    splits = list(dict.fromkeys([target.train_split, target.test_split]))
-    listed = [list_target(root, target.layout, s).paths for s in splits]
-    threshold = DEFAULT_THRESHOLD if args.dedup_threshold is None else args.dedup_threshold
-    key = _hash({"index": inputs["index"], "model": inputs["model"], "layout": target.layout, "splits": splits,
-                 "target_images": _hash(listed), "threshold": threshold, "grid": DEFAULT_GRID})
-    return {"key": key, "splits": splits, "threshold": threshold,
-            "dir": sio.join(args.out, "dedup", f"{target.name}-{key[:12]}"),
-            "embeddings": sio.join(args.out, "embeddings",
-                                   f"index-{inputs['index'][:12]}-model-{inputs['model'][:12]}")}
-
-
-_SPARK = {}
-
-
-def _spark(args):
-    if "session" not in _SPARK:
-        from spark_jobs.session import get_session
-
-        _SPARK["session"] = get_session("adaptive-transfer resample", args.spark_master)
-    return _SPARK["session"]
-
-
-def run(args: argparse.Namespace, log=print) -> dict:
-    """Run every stage not already complete; return the summary."""
-    from beam_pipelines import importance_weights as IW
-    from beam_pipelines import near_duplicates as ND
-    from spark_jobs import resample as R
-    from spark_jobs import verify as V
-    from spark_jobs import write_shards as W
-
+def run(args, engines: stages.Engines | None = None) -> dict:
+    """Run every stage of ``args``' target not already built; return the summary."""
+    engines = engines or stages.Engines(master=args.master, beam_args=("--runner", args.runner, *args.beam_arg))
+    log = engines.log
     t0 = time.time()
-    p = plan(args, log)
-    target = p["target"]
-    if is_complete(p["weights_dir"]):
-        log(f"[1/5] weights: reusing {p['weights_dir']}")
+    p = plan(args, engines)
+    weights = stages.weights(p.weights, engines)
+    excluded = 0
+    if p.dedup is None:
+        log("near-duplicates: off (--no-dedup): the source may hold copies of target images")
     else:
-        log(f"[1/5] weights: Beam ({args.runner}) -> {p['weights_dir']}")
-        IW.run(IW.WeightsJob(index=p["index"], labels=p["labels"], target_root=p["root"],
-                             target_layout=target.layout, target_split=target.train_split, target=target.name,
-                             checkpoint=p["model"], temperature=args.temperature, output=p["weights_dir"]),
-               ["--runner", args.runner, *args.beam_arg])
-    dedup, exclude, excluded = p["dedup"], None, 0
-    if dedup is None:
-        log("[2/5] near-duplicates: off (--no-dedup): the source may hold copies of target images")
-    else:
-        if is_complete(dedup["dir"]):
-            log(f"[2/5] near-duplicates: reusing {dedup['dir']}")
-        else:
-            log(f"[2/5] near-duplicates of {'+'.join(dedup['splits'])}: Beam ({args.runner}) -> {dedup['dir']} "
-                f"(source embeddings: {dedup['embeddings']})")
-            ND.run(ND.NearDuplicatesJob(index=p["index"], labels=p["labels"], target_root=p["root"],
-                                        target_layout=target.layout, splits=tuple(dedup["splits"]),
-                                        checkpoint=p["model"], threshold=dedup["threshold"],
-                                        embeddings=dedup["embeddings"], output=dedup["dir"],
-                                        allow_uri_prefixes=tuple(p["allow_uri_prefixes"] or ())),
-                   ["--runner", args.runner, *args.beam_arg])
-        found = json.loads(sio.read_bytes(sio.join(dedup["dir"], "summary.json")))
-        exclude, excluded = sio.join(dedup["dir"], "exclude.parquet"), found["excluded"]
-        log(f"      {found['excluded']:,} source examples excluded (by split: "
+        found = stages.near_duplicates(p.dedup, engines)
+        excluded = found["excluded"]
+        log(f"      {excluded:,} source examples excluded (by split: "
             + ", ".join(f"{s} {n:,}" for s, n in found["excluded_by_split"].items()) + ")")
-    spark = _spark(args)
-    o = p["options"]
-    log(f"[3/5] resample: {format_size(o['size'])} {args.matcher} -> {p['resample_dir']}")
-    stats = R.run(spark, R.ResampleJob(index=p["index"], weights=sio.join(p["weights_dir"], "weights.parquet"),
-                                       size=o["size"], matcher=o["matcher"], draw=o["draw"],
-                                       aggregate=o["aggregate"], seed=o["seed"], labels=p["labels"],
-                                       target=target.name, temperature=args.temperature, exclude=exclude,
-                                       output=p["resample_dir"], label_sets=p["label_sets"]))
-    log(f"[4/5] shards -> {p['shards_dir']}")
-    manifest = W.run(spark, W.ShardJob(selection=p["resample_dir"], index=p["index"], output=p["shards_dir"],
-                                       samples_per_shard=o["samples_per_shard"], seed=o["seed"],
-                                       allow_uri_prefixes=p["allow_uri_prefixes"], max_side=o.get("max_side"),
-                                       quality=o.get("quality")))
-    log("[5/5] verify")
-    report = V.verify(p["shards_dir"])
-    if not report.ok:
-        raise ValueError("verify failed: " + "; ".join(report.problems[:5]))
-    weights_summary = json.loads(sio.read_bytes(sio.join(p["weights_dir"], "summary.json")))
-    summary = {
-        "target": target.name, "source": p["source"], "shards": sio.join(p["shards_dir"], "manifest.json"),
-        "samples": manifest.total_samples, "unique_examples": manifest.unique_examples,
-        "shard_files": len(manifest.shards), "total_variation": stats["total_variation"],
-        "top_labels": [(t["name"], round(t["weight"], 4)) for t in weights_summary["top_labels"][:10]],
-        "weights": p["weights_dir"], "resample": p["resample_dir"], "seconds": round(time.time() - t0, 1),
-        "dedup": dedup and dedup["dir"], "excluded": excluded,
-    }
+    built = stages.build_set(p.set, engines)
+    summary = _summary(p, built, weights, excluded, time.time() - t0)
+    _describe(summary, log)
+    return summary
+
+
+def _summary(p: TargetRun, built: stages.BuiltSet, weights: dict, excluded: int, seconds: float) -> dict:
+    manifest = built.manifest
+    return {"target": p.target.name, "source": p.source, "shards": built.manifest_path,
+            "samples": manifest.total_samples, "unique_examples": manifest.unique_examples,
+            "shard_files": len(manifest.shards), "total_variation": built.stats["total_variation"],
+            "top_labels": [(t["name"], round(t["weight"], 4)) for t in weights["top_labels"][:10]],
+            "weights": p.weights.output, "resample": p.set.resample.output, "seconds": round(seconds, 1),
+            "dedup": p.dedup.output if p.dedup else None, "excluded": excluded}
+
+
+def _describe(summary: dict, log: Callable[[str], None]) -> None:
     log("")
     log(f"shards:   {summary['shards']}")
     log(f"samples:  {summary['samples']:,} in {summary['shard_files']} shards, "
         f"{summary['unique_examples']:,} unique examples (total variation {summary['total_variation']:.4f})")
     log("top labels by importance weight: " + ", ".join(f"{n} ({w:g})" for n, w in summary["top_labels"]))
-    return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # every argument is checked here, before any work
+    engines = stages.Engines(master=args.master, beam_args=("--runner", args.runner, *args.beam_arg))
     try:
-        run(args)
-    except (ValueError, FileNotFoundError) as e:
+        run(args, engines)
+    except (ValueError, OSError) as e:
         print(f"resample: error: {e}", file=sys.stderr)
         return 1
     finally:
-        if "session" in _SPARK:
-            _SPARK.pop("session").stop()
+        engines.stop()
     return 0
 
 

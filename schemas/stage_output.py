@@ -216,10 +216,13 @@ class StageOutput:
     def matches(self, fingerprint: Mapping[str, Any] | None) -> bool:
         """A finished result of this stage is there, made from ``fingerprint``
         (``None``: from anything)."""
-        if not self.is_complete():
-            return False
-        wanted = _fingerprint_record(fingerprint)
-        return wanted is None or (fingerprint_of(self.path) or {}).get("digest") == wanted["digest"]
+        return self.is_complete() and (fingerprint is None or self.made_from(fingerprint))
+
+    def made_from(self, fingerprint: Mapping[str, Any]) -> bool:
+        """This stage's output at ``path``, finished or not (e.g. a resumable
+        run's checkpoints), records ``fingerprint``."""
+        return stage_of(self.path) == self.stage and \
+            (fingerprint_of(self.path) or {}).get("digest") == _fingerprint_record(fingerprint)["digest"]
 
     def check(self, overwrite: bool = False, fingerprint: Mapping[str, Any] | None = None) -> bool:
         """The check before any work: ``True`` when this stage's finished

@@ -12,7 +12,6 @@ import pytest
 
 from adaptive_transfer.experiment import plan as P
 from adaptive_transfer.experiment.report import summarize_results
-from adaptive_transfer.experiment.runner import digest, reuse_or_build
 from adaptive_transfer.experiment.stats import binomial_sd, entropy_bits, paired_difference, summarize, t975
 from tests.helpers import ROOT
 
@@ -72,47 +71,62 @@ def test_plan_covers_every_target_and_arm_and_shares_target_free_sets():
     assert {r.init.size for r in main if r.init} == {P.FULL.size} and P.FULL.size < P.FULL.source.num_examples
 
 
-# -- fingerprinted reuse -------------------------------------------------------------------
+# -- the composed commands' reuse (adaptive_transfer.stages) ---------------------------------
 
 
 def _builder(calls):
     def build(path):
         calls.append(path)
-        os.makedirs(path)
         with open(os.path.join(path, "out.txt"), "w") as fh:
             fh.write(str(len(calls)))
     return build
 
 
+def _engines():
+    from adaptive_transfer.stages import Engines
+
+    return Engines(log=lambda m: None)
+
+
 def test_reuse_only_with_the_same_fingerprint(tmp_path):
-    calls = []
+    from adaptive_transfer.stages import generated
+
+    calls, e = [], _engines()
     path = str(tmp_path / "seed-0" / "entire")
-    d, reused = reuse_or_build(path, {"seed": 0}, _builder(calls), log=lambda m: None)
-    assert not reused and d == digest({"seed": 0}) and len(calls) == 1
-    assert reuse_or_build(path, {"seed": 0}, _builder(calls), log=lambda m: None)[1] is True
-    assert len(calls) == 1
-    # another seed (or any other setting) is never served the first one's output
-    _, reused = reuse_or_build(path, {"seed": 1}, _builder(calls), log=lambda m: None)
-    assert not reused and len(calls) == 2 and open(os.path.join(path, "out.txt")).read() == "2"
+    code = "adaptive_transfer.synthetic"
+    assert generated(path, "demo_source", {"seed": 0}, _builder(calls), code, "x", e) is False
+    assert len(calls) == 1 and (e.built, e.reused) == (1, 0)
+    assert generated(path, "demo_source", {"seed": 0}, _builder(calls), code, "x", e) is True
+    assert len(calls) == 1 and (e.built, e.reused) == (1, 1)
+    # another seed (or any other setting, or other code) is never served the first one's output:
+    # rebuilt aside, the old result replaced only once the new one is complete
+    assert generated(path, "demo_source", {"seed": 1}, _builder(calls), code, "x", e) is False
+    assert len(calls) == 2 and open(os.path.join(path, "out.txt")).read() == "2"
+    assert generated(path, "demo_source", {"seed": 1}, _builder(calls), "adaptive_transfer.real_data.split",
+                     "x", e) is False and len(calls) == 3
 
 
 def test_a_killed_build_is_rebuilt_and_foreign_directories_are_refused(tmp_path):
+    from adaptive_transfer.stages import generated
+
     path = str(tmp_path / "run")
+    code = "adaptive_transfer.synthetic"
 
     def crash(p):
-        os.makedirs(p)
+        open(os.path.join(p, "half.txt"), "w").close()
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        reuse_or_build(path, {"seed": 0}, crash, log=lambda m: None)
+        generated(path, "demo_source", {"seed": 0}, crash, code, "x", _engines())
+    assert sorted(os.listdir(tmp_path)) == []  # nothing half-made left, nothing taken for a result
     calls = []
-    _, reused = reuse_or_build(path, {"seed": 0}, _builder(calls), log=lambda m: None)
-    assert not reused and calls == [path]
+    assert generated(path, "demo_source", {"seed": 0}, _builder(calls), code, "x", _engines()) is False
+    assert len(calls) == 1
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "precious.txt").write_text("x")
-    with pytest.raises(ValueError, match="was not made by this experiment"):
-        reuse_or_build(str(foreign), {"seed": 0}, _builder([]), log=lambda m: None)
+    with pytest.raises(ValueError, match="was not written by demo_source"):
+        generated(str(foreign), "demo_source", {"seed": 0}, _builder([]), code, "x", _engines())
     assert (foreign / "precious.txt").read_text() == "x"
 
 
@@ -174,7 +188,7 @@ def test_verdicts_follow_the_intervals():
 
 def test_quick_mode_end_to_end_and_rerun_reuses(tmp_path):
     out = tmp_path / "exp"
-    cmd = [sys.executable, "-m", "adaptive_transfer.experiment", "--quick", "--out", str(out)]
+    cmd = [sys.executable, "-m", "adaptive_transfer.experiment", "--quick", "--output", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = out / "report"
@@ -204,11 +218,13 @@ def test_quick_mode_end_to_end_and_rerun_reuses(tmp_path):
     assert (report / "accuracy.png").stat().st_size > 0 and (report / "figure3.png").stat().st_size > 0
     assert {p.name for p in out.iterdir()} == {"data", "report", "seed-0"}
 
+    assert results["stages"]["built"] > 0
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    stage_lines = [line for line in again.stdout.splitlines() if ": reused" in line or line.rstrip().endswith(" s")]
-    assert stage_lines and all(line.endswith(": reused") for line in stage_lines), stage_lines[:5]
-    assert json.loads((report / "results.json").read_text())["runs"] == runs
+    rerun = json.loads((report / "results.json").read_text())
+    # every stage output is reused (the one reuse rule), and the records are the same
+    assert rerun["stages"] == {"built": 0, "reused": results["stages"]["built"] + results["stages"]["reused"]}
+    assert rerun["runs"] == runs
 
 
 #: The paired differences the report gives for every target: name -> (arm a, arm b), a - b.

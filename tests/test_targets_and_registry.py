@@ -128,6 +128,7 @@ def test_make_resample_orchestration_reuses_finished_stages(source_data, food_ta
     that finds everything done, and a new size that reuses the weights."""
     import torch
     from adaptive_transfer import resample as AR
+    from adaptive_transfer.stages import Engines
     from trainer.models import build_model, save_generalist
     from trainer.transforms import PreprocessSpec
 
@@ -147,12 +148,11 @@ def test_make_resample_orchestration_reuses_finished_stages(source_data, food_ta
     monkeypatch.setenv("ADAPTIVE_TRANSFER_CONFIGS", str(configs))
     monkeypatch.setenv("MODEL_DIR", str(tmp_path))
     args = AR.build_parser().parse_args(["--target", "mytarget", "--source", "mysource", "--size", "900",
-                                         "--matcher", "elastic", "--out", str(tmp_path / "out"),
-                                         "--samples-per-shard", "400", "--spark-master", "local[2]"])
-    # AR keeps the Spark session it uses in module state; give it its own for this test
-    # (restored afterwards: the test session's spark fixture owns the JVM).
-    monkeypatch.setattr(AR, "_SPARK", {}, raising=False)
-    first = AR.run(args, log=lambda line: None)
+                                         "--matcher", "elastic", "--output", str(tmp_path / "out"),
+                                         "--samples-per-shard", "400", "--master", "local[2]"])
+    # The stages' engines use the Spark session already active in this process, if any, and leave it running.
+    engines = Engines(master="local[2]", log=lambda line: None)
+    first = AR.run(args, engines)
     assert first["samples"] == 900 and first["unique_examples"] == 900 and first["shard_files"] == 3
     assert first["shards"].endswith("/shards/manifest.json") and "/mytarget/900-elastic-" in first["shards"]
     assert json.loads(sio.read_bytes(first["shards"]))["config"]["target"] == "mytarget"
@@ -178,18 +178,19 @@ def test_make_resample_orchestration_reuses_finished_stages(source_data, food_ta
     stages = {"weights": first["weights"], "dedup": first["dedup"], "resample": first["resample"],
               "shards": first["shards"].rsplit("/", 1)[0]}
     before = _identities(stages.values())
-    again = AR.run(args, log=lambda line: None)
+    again = AR.run(args, engines)
     assert again["shards"] == first["shards"] and _identities(stages.values()) == before
     # A new size and matcher: new selection and shards; weights and near-duplicates reused.
-    args.size, args.matcher = "1200", "same"
-    third = AR.run(args, log=lambda line: None)
+    args.size, args.matcher = 1200, "same"
+    third = AR.run(args, engines)
     assert third["samples"] == 1200 and third["shards"] != first["shards"] and third["resample"] != first["resample"]
     kept = [stages["weights"], stages["dedup"]]
     assert [third["weights"], third["dedup"]] == kept and _identities(kept) == {k: before[k] for k in kept}
     # DEDUP=0: another pre-training set (its own directory), nothing excluded.
     args.dedup = False
-    plain = AR.plan(args, log=lambda line: None)
-    assert plain["dedup"] is None and plain["resample_dir"] != third["resample"]
+    plain = AR.plan(args, engines)
+    assert plain.dedup is None and plain.set.resample.output != third["resample"]
+    engines.stop()
 
 
 def _identities(paths) -> dict:

@@ -29,7 +29,10 @@ from .data import TargetDataset
 from .evaluation import describe, evaluate
 from .models import checkpoint_fingerprint, load_finetuned
 
-__all__ = ["EvaluateJob", "build_parser", "job_from_args", "run", "main"]
+__all__ = ["EvaluateJob", "STAGE", "build_parser", "job_from_args", "run", "main"]
+
+#: The output protocol's name for this stage (``schemas.stage_output``).
+STAGE = "evaluate"
 
 
 @dataclass
@@ -88,7 +91,7 @@ def run(job: EvaluateJob) -> dict:
     # uint8 images, normalised on the device
     dataset = TargetDataset(job.target_root, job.target_layout, job.split, spec, train=False, normalise=False)
     fp = fingerprint(job, probe)
-    output, work, finished = RT.start_output(job.output, "evaluate", job.overwrite, info, fp)
+    output, work, finished = RT.start_output(job.output, STAGE, job.overwrite, info, fp)
     if finished is not None:
         return finished
     with RT.building(output, work):

@@ -50,7 +50,10 @@ from .models import (DEFAULT_INPUT_SIZE, build_model, checkpoint_fingerprint, lo
 from .optim import deepspeed_config, default_lr, default_warmup, make_optimizer, make_scheduler
 from .transforms import DECODE_SCALINGS, DEFAULT_DECODE_SCALING, PreprocessSpec, normalise_batch
 
-__all__ = ["FinetuneJob", "build_parser", "job_from_args", "index_batches", "run", "main"]
+__all__ = ["FinetuneJob", "STAGE", "build_parser", "job_from_args", "index_batches", "run", "main"]
+
+#: The output protocol's name for this stage (``schemas.stage_output``).
+STAGE = "finetune"
 
 
 @dataclass
@@ -275,7 +278,7 @@ def run(job: FinetuneJob) -> dict:
     info = RT.setup_distributed()
     plan = _plan(job)
     fp = fingerprint(job, plan)
-    output, work, finished = RT.start_output(job.output, "finetune", job.overwrite, info, fp)
+    output, work, finished = RT.start_output(job.output, STAGE, job.overwrite, info, fp)
     if finished is not None:
         return finished
     with RT.building(output, work):

@@ -64,7 +64,10 @@ from .optim import deepspeed_config, default_lr, default_warmup, make_optimizer,
 from .resume import differences, layout_change, saved_stream, stream_record
 from .transforms import DECODE_SCALINGS, DEFAULT_DECODE_SCALING, PreprocessSpec, normalise_batch
 
-__all__ = ["PretrainJob", "build_parser", "job_from_args", "settings", "run", "main"]
+__all__ = ["PretrainJob", "STAGE", "build_parser", "job_from_args", "settings", "run", "main"]
+
+#: The output protocol's name for this stage (``schemas.stage_output``).
+STAGE = "pretrain"
 
 
 @dataclass
@@ -356,7 +359,7 @@ def _prepare_output(job: PretrainJob, info: RT.DistInfo, node_local: bool, finge
     directory is checked to be what ``node_local`` says (one shared by every
     node, or each node's own); with ``node_local`` each other node's local
     rank 0 applies the same protocol to its node's own copy."""
-    output = StageOutput(job.output, "pretrain", in_place=True)
+    output = StageOutput(job.output, STAGE, in_place=True)
 
     def decide() -> int:
         if output.check(job.overwrite, fingerprint):

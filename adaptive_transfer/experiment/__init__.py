@@ -11,18 +11,19 @@ DeepSpeed pre-training and fine-tuning). Writes ``OUT/report/report.md``,
 
 ::
 
-    python -m adaptive_transfer.experiment [--out experiment_out] [--quick] [--seeds 0,1,2,3,4] [--torch-threads N]
+    python -m adaptive_transfer.experiment [--output experiment_out] [--quick] [--seeds 0,1,2,3,4] [--torch-threads N]
 
 ``--quick``: one seed, tiny sizes and steps (a few minutes; ``make test`` runs
 it). The full run takes about an hour on 2 cores; stages already finished
 with the same fingerprint are reused, so an interrupted run continues, and
-processes with disjoint ``--seeds`` can share one ``--out`` (then one run over
-all seeds reuses their work and writes the whole report).
+processes with disjoint ``--seeds`` can share one ``--output`` once its
+``data/`` is made (a stage another process is building is refused, never
+built twice; one run over all seeds then reuses their work and writes the
+whole report).
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import platform
@@ -30,11 +31,14 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from argparse import ArgumentTypeError
 from typing import Sequence
+
+from schemas.cli import ArgumentParser
 
 from .plan import FULL, QUICK
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser"]
 
 
 def _commit() -> str:
@@ -49,31 +53,36 @@ def _commit() -> str:
         return "unknown (not a git checkout)"
 
 
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m adaptive_transfer.experiment", description=__doc__)
+    p.add_argument("--output", default="experiment_out", help="outputs, per seed and arm (default experiment_out)")
+    p.add_argument("--quick", action="store_true", help="one seed, tiny sizes and steps")
+    p.add_argument("--seeds", type=_seeds, help="comma-separated seeds (default: 0-4, or 0 with --quick)")
+    p.add_argument("--master", default=None, help="Spark master (default local[*])")
+    p.add_argument("--torch-threads", type=int,
+                   help="torch's threads in this process (default torch's own). 1 when several runs share "
+                        "the cores, e.g. two processes with disjoint --seeds under one --output")
+    p.add_aliases({"--out": "--output", "--spark-master": "--master"})
+    return p
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise ArgumentTypeError(f"--seeds must be comma-separated integers, got {text!r}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m adaptive_transfer.experiment", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="experiment_out", help="outputs, per seed and arm (default experiment_out)")
-    ap.add_argument("--quick", action="store_true", help="one seed, tiny sizes and steps")
-    ap.add_argument("--seeds", help="comma-separated seeds (default: 0-4, or 0 with --quick)")
-    ap.add_argument("--spark-master", default=None, help="default local[*]")
-    ap.add_argument("--torch-threads", type=int,
-                    help="torch's threads in this process (default torch's own). 1 when several runs share "
-                         "the cores, e.g. two processes with disjoint --seeds under one --out")
-    args = ap.parse_args(argv)
+    args = build_parser().parse_args(argv)
     config = QUICK if args.quick else FULL
     if args.seeds:
-        try:
-            seeds = tuple(int(s) for s in args.seeds.split(","))
-        except ValueError:
-            ap.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
-        config = replace(config, seeds=seeds)
-
+        config = replace(config, seeds=args.seeds)
     if args.torch_threads:
         import torch
 
         torch.set_num_threads(args.torch_threads)
-    from spark_jobs.session import get_session
-
+    from .. import stages
     from .report import write_report
     from .runner import Experiment
 
@@ -82,22 +91,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.time() - t0:6.0f}s] {msg}", file=sys.__stdout__, flush=True)
 
-    spark = get_session("adaptive-transfer experiment", args.spark_master)
+    engines = stages.Engines(master=args.master, log=log)
     try:
-        exp = Experiment(config, args.out, spark, log)
+        exp = Experiment(config, args.output, engines)
         records = exp.run()
         generalist = {t.name: exp.generalist_facts(t.name) for t in config.targets}
         labels = generalist[config.targets[0].name]["labels"]
-        stages = {"built": exp.built, "reused": exp.reused}
+        built = {"built": exp.built, "reused": exp.reused}
+    except (ValueError, OSError) as e:
+        print(f"experiment: error: {e}", file=sys.stderr)
+        return 1
     finally:
-        spark.stop()
+        engines.stop()
     meta = {"command": " ".join(["python -m adaptive_transfer.experiment", *(argv if argv is not None else
                                                                               sys.argv[1:])]),
             "commit": _commit(), "config": config.to_json(), "generalist": generalist, "labels": labels,
             "finished": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "minutes": (time.time() - t0) / 60, "stages": stages,
+            "minutes": (time.time() - t0) / 60, "stages": built,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"}
-    report_dir = os.path.join(os.path.abspath(args.out), "report")
+    report_dir = os.path.join(os.path.abspath(args.output), "report")
     summary = write_report(report_dir, records, meta)
     for c in summary["claims"]:
         log(f"{c['claim']}: " + "; ".join(f"{t} {v}" for t, v in c["verdicts"].items()))

@@ -25,7 +25,10 @@ from . import checks, report
 from .draw import keyed, plan_and_draw
 from .weights import Weighting, label_weights_for, weigh_label_sets
 
-__all__ = ["ResampleJob", "DEFAULT_ROWS_PER_PARTITION", "read_index", "run"]
+__all__ = ["ResampleJob", "STAGE", "DEFAULT_ROWS_PER_PARTITION", "read_index", "run"]
+
+#: The output protocol's name for this stage (``schemas.stage_output``).
+STAGE = "resample"
 
 #: Candidate records per partition of the drawing stage (the whole partition
 #: is held in one Python worker's memory: ~170 bytes a record, measured).
@@ -129,7 +132,7 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
     is built aside and committed whole (``schemas.stage_output``)."""
     t0 = time.time()
     require_reachable_outputs(spark, {"--output": job.output, "--label-sets": job.label_sets}, job.shared_output)
-    output = StageOutput(job.output, "resample")
+    output = StageOutput(job.output, STAGE)
     for flag, path in (("--index", job.index), ("--weights", job.weights), ("--labels", job.labels),
                        ("--exclude", job.exclude)):
         if path:

@@ -7,7 +7,7 @@
 Checks ``_SUCCESS``, ``manifest.json``, that shard names are contiguous from
 0, and for every shard its size, sha256, sample count, and that each sample
 has exactly one image member of a known format whose structure is whole
-(``shards.image_problem``; with ``--decode``, that it decodes) and a
+(``schemas.shard_format.image_problem``; with ``--decode``, that it decodes) and a
 ``.json`` whose key and copy match the sample key. Shards are checked
 ``--workers`` at a time (threads; default: the machine's cores), with a
 progress line on stderr about every 10 s. Exits 0 when all is well;

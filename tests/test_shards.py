@@ -347,9 +347,9 @@ def test_fetch_tasks_take_contiguous_files_one_group_per_partition(spark):
         assert {r["k"]: r["p"] for r in rows} == {k: p for p, k in enumerate(keys)}
     assert W.contiguous_groups(10, 4).tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 3, 3]
     assert W.contiguous_groups(2, 4).tolist() == [0, 2]
-    from spark_jobs.write_shards import job as shard_job
-    assert shard_job._spark_file_path("file:///tmp/a%20b.parquet") == "file:/tmp/a%20b.parquet"
-    assert shard_job._spark_file_path("s3a://bucket/x.parquet") == "s3a://bucket/x.parquet"
+    from spark_jobs.write_shards import passes
+    assert passes.spark_file_path("file:///tmp/a%20b.parquet") == "file:/tmp/a%20b.parquet"
+    assert passes.spark_file_path("s3a://bucket/x.parquet") == "s3a://bucket/x.parquet"
 
 
 def test_rerun_and_incomplete_output(spark, resampled, tmp_path, capsys):
@@ -425,14 +425,14 @@ def test_shards_do_not_depend_on_buckets_or_fetch_tasks(spark, resampled, tmp_pa
     # fetch tasks only decide how the work is cut, never where a copy goes.
     source, sel_dir, _ = resampled
     digests = []
-    from spark_jobs.write_shards import job as shard_job, placement
+    from spark_jobs.write_shards import passes, placement
 
     # Nor does the join: the small index broadcast (the default here) or both sides shuffled.
     for buckets_per_shard, tasks_per_core, writer_bytes, broadcast in ((2, 2, 1 << 30, 1 << 20), (64, 1, 1, 0),
                                                                        (1, 5, 600_000, 1 << 20)):
         monkeypatch.setattr(placement, "BUCKETS_PER_SHARD", buckets_per_shard)
-        monkeypatch.setattr(shard_job, "FETCH_TASKS_PER_CORE", tasks_per_core)
-        monkeypatch.setattr(shard_job, "BROADCAST_INDEX_ROWS", broadcast)
+        monkeypatch.setattr(passes, "FETCH_TASKS_PER_CORE", tasks_per_core)
+        monkeypatch.setattr(passes, "BROADCAST_INDEX_ROWS", broadcast)
         # Spark would broadcast so small a side by itself: off, so that the shuffled join runs.
         spark.conf.set("spark.sql.autoBroadcastJoinThreshold", "10485760" if broadcast else "-1")
         out = str(tmp_path / f"b{buckets_per_shard}")

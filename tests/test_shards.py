@@ -382,6 +382,48 @@ def test_rerun_and_incomplete_output(spark, resampled, tmp_path, capsys):
     assert open(os.path.join(out, "notes.txt")).read() == "mine" and V.verify(out).ok
 
 
+def test_reuse_follows_the_fingerprint(spark, resampled, tmp_path, capsys):
+    from schemas.fingerprint import code_digest
+    from schemas.stage_output import fingerprint_of
+
+    source, sel_dir, _ = resampled
+    out = str(tmp_path / "shards")
+    job = W.ShardJob(selection=sel_dir, index=source.index_path, output=out, samples_per_shard=1000)
+    first = W.run(spark, job)
+    marker = open(os.path.join(out, "_STAGE")).read()
+    # Performance knobs leave the shards byte-identical: the finished result is reused, untouched.
+    faster = dataclasses.replace(job, fetch_tasks=1, read_bytes=1 << 20, run_bytes=1 << 20, writer_bytes=1 << 20,
+                                 spill_dir=str(tmp_path / "spill"))
+    fingerprint = job.fingerprint()
+    assert faster.fingerprint() == fingerprint and fingerprint["code"] == code_digest("spark_jobs.write_shards")
+    recorded = fingerprint_of(sel_dir)
+    assert fingerprint["selection"] == ({"resample": recorded["digest"]} if recorded else
+                                        {"listing": sio.listing_fingerprint(os.path.join(sel_dir, "selection"))})
+    capsys.readouterr()
+    assert W.run(spark, faster) == first and open(os.path.join(out, "_STAGE")).read() == marker
+    assert f"write_shards: {out} is complete (_SUCCESS); nothing to do" in capsys.readouterr().err
+    # What shapes the shards, or decides whether they are made: refused, naming it; nothing is touched.
+    before = {f: sio.file_sha256(os.path.join(out, f)) for f in os.listdir(out)}
+    for change, named in ((dict(samples_per_shard=900), "samples_per_shard"), (dict(seed=3), "seed"),
+                          (dict(prefix="train"), "prefix"), (dict(max_side=16), "max_side, quality"),
+                          (dict(decode_check=True), "decode_check"), (dict(max_bad_fraction=0.5), "max_bad_fraction"),
+                          (dict(allow_uri_prefixes=[str(tmp_path)]), "allowed_uri_prefixes")):
+        with pytest.raises(ValueError, match=f"made from other {named}; nothing there is deleted"):
+            W.run(spark, dataclasses.replace(job, **change))
+    assert {f: sio.file_sha256(os.path.join(out, f)) for f in os.listdir(out)} == before
+    # The resampler's recorded fingerprint, where it has one, stands for the selection.
+    copy = tmp_path / "resampled"
+    shutil.copytree(sel_dir, copy)
+    stage = json.load(open(copy / "_STAGE"))
+    stage["fingerprint"] = {"digest": "d" * 64, "settings": {}}
+    (copy / "_STAGE").write_text(json.dumps(stage))
+    assert dataclasses.replace(job, selection=str(copy)).fingerprint()["selection"] == {"resample": "d" * 64}
+    # --overwrite rebuilds from the new settings, and a rerun of those reuses it.
+    rebuilt = W.run(spark, dataclasses.replace(job, samples_per_shard=900, overwrite=True))
+    assert rebuilt.extra["samples_per_shard"] == 900 and len(rebuilt.shards) == math.ceil(rebuilt.total_samples / 900)
+    assert W.run(spark, dataclasses.replace(job, samples_per_shard=900)) == rebuilt
+
+
 @pytest.mark.slow
 def test_byte_identical_across_parallelism_and_task_failures(resampled, tmp_path):
     source, sel_dir, _ = resampled

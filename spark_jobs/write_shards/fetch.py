@@ -240,37 +240,51 @@ def fetched(table: pa.Table, bounds: np.ndarray, column: str,
         yield examples, [NOT_IN_INDEX] * len(examples), pa.nulls(len(examples), pa.binary())
     present = np.flatnonzero(~missing)
     if column == "image":
-        files = file_col.take(pa.array(present))
-        codes = pc.dictionary_encode(files).combine_chunks().indices.to_numpy(zero_copy_only=False)
-        rows = pc.fill_null(table.column("row"), -1).to_numpy()[first][present]
-        for start, end in zip(*runs_of(codes)):  # the examples of one file (sorted by file)
-            for examples, images in _read_inline(files[int(start)].as_py(), rows[start:end]):
-                items = pc.is_null(images).to_pylist()
-                yield present[examples + start], [None if null else True for null in items], images
+        yield from _inline_batches(table, first, present, file_col.take(pa.array(present)))
     else:
-        column = table.column("uri").take(pa.array(first))
-        by_uri = pc.sort_indices(pa.table({"uri": pc.fill_null(column.take(pa.array(present)), ""),
-                                           "at": pa.array(present)}),
-                                 sort_keys=[("uri", "ascending"), ("at", "ascending")])
-        order = present[by_uri.to_numpy()].tolist()  # by uri (none first), then position
-        uris = column.to_pylist()
-        from schemas.uri_policy import check_uris, read_target
+        yield from _uri_batches(table.column("uri").take(pa.array(first)), present, uri_prefixes)
 
-        for s in range(0, len(order), IMAGE_BATCH_ROWS):
-            chunk = order[s:s + IMAGE_BATCH_ROWS]
-            images = []
-            for i, verdict in zip(chunk, check_uris(uri_prefixes, [uris[i] for i in chunk])):
-                try:
-                    if not uris[i]:
-                        raise ValueError("no uri")
-                    if verdict.reason is not None:  # not fetched: a bad example, like an unreadable one
-                        images.append(verdict.reason)
-                        continue
-                    images.append(with_retries(lambda target=verdict.target: read_target(target)))
-                except Exception as e:  # noqa: BLE001 - a missing image is counted, not fatal
-                    images.append(f"unreadable uri {uris[i]!r}: {type(e).__name__}: {e}"[:300])
-            data = pa.array([x if isinstance(x, bytes) else None for x in images], pa.binary())
-            yield np.asarray(chunk, np.int64), [x if isinstance(x, str) else True for x in images], data
+
+def _inline_batches(table: pa.Table, first: np.ndarray, present: np.ndarray,
+                    files: pa.ChunkedArray) -> Iterator[tuple[np.ndarray, list, pa.Array]]:
+    """:func:`fetched`'s batches of an inline index: the ``present``
+    examples (their first rows at ``first[present]``, in ``files``, sorted by
+    file), file by file, by row."""
+    codes = pc.dictionary_encode(files).combine_chunks().indices.to_numpy(zero_copy_only=False)
+    rows = pc.fill_null(table.column("row"), -1).to_numpy()[first][present]
+    for start, end in zip(*runs_of(codes)):  # the examples of one file (sorted by file)
+        for examples, images in _read_inline(files[int(start)].as_py(), rows[start:end]):
+            items = pc.is_null(images).to_pylist()
+            yield present[examples + start], [None if null else True for null in items], images
+
+
+def _uri_batches(column: pa.ChunkedArray, present: np.ndarray,
+                 uri_prefixes: Sequence[str]) -> Iterator[tuple[np.ndarray, list, pa.Array]]:
+    """:func:`fetched`'s batches of a ``uri`` index: the ``present`` examples
+    (``column``: each example's uri) by uri, each read only where the policy
+    allows it."""
+    from schemas.uri_policy import check_uris, read_target
+
+    by_uri = pc.sort_indices(pa.table({"uri": pc.fill_null(column.take(pa.array(present)), ""),
+                                       "at": pa.array(present)}),
+                             sort_keys=[("uri", "ascending"), ("at", "ascending")])
+    order = present[by_uri.to_numpy()].tolist()  # by uri (none first), then position
+    uris = column.to_pylist()
+    for s in range(0, len(order), IMAGE_BATCH_ROWS):
+        chunk = order[s:s + IMAGE_BATCH_ROWS]
+        images = []
+        for i, verdict in zip(chunk, check_uris(uri_prefixes, [uris[i] for i in chunk])):
+            try:
+                if not uris[i]:
+                    raise ValueError("no uri")
+                if verdict.reason is not None:  # not fetched: a bad example, like an unreadable one
+                    images.append(verdict.reason)
+                    continue
+                images.append(with_retries(lambda target=verdict.target: read_target(target)))
+            except Exception as e:  # noqa: BLE001 - a missing image is counted, not fatal
+                images.append(f"unreadable uri {uris[i]!r}: {type(e).__name__}: {e}"[:300])
+        data = pa.array([x if isinstance(x, bytes) else None for x in images], pa.binary())
+        yield np.asarray(chunk, np.int64), [x if isinstance(x, str) else True for x in images], data
 
 
 def reencoded(items: list, views: list, max_side: int, quality: int, totals: np.ndarray) -> tuple[list, list]:

@@ -29,7 +29,8 @@ from schemas import io as sio
 from .placement import coalesce_ranges
 
 __all__ = ["SpillWriter", "read_ranges", "release_ranges", "spread_name", "PAGE", "with_retries", "is_transient",
-           "no_space", "NO_SPACE_ERRNOS", "READ_ATTEMPTS", "reset_peak_rss", "peak_rss", "gc_paused", "without_gc", "TASK_GC_THRESHOLD"]
+           "no_space", "NO_SPACE_ERRNOS", "READ_ATTEMPTS", "reset_peak_rss", "peak_rss", "gc_paused", "without_gc",
+           "TASK_GC_THRESHOLD"]
 
 T = TypeVar("T")
 

@@ -54,7 +54,23 @@ def _source(module: str) -> tuple[str, bool] | None:
         if os.path.isfile(candidate):
             with open(candidate, encoding="utf-8") as fh:
                 return fh.read(), is_package
-    return None
+    return _zipped_source(path)
+
+
+def _zipped_source(path: str) -> tuple[str, bool] | None:
+    """(source text, is a package) of the module at ``path`` (no ``.py``)
+    inside a zip archive on ``sys.path``, e.g. ``spark-submit --py-files
+    code.zip`` (read from the archive, nothing imported); ``None`` when there
+    is no such module there."""
+    import zipimport
+
+    parent, name = os.path.split(path)
+    try:
+        importer = zipimport.zipimporter(parent)
+        source = importer.get_source(name)
+        return (source, importer.is_package(name)) if source is not None else None
+    except (zipimport.ZipImportError, OSError):
+        return None
 
 
 def _strip_docstrings(tree: ast.AST) -> ast.AST:

@@ -7,7 +7,7 @@
 Checks ``_SUCCESS``, ``manifest.json``, that shard names are contiguous from
 0, and for every shard its size, sha256, sample count, and that each sample
 has exactly one image member of a known format whose structure is whole
-(``shards.image_problem``; with ``--decode``, that it decodes) and a
+(``schemas.shard_format.image_problem``; with ``--decode``, that it decodes) and a
 ``.json`` whose key and copy match the sample key. Shards are checked
 ``--workers`` at a time (threads; default: the machine's cores), with a
 progress line on stderr about every 10 s. Exits 0 when all is well;
@@ -16,7 +16,6 @@ otherwise 1, naming the damaged shard(s).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -29,12 +28,12 @@ from typing import Sequence
 
 from schemas import Manifest
 from schemas import io as sio
+from schemas.cli import ArgumentParser
 from schemas.shard_format import (IMAGE_EXTENSIONS, SHARD_NAME_RE, decode_problem, extension_matches, image_problem,
                                   parse_sample_key, read_tar_samples, shard_name)
 from schemas.stage_output import is_complete
 
 __all__ = ["VerifyReport", "verify", "main"]
-
 
 
 @dataclass
@@ -64,33 +63,54 @@ class _HashingReader:
         return data
 
 
+def _unreadable(what: str, path: str, error: OSError) -> str:
+    """A problem line for a file that cannot be opened or listed (e.g. no permission)."""
+    return f"{what}: cannot be read: {error.strerror or type(error).__name__} ({path})"
+
+
+def _sample_problems(name: str, key: str, members: dict, decode: bool) -> list[str]:
+    """Problems of one sample of shard ``name``: not exactly one image member
+    and a ``.json``, an image whose bytes are not of its extension's format or
+    whose structure is cut (with ``decode``: that does not decode), a
+    ``.json`` whose key and copy are not the sample key's."""
+    images = [e for e in members if e in IMAGE_EXTENSIONS]
+    if len(images) != 1 or "json" not in members or len(members) != 2:
+        return [f"{name}: sample {key!r} has members {sorted(members)}"]
+    problems = []
+    data = members[images[0]]
+    if not extension_matches(images[0], data):
+        problems.append(f"{name}: sample {key!r} .{images[0]} is not a {images[0]} image")
+    else:
+        problem = decode_problem(data) if decode else image_problem(data)
+        if problem:
+            problems.append(f"{name}: sample {key!r} .{images[0]}: {problem}")
+    meta = json.loads(members["json"])
+    source, copy = parse_sample_key(key)
+    if meta.get("key") != source or meta.get("copy") != copy:
+        problems.append(f"{name}: sample {key!r} json says key {meta.get('key')!r} copy {meta.get('copy')!r}")
+    return problems
+
+
 def _check_shard(path: str, name: str, expected, decode: bool = False) -> tuple[int, list[str]]:
+    """``(samples, problems)`` of the shard at ``path`` against its manifest
+    entry ``expected``: each sample (:func:`_sample_problems`), then its
+    size, sha256 and sample count; a shard that is missing, cannot be opened
+    or is not a whole tar is one problem."""
     problems = []
     fs, p = sio.filesystem(path)
     if not fs.exists(p):
         return 0, [f"{name}: missing"]
     n = 0
-    with fs.open(p, "rb") as fh:
+    try:
+        opened = fs.open(p, "rb")
+    except OSError as e:
+        return 0, [_unreadable(name, path, e)]
+    with opened as fh:
         reader = _HashingReader(fh)
         try:
             for key, members in read_tar_samples(reader):
                 n += 1
-                images = [e for e in members if e in IMAGE_EXTENSIONS]
-                if len(images) != 1 or "json" not in members or len(members) != 2:
-                    problems.append(f"{name}: sample {key!r} has members {sorted(members)}")
-                    continue
-                data = members[images[0]]
-                if not extension_matches(images[0], data):
-                    problems.append(f"{name}: sample {key!r} .{images[0]} is not a {images[0]} image")
-                else:
-                    problem = decode_problem(data) if decode else image_problem(data)
-                    if problem:
-                        problems.append(f"{name}: sample {key!r} .{images[0]}: {problem}")
-                meta = json.loads(members["json"])
-                source, copy = parse_sample_key(key)
-                if meta.get("key") != source or meta.get("copy") != copy:
-                    problems.append(f"{name}: sample {key!r} json says key {meta.get('key')!r} copy "
-                                    f"{meta.get('copy')!r}")
+                problems += _sample_problems(name, key, members, decode)
             while reader.read(1 << 20):  # hash the tar's trailing padding too
                 pass
         except Exception as e:  # noqa: BLE001 - any unreadable tar is damage to report
@@ -102,6 +122,18 @@ def _check_shard(path: str, name: str, expected, decode: bool = False) -> tuple[
     if n != expected.samples:
         problems.append(f"{name}: {n} samples, manifest says {expected.samples}")
     return n, problems
+
+
+def _unlisted_shards(directory: str, listed: set[str]) -> list[str]:
+    """Problems: shard files in ``directory`` that the manifest does not list
+    (or that the directory cannot be listed)."""
+    fs, p = sio.filesystem(directory)
+    try:
+        names = [f.rstrip("/").rsplit("/", 1)[-1] for f in fs.ls(p, detail=False)]
+    except OSError as e:
+        return [_unreadable("the directory", directory, e)]
+    return [f"{base}: a shard not in the manifest" for base in names
+            if SHARD_NAME_RE.match(base) and base not in listed]
 
 
 def verify(directory: str, decode: bool = False, workers: int | None = None, progress=None,
@@ -119,6 +151,9 @@ def verify(directory: str, decode: bool = False, workers: int | None = None, pro
     except FileNotFoundError:
         report.problems.append(f"{manifest_path}: missing")
         return report
+    except OSError as e:
+        report.problems.append(_unreadable("manifest.json", manifest_path, e))
+        return report
     except ValueError as e:
         report.problems.append(str(e))
         return report
@@ -126,12 +161,7 @@ def verify(directory: str, decode: bool = False, workers: int | None = None, pro
     for i, s in enumerate(manifest.shards):
         if s.name != shard_name(prefix, i):
             report.problems.append(f"manifest: shard {i} is named {s.name!r}, expected {shard_name(prefix, i)!r}")
-    fs, p = sio.filesystem(directory)
-    listed = {s.name for s in manifest.shards}
-    for f in fs.ls(p, detail=False):
-        base = f.rstrip("/").rsplit("/", 1)[-1]
-        if SHARD_NAME_RE.match(base) and base not in listed:
-            report.problems.append(f"{base}: a shard not in the manifest")
+    report.problems += _unlisted_shards(directory, {s.name for s in manifest.shards})
     lock = threading.Lock()
     state = {"done": 0, "samples": 0, "last": time.monotonic()}
 
@@ -157,8 +187,7 @@ def verify(directory: str, decode: bool = False, workers: int | None = None, pro
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m spark_jobs.verify", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="python -m spark_jobs.verify", description=__doc__)
     ap.add_argument("directory")
     ap.add_argument("--decode", action="store_true", help="decode every image (slower: about 1 ms per image)")
     ap.add_argument("--workers", type=int, help="shards checked at a time (default: the machine's cores)")

@@ -14,7 +14,7 @@ import pytest
 from schemas import SchemaError
 from spark_jobs import write_shards as W
 from spark_jobs.write_shards import fetch as F
-from spark_jobs.write_shards import job as J
+from spark_jobs.write_shards import spill_policy as SP
 from spark_jobs.write_shards.spill import spread_name
 
 GiB = 1 << 30
@@ -22,20 +22,20 @@ GiB = 1 << 30
 
 def test_spill_location_rules():
     # Given: always that.
-    assert J.spill_location("hdfs:///tmp/s", "s3://b/out", False, 10 ** 15, None) == "given"
+    assert SP.spill_location("hdfs:///tmp/s", "s3://b/out", False, 10 ** 15, None) == "given"
     # Local mode: memory when the spill fits a quarter of what is free, else beside the output.
-    assert J.spill_location(None, "/data/out", True, 2 * GiB, 8 * GiB) == "memory"
-    assert J.spill_location(None, "/data/out", True, 2 * GiB + 1, 8 * GiB) == "output"
-    assert J.spill_location(None, "/data/out", True, None, 8 * GiB) == "output"  # size unknown
-    assert J.spill_location(None, "/data/out", True, 1, None) == "output"  # no tmpfs
+    assert SP.spill_location(None, "/data/out", True, 2 * GiB, 8 * GiB) == "memory"
+    assert SP.spill_location(None, "/data/out", True, 2 * GiB + 1, 8 * GiB) == "output"
+    assert SP.spill_location(None, "/data/out", True, None, 8 * GiB) == "output"  # size unknown
+    assert SP.spill_location(None, "/data/out", True, 1, None) == "output"  # no tmpfs
     # A cluster never spills to memory (one host's), and never silently puts a large spill on an object store.
-    assert J.spill_location(None, "/shared/out", False, 1, 64 * GiB) == "output"
-    assert J.spill_location(None, "s3://b/out", False, J.OBJECT_STORE_SPILL_LIMIT, None) == "output"
-    assert J.spill_location(None, "s3://b/out", False, None, None) == "output"  # unknown: said, not refused
-    assert J.spill_location(None, "hdfs:///out", False, 10 ** 15, None) == "output"  # the cluster's own disks
+    assert SP.spill_location(None, "/shared/out", False, 1, 64 * GiB) == "output"
+    assert SP.spill_location(None, "s3://b/out", False, SP.OBJECT_STORE_SPILL_LIMIT, None) == "output"
+    assert SP.spill_location(None, "s3://b/out", False, None, None) == "output"  # unknown: said, not refused
+    assert SP.spill_location(None, "hdfs:///out", False, 10 ** 15, None) == "output"  # the cluster's own disks
     with pytest.raises(ValueError, match="about 256 GiB.*s3://b/out/_temporary on the object store: give --spill-dir"):
-        J.spill_location(None, "s3://b/out", False, J.OBJECT_STORE_SPILL_LIMIT + 1, None)
-    assert [J.is_object_store(p) for p in ("s3a://b/x", "gs://b", "GS://b", "hdfs://nn/x", "file:///x", "/x")] == \
+        SP.spill_location(None, "s3://b/out", False, SP.OBJECT_STORE_SPILL_LIMIT + 1, None)
+    assert [SP.is_object_store(p) for p in ("s3a://b/x", "gs://b", "GS://b", "hdfs://nn/x", "file:///x", "/x")] == \
         [True, True, True, False, False, False]
 
 
@@ -139,28 +139,28 @@ def test_fetch_in_small_chunks_gives_the_same_rows(tmp_path):
     assert all(image == images[int(k[1:])] for (k, _), (image, *_) in got.items())
 
 
-@pytest.mark.skipif((J._memory_free() or 0) < 1 << 30, reason="needs a tmpfs at /dev/shm with 1 GiB free")
+@pytest.mark.skipif((SP.memory_free() or 0) < 1 << 30, reason="needs a tmpfs at /dev/shm with 1 GiB free")
 def test_memory_spill_is_used_in_local_mode_and_leaves_nothing(spark, resampled, tmp_path):
     import fcntl
 
     source, sel_dir, _ = resampled
     # A killed run's spill (its lock file free) is removed; a running one's (lock held) is kept.
-    stale, held = (os.path.join(J.MEMORY_SPILL_DIR, f"{J.MemorySpill.PREFIX}0-{name}") for name in ("stale", "held"))
+    stale, held = (os.path.join(SP.MEMORY_SPILL_DIR, f"{SP.MemorySpill.PREFIX}0-{name}") for name in ("stale", "held"))
     for path in (stale, held):
         os.makedirs(os.path.join(path, "ab"), exist_ok=True)
         open(os.path.join(path, "ab", "spill-x.bin"), "wb").write(b"x" * 100)
-        open(os.path.join(path, J.MemorySpill.LOCK), "wb").close()
-    lock = os.open(os.path.join(held, J.MemorySpill.LOCK), os.O_RDWR)
+        open(os.path.join(path, SP.MemorySpill.LOCK), "wb").close()
+    lock = os.open(os.path.join(held, SP.MemorySpill.LOCK), os.O_RDWR)
     fcntl.flock(lock, fcntl.LOCK_EX)
-    ours = f"{J.MemorySpill.PREFIX}{os.getpid()}-"
+    ours = f"{SP.MemorySpill.PREFIX}{os.getpid()}-"
     m = W.run(spark, W.ShardJob(selection=sel_dir, index=source.index_path, output=str(tmp_path / "m"),
                                 samples_per_shard=300))
     assert m.extra["spill"]["location"] == "memory"
     assert m.extra["spill"]["released_while_writing"] > 0
     assert not os.path.exists(stale) and os.path.exists(os.path.join(held, "ab", "spill-x.bin"))
     os.close(lock)
-    assert J.MemorySpill.remove_stale() == [held]
-    assert not [e for e in os.listdir(J.MEMORY_SPILL_DIR) if e.startswith(ours)]  # this run's, removed
+    assert SP.MemorySpill.remove_stale() == [held]
+    assert not [e for e in os.listdir(SP.MEMORY_SPILL_DIR) if e.startswith(ours)]  # this run's, removed
     given = W.run(spark, W.ShardJob(selection=sel_dir, index=source.index_path, output=str(tmp_path / "g"),
                                     samples_per_shard=300, spill_dir=str(tmp_path / "spill")))
     assert given.extra["spill"]["location"] == "given" and os.listdir(tmp_path / "spill") == []

@@ -350,9 +350,9 @@ def test_fetch_tasks_take_contiguous_files_one_group_per_partition(spark):
         assert {r["k"]: r["p"] for r in rows} == {k: p for p, k in enumerate(keys)}
     assert W.contiguous_groups(10, 4).tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 3, 3]
     assert W.contiguous_groups(2, 4).tolist() == [0, 2]
-    from spark_jobs.write_shards import job as shard_job
-    assert shard_job._spark_file_path("file:///tmp/a%20b.parquet") == "file:/tmp/a%20b.parquet"
-    assert shard_job._spark_file_path("s3a://bucket/x.parquet") == "s3a://bucket/x.parquet"
+    from spark_jobs.write_shards import passes
+    assert passes.spark_file_path("file:///tmp/a%20b.parquet") == "file:/tmp/a%20b.parquet"
+    assert passes.spark_file_path("s3a://bucket/x.parquet") == "s3a://bucket/x.parquet"
 
 
 def test_rerun_and_incomplete_output(spark, resampled, tmp_path, capsys):
@@ -383,6 +383,48 @@ def test_rerun_and_incomplete_output(spark, resampled, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"holds notes.txt, which write_shards did not write"):
         W.run(spark, dataclasses.replace(job, overwrite=True))
     assert open(os.path.join(out, "notes.txt")).read() == "mine" and V.verify(out).ok
+
+
+def test_reuse_follows_the_fingerprint(spark, resampled, tmp_path, capsys):
+    from schemas.fingerprint import code_digest
+    from schemas.stage_output import fingerprint_of
+
+    source, sel_dir, _ = resampled
+    out = str(tmp_path / "shards")
+    job = W.ShardJob(selection=sel_dir, index=source.index_path, output=out, samples_per_shard=1000)
+    first = W.run(spark, job)
+    marker = open(os.path.join(out, "_STAGE")).read()
+    # Performance knobs leave the shards byte-identical: the finished result is reused, untouched.
+    faster = dataclasses.replace(job, fetch_tasks=1, read_bytes=1 << 20, run_bytes=1 << 20, writer_bytes=1 << 20,
+                                 spill_dir=str(tmp_path / "spill"))
+    fingerprint = job.fingerprint()
+    assert faster.fingerprint() == fingerprint and fingerprint["code"] == code_digest("spark_jobs.write_shards")
+    recorded = fingerprint_of(sel_dir)
+    assert fingerprint["selection"] == ({"resample": recorded["digest"]} if recorded else
+                                        {"listing": sio.listing_fingerprint(os.path.join(sel_dir, "selection"))})
+    capsys.readouterr()
+    assert W.run(spark, faster) == first and open(os.path.join(out, "_STAGE")).read() == marker
+    assert f"write_shards: {out} is complete (_SUCCESS); nothing to do" in capsys.readouterr().err
+    # What shapes the shards, or decides whether they are made: refused, naming it; nothing is touched.
+    before = {f: sio.file_sha256(os.path.join(out, f)) for f in os.listdir(out)}
+    for change, named in ((dict(samples_per_shard=900), "samples_per_shard"), (dict(seed=3), "seed"),
+                          (dict(prefix="train"), "prefix"), (dict(max_side=16), "max_side, quality"),
+                          (dict(decode_check=True), "decode_check"), (dict(max_bad_fraction=0.5), "max_bad_fraction"),
+                          (dict(allow_uri_prefixes=[str(tmp_path)]), "allowed_uri_prefixes")):
+        with pytest.raises(ValueError, match=f"made from other {named}; nothing there is deleted"):
+            W.run(spark, dataclasses.replace(job, **change))
+    assert {f: sio.file_sha256(os.path.join(out, f)) for f in os.listdir(out)} == before
+    # The resampler's recorded fingerprint, where it has one, stands for the selection.
+    copy = tmp_path / "resampled"
+    shutil.copytree(sel_dir, copy)
+    stage = json.load(open(copy / "_STAGE"))
+    stage["fingerprint"] = {"digest": "d" * 64, "settings": {}}
+    (copy / "_STAGE").write_text(json.dumps(stage))
+    assert dataclasses.replace(job, selection=str(copy)).fingerprint()["selection"] == {"resample": "d" * 64}
+    # --overwrite rebuilds from the new settings, and a rerun of those reuses it.
+    rebuilt = W.run(spark, dataclasses.replace(job, samples_per_shard=900, overwrite=True))
+    assert rebuilt.extra["samples_per_shard"] == 900 and len(rebuilt.shards) == math.ceil(rebuilt.total_samples / 900)
+    assert W.run(spark, dataclasses.replace(job, samples_per_shard=900)) == rebuilt
 
 
 @pytest.mark.slow
@@ -428,14 +470,14 @@ def test_shards_do_not_depend_on_buckets_or_fetch_tasks(spark, resampled, tmp_pa
     # fetch tasks only decide how the work is cut, never where a copy goes.
     source, sel_dir, _ = resampled
     digests = []
-    from spark_jobs.write_shards import job as shard_job, placement
+    from spark_jobs.write_shards import passes, placement
 
     # Nor does the join: the small index broadcast (the default here) or both sides shuffled.
     for buckets_per_shard, tasks_per_core, writer_bytes, broadcast in ((2, 2, 1 << 30, 1 << 20), (64, 1, 1, 0),
                                                                        (1, 5, 600_000, 1 << 20)):
         monkeypatch.setattr(placement, "BUCKETS_PER_SHARD", buckets_per_shard)
-        monkeypatch.setattr(shard_job, "FETCH_TASKS_PER_CORE", tasks_per_core)
-        monkeypatch.setattr(shard_job, "BROADCAST_INDEX_ROWS", broadcast)
+        monkeypatch.setattr(passes, "FETCH_TASKS_PER_CORE", tasks_per_core)
+        monkeypatch.setattr(passes, "BROADCAST_INDEX_ROWS", broadcast)
         # Spark would broadcast so small a side by itself: off, so that the shuffled join runs.
         spark.conf.set("spark.sql.autoBroadcastJoinThreshold", "10485760" if broadcast else "-1")
         out = str(tmp_path / f"b{buckets_per_shard}")

@@ -369,6 +369,30 @@ def test_code_digest_follows_imports_and_ignores_docstrings(tmp_path, monkeypatc
     fp._module_facts.cache_clear()
 
 
+def test_code_digest_of_code_run_from_a_zip_equals_the_files(tmp_path):
+    # spark-submit --py-files code.zip (the Makefile's spark-env): the driver imports
+    # the project from the archive; the digest reads the same code there.
+    import pathlib
+    import zipfile
+
+    from schemas.fingerprint import code_digest
+    from tests.helpers import ROOT
+
+    code = tmp_path / "code.zip"
+    with zipfile.ZipFile(code, "w", zipfile.ZIP_DEFLATED) as z:
+        for d in ("schemas", "spark_jobs"):
+            for f in sorted(pathlib.Path(ROOT, d).rglob("*.py")):
+                z.write(f, f.relative_to(ROOT))
+    script = ("import importlib.util; from schemas.fingerprint import code_digest; "
+              "print(importlib.util.find_spec('spark_jobs').origin); print(code_digest('spark_jobs.write_shards'))")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(code)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    origin, digest = proc.stdout.split()
+    assert origin == str(code / "spark_jobs" / "__init__.py")  # the archive's code, not the files'
+    assert digest == code_digest("spark_jobs.write_shards")
+
+
 def test_renamed_flags_keep_their_old_spelling_hidden_with_a_note(capsys):
     from schemas.cli import ArgumentParser
 

@@ -1,4 +1,4 @@
-"""Write WebDataset tar shards from a resampler selection (DESIGN.md §3).
+"""Write WebDataset tar shards from a resampler selection (docs/design.md, "Shards").
 
 ::
 
@@ -45,11 +45,20 @@ A writer's reads and memory depend on the shards it writes, never on the
 total: it reads the bytes of its own images (plus nothing), in as many ranged
 reads as it has images (fewer where they touch), and holds its copy rows plus
 ``read_bytes`` of images.
+
+The modules: ``job.py`` (:class:`ShardJob`, the input checks, :func:`run`
+through the output protocol), ``cli.py`` (the command line), ``footers.py``
+(facts from Parquet footers), ``spill_policy.py`` (where the spill goes, and
+why), ``context.py`` (what a run carries to its passes), ``passes.py`` (the
+Spark plan: fetch, checks, write), ``manifest.py``; the tasks ``fetch.py``
+and ``write.py``, ``spill.py`` (spill files, ranged reads) and
+``placement.py`` (pure numpy).
 """
 
+from .cli import build_parser, main
 from .fetch import DUPLICATE, FETCHED_SCHEMA, NOT_IN_INDEX, FetchTask, fetch_partition
-from .job import (FETCH_TASKS_PER_CORE, SPILL_FILE_BYTES, WRITER_BYTES, WRITERS_PER_CORE, ShardJob,
-                  build_parser, main, resolve_selection, run)
+from .job import SPILL_FILE_BYTES, WRITER_BYTES, ShardJob, resolve_selection, run
+from .passes import FETCH_TASKS_PER_CORE, WRITERS_PER_CORE
 from .placement import (BUCKETS_PER_SHARD, MAX_BUCKET_BITS, bucket_bits, bucket_of, bucket_starts, bucket_writers,
                         coalesce_ranges, contiguous_groups, hash_order, partition_keys, shards_per_writer,
                         spark_hash_int, writer_span)

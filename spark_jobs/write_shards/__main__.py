@@ -1,6 +1,6 @@
 """``python -m spark_jobs.write_shards``."""
 
-from .job import main
+from .cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

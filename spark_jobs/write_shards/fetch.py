@@ -15,7 +15,7 @@ image bytes it spilled and what it re-encoded.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -24,12 +24,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from schemas import io as sio
-
-from ..session import inject_failure, task_attempt_id
 from schemas.shard_format import decode_problem, image_extension, image_problem
+
 from ..reencode import reencode_image
+from ..session import inject_failure, task_attempt_id
 from .placement import bucket_of, concat_ranges, runs_of
-from .spill import PAGE, SpillWriter, peak_rss, reset_peak_rss, spread_name, with_retries, without_gc
+from .spill import PAGE, SpillWriter, no_space, peak_rss, reset_peak_rss, spread_name, with_retries, without_gc
 
 __all__ = ["FetchTask", "fetch_partition", "FETCHED_SCHEMA", "ROWS_ARROW", "DUPLICATE", "NOT_IN_INDEX",
            "IMAGE_BATCH_ROWS", "CHUNK_ROWS", "binary_views", "verdicts", "example_chunks"]
@@ -45,15 +45,17 @@ DUPLICATE = "in more than one selection row"
 #: The ``reason`` of a selected key the index does not hold.
 NOT_IN_INDEX = "not in the source index"
 
+#: A fetch task's row; ``error``: why it stopped (a write found no room), else null.
 FETCHED_SCHEMA = ("rows_path string, copies long, buckets array<int>, counts array<long>, "
                   "bad_keys array<string>, bad_reasons array<string>, bad_copies array<long>, "
-                  "task_rss long, task_spilled long, reencoded array<long>")
+                  "task_rss long, task_spilled long, reencoded array<long>, error string")
 
 #: A good copy's row: the sample's fields and where its image is in the spill.
 ROWS_ARROW = pa.schema([("key", pa.string()), ("copy", pa.int32()), ("h", pa.int64()),
                         ("labels", pa.list_(pa.int32())), ("weight", pa.float64()), ("ext", pa.string()),
                         ("path", pa.string()), ("offset", pa.int64()), ("length", pa.int64()),
                         ("copies", pa.int32())])
+
 
 @dataclass(frozen=True)
 class FetchTask:
@@ -98,7 +100,7 @@ def verdicts(items: Sequence, views: Sequence, decode: bool = False) -> tuple[li
     """``(extension or None, reason or None)`` of fetched items: ``items[i]``
     is why image i could not be read (a string), ``None`` (no bytes), or
     anything else when ``views[i]`` holds its bytes, which are then checked
-    (:func:`shards.image_problem`, or with ``decode`` a full decode)."""
+    (:func:`schemas.shard_format.image_problem`, or with ``decode`` a full decode)."""
     exts, reasons = [], []
     check = decode_problem if decode else image_problem
     for item, view in zip(items, views):
@@ -238,42 +240,56 @@ def fetched(table: pa.Table, bounds: np.ndarray, column: str,
         yield examples, [NOT_IN_INDEX] * len(examples), pa.nulls(len(examples), pa.binary())
     present = np.flatnonzero(~missing)
     if column == "image":
-        files = file_col.take(pa.array(present))
-        codes = pc.dictionary_encode(files).combine_chunks().indices.to_numpy(zero_copy_only=False)
-        rows = pc.fill_null(table.column("row"), -1).to_numpy()[first][present]
-        for start, end in zip(*runs_of(codes)):  # the examples of one file (sorted by file)
-            for examples, images in _read_inline(files[int(start)].as_py(), rows[start:end]):
-                items = pc.is_null(images).to_pylist()
-                yield present[examples + start], [None if null else True for null in items], images
+        yield from _inline_batches(table, first, present, file_col.take(pa.array(present)))
     else:
-        column = table.column("uri").take(pa.array(first))
-        by_uri = pc.sort_indices(pa.table({"uri": pc.fill_null(column.take(pa.array(present)), ""),
-                                           "at": pa.array(present)}),
-                                 sort_keys=[("uri", "ascending"), ("at", "ascending")])
-        order = present[by_uri.to_numpy()].tolist()  # by uri (none first), then position
-        uris = column.to_pylist()
-        from schemas.uri_policy import check_uris, read_target
+        yield from _uri_batches(table.column("uri").take(pa.array(first)), present, uri_prefixes)
 
-        for s in range(0, len(order), IMAGE_BATCH_ROWS):
-            chunk = order[s:s + IMAGE_BATCH_ROWS]
-            images = []
-            for i, verdict in zip(chunk, check_uris(uri_prefixes, [uris[i] for i in chunk])):
-                try:
-                    if not uris[i]:
-                        raise ValueError("no uri")
-                    if verdict.reason is not None:  # not fetched: a bad example, like an unreadable one
-                        images.append(verdict.reason)
-                        continue
-                    images.append(with_retries(lambda target=verdict.target: read_target(target)))
-                except Exception as e:  # noqa: BLE001 - a missing image is counted, not fatal
-                    images.append(f"unreadable uri {uris[i]!r}: {type(e).__name__}: {e}"[:300])
-            data = pa.array([x if isinstance(x, bytes) else None for x in images], pa.binary())
-            yield np.asarray(chunk, np.int64), [x if isinstance(x, str) else True for x in images], data
+
+def _inline_batches(table: pa.Table, first: np.ndarray, present: np.ndarray,
+                    files: pa.ChunkedArray) -> Iterator[tuple[np.ndarray, list, pa.Array]]:
+    """:func:`fetched`'s batches of an inline index: the ``present``
+    examples (their first rows at ``first[present]``, in ``files``, sorted by
+    file), file by file, by row."""
+    codes = pc.dictionary_encode(files).combine_chunks().indices.to_numpy(zero_copy_only=False)
+    rows = pc.fill_null(table.column("row"), -1).to_numpy()[first][present]
+    for start, end in zip(*runs_of(codes)):  # the examples of one file (sorted by file)
+        for examples, images in _read_inline(files[int(start)].as_py(), rows[start:end]):
+            items = pc.is_null(images).to_pylist()
+            yield present[examples + start], [None if null else True for null in items], images
+
+
+def _uri_batches(column: pa.ChunkedArray, present: np.ndarray,
+                 uri_prefixes: Sequence[str]) -> Iterator[tuple[np.ndarray, list, pa.Array]]:
+    """:func:`fetched`'s batches of a ``uri`` index: the ``present`` examples
+    (``column``: each example's uri) by uri, each read only where the policy
+    allows it."""
+    from schemas.uri_policy import check_uris, read_target
+
+    by_uri = pc.sort_indices(pa.table({"uri": pc.fill_null(column.take(pa.array(present)), ""),
+                                       "at": pa.array(present)}),
+                             sort_keys=[("uri", "ascending"), ("at", "ascending")])
+    order = present[by_uri.to_numpy()].tolist()  # by uri (none first), then position
+    uris = column.to_pylist()
+    for s in range(0, len(order), IMAGE_BATCH_ROWS):
+        chunk = order[s:s + IMAGE_BATCH_ROWS]
+        images = []
+        for i, verdict in zip(chunk, check_uris(uri_prefixes, [uris[i] for i in chunk])):
+            try:
+                if not uris[i]:
+                    raise ValueError("no uri")
+                if verdict.reason is not None:  # not fetched: a bad example, like an unreadable one
+                    images.append(verdict.reason)
+                    continue
+                images.append(with_retries(lambda target=verdict.target: read_target(target)))
+            except Exception as e:  # noqa: BLE001 - a missing image is counted, not fatal
+                images.append(f"unreadable uri {uris[i]!r}: {type(e).__name__}: {e}"[:300])
+        data = pa.array([x if isinstance(x, bytes) else None for x in images], pa.binary())
+        yield np.asarray(chunk, np.int64), [x if isinstance(x, str) else True for x in images], data
 
 
 def reencoded(items: list, views: list, max_side: int, quality: int, totals: np.ndarray) -> tuple[list, list]:
     """``(items, views)`` of a fetched batch with every image whose longer
-    side exceeds ``max_side`` replaced by :func:`shards.reencode_image`, the
+    side exceeds ``max_side`` replaced by :func:`spark_jobs.reencode.reencode_image`, the
     others left as they are, bytes and all. An image whose size cannot be
     read or that cannot be decoded gets the reason as its item (a bad
     example). Adds (images re-encoded, bytes before, after) to ``totals``."""
@@ -329,11 +345,120 @@ class _Gathered:
         self.views, self.parts, self.bytes = [], [], 0
 
 
+@dataclass
+class _Tally:
+    """What a fetch task counts as it goes: good copies per bucket, the
+    images re-encoded (images, bytes before, after), the bad examples
+    ``(key, reason, copies)``, and whether a key was in two selection rows
+    (the driver then refuses the selection, so nothing more is read)."""
+
+    buckets: np.ndarray
+    reencoded: np.ndarray = field(default_factory=lambda: np.zeros(3, np.int64))
+    bad: list = field(default_factory=list)
+    refused: bool = False
+
+
+class _Output:
+    """A fetch attempt's files: its spill (:class:`SpillWriter`) and its
+    rows file (``ROWS_ARROW``), both unique to the attempt."""
+
+    def __init__(self, task: FetchTask, attempt: str):
+        self.spill = SpillWriter(task.spill_dir, attempt, task.spill_file_bytes,
+                                 align=PAGE if sio.is_local(task.spill_dir) else 1)
+        self.rows_path = sio.join(task.spill_dir, spread_name(f"rows-{attempt}.arrow"))
+        fs, p = sio.filesystem(self.rows_path)
+        fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
+        self._file = fs.open(p, "wb")
+        self.rows = pa.ipc.new_file(self._file, ROWS_ARROW)
+
+    def close(self) -> None:
+        self.spill.close()
+        self.rows.close()
+        self._file.close()
+
+    def abandon(self) -> None:
+        """Close what is open after a failed write (the driver removes the files)."""
+        for close in (self.spill.close, self.rows.close, self._file.close):
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - closing after a failure
+                pass
+
+
+def _take(task: FetchTask, table: pa.Table, bounds: np.ndarray, batch: tuple, tally: _Tally,
+          gathered: _Gathered) -> None:
+    """One fetched batch ``(examples, items, images)`` of ``table`` (examples
+    start at ``bounds``): re-encoded where asked, checked; the bad examples
+    tallied with their reason, the good ones' images and copy rows gathered
+    and their copies counted per bucket."""
+    examples, items, images = batch
+    views = binary_views(images)
+    if task.reencode is not None:
+        items, views = reencoded(items, views, *task.reencode, tally.reencoded)
+    exts, reasons = verdicts(items, views, task.decode)
+    counts = bounds[examples + 1] - bounds[examples]
+    ok = np.array([e is not None for e in exts], bool)
+    keys = table.column("key")
+    for i in np.flatnonzero(~ok).tolist():
+        tally.bad.append((keys[int(bounds[examples[i]])].as_py(), reasons[i], int(counts[i])))
+    good = np.flatnonzero(ok)
+    if not good.size:
+        return
+    rows = concat_ranges(bounds[examples[good]], counts[good])
+    owner = np.repeat(np.arange(good.size), counts[good])
+    carried = table.select(["key", "copy", "h", "labels", "weight"]).take(pa.array(rows))
+    ext = pa.array([exts[i] for i in good.tolist()], pa.string()).take(pa.array(owner))
+    gathered.add([views[i] for i in good.tolist()], carried, ext, owner, counts[good][owner])
+    tally.buckets += np.bincount(bucket_of(carried.column("h").to_numpy(), task.bits), minlength=tally.buckets.size)
+
+
+def _fetch_chunks(task: FetchTask, tables: Iterator[pa.Table], out: _Output) -> _Tally:
+    """Read, check and spill the images of a task's copy rows (tables of
+    whole examples, :func:`example_chunks`), ``task.sort_bytes`` of images
+    at a time, in the order of their placement hash; returns the tally."""
+    tally = _Tally(buckets=np.zeros(1 << task.bits, np.int64))
+    gathered = _Gathered()
+    for table in tables:
+        bounds = examples_of(table)
+        dup = duplicated(table, bounds)
+        tally.bad.extend((key, DUPLICATE, 0) for key in dup)
+        tally.refused = tally.refused or bool(dup)
+        if tally.refused:
+            continue
+        for batch in fetched(table, bounds, task.column, task.uri_prefixes):
+            _take(task, table, bounds, batch, tally, gathered)
+            if gathered.bytes >= task.sort_bytes:
+                gathered.flush(out.spill, out.rows)
+    if not tally.refused:  # refused: no more (earlier chunks' spill goes with the job's)
+        gathered.flush(out.spill, out.rows)
+    return tally
+
+
+#: A fetch task's row (``FETCHED_SCHEMA``) in Arrow.
+_FETCHED_ARROW = pa.schema([("rows_path", pa.string()), ("copies", pa.int64()), ("buckets", pa.list_(pa.int32())),
+                            ("counts", pa.list_(pa.int64())), ("bad_keys", pa.list_(pa.string())),
+                            ("bad_reasons", pa.list_(pa.string())), ("bad_copies", pa.list_(pa.int64())),
+                            ("task_rss", pa.int64()), ("task_spilled", pa.int64()),
+                            ("reencoded", pa.list_(pa.int64())), ("error", pa.string())])
+
+
+def _fetched_row(out: _Output, tally: _Tally) -> pa.RecordBatch:
+    used = np.flatnonzero(tally.buckets)
+    bad = tally.bad
+    return pa.RecordBatch.from_pylist(
+        [{"rows_path": out.rows_path, "copies": int(tally.buckets.sum()), "buckets": used.tolist(),
+          "counts": tally.buckets[used].tolist(), "bad_keys": [b[0] for b in bad],
+          "bad_reasons": [b[1] for b in bad], "bad_copies": [b[2] for b in bad], "task_rss": peak_rss(),
+          "task_spilled": out.spill.written, "reencoded": tally.reencoded.tolist(), "error": None}],
+        schema=_FETCHED_ARROW)
+
+
 def fetch_partition(task: FetchTask):
     """mapInArrow, the fetch pass (module doc): copy rows of a contiguous
     range of index files -> one ``FETCHED_SCHEMA`` row. The spill and rows
     files are unique to the attempt; only those of a successful attempt are
-    reported."""
+    reported. A write that finds no room (``spill.no_space``) is reported in
+    the row's ``error`` (the driver stops the job with it), not raised."""
 
     @without_gc
     def fetch(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -343,64 +468,20 @@ def fetch_partition(task: FetchTask):
         first = next(chunks, None)
         if first is None:
             return
-        attempt = task_attempt_id()
-        spill = SpillWriter(task.spill_dir, attempt, task.spill_file_bytes,
-                            align=PAGE if sio.is_local(task.spill_dir) else 1)
-        rows_path = sio.join(task.spill_dir, spread_name(f"rows-{attempt}.arrow"))
-        fs, p = sio.filesystem(rows_path)
-        fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
-        rows_file = fs.open(p, "wb")
-        rows_out = pa.ipc.new_file(rows_file, ROWS_ARROW)
-        tally = np.zeros(1 << task.bits, np.int64)
-        totals = np.zeros(3, np.int64)
-        bad: list[tuple[str, str, int]] = []
-        gathered = _Gathered()
-        refused = False  # a key in two selection rows: the driver refuses the selection, so nothing more is read
-        for table in itertools.chain([first], chunks):
-            bounds = examples_of(table)
-            dup = duplicated(table, bounds)
-            bad.extend((key, DUPLICATE, 0) for key in dup)
-            refused = refused or bool(dup)
-            if refused:
-                continue
-            keys = table.column("key")
-            for examples, items, images in fetched(table, bounds, task.column, task.uri_prefixes):
-                views = binary_views(images)
-                if task.reencode is not None:
-                    items, views = reencoded(items, views, *task.reencode, totals)
-                exts, reasons = verdicts(items, views, task.decode)
-                counts = bounds[examples + 1] - bounds[examples]
-                ok = np.array([e is not None for e in exts], bool)
-                for i in np.flatnonzero(~ok).tolist():
-                    bad.append((keys[int(bounds[examples[i]])].as_py(), reasons[i], int(counts[i])))
-                good = np.flatnonzero(ok)
-                if not good.size:
-                    continue
-                rows = concat_ranges(bounds[examples[good]], counts[good])
-                owner = np.repeat(np.arange(good.size), counts[good])
-                carried = table.select(["key", "copy", "h", "labels", "weight"]).take(pa.array(rows))
-                ext = pa.array([exts[i] for i in good.tolist()], pa.string()).take(pa.array(owner))
-                gathered.add([views[i] for i in good.tolist()], carried, ext, owner, counts[good][owner])
-                tally += np.bincount(bucket_of(carried.column("h").to_numpy(), task.bits), minlength=tally.size)
-                if gathered.bytes >= task.sort_bytes:
-                    gathered.flush(spill, rows_out)
-        if refused:
-            gathered = _Gathered()  # no more: the driver refuses it (earlier chunks' spill goes with the job's)
-        gathered.flush(spill, rows_out)
-        spill.close()
-        rows_out.close()
-        rows_file.close()
+        out = None
+        try:
+            out = _Output(task, task_attempt_id())
+            tally = _fetch_chunks(task, itertools.chain([first], chunks), out)
+            out.close()
+        except OSError as e:
+            report = no_space(e, task.spill_dir)
+            if report is None:
+                raise
+            if out is not None:
+                out.abandon()
+            yield pa.RecordBatch.from_pylist([{"error": report}], schema=_FETCHED_ARROW)
+            return
         inject_failure("spill")  # after the spill is written: it must be ignored
-        used = np.flatnonzero(tally)
-        yield pa.RecordBatch.from_pylist(
-            [{"rows_path": rows_path, "copies": int(tally.sum()), "buckets": used.tolist(),
-              "counts": tally[used].tolist(), "bad_keys": [b[0] for b in bad], "bad_reasons": [b[1] for b in bad],
-              "bad_copies": [b[2] for b in bad], "task_rss": peak_rss(), "task_spilled": spill.written,
-              "reencoded": totals.tolist()}],
-            schema=pa.schema([("rows_path", pa.string()), ("copies", pa.int64()), ("buckets", pa.list_(pa.int32())),
-                              ("counts", pa.list_(pa.int64())), ("bad_keys", pa.list_(pa.string())),
-                              ("bad_reasons", pa.list_(pa.string())), ("bad_copies", pa.list_(pa.int64())),
-                              ("task_rss", pa.int64()), ("task_spilled", pa.int64()),
-                              ("reencoded", pa.list_(pa.int64()))]))
+        yield _fetched_row(out, tally)
 
     return fetch

@@ -11,6 +11,7 @@ ranges of one file that touch), never another writer's.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import gc
 import hashlib
@@ -28,7 +29,8 @@ from schemas import io as sio
 from .placement import coalesce_ranges
 
 __all__ = ["SpillWriter", "read_ranges", "release_ranges", "spread_name", "PAGE", "with_retries", "is_transient",
-           "READ_ATTEMPTS", "reset_peak_rss", "peak_rss", "gc_paused", "without_gc", "TASK_GC_THRESHOLD"]
+           "no_space", "NO_SPACE_ERRNOS", "READ_ATTEMPTS", "reset_peak_rss", "peak_rss", "gc_paused", "without_gc",
+           "TASK_GC_THRESHOLD"]
 
 T = TypeVar("T")
 
@@ -61,6 +63,20 @@ def with_retries(read: Callable[[], T], attempts: int = READ_ATTEMPTS, backoff: 
                 raise
             sleep(backoff * (2 ** k) * (1 + random.random() / 2))
     raise AssertionError("unreachable")
+
+
+#: ``errno`` of a write that found no room: a full filesystem, a quota, a file size limit.
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def no_space(error: BaseException, where: str) -> str | None:
+    """``"PATH: reason"`` when ``error`` is a write that found no room
+    (:data:`NO_SPACE_ERRNOS`; PATH: its file, else ``where``), else None. A
+    task reports it to the driver (one line) instead of failing: retrying
+    cannot help, and the driver removes what the run wrote."""
+    if not isinstance(error, OSError) or error.errno not in NO_SPACE_ERRNOS:
+        return None
+    return f"{error.filename or where}: {error.strerror or errno.errorcode.get(error.errno, error.errno)}"
 
 
 def spread_name(name: str) -> str:

@@ -16,11 +16,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas import io as sio
+from schemas.shard_format import sample_json, sample_key, shard_name, write_tar
 
 from ..session import inject_failure, task_attempt_id, task_attempt_number
-from schemas.shard_format import sample_json, sample_key, shard_name, write_tar
 from .placement import bucket_of, concat_ranges, hash_order, writer_span
-from .spill import PAGE, peak_rss, read_ranges, release_ranges, reset_peak_rss, without_gc
+from .spill import PAGE, no_space, peak_rss, read_ranges, release_ranges, reset_peak_rss, without_gc
 
 __all__ = ["RouteTask", "route_partition", "ROUTED_SCHEMA", "WriteTask", "write_partition", "WRITTEN_SCHEMA",
            "TEMPORARY", "READ_BYTES"]
@@ -31,9 +31,10 @@ TEMPORARY = "_temporary"
 READ_BYTES = 64 << 20
 
 #: A row per shard, with its writer's figures (``reads``: ranged reads of the
-#: spill, ``bytes_read``, ``task_rss``: peak resident memory, bytes).
+#: spill, ``bytes_read``, ``task_rss``: peak resident memory, bytes); ``error``:
+#: why the writer stopped (a write found no room; the row's other fields null), else null.
 WRITTEN_SCHEMA = ("shard int, writer int, samples long, bytes long, sha256 string, labels string, "
-                  "reads long, bytes_read long, task_rss long, released long, reused boolean")
+                  "reads long, bytes_read long, task_rss long, released long, reused boolean, error string")
 
 
 #: A good copy's row on its way to a writer (``wkey``: the key ``repartition`` sends to the writer's partition).
@@ -190,11 +191,80 @@ def _releasable(rows: pa.Table, files: np.ndarray, samples_per_shard: int) -> tu
     return (files[pick], offsets[pick], -(-ends[pick] // PAGE) * PAGE, last[sole])
 
 
+def _writer_rows(task: WriteTask, w: int, mine: pa.Table) -> tuple[pa.Table, int]:
+    """``(rows, lo)``: writer ``w``'s copies in placement order, exactly its
+    positions ``[lo, hi)``, from ``mine``, the copies of the buckets its span
+    falls in (checked against the tallies)."""
+    h = mine.column("h").to_numpy()
+    buckets = bucket_of(h, task.bits)
+    first, last = int(buckets.min()), int(buckets.max())
+    expected = int(task.starts[last + 1] - task.starts[first])
+    if mine.num_rows != expected:
+        raise ValueError(f"internal error: writer {w} got {mine.num_rows} copies of buckets "
+                         f"{first}..{last}, tallied {expected}")
+    lo, hi = writer_span(w, task.per_writer, task.total)
+    order = hash_order(h, mine.column("key"), mine.column("copy").to_numpy())
+    skip = lo - int(task.starts[first])
+    if skip < 0:
+        raise ValueError(f"internal error: writer {w} starts at {lo}, its first bucket at "
+                         f"{int(task.starts[first])}")
+    return mine.take(pa.array(order[skip:skip + hi - lo])), lo
+
+
+def _release(release: tuple, shard_at: int, paths: list) -> int:
+    """Release the spill pages of the images whose last copy is in the
+    writer's shard number ``shard_at`` (:func:`_releasable`); returns the bytes."""
+    released = 0
+    now = release[3] == shard_at
+    for f in np.unique(release[0][now]).tolist():
+        mask = now & (release[0] == f)
+        released += release_ranges(paths[f], release[1][mask], release[2][mask])
+    inject_failure("released")  # a shard is written, its images may be released
+    return released
+
+
+def _write_writer(task: WriteTask, w: int, mine: pa.Table, attempt: str) -> list[tuple]:
+    """Writer ``w``'s shards from ``mine`` (the copies of its buckets); a
+    ``WRITTEN_SCHEMA`` tuple per shard. A retried attempt (pages released)
+    keeps the shards an earlier attempt finished, up to the first missing."""
+    rows, lo = _writer_rows(task, w, mine)
+    encoded = pc.dictionary_encode(rows.column("path")).combine_chunks()
+    paths = encoded.dictionary.to_pylist()
+    files = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    stats = {"reads": 0, "bytes_read": 0}
+    release = _releasable(rows, files, task.samples_per_shard) if task.release else None
+    retry = task.release and (task_attempt_number() or 0) > 0
+    shards = []
+    for i, a in enumerate(range(0, rows.num_rows, task.samples_per_shard)):
+        b = min(rows.num_rows, a + task.samples_per_shard)
+        shard = (lo + a) // task.samples_per_shard
+        done = _finished(task, rows.slice(a, b - a), shard) if retry else None
+        retry = done is not None  # after the first shard missing, every later one is written again
+        if done is None:
+            done = _write_shard(task, rows.slice(a, b - a), paths, files[a:b], shard, attempt, stats)
+        n, size, digest, labels = done
+        want = min(task.samples_per_shard, task.total - shard * task.samples_per_shard)
+        if n != want:
+            raise ValueError(f"internal error: shard {shard} has {n} samples, expected {want}")
+        released = _release(release, i, paths) if release is not None else 0
+        shards.append((shard, w, n, size, digest, labels, released, retry))
+    rss = peak_rss()
+    return [s[:6] + (stats["reads"], stats["bytes_read"], rss) + s[6:] + (None,) for s in shards]
+
+
+#: ``WRITTEN_SCHEMA`` in Arrow.
+_WRITTEN_ARROW = pa.schema([("shard", pa.int32()), ("writer", pa.int32()), ("samples", pa.int64()),
+                            ("bytes", pa.int64()), ("sha256", pa.string()), ("labels", pa.string()),
+                            ("reads", pa.int64()), ("bytes_read", pa.int64()), ("task_rss", pa.int64()),
+                            ("released", pa.int64()), ("reused", pa.bool_()), ("error", pa.string())])
+
+
 def write_partition(task: WriteTask):
     """mapInArrow over the copy rows of the buckets each writer needs (a
     ``writer`` column says whose), one writer per partition: ranks them in
     :func:`placement.hash_order`, keeps the writer's positions and writes
-    its shards. A ``WRITTEN_SCHEMA`` row per shard."""
+    its shards. A ``WRITTEN_SCHEMA`` row per shard; a write that finds no
+    room (``spill.no_space``) is one row with its ``error``, not raised."""
 
     @without_gc
     def write(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -208,56 +278,18 @@ def write_partition(task: WriteTask):
         attempt = task_attempt_id()
         writer_col = table.column("writer").to_numpy()
         results = []
-        for w in np.unique(writer_col).tolist():
-            mine = table.filter(pa.array(writer_col == w)) if len(np.unique(writer_col)) > 1 else table
-            h = mine.column("h").to_numpy()
-            buckets = bucket_of(h, task.bits)
-            first, last = int(buckets.min()), int(buckets.max())
-            expected = int(task.starts[last + 1] - task.starts[first])
-            if mine.num_rows != expected:
-                raise ValueError(f"internal error: writer {w} got {mine.num_rows} copies of buckets "
-                                 f"{first}..{last}, tallied {expected}")
-            lo, hi = writer_span(w, task.per_writer, task.total)
-            order = hash_order(h, mine.column("key"), mine.column("copy").to_numpy())
-            skip = lo - int(task.starts[first])
-            if skip < 0:
-                raise ValueError(f"internal error: writer {w} starts at {lo}, its first bucket at "
-                                 f"{int(task.starts[first])}")
-            rows = mine.take(pa.array(order[skip:skip + hi - lo]))
-            encoded = pc.dictionary_encode(rows.column("path")).combine_chunks()
-            paths = encoded.dictionary.to_pylist()
-            files = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-            stats = {"reads": 0, "bytes_read": 0}
-            release = _releasable(rows, files, task.samples_per_shard) if task.release else None
-            retry = task.release and (task_attempt_number() or 0) > 0
-            shards = []
-            for i, a in enumerate(range(0, rows.num_rows, task.samples_per_shard)):
-                b = min(rows.num_rows, a + task.samples_per_shard)
-                shard = (lo + a) // task.samples_per_shard
-                done = _finished(task, rows.slice(a, b - a), shard) if retry else None
-                retry = done is not None  # after the first shard missing, every later one is written again
-                if done is None:
-                    done = _write_shard(task, rows.slice(a, b - a), paths, files[a:b], shard, attempt, stats)
-                n, size, digest, labels = done
-                want = min(task.samples_per_shard, task.total - shard * task.samples_per_shard)
-                if n != want:
-                    raise ValueError(f"internal error: shard {shard} has {n} samples, expected {want}")
-                released = 0
-                if release is not None:
-                    now = release[3] == i
-                    for f in np.unique(release[0][now]).tolist():
-                        mask = now & (release[0] == f)
-                        released += release_ranges(paths[f], release[1][mask], release[2][mask])
-                    inject_failure("released")  # a shard is written, its images may be released
-                shards.append((shard, w, n, size, digest, labels, released, retry))
-            rss = peak_rss()
-            results += [s[:6] + (stats["reads"], stats["bytes_read"], rss) + s[6:] for s in shards]
+        try:
+            for w in np.unique(writer_col).tolist():
+                mine = table.filter(pa.array(writer_col == w)) if len(np.unique(writer_col)) > 1 else table
+                results += _write_writer(task, w, mine, attempt)
+        except OSError as e:
+            report = no_space(e, task.output)
+            if report is None:
+                raise
+            results = [(None,) * 11 + (report,)]
         if results:
             cols = list(zip(*results))
-            types = [pa.int32(), pa.int32(), pa.int64(), pa.int64(), pa.string(), pa.string(), pa.int64(),
-                     pa.int64(), pa.int64(), pa.int64(), pa.bool_()]
-            names = ["shard", "writer", "samples", "bytes", "sha256", "labels", "reads", "bytes_read", "task_rss",
-                     "released", "reused"]
-            yield pa.RecordBatch.from_arrays([pa.array(c, t) for c, t in zip(cols, types)], names=names)
+            yield pa.RecordBatch.from_arrays([pa.array(c, f.type) for c, f in zip(cols, _WRITTEN_ARROW)],
+                                             schema=_WRITTEN_ARROW)
 
     return write

@@ -57,7 +57,7 @@ and ``write.py``, ``spill.py`` (spill files, ranged reads) and
 
 from .cli import build_parser, main
 from .fetch import DUPLICATE, FETCHED_SCHEMA, NOT_IN_INDEX, FetchTask, fetch_partition
-from .job import SPILL_FILE_BYTES, WRITER_BYTES, ShardJob, resolve_selection, run
+from .job import SPILL_FILE_BYTES, STAGE, WRITER_BYTES, ShardJob, resolve_selection, run
 from .passes import FETCH_TASKS_PER_CORE, WRITERS_PER_CORE
 from .placement import (BUCKETS_PER_SHARD, MAX_BUCKET_BITS, bucket_bits, bucket_of, bucket_starts, bucket_writers,
                         coalesce_ranges, contiguous_groups, hash_order, partition_keys, shards_per_writer,
@@ -65,7 +65,7 @@ from .placement import (BUCKETS_PER_SHARD, MAX_BUCKET_BITS, bucket_bits, bucket_
 from .spill import SpillWriter, read_ranges, with_retries
 from .write import READ_BYTES, WRITTEN_SCHEMA, WriteTask, write_partition
 
-__all__ = ["ShardJob", "run", "main", "build_parser", "resolve_selection",
+__all__ = ["ShardJob", "STAGE", "run", "main", "build_parser", "resolve_selection",
            # the tasks and their schemas
            "FetchTask", "fetch_partition", "FETCHED_SCHEMA", "DUPLICATE", "NOT_IN_INDEX", "WriteTask",
            "write_partition", "WRITTEN_SCHEMA", "READ_BYTES", "SpillWriter", "read_ranges", "with_retries",

@@ -28,7 +28,10 @@ from .spill import no_space
 from .spill_policy import choose_spill, no_space_message
 from .write import READ_BYTES
 
-__all__ = ["ShardJob", "run", "resolve_selection", "check_inputs", "SPILL_FILE_BYTES", "WRITER_BYTES"]
+__all__ = ["ShardJob", "STAGE", "run", "resolve_selection", "check_inputs", "SPILL_FILE_BYTES", "WRITER_BYTES"]
+
+#: The output protocol's name for this stage (``schemas.stage_output``).
+STAGE = "write_shards"
 
 #: A fetch task starts a new spill file past this many image bytes.
 SPILL_FILE_BYTES = 1 << 30
@@ -217,7 +220,7 @@ def run(spark, job: ShardJob) -> Manifest:
     ctx = ShardContext(spark=spark, job=job, inputs=inputs, spill=spill, started=started, stages=stages)
     built: list[Manifest] = []
     try:
-        reused = StageOutput(job.output, "write_shards").run(lambda work: built.append(build_shards(ctx, work)),
+        reused = StageOutput(job.output, STAGE).run(lambda work: built.append(build_shards(ctx, work)),
                                                              fingerprint=job.fingerprint(), overwrite=job.overwrite)
     except OSError as e:
         report = no_space(e, job.output)

@@ -1,5 +1,5 @@
 """Importance weights for one target: the Beam pipeline of w(y) = P_t(y) / P_s(y)
-(docs/design.md, "Importance weights").
+(docs/design.md, "Weights").
 
 ::
 

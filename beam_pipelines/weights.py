@@ -1,4 +1,4 @@
-"""Importance-weight mathematics (docs/design.md, "Importance weights"): pure numpy, no Beam.
+"""Importance-weight mathematics (docs/design.md, "Weights"): pure numpy, no Beam.
 
 * :func:`quantize_probabilities` / :func:`mean_from_fixed_point`: exact sums of
   softmax vectors, so P_t does not depend on batching or worker count;

@@ -1,7 +1,7 @@
 """One run at a time per output: the lock a stage holds for its whole build.
 
 Two runs into one ``--output`` must never interleave (docs/design.md,
-"Outputs"): one would judge the other's build dead and delete it, or both
+"Output protocol"): one would judge the other's build dead and delete it, or both
 would publish parts of their results. Whether the other run is alive is
 never guessed from a process id (a container on the same host has its own
 pid namespace); it is held by the run itself:

@@ -1,2 +1,2 @@
 """PySpark jobs: resample the source by importance weights, write WebDataset
-shards with a manifest, verify them (DESIGN.md §3-4)."""
+shards with a manifest, verify them (docs/design.md, "Contracts" and "Sampling")."""

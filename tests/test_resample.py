@@ -196,7 +196,7 @@ def test_spark_equals_numpy_oracle(spark, multi_label, tmp_path, matcher, draw, 
     expected = {k: int(c) for k, c in zip(keys, copies) if c > 0}
     assert got == expected
     assert sum(got.values()) == size
-    # DESIGN.md section 4 from the weights alone, with no sampler: copies only where q > 0;
+    # docs/design.md, "Sampling", from the weights alone, with no sampler: copies only where q > 0;
     # systematic: e(x) = N*q(x)/sum(q) rounded down or up; elastic: pi(x) = min(1, c*q(x)) with
     # sum(pi) = N, each example at most once, each label set's count rounded down or up.
     assert all(q[i] > 0 for i, k in enumerate(keys) if k in got)

@@ -1,2 +1,2 @@
 """DeepSpeed trainer: pre-train on WebDataset shards, fine-tune on the target,
-evaluate (DESIGN.md §2)."""
+evaluate (docs/design.md, "Training")."""

@@ -25,6 +25,7 @@ import sys
 import time
 from typing import Sequence
 
+from schemas import io as sio
 from schemas.cli import ArgumentParser
 
 from . import demo_data as D
@@ -109,7 +110,7 @@ def _report(report_dir: str, results: list[dict], args, minutes: float) -> list[
         fh.write(text)
     rows = [{k: v for k, v in r.items() if k != "label_stats"} for r in results]
     with open(os.path.join(report_dir, "results.json"), "w") as fh:
-        fh.write(json.dumps(rows, indent=2, allow_nan=False) + "\n")
+        fh.write(sio.json_text(rows, indent=2) + "\n")
     return table
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import colorsys
 import hashlib
 import io
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
@@ -36,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from schemas import io as sio
 from schemas.arrow import INDEX_SCHEMA_INLINE, VOCABULARY_SCHEMA
 from schemas.cli import ArgumentParser
 
@@ -395,7 +395,7 @@ def generate_target(out_dir: str, spec: TargetSpec = TargetSpec()) -> TargetData
             with open(os.path.join(meta, f"{split}.txt"), "w") as fh:
                 fh.write("".join(f"{line}\n" for line in lines))
     with open(os.path.join(out_dir, "generated.json"), "w") as fh:
-        json.dump({"spec": asdict(spec), "class_to_leaf": class_to_leaf}, fh, indent=2)
+        fh.write(sio.json_text({"spec": asdict(spec), "class_to_leaf": class_to_leaf}, indent=2))
     return TargetData(root=out_dir, layout=spec.layout, classes=classes,
                       class_to_leaf=class_to_leaf, splits=splits)
 

@@ -183,7 +183,7 @@ class ReadSourceImages(beam.DoFn):
                 out.append(verdict.reason)
                 continue
             try:
-                out.append(read_target(verdict.target))
+                out.append(read_target(verdict.target, self.uri_prefixes))
             except Exception as e:  # noqa: BLE001 - a missing image is counted, not fatal
                 out.append(f"unreadable uri {uri!r}: {_reason(e)}"[:300])
         return out

@@ -9,7 +9,6 @@ what the pipeline found; :func:`write_outputs` writes them.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -124,7 +123,7 @@ def _source_image(file: str, row: int, column: str, prefixes: Sequence[str]) -> 
         from schemas.uri_policy import check_uris, read_target
 
         verdict = check_uris(prefixes, [value])[0]
-        return read_target(verdict.target) if verdict.target else None
+        return read_target(verdict.target, prefixes) if verdict.target else None
     except Exception:  # noqa: BLE001 - the contact sheet shows what it can
         return None
 
@@ -206,7 +205,7 @@ def _describe_store(store_work: str, config: DedupConfig, measured: DedupMeasure
             "files": len(measured.store_files or []), "unreadable_images": int(bad.count),
             "unreadable_image_names": sorted(bad.names)[:100],
             "inputs": {"source_index": config.inputs["source_index"], "model": config.checkpoint}}
-    sio.write_bytes_atomic(sio.join(store_work, STORE_META), json.dumps(meta, indent=2) + "\n")
+    sio.write_bytes_atomic(sio.join(store_work, STORE_META), sio.json_text(meta, indent=2) + "\n")
 
 
 def write_outputs(work: str, store_work: str | None, config: DedupConfig, measured: DedupMeasured) -> dict:
@@ -220,7 +219,7 @@ def write_outputs(work: str, store_work: str | None, config: DedupConfig, measur
     listed_below, pairs_below = _pairs(measured.below, measured.target, config)
     _figures(work, config, measured, pairs_above, pairs_below)
     summary = _summary(config, measured, counts, listed_above, listed_below)
-    sio.write_bytes_atomic(sio.join(work, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    sio.write_bytes_atomic(sio.join(work, "summary.json"), sio.json_text(summary, indent=2) + "\n")
     if store_work is not None:
         _describe_store(store_work, config, measured)
     return summary

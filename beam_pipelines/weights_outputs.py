@@ -10,7 +10,6 @@ what the pipeline measured; :func:`write_outputs` writes
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 
@@ -126,7 +125,7 @@ def write_outputs(work: str, config: WeightsConfig, measured: Measured) -> dict:
                              sio.join(work, "target_histogram.parquet"))
     sio.write_parquet_atomic(with_metadata(weights, meta), sio.join(work, "weights.parquet"))
     summary = _summary(config, measured, weights, lost, p_target, num_images)
-    sio.write_bytes_atomic(sio.join(work, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    sio.write_bytes_atomic(sio.join(work, "summary.json"), sio.json_text(summary, indent=2) + "\n")
     plot_top_weights(weights, config.names, sio.join(work, "weights.png"),
                      title=f"{config.target_name}: top source labels by importance weight")
     return summary

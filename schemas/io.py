@@ -8,6 +8,8 @@ sees the old file or the complete new one, never a partial one.
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import uuid
 from typing import Sequence
@@ -23,6 +25,8 @@ __all__ = [
     "punch_holes",
     "write_all",
     "exchange",
+    "json_text",
+    "require_readable",
     "expand_paths",
     "read_parquet",
     "write_parquet_atomic",
@@ -82,6 +86,22 @@ def expand_paths(path: str, suffix: str = ".parquet") -> list[str]:
     return sorted(_unstrip(fs, path, f) for f in files)
 
 
+def require_readable(path: str, flag: str, suffix: str = ".parquet") -> None:
+    """Raise ``ValueError`` naming ``flag`` and the first local file of
+    ``path`` (a file, directory or glob, as :func:`expand_paths` lists it)
+    that this process may not read (permissions), before an engine meets it
+    in a task and fails with its own traceback. Object stores are left to
+    their reads (their permissions are not files')."""
+    if not is_local(path):
+        return
+    for file in expand_paths(path, suffix):
+        local = filesystem(file)[1]
+        try:
+            os.close(os.open(local, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
+        except PermissionError:
+            raise ValueError(f"{flag} {path}: {local} cannot be read (permission denied)") from None
+
+
 def read_parquet(path: str, columns: Sequence[str] | None = None) -> pa.Table:
     """Read one Parquet file, a directory of them, or a glob, into one table."""
     tables = []
@@ -109,6 +129,23 @@ def read_bytes(path: str) -> bytes:
     fs, p = filesystem(path)
     with fs.open(p, "rb") as fh:
         return fh.read()
+
+
+def _finite(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def json_text(obj, **dumps_options) -> str:
+    """``json.dumps(obj, **dumps_options)`` that is always valid JSON: a
+    float that is not finite (NaN, infinity: JSON has neither) is written as
+    ``null``. Every JSON file the project writes goes through it."""
+    return json.dumps(_finite(obj), allow_nan=False, **dumps_options)
 
 
 def write_bytes_atomic(path: str, data: bytes | str, durable: bool = True) -> None:

@@ -238,10 +238,11 @@ MAX_REDIRECTS = 5
 def read_target(target: str, prefixes: Sequence[str] = ()) -> bytes:
     """Read an allowed uri's canonical form: a local one by a walk that
     follows no link and reads a regular file only; ``http(s)`` following a
-    redirect only to a uri the canonical ``prefixes`` allow (none: no
-    redirect is followed); other URLs through the filesystem layer."""
+    redirect only to a uri the allowed ``prefixes`` (as given to
+    :func:`check_uris`) allow (none: no redirect is followed); other URLs
+    through the filesystem layer."""
     if target.startswith(("http://", "https://")):
-        return _read_http(target, prefixes)
+        return _read_http(target, tuple(canonical_prefix(p) for p in prefixes))
     if "://" in target:
         from . import io as sio
 
@@ -291,7 +292,7 @@ def _open_without_links(path: str) -> int:
 
 
 def _read_http(url: str, prefixes: Sequence[str]) -> bytes:
-    """GET ``url``; a redirect is followed only to a uri ``prefixes`` allow."""
+    """GET ``url``; a redirect is followed only to a uri the canonical ``prefixes`` allow."""
     import urllib.error
     import urllib.parse
     import urllib.request

@@ -186,7 +186,7 @@ def _write_index(spark, job: BuildIndexJob, rows: pa.Table, vocab: pa.Table, sum
     df.sortWithinPartitions("key").write.parquet(sio.join(work, "index"))
     sio.write_parquet_atomic(vocab.select(["label_id", "name", "parent_id"]).cast(VOCABULARY_SCHEMA),
                              sio.join(work, "labels.parquet"))
-    sio.write_bytes_atomic(sio.join(work, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    sio.write_bytes_atomic(sio.join(work, "summary.json"), sio.json_text(summary, indent=2) + "\n")
 
 
 def build_parser() -> ArgumentParser:

@@ -29,6 +29,8 @@ import os
 import sys
 import time
 
+from schemas import io as sio
+
 __all__ = ["TrainingCurves", "Progress", "truncate_jsonl", "LOG_FILE_SECONDS", "TENSORBOARD_DIR", "METRICS_JSONL"]
 
 #: Seconds between progress lines when standard output is not a terminal.
@@ -109,7 +111,7 @@ class TrainingCurves:
             return
         record = {"step": step, **{tag.split("/", 1)[-1]: float(v) for tag, v in scalars.items()}}
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(sio.json_text(record) + "\n")
         if self.writer is not None:
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, float(value), step)

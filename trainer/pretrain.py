@@ -417,7 +417,7 @@ class _Logs:
     def step(self, step: int, loss: float, lr: float, batch, seconds: float, wait: float) -> None:
         if self.main:
             with open(self.train_log, "a") as fh:
-                fh.write(json.dumps({"step": step, "loss": loss, "lr": lr}) + "\n")
+                fh.write(sio.json_text({"step": step, "loss": loss, "lr": lr}) + "\n")
         if self.samples:
             with open(self.samples, "a") as fh:
                 fh.write(json.dumps({"step": step, "keys": batch.keys, "epochs": batch.epochs}) + "\n")
@@ -488,7 +488,7 @@ def _write_rank_report(job: PretrainJob, info: RT.DistInfo, plan: _Plan, start: 
     report = {"rank": info.rank, "world_size": info.world_size, "epoch0_shards": shards, "resumed_from": start.step,
               "parameters_sha256": digest.hexdigest(), "loader": state.to_dict()}
     sio.write_bytes_atomic(os.path.join(job.output, "ranks", f"rank{info.rank}.json"),
-                           json.dumps(report, indent=2) + "\n")
+                           sio.json_text(report, indent=2) + "\n")
 
 
 def _finish(job: PretrainJob, plan: _Plan, engine, start: _Start, end: int, losses: list[float],

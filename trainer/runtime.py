@@ -324,7 +324,7 @@ def write_json_main(path: str, data: dict) -> None:
     """Rank 0 writes ``data`` to ``path`` (atomically); every rank then waits."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        sio.write_bytes_atomic(path, json.dumps(data, indent=2) + "\n")
+        sio.write_bytes_atomic(path, sio.json_text(data, indent=2) + "\n")
     barrier()
 
 

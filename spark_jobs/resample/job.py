@@ -109,6 +109,9 @@ class ResampleJob:
 
 def read_index(spark, job: ResampleJob):
     """The index (less the ``--exclude`` keys), checked to have what the job reads."""
+    sio.require_readable(job.index, "--index")
+    if job.exclude:
+        sio.require_readable(job.exclude, "--exclude")
     index_df = spark.read.parquet(job.index)
     names = set(index_df.columns)
     if "key" not in names or "labels" not in names:

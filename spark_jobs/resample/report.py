@@ -5,7 +5,6 @@ total variation, ``stats.json``, ``label_stats.parquet`` and the
 from __future__ import annotations
 
 import io
-import json
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -183,4 +182,4 @@ def write_report(work: str, stats: dict[str, Any], label_stats: pa.Table, labels
         vocab_names = dict(zip(vocab.column("label_id").to_pylist(), vocab.column("name").to_pylist()))
     sio.write_parquet_atomic(label_stats.drop(["realised_copies"]), sio.join(work, "label_stats.parquet"))
     plot_label_stats(label_stats, sio.join(work, "label_stats.png"), vocab_names)
-    sio.write_bytes_atomic(sio.join(work, "stats.json"), json.dumps(stats, indent=2) + "\n")
+    sio.write_bytes_atomic(sio.join(work, "stats.json"), sio.json_text(stats, indent=2) + "\n")

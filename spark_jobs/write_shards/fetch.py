@@ -280,7 +280,7 @@ def _uri_batches(column: pa.ChunkedArray, present: np.ndarray,
                 if verdict.reason is not None:  # not fetched: a bad example, like an unreadable one
                     images.append(verdict.reason)
                     continue
-                images.append(with_retries(lambda target=verdict.target: read_target(target)))
+                images.append(with_retries(lambda target=verdict.target: read_target(target, uri_prefixes)))
             except Exception as e:  # noqa: BLE001 - a missing image is counted, not fatal
                 images.append(f"unreadable uri {uris[i]!r}: {type(e).__name__}: {e}"[:300])
         data = pa.array([x if isinstance(x, bytes) else None for x in images], pa.binary())

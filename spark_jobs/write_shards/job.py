@@ -191,6 +191,8 @@ def check_inputs(spark, job: ShardJob) -> ShardInputs:
     if resample_dir:
         require_complete(resample_dir, "the resampler")
     require_finished_input(job.index, "--index")
+    sio.require_readable(job.index, "--index")
+    sio.require_readable(selection_path, "--selection")
     selection = _read_selection(spark, selection_path)
     located, column, files = _read_index(spark, job.index)
     stats = _resample_stats(resample_dir)

@@ -482,6 +482,23 @@ def _copy_index(source_path, dest):
     return str(dest)
 
 
+def test_a_finished_selection_matches_the_job_as_given(spark, multi_label, tmp_path):
+    """The composed commands ask ``job.fingerprint()`` before running a job
+    whose target and temperature come from the weights table's metadata: the
+    finished output must match that question (it once recorded the resolved
+    values, so every rerun rebuilt it)."""
+    from schemas.stage_output import StageOutput
+
+    source, weights, _ = multi_label
+    named = str(tmp_path / "named.parquet")
+    pq.write_table(with_metadata(pq.read_table(weights), {"target": "t", "temperature": 2.0}), named)
+    job = R.ResampleJob(index=source.index_path, weights=named, size=300, seed=4, output=str(tmp_path / "out"))
+    assert job.target is None and job.temperature is None
+    R.run(spark, job)
+    assert StageOutput(job.output, R.STAGE).matches(job.fingerprint())
+    assert R.run(spark, job)["reused"] is True
+
+
 def test_label_set_table_is_counted_once_then_reused(spark, multi_label, tmp_path):
     source, weights, _ = multi_label
     table = str(tmp_path / "sets.parquet")

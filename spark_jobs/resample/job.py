@@ -141,7 +141,7 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
         if path:
             require_finished_input(path, flag)
     weighting = label_weights_for(job)
-    job = weighting.resolve(job)
+    given, job = job, weighting.resolve(job)  # the target and temperature the weights table names
     job.config()  # checks the settings
     index_df = read_index(spark, job)
     if job.label_sets:
@@ -152,7 +152,9 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
     def build(work: str) -> None:
         stats.update(_resample_into(spark, job, weighting, index_df, inputs, work, t0))
 
-    if output.run(build, fingerprint=job.fingerprint(inputs), overwrite=job.overwrite):
+    # the job as given (as the composed commands see it before running it): the
+    # weights' content, in the inputs, already pins what resolve() took from it
+    if output.run(build, fingerprint=given.fingerprint(inputs), overwrite=job.overwrite):
         return {**json.loads(sio.read_bytes(sio.join(job.output, "stats.json"))), "reused": True}
     return stats
 

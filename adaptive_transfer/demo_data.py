@@ -17,7 +17,7 @@ from adaptive_transfer.synthetic import SourceSpec, TargetSpec, generate_source,
 
 from . import stages
 
-__all__ = ["DemoData", "DEMO_SOURCE", "DEMO_TARGET", "ensure_demo_data", "generalist_set"]
+__all__ = ["DemoData", "DEMO_SOURCE", "DEMO_TARGET", "ensure_demo_data", "generalist_set", "GeneralistTraining"]
 
 #: 6 leaves per group (66 leaves, 4 roots), 8,000 examples of 32 px.
 DEMO_SOURCE = SourceSpec(num_examples=8000, leaves_per_group=6, image_size=32, num_files=4, seed=0)
@@ -37,19 +37,34 @@ class DemoData:
     generalist: str
 
 
-def generalist_set(root: str, index: str, labels: str, num_examples: int, steps: int, *, seed: int = 0,
-                   batch_size: int = 64, lr: float = 0.1, samples_per_shard: int = 1000,
-                   num_workers: int = 2) -> stages.SetPlan:
-    """The generalist's pre-training set under ``root``: the entire source,
-    each example once (systematic draw), and a small CNN pre-trained on it."""
+@dataclass(frozen=True)
+class GeneralistTraining:
+    """How the generalist is pre-trained: optimiser steps, seed of its
+    selection, batch size (images), learning rate, samples per shard and
+    data-loader workers."""
+
+    steps: int
+    seed: int = 0
+    batch_size: int = 64
+    lr: float = 0.1
+    samples_per_shard: int = 1000
+    num_workers: int = 2
+
+
+def generalist_set(root: str, index: str, labels: str, num_examples: int,
+                   training: GeneralistTraining) -> stages.SetPlan:
+    """The generalist's pre-training set under ``root``: the entire source
+    (``num_examples``), each example once (systematic draw), and a small CNN
+    pre-trained on it as ``training`` says."""
     from spark_jobs.resample import ResampleJob
 
+    t = training
     entire = ResampleJob(index=index, output="", scheme="entire", size=num_examples, draw="systematic",
-                         labels=labels, target="entire-source", seed=seed)
-    return stages.plan_set(root, entire, samples_per_shard=samples_per_shard,
-                           pretrain={"arch": "small", "steps": steps, "batch_size": batch_size, "lr": lr,
-                                     "num_workers": num_workers, "log_every": max(1, steps // 4),
-                                     "save_every": steps, "keep_checkpoints": 1})
+                         labels=labels, target="entire-source", seed=t.seed)
+    return stages.plan_set(root, entire, samples_per_shard=t.samples_per_shard,
+                           pretrain={"arch": "small", "steps": t.steps, "batch_size": t.batch_size, "lr": t.lr,
+                                     "num_workers": t.num_workers, "log_every": max(1, t.steps // 4),
+                                     "save_every": t.steps, "keep_checkpoints": 1})
 
 
 def ensure_demo_data(root: str, engines: stages.Engines, generalist_steps: int = 300) -> DemoData:
@@ -62,6 +77,6 @@ def ensure_demo_data(root: str, engines: stages.Engines, generalist_steps: int =
                      lambda work: generate_target(work, DEMO_TARGET), "adaptive_transfer.synthetic",
                      "[demo data] the target (Food-101 layout)", engines)
     index, labels = os.path.join(source, "index"), os.path.join(source, "labels.parquet")
-    built = stages.build_set(generalist_set(gen, index, labels, DEMO_SOURCE.num_examples, generalist_steps),
-                             engines)
+    plan = generalist_set(gen, index, labels, DEMO_SOURCE.num_examples, GeneralistTraining(generalist_steps))
+    built = stages.build_set(plan, engines)
     return DemoData(root, index, labels, target, built.model)

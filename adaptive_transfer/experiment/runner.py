@@ -27,7 +27,7 @@ from schemas import io as sio
 from adaptive_transfer.synthetic import generate_source, generate_target
 
 from .. import stages
-from ..demo_data import generalist_set
+from ..demo_data import GeneralistTraining, generalist_set
 from .plan import ExperimentConfig, FinetuneRun, PretrainSet, TargetPlan, finetune_runs, unique_sets
 
 __all__ = ["Experiment"]
@@ -92,10 +92,10 @@ class Experiment:
             stages.generated(self.target_root(t), "experiment_target", {"target": asdict(spec)},
                              lambda p, spec=spec: generate_target(p, spec), "adaptive_transfer.synthetic",
                              f"data: target {t.name}", e)
+        training = GeneralistTraining(c.generalist_steps, seed=c.generalist_seed, batch_size=c.pretrain_batch,
+                                      lr=c.pretrain_lr, samples_per_shard=c.samples_per_shard, num_workers=1)
         generalist = generalist_set(os.path.join(self.data, "generalist"), self.index, self.labels,
-                                    c.source.num_examples, c.generalist_steps, seed=c.generalist_seed,
-                                    batch_size=c.pretrain_batch, lr=c.pretrain_lr,
-                                    samples_per_shard=c.samples_per_shard, num_workers=1)
+                                    c.source.num_examples, training)
         with _logged_to(os.path.join(self.data, "generalist", "log.txt")):
             stages.build_set(generalist, e)
         for t in c.targets:

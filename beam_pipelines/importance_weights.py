@@ -143,11 +143,6 @@ class WeightsJob:
         if not self.target_histogram and not (self.target_root and self.checkpoint):
             raise ValueError("give --target-root and --checkpoint, or --target-histogram")
 
-    def fingerprint(self) -> dict:
-        """What this job's result is made from (:meth:`WeightsPlan.fingerprint`;
-        reads the inputs' listings and the generalist)."""
-        return check_inputs(self).fingerprint()
-
 
 def _check_shared(job) -> None:
     if not job.temperature > 0:

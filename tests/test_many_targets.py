@@ -6,6 +6,7 @@ and a rerun reusing what is finished."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -42,21 +43,30 @@ def generalist(tmp_path_factory, source_data):
     return path
 
 
+def small_target(root, name: str, branch: str, layout: str, seed: int):
+    """A small generated target: 4 classes, 20 train and 8 test images."""
+    spec = TargetSpec(name=name, layout=layout, branch=branch, num_classes=4, train_per_class=5, test_per_class=2,
+                      seed=seed)
+    return generate_target(str(root), spec)
+
+
 @pytest.fixture(scope="module")
 def vehicles(tmp_path_factory):
-    """A second, small imagefolder target (20 train, 8 test images)."""
-    spec = TargetSpec(name="vehicles", layout="imagefolder", branch="vehicle", num_classes=4, train_per_class=5,
-                      test_per_class=2, seed=3)
-    return generate_target(str(tmp_path_factory.mktemp("vehicles")), spec)
+    return small_target(tmp_path_factory.mktemp("vehicles"), "vehicles", "vehicle", "imagefolder", 3)
+
+
+@pytest.fixture(scope="module")
+def food(tmp_path_factory):
+    return small_target(tmp_path_factory.mktemp("food"), "food", "food", "food101", 4)
 
 
 @pytest.fixture(scope="module")
 def small_index(tmp_path_factory, source_data):
-    """200 examples of the generated source, in two row groups of one file."""
+    """120 examples of the generated source, in two row groups of one file."""
     path = str(tmp_path_factory.mktemp("small") / "index.parquet")
     first = sorted(os.listdir(source_data.index_path))[0]
-    pq.write_table(pq.read_table(os.path.join(source_data.index_path, first)).slice(0, 200), path,
-                   row_group_size=100)
+    pq.write_table(pq.read_table(os.path.join(source_data.index_path, first)).slice(0, 120), path,
+                   row_group_size=60)
     return path
 
 
@@ -108,10 +118,10 @@ def test_the_command_line_groups_each_targets_flags():
 
 
 def test_weights_of_three_targets_are_their_single_runs_and_the_source_is_read_once(
-        source_data, food_target, vehicles, generalist, tmp_path):
-    targets = [("food", food_target.root, "food101", tmp_path / "many" / "food"),
+        source_data, food, vehicles, generalist, tmp_path):
+    targets = [("food", food.root, "food101", tmp_path / "many" / "food"),
                ("vehicles", vehicles.root, "imagefolder", tmp_path / "many" / "vehicles"),
-               ("food_test", food_target.root, "food101", tmp_path / "many" / "food_test")]
+               ("food_test", food.root, "food101", tmp_path / "many" / "food_test")]
     job, beam_args = IW.job_from_args(weights_args(source_data, generalist, targets))
     job = IW.MultiWeightsJob.of([j if j.target != "food_test" else IW.WeightsJob(**{**j.__dict__,
                                                                                      "target_split": "test"})
@@ -133,63 +143,61 @@ def test_weights_of_three_targets_are_their_single_runs_and_the_source_is_read_o
 
 
 def test_one_targets_bad_images_fail_it_alone_and_a_rerun_builds_only_it(
-        source_data, food_target, vehicles, generalist, tmp_path, capsys):
+        source_data, food, vehicles, generalist, tmp_path, capsys):
     bad_root = tmp_path / "vehicles"
     shutil.copytree(vehicles.root, bad_root)
     broken = sorted(list_target(str(bad_root), "imagefolder", "train").paths)[:2]
     for path in broken:
         open(path, "wb").write(b"not an image")
-    food, bad = tmp_path / "out" / "food", tmp_path / "out" / "vehicles"
-    args = weights_args(source_data, generalist, [("food", food_target.root, "food101", food),
+    food_out, bad = tmp_path / "out" / "food", tmp_path / "out" / "vehicles"
+    args = weights_args(source_data, generalist, [("food", food.root, "food101", food_out),
                                                   ("vehicles", str(bad_root), "imagefolder", bad)])
     assert IW.main([*args, *BEAM]) == 1
     out, err = capsys.readouterr()
     assert out.startswith("importance_weights: food: ") and len(out.splitlines()) == 1
     assert f"importance_weights: error: target vehicles ({bad}): 2 of 20 target images are unreadable" in err
     assert f"first: {broken[0]} (" in err and len(err.strip().splitlines()) == 1
-    assert (food / SUCCESS).exists() and not bad.exists()
+    assert (food_out / SUCCESS).exists() and not bad.exists()
     assert [n for n in os.listdir(tmp_path / "out") if n.startswith(".")] == []  # no build left behind
     # A target whose listing is bad fails at its check, before any output is touched.
     missing = IW.run_targets(IW.job_from_args([*weights_args(
-        source_data, generalist, [("food", food_target.root, "food101", food),
+        source_data, generalist, [("food", food.root, "food101", food_out),
                                   ("gone", str(tmp_path / "gone"), "imagefolder", tmp_path / "out" / "gone")])])[0],
         BEAM, quiet=True)
     assert missing.outcomes[0].reused and "gone" in missing.outcomes[1].error
     assert not (tmp_path / "out" / "gone").exists()
     # Mended: the rerun reuses food and builds vehicles alone.
-    before = (food / "weights.parquet").stat().st_mtime_ns
+    before = (food_out / "weights.parquet").stat().st_mtime_ns
     for path, good in zip(broken, sorted(list_target(vehicles.root, "imagefolder", "train").paths)):
         shutil.copyfile(good, path)
     rerun = IW.run_targets(IW.job_from_args(args)[0], BEAM, quiet=True).check()
     assert [o.reused for o in rerun.outcomes] == [True, False] and (bad / SUCCESS).exists()
-    assert (food / "weights.parquet").stat().st_mtime_ns == before
+    assert (food_out / "weights.parquet").stat().st_mtime_ns == before
     assert rerun.counters["target_histogram/images_read"] == 20  # only vehicles' train images
 
 
-def test_near_duplicates_of_two_targets_are_their_single_runs_from_one_read_of_the_store(
-        source_data, small_index, food_target, vehicles, generalist, tmp_path):
+def test_near_duplicates_of_two_targets_are_their_single_runs_from_one_read_of_the_source(
+        source_data, small_index, food, vehicles, generalist, tmp_path):
     store = str(tmp_path / "store")
-    jobs = [ND.NearDuplicatesJob(small_index, source_data.labels_path, food_target.root, generalist,
-                                 str(tmp_path / "many" / "food"), target_layout="food101", threshold=0.9,
+    jobs = [ND.NearDuplicatesJob(small_index, source_data.labels_path, food.root, generalist,
+                                 str(tmp_path / "many" / "food"), target_layout="food101", threshold=-1.0,
                                  embeddings=store, batch_size=16, target="food"),
             ND.NearDuplicatesJob(small_index, source_data.labels_path, vehicles.root, generalist,
-                                 str(tmp_path / "many" / "vehicles"), threshold=0.9, embeddings=store,
+                                 str(tmp_path / "many" / "vehicles"), threshold=-1.0, embeddings=store,
                                  batch_size=16, target="vehicles")]
     # The first run embeds the source once (and writes the store), for both targets.
     made = ND.run_targets(ND.MultiNearDuplicatesJob.of(jobs), BEAM).check()
-    assert made.counters["near_duplicates/source_images_read"] == 200
-    assert made.counters["near_duplicates/source_examples_compared"] == 2 * 200
-    # Two targets from the store: its rows are read once, compared twice.
-    again = ND.run_targets(ND.MultiNearDuplicatesJob.of(
-        [ND.NearDuplicatesJob(**{**j.__dict__, "output": str(tmp_path / "again" / j.target)}) for j in jobs]), BEAM)
-    assert again.check().counters["near_duplicates/stored_embeddings_read"] == 200
-    assert again.counters["near_duplicates/source_examples_compared"] == 2 * 200
-    # Each target's single-target run (reading the store) writes the same bytes; the
-    # run that made the store found the same near-duplicates (its summary says it made the store).
+    assert made.counters["near_duplicates/source_images_read"] == 120
+    assert made.counters["near_duplicates/source_examples_compared"] == 2 * 120
+    # Each target's single-target run (reading the store: its rows read once a run) writes
+    # the same bytes; the summaries differ only in saying who made the store.
     for job in jobs:
-        out = tmp_path / "single" / job.target
+        out, many = tmp_path / "single" / job.target, tmp_path / "many" / job.target
         single = ND.run(ND.NearDuplicatesJob(**{**job.__dict__, "output": str(out)}), BEAM)
         assert single["embeddings"]["reused"] is True
-        same_bytes("near_duplicates", out, tmp_path / "again" / job.target)
-        assert (out / "exclude.parquet").read_bytes() == (tmp_path / "many" / job.target / "exclude.parquet"
-                                                          ).read_bytes()
+        assert (out / "exclude.parquet").read_bytes() == (many / "exclude.parquet").read_bytes()
+        assert pq.read_metadata(out / "exclude.parquet").num_rows == 120  # threshold -1: every best match
+        made_here = json.loads((many / "summary.json").read_text())
+        assert made_here["embeddings"].pop("reused") is False
+        assert {**made_here, "embeddings": {**made_here["embeddings"], "reused": True}} == \
+            json.loads((out / "summary.json").read_text())

@@ -75,8 +75,9 @@ def softmax_sums_inference(batch: Sequence[tuple[Any, torch.Tensor]], model: tor
                 x = torch.cat([x, x.new_zeros((batch_size - real, *x.shape[1:]))])
             probabilities = softmax(model(x.to(device))[:real].float().cpu().numpy(), temperature)
             chunk_keys = keys[start:start + real]
-            for key in dict.fromkeys(chunk_keys):
-                rows = [i for i, k in enumerate(chunk_keys) if k == key]
+            key_array = np.asarray(chunk_keys)
+            for key in dict.fromkeys(chunk_keys):  # the targets in this chunk (few)
+                rows = np.flatnonzero(key_array == key)
                 hi, lo = quantize_probabilities(probabilities[rows])
                 acc = sums.setdefault(key, [0, 0, 0])
                 acc[0], acc[1], acc[2] = acc[0] + hi, acc[1] + lo, acc[2] + len(rows)

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from adaptive_transfer import stages
 from adaptive_transfer.synthetic import TargetSpec, generate_target
 from beam_pipelines import importance_weights as IW
 from beam_pipelines import near_duplicates as ND
@@ -137,9 +138,11 @@ def test_weights_of_three_targets_are_their_single_runs_and_the_source_is_read_o
         summary = IW.run(IW.WeightsJob(**{**single.__dict__, "output": str(out)}), BEAM)
         assert summary == next(o.summary for o in many.outcomes if o.name == single.target)
         same_bytes("importance_weights", out, tmp_path / "many" / single.target)
-    # Run again: each target is reused (its skip line), nothing is built.
-    again = IW.run_targets(job, beam_args, quiet=True)
-    assert all(o.reused for o in again.outcomes) and again.counters == {}
+    # Run again as the composed commands do: each target is reused, nothing is built.
+    engines = stages.Engines(beam_args=tuple(beam_args), log=lambda line: None)
+    again = stages.weights_many(job.jobs(), engines)
+    assert [s["reused"] for s in again] == [True] * 3 and (engines.reused, engines.built) == (3, 0)
+    assert [s["target"] for s in again] == ["food", "vehicles", "food_test"]
 
 
 def test_one_targets_bad_images_fail_it_alone_and_a_rerun_builds_only_it(

@@ -14,6 +14,26 @@
 ``run(NearDuplicatesJob(index=..., labels=..., target_root=...,
 checkpoint=..., output=...), ["--runner", "DirectRunner"])``.
 
+Several targets in one run: repeat ``--target NAME`` and give each target's
+own flags (``--target-root``, ``--target-layout``, ``--splits``,
+``--output``) after its name; the others are shared::
+
+    python -m beam_pipelines.near_duplicates --index IDX --labels vocab.parquet --checkpoint generalist.pt \
+      --embeddings DIR \
+      --target food101 --target-root R1 --target-layout food101 --output OUT/food101/near_duplicates \
+      --target cars --target-root R2 --output OUT/cars/near_duplicates
+
+The source's embeddings (read from the store, or made once and stored) go
+through one pass, each batch compared with every target's embeddings; each
+target's outputs are those its single-target run writes, byte for byte,
+each under the output protocol on its own (:mod:`beam_pipelines.many_targets`:
+a finished one is reused, one whose input is bad fails alone: one line
+naming it, exit status 1; the others are committed). From Python:
+``run_targets(MultiNearDuplicatesJob.of([NearDuplicatesJob(...), ...]))``.
+Scale: the source side costs what one target's does (one read of the store,
+or one forward pass per source image); the comparisons are one matrix
+product per batch and target, and each target's embeddings are a side input.
+
 The paper removes every near-duplicate of the target's training *and test*
 images from the source before pre-training (a CNN-based detector with a
 conservative threshold). Here the generalist embeds every image

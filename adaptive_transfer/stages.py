@@ -21,13 +21,14 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from schemas import io as sio
 from schemas.fingerprint import code_digest
 from schemas.stage_output import StageOutput, fingerprint_of
 
-__all__ = ["Engines", "SetPlan", "BuiltSet", "plan_set", "build_set", "weights", "near_duplicates", "resample",
+__all__ = ["Engines", "SetPlan", "BuiltSet", "plan_set", "build_set", "weights", "near_duplicates", "weights_many",
+           "near_duplicates_many", "resample",
            "shards", "verify", "pretrain", "finetune", "evaluate", "generated", "refreshed"]
 
 
@@ -116,6 +117,38 @@ def near_duplicates(job, engines: Engines) -> dict:
 
     job = refreshed(job, nd.STAGE, "near-duplicates (Beam)", engines)
     return nd.run(job, engines.beam_args)
+
+
+def weights_many(jobs: Sequence, engines: Engines) -> list[dict]:
+    """Importance weights of several targets in one Beam run (the source's
+    labels counted once, every target's images through the generalist once):
+    ``WeightsJob``s that share the source, vocabulary, generalist and
+    settings -> each target's summary, in order. Each output follows the
+    composed commands' policy on its own (:func:`refreshed`: which reads
+    every target's inputs first, so a bad one raises before anything is
+    built); a target whose images prove unreadable fails alone (the others
+    are committed), then ``ValueError`` names every one that failed."""
+    from beam_pipelines import importance_weights
+
+    jobs = [refreshed(j, importance_weights.STAGE, f"importance weights of {j.target_name} (Beam)", engines)
+            for j in jobs]
+    done = importance_weights.run_targets(importance_weights.MultiWeightsJob.of(jobs), engines.beam_args)
+    return _summaries(done.check())
+
+
+def near_duplicates_many(jobs: Sequence, engines: Engines) -> list[dict]:
+    """Near-duplicates of several targets in one Beam run (the source's
+    embeddings read or made once, compared with every target's):
+    ``NearDuplicatesJob``s that share the source, store, generalist and
+    settings -> each target's summary, in order (failures as :func:`weights_many`)."""
+    from beam_pipelines import near_duplicates as nd
+
+    jobs = [refreshed(j, nd.STAGE, f"near-duplicates of {j.target_name} (Beam)", engines) for j in jobs]
+    return _summaries(nd.run_targets(nd.MultiNearDuplicatesJob.of(jobs), engines.beam_args).check())
+
+
+def _summaries(done) -> list[dict]:
+    return [{**o.summary, "reused": True} if o.reused else o.summary for o in done.outcomes]
 
 
 def resample(job, engines: Engines) -> dict:

@@ -13,6 +13,7 @@ bad-data error as one line.
   ``beam-temp*`` and empty ``tmp*`` directories in the temp directory on
   every run, whether or not the download works; nothing is downloaded here
   and a run leaves nothing in the temp directory. Any other runner is Beam's.
+* :func:`counters`: the Beam counters of a finished pipeline, as a dict.
 * :func:`error_line`: a bad-data error raised inside a pipeline as the one
   line a command prints (Beam appends ``[while running 'STEP']``); while a
   pipeline runs, Beam's logging of such an error with its traceback is held
@@ -29,7 +30,8 @@ from typing import Callable, Iterator, Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-__all__ = ["DATA_ERRORS", "pipeline_options", "in_process_runner", "new_pipeline", "run_pipeline", "error_line"]
+__all__ = ["DATA_ERRORS", "pipeline_options", "in_process_runner", "new_pipeline", "run_pipeline", "counters",
+           "error_line"]
 
 #: Errors that report bad input (a ``SchemaError`` is a ``ValueError``): one line, no traceback.
 DATA_ERRORS = (ValueError, FileNotFoundError)
@@ -91,11 +93,29 @@ def new_pipeline(args: Sequence[str] | PipelineOptions = ()) -> beam.Pipeline:
     return beam.Pipeline(runner=in_process_runner(options), options=options)
 
 
-def run_pipeline(options: PipelineOptions, build: Callable[[beam.Pipeline], None]) -> None:
+def run_pipeline(options: PipelineOptions, build: Callable[[beam.Pipeline], None]):
     """``build(p)`` adds the transforms to a :func:`new_pipeline`, which then
-    runs to the end; Beam's log of a step's bad-data error is held back."""
+    runs to the end; Beam's log of a step's bad-data error is held back.
+    Returns the pipeline's result (its metrics: :func:`counters`)."""
     with _quiet_data_errors(), new_pipeline(options) as p:
         build(p)
+    return p.result
+
+
+def counters(result) -> dict[str, int]:
+    """The counters of a finished pipeline ``result``: ``"namespace/name" ->``
+    the committed value (the attempted one where the runner commits none),
+    summed over steps; ``{}`` where the runner reports no metrics."""
+    try:
+        found = result.metrics().query()["counters"]
+    except Exception:  # noqa: BLE001 - metrics are a report, never a reason to fail
+        return {}
+    out: dict[str, int] = {}
+    for c in found:
+        value = c.committed if c.committed is not None else c.attempted
+        name = f"{c.key.metric.namespace}/{c.key.metric.name}"
+        out[name] = out.get(name, 0) + int(value or 0)
+    return out
 
 
 def error_line(error: BaseException) -> str:

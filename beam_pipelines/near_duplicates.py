@@ -14,6 +14,26 @@
 ``run(NearDuplicatesJob(index=..., labels=..., target_root=...,
 checkpoint=..., output=...), ["--runner", "DirectRunner"])``.
 
+Several targets in one run: repeat ``--target NAME`` and give each target's
+own flags (``--target-root``, ``--target-layout``, ``--splits``,
+``--output``) after its name; the others are shared::
+
+    python -m beam_pipelines.near_duplicates --index IDX --labels vocab.parquet --checkpoint generalist.pt \
+      --embeddings DIR \
+      --target food101 --target-root R1 --target-layout food101 --output OUT/food101/near_duplicates \
+      --target cars --target-root R2 --output OUT/cars/near_duplicates
+
+The source's embeddings (read from the store, or made once and stored) go
+through one pass, each batch compared with every target's embeddings; each
+target's outputs are those its single-target run writes, byte for byte,
+each under the output protocol on its own (:mod:`beam_pipelines.many_targets`:
+a finished one is reused, one whose input is bad fails alone: one line
+naming it, exit status 1; the others are committed). From Python:
+``run_targets(MultiNearDuplicatesJob.of([NearDuplicatesJob(...), ...]))``.
+Scale: the source side costs what one target's does (one read of the store,
+or one forward pass per source image); the comparisons are one matrix
+product per batch and target, and each target's embeddings are a side input.
+
 The paper removes every near-duplicate of the target's training *and test*
 images from the source before pre-training (a CNN-based detector with a
 conservative threshold). Here the generalist embeds every image
@@ -47,8 +67,6 @@ it errs on the side of removing.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import sys
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
@@ -66,17 +84,20 @@ from schemas.stage_output import MARKER, SUCCESS, StageOutput
 from schemas.targets import list_target
 
 from .embeddings import STORE_FORMAT_VERSION, EmbedSource, EmbedTarget, ReadStore, WriteStore, concat_rows, open_store
-from .execution import DATA_ERRORS, error_line, pipeline_options, run_pipeline
+from .execution import DATA_ERRORS, counters, error_line, pipeline_options, run_pipeline
 from .label_counts import LabelCounts, SumLabelCounts, match_files
 from .matching import EXCLUDE_SCHEMA, NEAR_PAIRS, BestMatch, Matches, candidates, exclusion_table
-from .near_duplicates_outputs import EXCLUDE_PARTS, DedupConfig, DedupMeasured, write_outputs
+from .many_targets import OutputSpec, PerTargetFlag, TargetsRun, failure_note, read_failure, report, run_outputs, \
+    target_groups
+from .near_duplicates_outputs import EXCLUDE_PARTS, DedupConfig, DedupMeasured, describe_store, write_outputs
 from .similarity import HISTOGRAM_BINS, similarity_histogram
 from .target_histogram import inference_settings
 from .unreadable import CountUnreadable
 
 __all__ = ["STAGE", "DEFAULT_THRESHOLD", "DEFAULT_GRID", "COMPARE_ROWS", "OUTPUT_FILES", "EXCLUDE_SCHEMA",
-           "RENAMED_FLAGS", "Matches", "BestMatch", "NearDuplicatesJob", "DedupPlan", "build_parser",
-           "job_from_args", "check_inputs", "build_pipeline", "run", "describe", "main"]
+           "RENAMED_FLAGS", "SHARED", "Matches", "BestMatch", "NearDuplicatesJob", "MultiNearDuplicatesJob",
+           "DedupPlan", "build_parser", "job_from_args", "check_inputs", "check_targets", "build_pipeline",
+           "build_targets_pipeline", "run", "run_targets", "describe", "main"]
 
 STAGE = "near_duplicates"
 #: Cosine similarity at or above which a source example is a near-duplicate
@@ -92,6 +113,9 @@ OUTPUT_FILES = ("exclude.parquet", "summary.json", "similarity_histogram.png", "
                 MARKER)
 #: Earlier spellings of flags, kept as hidden aliases: old -> new.
 RENAMED_FLAGS = {"--source-index": "--index", "--target-images": "--target-root", "--model": "--checkpoint"}
+#: The settings every target of a :class:`MultiNearDuplicatesJob` shares (given once on the command line).
+SHARED = ("index", "labels", "checkpoint", "threshold", "grid", "embeddings", "allow_uri_prefixes",
+          "max_bad_fraction", "batch_size")
 
 
 @dataclass(frozen=True)
@@ -127,6 +151,13 @@ class NearDuplicatesJob:
     max_bad_fraction: float = 0.01
     batch_size: int = 64
     overwrite: bool = False
+    target: str | None = None
+
+    @property
+    def target_name(self) -> str:
+        """The target's name in messages (default: the root's basename; not
+        part of the result)."""
+        return self.target or self.target_root.rstrip("/").rsplit("/", 1)[-1]
 
     def fingerprint(self) -> dict:
         """What this job's result is made from (the one reuse rule; reads the
@@ -136,26 +167,79 @@ class NearDuplicatesJob:
 
     def check(self) -> None:
         """Raise ``ValueError`` for settings out of range (no input is read)."""
-        if not -1.0 <= self.threshold <= 1.0:
-            raise ValueError(f"--threshold is a cosine similarity in [-1, 1], got {self.threshold}")
-        if self.grid < 1:
-            raise ValueError(f"--grid must be >= 1, got {self.grid}")
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if not 0 <= self.max_bad_fraction <= 1:
-            raise ValueError(f"--max-bad-fraction must be in [0, 1], got {self.max_bad_fraction}")
+        _check_shared(self)
         if not self.splits or len(set(self.splits)) != len(self.splits):
             raise ValueError(f"--splits must name distinct splits, got {','.join(self.splits)!r}")
 
 
+def _check_shared(job: NearDuplicatesJob) -> None:
+    if not -1.0 <= job.threshold <= 1.0:
+        raise ValueError(f"--threshold is a cosine similarity in [-1, 1], got {job.threshold}")
+    if job.grid < 1:
+        raise ValueError(f"--grid must be >= 1, got {job.grid}")
+    if job.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {job.batch_size}")
+    if not 0 <= job.max_bad_fraction <= 1:
+        raise ValueError(f"--max-bad-fraction must be in [0, 1], got {job.max_bad_fraction}")
+
+
+@dataclass(frozen=True)
+class MultiNearDuplicatesJob:
+    """The stage for several targets in one run: ``targets``, each target's
+    own :class:`NearDuplicatesJob` (its images, splits, output, name,
+    overwrite), all sharing the settings in :data:`SHARED` (the source and
+    its embeddings store, the generalist, threshold, grid...). The source's
+    embeddings (read from the store, or made once) go through one pass and
+    are compared with every target's; each target's output is the one its
+    own job makes, with the same fingerprint."""
+
+    targets: tuple[NearDuplicatesJob, ...]
+
+    @classmethod
+    def of(cls, jobs: Sequence[NearDuplicatesJob]) -> "MultiNearDuplicatesJob":
+        return cls(tuple(jobs))
+
+    def jobs(self) -> list[NearDuplicatesJob]:
+        """Each target's single-target job."""
+        return list(self.targets)
+
+    def check(self) -> None:
+        """Raise ``ValueError`` for no target, targets that do not share
+        :data:`SHARED`, shared settings out of range or two targets writing one
+        output (no input is read)."""
+        if not self.targets:
+            raise ValueError("no target to build")
+        first = self.targets[0]
+        for j in self.targets[1:]:
+            for name in SHARED:
+                if getattr(j, name) != getattr(first, name):
+                    raise ValueError(f"the targets of one run share --{name.replace('_', '-')}: {j.target_name} "
+                                     f"has {getattr(j, name)!r}, {first.target_name} {getattr(first, name)!r}")
+        _check_shared(first)
+        outputs = [StageOutput(j.output, STAGE).path for j in self.targets]
+        twice = sorted({o for o in outputs if outputs.count(o) > 1})
+        if twice:
+            raise ValueError(f"several targets write {twice[0]}: give each target its own --output")
+
+    def fingerprints(self) -> list[dict | None]:
+        """Each target's fingerprint (that of its single-target job; ``None``
+        for a target whose own input is bad), the shared inputs read once."""
+        return [plan.fingerprint() if isinstance(plan, DedupPlan) else None for plan in check_targets(self)]
+
+
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m beam_pipelines.near_duplicates",
-                       description="Source examples that are near-duplicates of target images.")
+                       description="Source examples that are near-duplicates of target images (one target, or "
+                                   "several in one pass over the source).")
     p.add_argument("--index", required=True, help="source index: Parquet file, directory or glob")
     p.add_argument("--labels", required=True, help="label vocabulary Parquet (checks the model's label space)")
-    p.add_argument("--target-root", required=True, help="root of the target dataset")
-    p.add_argument("--target-layout", default="imagefolder", help="imagefolder, food101, ...")
-    p.add_argument("--splits", default="train,test",
+    p.add_argument("--target", action=PerTargetFlag,
+                   help="the target's name, in messages (default: the root's basename); repeated, each --target "
+                        "NAME starts the flags of one of several targets (--target-root, --target-layout, "
+                        "--splits, --output)")
+    p.add_argument("--target-root", action=PerTargetFlag, required=True, help="root of the target dataset")
+    p.add_argument("--target-layout", action=PerTargetFlag, default="imagefolder", help="imagefolder, food101, ...")
+    p.add_argument("--splits", action=PerTargetFlag, default="train,test",
                    help="comma-separated target splits to protect (default train,test)")
     p.add_argument("--checkpoint", required=True, help="generalist checkpoint (trainer.pretrain's generalist.pt)")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
@@ -172,19 +256,39 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--max-bad-fraction", type=float, default=0.01,
                    help="fail when more target images than this are unreadable (default 0.01)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    p.add_argument("--output", required=True, help="directory to write")
+    p.add_argument("--output", action=PerTargetFlag, required=True, help="directory to write (one per target)")
     p.add_argument("--overwrite", action="store_true", help="redo a finished output made from anything else")
     p.add_aliases(RENAMED_FLAGS)
     return p
 
 
-def job_from_args(argv: Sequence[str] | None = None) -> tuple[NearDuplicatesJob, list[str]]:
-    """The job of a command line, and the rest of it (Beam's options)."""
-    args, beam_args = build_parser().parse_known_args(argv)
+def _splits(text: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
+def job_from_args(argv: Sequence[str] | None = None) -> tuple[NearDuplicatesJob | MultiNearDuplicatesJob, list[str]]:
+    """The job of a command line (a :class:`MultiNearDuplicatesJob` where it
+    names several targets), and the rest of it (Beam's options)."""
+    parser = build_parser()
+    args, beam_args = parser.parse_known_args(argv)
     flags = vars(args)
-    flags["splits"] = tuple(s.strip() for s in flags["splits"].split(",") if s.strip())
     flags["allow_uri_prefixes"] = tuple(flags.pop("allow_uri_prefix") or ())
-    return NearDuplicatesJob(**flags), beam_args
+    try:
+        groups = target_groups(flags)
+    except ValueError as e:
+        parser.error(str(e))
+    flags["splits"] = _splits(flags["splits"])
+    if groups is None:
+        return NearDuplicatesJob(**flags), beam_args
+    jobs = []
+    for g in groups:
+        for dest in ("target_root", "output"):
+            if dest not in g:
+                parser.error(f"target {g['target']}: --{dest.replace('_', '-')} is required")
+        own = {**g, "splits": _splits(g.get("splits", "train,test")),
+               "target_layout": g.get("target_layout", "imagefolder")}
+        jobs.append(NearDuplicatesJob(**{**flags, **own}))
+    return MultiNearDuplicatesJob(tuple(jobs)), beam_args
 
 
 @dataclass
@@ -232,40 +336,97 @@ def _index_column(files: list[str]) -> str:
         return check_index_schema(pq.ParquetFile(fh).schema_arrow, files[0])
 
 
-def _open_store(job: NearDuplicatesJob, plan: DedupPlan) -> DedupPlan:
-    """``plan`` with the embeddings store opened (refused when made otherwise)."""
-    c = plan.config
-    fingerprint = {"format": STORE_FORMAT_VERSION, "model": c.model_fingerprint, "grid": c.grid, "dim": c.dim,
-                   "index": plan.index_listing, "uri_prefixes": list(c.uri_prefixes)}
-    store, stored = open_store(job.embeddings, fingerprint)
-    return replace(plan, config=replace(c, store_fingerprint=fingerprint, stored=stored), store=store)
+@dataclass
+class _Shared:
+    """What every target of a run is checked against, read once: the
+    generalist (``ckpt``, its ``model_fp``, its ``preprocess``ing), the
+    embedding ``dim``, the index ``files``, its image ``column`` and
+    ``listing``, the allowed uri ``prefixes``, the vocabulary's fingerprint
+    (``labels``) and the embeddings store (``None``: none): (store, its
+    fingerprint, its description where it is read)."""
+
+    ckpt: dict
+    model_fp: str
+    preprocess: dict
+    dim: int
+    files: list[str]
+    column: str
+    listing: str
+    prefixes: tuple[str, ...]
+    labels: str
+    store: tuple[StageOutput, dict, dict | None] | None = None
 
 
-def check_inputs(job: NearDuplicatesJob) -> DedupPlan:
-    """Read and check every input (settings, vocabulary, generalist and its
-    label space, index schema, target listing, embeddings store) before any
-    output is touched."""
+def _shared_inputs(job: NearDuplicatesJob) -> _Shared:
+    """Read and check the inputs every target shares (vocabulary, generalist
+    and its label space, index schema); the store is opened by :func:`_open_store`."""
     from trainer.models import build_model, checkpoint_fingerprint, embedding_dim, preprocess_spec, read_generalist
 
-    job.check()
     vocab = sio.read_parquet(job.labels)
     validate_vocabulary(vocab, job.labels)
     ckpt = read_generalist(job.checkpoint, vocab)  # another label space: SchemaError naming both sizes
     dim = embedding_dim(build_model(ckpt["architecture"], ckpt["num_classes"]), job.grid)
     files = match_files(job.index)
     column = _index_column(files)
+    return _Shared(ckpt, checkpoint_fingerprint(job.checkpoint), preprocess_spec(ckpt).to_dict(), dim, files,
+                   column, sio.listing_fingerprint(job.index, versions=True),
+                   _uri_prefixes(job) if column == "uri" else (), sio.fingerprint_paths(job.labels))
+
+
+def _open_store(job: NearDuplicatesJob, shared: _Shared) -> None:
+    """Open ``job``'s embeddings store into ``shared`` (refused when made otherwise)."""
+    if job.embeddings:
+        fingerprint = {"format": STORE_FORMAT_VERSION, "model": shared.model_fp, "grid": job.grid,
+                       "dim": shared.dim, "index": shared.listing, "uri_prefixes": list(shared.prefixes)}
+        shared.store = (*open_store(job.embeddings, fingerprint), fingerprint)
+
+
+def _plan(job: NearDuplicatesJob, shared: _Shared) -> DedupPlan:
+    """``job``'s plan against the ``shared`` inputs: its own target listed."""
     items = [(split, path) for split in job.splits
              for path in list_target(job.target_root, job.target_layout, split).paths]
-    model_fp = checkpoint_fingerprint(job.checkpoint)
-    inputs = {"source_index": job.index, "source_index_files": len(files),
-              "labels": sio.fingerprint_paths(job.labels), "model": model_fp, "target_images": job.target_root,
-              "target_layout": job.target_layout, "splits": list(job.splits)}
-    config = DedupConfig(float(job.threshold), job.grid, dim, column,
-                         _uri_prefixes(job) if column == "uri" else (), job.splits, job.max_bad_fraction,
-                         job.checkpoint, model_fp, inputs)
-    plan = DedupPlan(job, config, files, items, preprocess_spec(ckpt).to_dict(),
-                     sio.listing_fingerprint(job.index, versions=True))
-    return _open_store(job, plan) if job.embeddings else plan
+    inputs = {"source_index": job.index, "source_index_files": len(shared.files), "labels": shared.labels,
+              "model": shared.model_fp, "target_images": job.target_root, "target_layout": job.target_layout,
+              "splits": list(job.splits)}
+    config = DedupConfig(float(job.threshold), job.grid, shared.dim, shared.column, shared.prefixes, job.splits,
+                         job.max_bad_fraction, job.checkpoint, shared.model_fp, inputs)
+    return DedupPlan(job, config, shared.files, items, shared.preprocess, shared.listing)
+
+
+def _with_store(plan: DedupPlan, shared: _Shared) -> DedupPlan:
+    """``plan`` with the store opened into ``shared`` (where there is one)."""
+    if shared.store is None:
+        return plan
+    store, stored, fingerprint = shared.store
+    return replace(plan, config=replace(plan.config, store_fingerprint=fingerprint, stored=stored), store=store)
+
+
+def check_inputs(job: NearDuplicatesJob) -> DedupPlan:
+    """Read and check every input (settings, vocabulary, generalist and its
+    label space, index schema, target listing, embeddings store) before any
+    output is touched."""
+    job.check()
+    shared = _shared_inputs(job)
+    plan = _plan(job, shared)  # the target's listing is checked before the store
+    _open_store(job, shared)
+    return _with_store(plan, shared)
+
+
+def check_targets(job: MultiNearDuplicatesJob) -> list[DedupPlan | str]:
+    """Each target's plan (as :func:`check_inputs` makes it for its
+    single-target job), or why its own input is bad (one line); the shared
+    inputs (the store included) are read once, and a bad one raises."""
+    job.check()
+    shared = _shared_inputs(job.targets[0])
+    _open_store(job.targets[0], shared)
+    plans: list[DedupPlan | str] = []
+    for j in job.jobs():
+        try:
+            j.check()
+            plans.append(_with_store(_plan(j, shared), shared))
+        except DATA_ERRORS as e:
+            plans.append(error_line(e))
+    return plans
 
 
 # -- the pipeline ------------------------------------------------------------------------
@@ -325,25 +486,96 @@ def _from_matches(matches, target, threshold: float, work: str, side: dict) -> N
         | "NearestBelow" >> beam.combiners.Top.Largest(NEAR_PAIRS))
 
 
-def _write(_, work: str, store_work: str | None, config: DedupConfig, **measured) -> dict:
-    """The last step: the side inputs gathered into :class:`DedupMeasured`, then written."""
-    return write_outputs(work, store_work, config, DedupMeasured(**measured))
+def _write(_, work: str, config: DedupConfig, **measured) -> None:
+    """A target's last step: the side inputs gathered into :class:`DedupMeasured`,
+    then written into ``work`` (its bad input: a failure note, that target only)."""
+    with failure_note(work):
+        write_outputs(work, None, config, DedupMeasured(**measured))
+
+
+class _CompareTarget(beam.PTransform):
+    """Source ``EmbeddedRows`` -> one target's outputs written into ``work``:
+    the target embedded (a side input), each source batch's best match in it,
+    the exclusions, histogram and nearest pairs, then the last step.
+    ``source_side``: the side inputs made from the source (its unreadable images)."""
+
+    def __init__(self, plan: DedupPlan, work: str, device: str, source_side: dict):
+        super().__init__()
+        self.plan, self.work, self.device, self.source_side = plan, work, device, source_side
+
+    def expand(self, embedded):
+        p = embedded.pipeline
+        target = _embed_target(p, self.plan, self.device)
+        side: dict[str, Any] = {**self.source_side, "target": beam.pvalue.AsSingleton(target["target"]),
+                                "target_unreadable": beam.pvalue.AsSingleton(
+                                    target["bad"] | "UnreadableTarget" >> CountUnreadable())}
+        matches = embedded | "BestMatch" >> beam.ParDo(BestMatch(), beam.pvalue.AsSingleton(target["target"]))
+        _from_matches(matches, target["target"], self.plan.config.threshold, self.work, side)
+        return (p | "Once" >> beam.Create([None])
+                  | "WriteOutputs" >> beam.Map(_write, self.work, self.plan.config, **side))
+
+
+def _describe_store(_, store_work: str, config: DedupConfig, examples: int, source_unreadable,
+                    store_files) -> None:
+    describe_store(store_work, config, examples, source_unreadable, store_files)
+
+
+def build_targets_pipeline(p: beam.Pipeline, plans: Sequence[DedupPlan], works: Sequence[str],
+                           store_work: str | None = None) -> None:
+    """Add the transforms to ``p``: the source's embeddings once (read from
+    the store, or made, and then written to ``store_work`` when given), each
+    batch of them compared with every target (one :class:`_CompareTarget` per
+    target, writing its outputs into its ``works`` directory); the store's
+    description once."""
+    device = inference_settings(p.options)["device"]
+    source_side: dict[str, Any] = {}
+    embedded = _source_embeddings(p, plans[0], store_work, device, source_side)
+    store_files = source_side.pop("store_files", None)
+    for k, (plan, work) in enumerate(zip(plans, works)):
+        _ = embedded | f"Target{k}" >> _CompareTarget(plan, work, device, source_side)
+    if store_work is not None:
+        examples = embedded | "CountEmbedded" >> beam.Map(len) | "SumEmbedded" >> beam.CombineGlobally(sum)
+        _ = (p | "StoreOnce" >> beam.Create([None])
+               | "DescribeStore" >> beam.Map(_describe_store, store_work, plans[0].config,
+                                             beam.pvalue.AsSingleton(examples), source_side["source_unreadable"],
+                                             store_files))
 
 
 def build_pipeline(p: beam.Pipeline, plan: DedupPlan, work: str, store_work: str | None = None) -> None:
-    """Add the transforms to ``p``: embed the target (side input) and the
-    source (or read it from the store; write the store when ``store_work``),
-    best matches, then one step that writes the outputs into ``work``."""
-    device = inference_settings(p.options)["device"]
-    target = _embed_target(p, plan, device)
-    side: dict[str, Any] = {"target": beam.pvalue.AsSingleton(target["target"]),
-                            "target_unreadable": beam.pvalue.AsSingleton(
-                                target["bad"] | "UnreadableTarget" >> CountUnreadable())}
-    embedded = _source_embeddings(p, plan, store_work, device, side)
-    matches = embedded | "BestMatch" >> beam.ParDo(BestMatch(), beam.pvalue.AsSingleton(target["target"]))
-    _from_matches(matches, target["target"], plan.config.threshold, work, side)
-    _ = (p | "Once" >> beam.Create([None])
-           | "WriteOutputs" >> beam.Map(_write, work, store_work, plan.config, **side))
+    """:func:`build_targets_pipeline` for one target."""
+    build_targets_pipeline(p, [plan], [work], store_work)
+
+
+def _options(pipeline_args: Sequence[str] | PipelineOptions) -> PipelineOptions:
+    options = pipeline_options(pipeline_args)
+    inference_settings(options)  # bad inference options fail before the output is touched
+    FileSystems.set_options(options)
+    return options
+
+
+def _build(options: PipelineOptions, plans: Sequence[DedupPlan]):
+    """``build(works)`` for :func:`~beam_pipelines.many_targets.run_outputs`:
+    one pipeline for the targets to build. A store to write is built beside
+    them: committed when at least one target's outputs were written (it is
+    good on its own), aborted otherwise."""
+    first = next(plan for plan in plans if isinstance(plan, DedupPlan))
+    writes_store = first.store is not None and not first.reads_store
+
+    def build(works: dict[int, str]) -> dict[str, int]:
+        order = sorted(works)
+        store_work = first.store.begin(first.config.store_fingerprint) if writes_store else None
+        try:
+            result = run_pipeline(options, lambda p: build_targets_pipeline(
+                p, [plans[i] for i in order], [works[i] for i in order], store_work))
+        except BaseException:
+            if store_work is not None:
+                first.store.abort(store_work)
+            raise
+        if store_work is not None:
+            written = any(read_failure(works[i]) is None for i in order)
+            (first.store.commit if written else first.store.abort)(store_work)
+        return counters(result)
+    return build
 
 
 def run(job: NearDuplicatesJob, pipeline_args: Sequence[str] | PipelineOptions = ()) -> dict:
@@ -353,21 +585,35 @@ def run(job: NearDuplicatesJob, pipeline_args: Sequence[str] | PipelineOptions =
     no work done). Every input, the embeddings store included, is checked
     before an output is touched; both outputs are built aside and committed
     whole, the store first (good on its own); a failure aborts both."""
-    output = StageOutput(job.output, STAGE)
-    options = pipeline_options(pipeline_args)
-    inference_settings(options)  # bad inference options fail before the output is touched
-    FileSystems.set_options(options)
+    options = _options(pipeline_args)
     plan = check_inputs(job)
-    writes_store = plan.store is not None and not plan.reads_store
+    spec = OutputSpec(job.target_name, StageOutput(job.output, STAGE), plan.fingerprint(), job.overwrite)
+    (outcome,) = run_outputs([spec], _build(options, [plan]), catch=()).outcomes
+    if outcome.error is not None:
+        raise ValueError(outcome.error)
+    return {**outcome.summary, "reused": True} if outcome.reused else outcome.summary
 
-    def build(work: str) -> None:
-        store = plan.store.build(plan.config.store_fingerprint) if writes_store else contextlib.nullcontext()
-        with store as store_work:
-            run_pipeline(options, lambda p: build_pipeline(p, plan, work, store_work))
 
-    reused = output.run(build, fingerprint=plan.fingerprint(), overwrite=job.overwrite)
-    summary = json.loads(sio.read_bytes(sio.join(output.path, "summary.json")))
-    return {**summary, "reused": True} if reused else summary
+def run_targets(job: MultiNearDuplicatesJob, pipeline_args: Sequence[str] | PipelineOptions = (), *,
+                quiet: bool = False) -> TargetsRun:
+    """Run every target of ``job`` in one pipeline (Beam's options
+    ``pipeline_args``): the source's embeddings read (or made) once and
+    compared with every target's; each target's output under the output
+    protocol on its own. A target finished from the same fingerprint is
+    reused (it drops out; its skip line is printed unless ``quiet``); one
+    whose own input is bad (its listing, its unreadable images) fails alone,
+    with its reason, its output untouched. Bad shared input (index,
+    vocabulary, generalist, store, settings) raises before any output is
+    touched. Returns each target's outcome in the order given, and the
+    pipeline's counters."""
+    options = _options(pipeline_args)
+    plans = check_targets(job)
+    specs = [OutputSpec(j.target_name, StageOutput(j.output, STAGE), plan.fingerprint(), j.overwrite)
+             if isinstance(plan, DedupPlan) else OutputSpec(j.target_name, StageOutput(j.output, STAGE), error=plan)
+             for j, plan in zip(job.jobs(), plans)]
+    if not any(isinstance(plan, DedupPlan) for plan in plans):
+        return run_outputs(specs, lambda works: {}, quiet=quiet)
+    return run_outputs(specs, _build(options, plans), quiet=quiet)
 
 
 def describe(summary: dict) -> str:
@@ -378,10 +624,13 @@ def describe(summary: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the command line (own flags, then Beam's options) and :func:`run`;
-    bad input is one line on standard error and exit status 1."""
+    """Parse the command line (own flags, then Beam's options) and :func:`run`
+    (:func:`run_targets` for several targets: a line per target); bad input
+    is one line on standard error and exit status 1."""
     try:
         job, beam_args = job_from_args(argv)
+        if isinstance(job, MultiNearDuplicatesJob):
+            return report(STAGE, run_targets(job, beam_args), describe)
         print(describe(run(job, beam_args)))
     except DATA_ERRORS as e:
         print(f"{STAGE}: error: {error_line(e)}", file=sys.stderr)

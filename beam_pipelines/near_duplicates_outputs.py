@@ -25,7 +25,7 @@ from .near_duplicates_report import Pair, plot_contact_sheet, plot_similarity_hi
 from .similarity import HISTOGRAM_BINS, histogram_edges
 from .unreadable import Unreadable, check_unreadable
 
-__all__ = ["EXCLUDE_PARTS", "DedupConfig", "DedupMeasured", "write_outputs"]
+__all__ = ["EXCLUDE_PARTS", "DedupConfig", "DedupMeasured", "describe_store", "write_outputs"]
 
 #: Directory of the build where the exclusion parts are written, merged, then removed.
 EXCLUDE_PARTS = "_exclude_parts"
@@ -192,17 +192,20 @@ def _summary(config: DedupConfig, measured: DedupMeasured, counts: dict, listed_
     }
 
 
-def _describe_store(store_work: str, config: DedupConfig, measured: DedupMeasured) -> None:
-    """Write the store's ``embeddings.json`` (its fingerprint, size, unreadable
-    images) and remove what Beam's file sink may have left behind."""
+def describe_store(store_work: str, config: DedupConfig, examples: int, source_unreadable: Unreadable | None,
+                   store_files: Sequence[str] | None) -> None:
+    """Write the store's ``embeddings.json`` (its fingerprint, ``examples``
+    embedded, files, the source's unreadable images) and remove what Beam's
+    file sink may have left behind (once per store, whatever the number of
+    targets compared with it)."""
     fs, p = sio.filesystem(store_work)
     for entry in fs.ls(p, detail=False):
         if entry.rstrip("/").rsplit("/", 1)[-1].startswith("beam-temp-"):
             fs.rm(entry, recursive=True)
-    bad = measured.source_unreadable or Unreadable()
-    meta = {"fingerprint": config.store_fingerprint, "examples": int(measured.histogram.num_examples),
+    bad = source_unreadable or Unreadable()
+    meta = {"fingerprint": config.store_fingerprint, "examples": int(examples),
             "dim": config.dim, "dtype": "float16", "bytes_per_example": 2 * config.dim,
-            "files": len(measured.store_files or []), "unreadable_images": int(bad.count),
+            "files": len(store_files or []), "unreadable_images": int(bad.count),
             "unreadable_image_names": sorted(bad.names)[:100],
             "inputs": {"source_index": config.inputs["source_index"], "model": config.checkpoint}}
     sio.write_bytes_atomic(sio.join(store_work, STORE_META), sio.json_text(meta, indent=2) + "\n")
@@ -221,5 +224,6 @@ def write_outputs(work: str, store_work: str | None, config: DedupConfig, measur
     summary = _summary(config, measured, counts, listed_above, listed_below)
     sio.write_bytes_atomic(sio.join(work, "summary.json"), sio.json_text(summary, indent=2) + "\n")
     if store_work is not None:
-        _describe_store(store_work, config, measured)
+        describe_store(store_work, config, measured.histogram.num_examples, measured.source_unreadable,
+                       measured.store_files)
     return summary

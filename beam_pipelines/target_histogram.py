@@ -1,9 +1,15 @@
-"""Target soft-label histogram P_t as a Beam composite transform.
+"""Target soft-label histograms P_t as Beam composite transforms.
 
 paths -> read bytes (Beam filesystems) -> decode and preprocess exactly as
 the generalist expects -> ``RunInference`` with a PyTorch handler whose
 loader builds the model from the checkpoint -> ``softmax(logits / T)``
 reduced inside each batch to exact integer sums -> summed globally.
+
+:class:`KeyedTargetHistogram` does this for several targets at once: each
+image carries its target's key, every image goes through the generalist
+once (a batch may hold several targets' images: fixed-shape forward passes
+make an image's softmax independent of its neighbours), and the sums are
+kept apart by key. :class:`TargetHistogram` is the one-target form.
 
 Unreadable or corrupt images go to a side output: counted, named, skipped.
 Target *labels* are never read.
@@ -32,7 +38,8 @@ from .unreadable import BAD_IMAGES
 from .weights import quantize_probabilities, softmax
 
 __all__ = ["BAD_IMAGES", "ProbabilitySums", "softmax_sums_inference", "GeneralistModelHandler",
-           "ReadAndPreprocess", "SumProbabilities", "TargetHistogram", "InferenceOptions", "inference_settings"]
+           "ReadAndPreprocess", "SumProbabilities", "KeyedTargetHistogram", "TargetHistogram", "InferenceOptions",
+           "inference_settings"]
 
 
 
@@ -46,29 +53,36 @@ class ProbabilitySums:
     count: int
 
 
-def softmax_sums_inference(batch: Sequence[torch.Tensor], model: torch.nn.Module, device: Any,
+def softmax_sums_inference(batch: Sequence[tuple[Any, torch.Tensor]], model: torch.nn.Module, device: Any,
                            inference_args: Optional[dict] = None, model_id: Optional[str] = None, *,
                            temperature: float, batch_size: int) -> Iterable[PredictionResult]:
-    """One result per batch: the batch's exact softmax sums.
+    """One result per batch of ``(key, image)``: the batch's exact softmax
+    sums per key, as a list of ``(key, ProbabilitySums)``.
 
-    The batch is padded to ``batch_size`` so that every forward pass has the
-    same shape: per-image outputs then do not depend on how Beam grouped the
-    images, and P_t is identical for any number of workers.
+    Forward passes have ``batch_size`` images (a short one is padded) so that
+    every pass has the same shape: per-image outputs then do not depend on
+    how Beam grouped the images (nor on which targets' images share a
+    batch), and P_t is identical for any number of workers or targets.
     """
-    n = len(batch)
-    out_hi = out_lo = None
+    keys = [key for key, _ in batch]
+    sums: dict[Any, list] = {}
     with torch.no_grad():
-        for start in range(0, n, batch_size):
-            chunk = list(batch[start:start + batch_size])
+        for start in range(0, len(batch), batch_size):
+            chunk = [image for _, image in batch[start:start + batch_size]]
             real = len(chunk)
             x = torch.stack(chunk)
             if real < batch_size:
                 x = torch.cat([x, x.new_zeros((batch_size - real, *x.shape[1:]))])
-            logits = model(x.to(device))[:real].float().cpu().numpy()
-            hi, lo = quantize_probabilities(softmax(logits, temperature))
-            out_hi = hi if out_hi is None else out_hi + hi
-            out_lo = lo if out_lo is None else out_lo + lo
-    return [PredictionResult(example=n, inference=ProbabilitySums(out_hi, out_lo, n), model_id=model_id)]
+            probabilities = softmax(model(x.to(device))[:real].float().cpu().numpy(), temperature)
+            chunk_keys = keys[start:start + real]
+            key_array = np.asarray(chunk_keys)
+            for key in dict.fromkeys(chunk_keys):  # the targets in this chunk (few)
+                rows = np.flatnonzero(key_array == key)
+                hi, lo = quantize_probabilities(probabilities[rows])
+                acc = sums.setdefault(key, [0, 0, 0])
+                acc[0], acc[1], acc[2] = acc[0] + hi, acc[1] + lo, acc[2] + len(rows)
+    found = [(key, ProbabilitySums(hi, lo, count)) for key, (hi, lo, count) in sums.items()]
+    return [PredictionResult(example=len(batch), inference=found, model_id=model_id)]
 
 
 class InferenceOptions(PipelineOptions):
@@ -130,13 +144,16 @@ class GeneralistModelHandler(PytorchModelHandlerTensor):
         # and outputs that require grad cannot be sent back.
         return model.requires_grad_(False)
 
-    def get_num_bytes(self, batch: Sequence[torch.Tensor]) -> int:
-        return sum(t.numel() * t.element_size() for t in batch)
+    def get_num_bytes(self, batch: Sequence) -> int:
+        tensors = [t[1] if isinstance(t, tuple) else t for t in batch]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class ReadAndPreprocess(beam.DoFn):
     """path (or a list of paths) -> CHW float tensor(s); ``(path, reason)`` to
-    :data:`BAD_IMAGES` when a file cannot be read or decoded."""
+    :data:`BAD_IMAGES` when a file cannot be read or decoded. Keyed: ``(key,
+    path)`` (or a list of them) -> ``(key, tensor)``, and ``(key, (path,
+    reason))`` to :data:`BAD_IMAGES`."""
 
     def __init__(self, spec: dict):
         self.spec = spec
@@ -147,16 +164,19 @@ class ReadAndPreprocess(beam.DoFn):
         self._spec = PreprocessSpec(**self.spec)
 
     def process(self, element):
-        for path in [element] if isinstance(element, str) else element:
+        for item in [element] if isinstance(element, (str, tuple)) else element:
+            keyed = isinstance(item, tuple)
+            key, path = item if keyed else (None, item)
             try:
                 data = read_item_bytes(path, opener=FileSystems.open)
                 tensor = torch.from_numpy(eval_transform(decode_image(data), self._spec))
             except Exception as e:  # noqa: BLE001 - any unreadable file is counted, not fatal
                 self.bad.inc()
-                yield beam.pvalue.TaggedOutput(BAD_IMAGES, (path, f"{type(e).__name__}: {e}"[:300]))
+                bad = (path, f"{type(e).__name__}: {e}"[:300])
+                yield beam.pvalue.TaggedOutput(BAD_IMAGES, (key, bad) if keyed else bad)
                 continue
             self.read.inc()
-            yield tensor
+            yield (key, tensor) if keyed else tensor
 
 
 class SumProbabilities(beam.CombineFn):
@@ -184,9 +204,10 @@ class SumProbabilities(beam.CombineFn):
         return acc
 
 
-class TargetHistogram(beam.PTransform):
-    """PCollection of image paths -> ``{"sums": ProbabilitySums (one element),
-    "bad": PCollection of (path, reason)}``.
+class KeyedTargetHistogram(beam.PTransform):
+    """PCollection of ``(key, image path)`` -> ``{"sums": (key,
+    ProbabilitySums) per key with a readable image, "bad": (key, (path,
+    reason))}``: every image through the generalist once, whatever its key.
 
     ``spec`` is the checkpoint's preprocessing (a :class:`PreprocessSpec` dict);
     ``device``, ``large_model`` and ``model_copies`` go to the model handler
@@ -204,10 +225,10 @@ class TargetHistogram(beam.PTransform):
         self.large_model = large_model
         self.model_copies = model_copies
 
-    def expand(self, paths):
+    def expand(self, items):
         # Chunks of paths, not single paths, cross the fusion break that spreads
         # the work over workers: per-element shuffle overhead is paid per chunk.
-        decoded = (paths
+        decoded = (items
                    | "ChunkPaths" >> beam.BatchElements(min_batch_size=self.batch_size,
                                                         max_batch_size=self.batch_size)
                    | "SpreadChunks" >> beam.Reshuffle()
@@ -217,6 +238,23 @@ class TargetHistogram(beam.PTransform):
                                          large_model=self.large_model, model_copies=self.model_copies)
         sums = (decoded.images
                 | "RunInference" >> RunInference(handler)
-                | "BatchSums" >> beam.Map(lambda r: r.inference)
-                | "SumBatches" >> beam.CombineGlobally(SumProbabilities()))
+                | "BatchSums" >> beam.FlatMap(lambda r: r.inference)
+                | "SumBatches" >> beam.CombinePerKey(SumProbabilities()))
         return {"sums": sums, "bad": decoded[BAD_IMAGES]}
+
+
+class TargetHistogram(beam.PTransform):
+    """PCollection of image paths -> ``{"sums": ProbabilitySums (one element;
+    ``None`` where no image was readable), "bad": PCollection of (path, reason)}``:
+    :class:`KeyedTargetHistogram` of one target (same arguments)."""
+
+    def __init__(self, checkpoint: str, spec: dict, temperature: float = 2.0, batch_size: int = 64,
+                 device: str = "CPU", *, large_model: bool = False, model_copies: int | None = None):
+        super().__init__()
+        self.keyed = KeyedTargetHistogram(checkpoint, spec, temperature, batch_size, device,
+                                          large_model=large_model, model_copies=model_copies)
+
+    def expand(self, paths):
+        out = paths | "Keyed" >> beam.Map(lambda path: (0, path)) | "Histogram" >> self.keyed
+        sums = out["sums"] | "Sums" >> beam.Values() | "One" >> beam.CombineGlobally(SumProbabilities())
+        return {"sums": sums, "bad": out["bad"] | "Bad" >> beam.Values()}

@@ -614,8 +614,8 @@ def test_placeholders_expand_to_each_alternative():
 # -- links between the pages ---------------------------------------------------------------------
 
 def _anchor(heading: str) -> str:
-    """GitHub's anchor of a heading."""
-    text = re.sub(r"[`*_]", "", heading.strip().lower())
+    """GitHub's anchor of a heading (markup dropped, underscores kept)."""
+    text = re.sub(r"[`*]", "", heading.strip().lower())
     text = re.sub(r"[^\w\- ]", "", text)
     return text.replace(" ", "-")
 

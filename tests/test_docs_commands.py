@@ -645,3 +645,25 @@ def test_relative_links_lead_somewhere(doc):
         elif anchor and full.endswith(".md") and anchor not in _anchors(full):
             broken.append(f"{target}: no heading with that anchor")
     assert broken == []
+
+
+# -- the README as a first page ------------------------------------------------------------------
+
+#: The stages the README's flowchart shows, by their ``adaptive-transfer`` command.
+FLOWCHART_STAGES = ("weights", "dedup", "resample", "shards", "pretrain", "finetune", "evaluate")
+
+
+def test_readme_is_a_first_page():
+    """README.md is read in minutes: at most 250 lines, a Mermaid flowchart of
+    the pipeline naming every stage's command and engine, and a link to every
+    page of docs/ (where the reference material lives)."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+        text = fh.read()
+    assert len(text.splitlines()) <= 250
+    charts = re.findall(r"^```mermaid\n(.*?)^```", text, re.S | re.M)
+    assert len(charts) == 1 and charts[0].lstrip().startswith("flowchart")
+    missing = [s for s in FLOWCHART_STAGES if f"adaptive-transfer {s}" not in charts[0]]
+    missing += [e for e in ("Beam", "Dataflow", "Spark", "DeepSpeed") if e not in charts[0]]
+    assert missing == []
+    pages = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
+    assert [p for p in pages if f"]({p}" not in text] == []

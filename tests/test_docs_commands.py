@@ -40,6 +40,11 @@ Placeholders in the text:
   alternatives, each checked in turn (``...`` among them is dropped);
 - ``...`` elides the rest: such a command, and every inline span, is
   checked without requiring the parser's required flags.
+
+Besides: relative links lead to a file (and heading); README.md stays a
+first page (length, the pipeline's flowchart, a link to every docs page);
+docs/stages.md's "Renamed flags" table is exactly the aliases the parsers
+accept.
 """
 
 from __future__ import annotations
@@ -667,3 +672,34 @@ def test_readme_is_a_first_page():
     assert missing == []
     pages = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
     assert [p for p in pages if f"]({p}" not in text] == []
+
+
+def _renamed_flags_table() -> dict[str, set[tuple[str, str]]]:
+    """docs/stages.md's "Renamed flags": command -> {(old, new)}."""
+    with open(os.path.join(ROOT, "docs", "stages.md"), encoding="utf-8") as fh:
+        section = fh.read().split("## Renamed flags", 1)[1]
+    rows: dict[str, set[tuple[str, str]]] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not cells[1].startswith("`--"):
+            continue
+        olds, news = (re.findall(r"`(--[\w-]+)`", cell) for cell in cells[1:])
+        assert len(olds) == len(news), line
+        for command in re.findall(r"`([\w-]+)`", cells[0]):
+            rows.setdefault(command, set()).update(zip(olds, news))
+    return rows
+
+
+def test_renamed_flags_table_lists_every_alias():
+    """Every deprecated spelling a command accepts is in the table, with the
+    flag it stands for, and the table lists no other."""
+    from adaptive_transfer.cli import COMMANDS
+    from schemas.cli import DeprecatedAlias
+
+    table = _renamed_flags_table()
+    for name, (module, _) in COMMANDS.items():
+        parser = parser_of(importlib.import_module(module).main).parser
+        aliases = {(flag, action.new) for p in _all_parsers(parser)
+                   for flag, action in p._option_string_actions.items() if isinstance(action, DeprecatedAlias)}
+        assert aliases == table.get(name, set()), name
+    assert set(table) <= set(COMMANDS)

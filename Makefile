@@ -31,7 +31,7 @@
 #        TARGET=demo runs the same path on generated data.
 #
 #   make spark-env [SPARK_ENV_DIR=build/spark-env SPARK_ENV_EXTRAS=spark,gcs,s3]
-#        what spark-submit ships to executors (README "Running at scale"):
+#        what spark-submit ships to executors (docs/scale.md, "Spark cluster"):
 #        SPARK_ENV_DIR/env.tar.gz, a virtualenv holding only setup.py's SPARK_ENV_EXTRAS
 #        (no torch, no pyspark: executors take pyspark from their Spark) at the versions
 #        of this venv, packed with venv-pack (--archives env.tar.gz#env,

@@ -49,7 +49,7 @@ inputs, settings and code: :meth:`WeightsPlan.fingerprint`) does nothing.
 
 The embedded default runner runs in this process (:mod:`beam_pipelines.execution`:
 nothing is downloaded at run time). On Dataflow, with workers from the
-custom SDK container (``Dockerfile``; README "Running at scale")::
+custom SDK container (``Dockerfile``; docs/scale.md, "Dataflow")::
 
     python -m beam_pipelines.importance_weights ... --runner DataflowRunner \\
       --project P --region R --temp_location gs://B/tmp \\

@@ -61,7 +61,7 @@ were made with the same model, grid, index listing and uri prefixes; a
 store made otherwise is refused.
 
 Default threshold and grid: measured on planted near-duplicates
-(tests/test_near_duplicates.py; README "Near-duplicates"), conservative:
+(tests/test_near_duplicates.py; docs/near-duplicates.md, "The default threshold, measured"), conservative:
 it errs on the side of removing.
 """
 
@@ -101,7 +101,7 @@ __all__ = ["STAGE", "DEFAULT_THRESHOLD", "DEFAULT_GRID", "COMPARE_ROWS", "OUTPUT
 
 STAGE = "near_duplicates"
 #: Cosine similarity at or above which a source example is a near-duplicate
-#: (measured on planted copies: README "Near-duplicates").
+#: (measured on planted copies: docs/near-duplicates.md).
 DEFAULT_THRESHOLD = 0.965
 #: Cells per side of the pooling grid over the last feature map (1: the penultimate layer).
 DEFAULT_GRID = 2
@@ -244,7 +244,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="generalist checkpoint (trainer.pretrain's generalist.pt)")
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                    help=f"cosine similarity at or above which a source example is a near-duplicate "
-                        f"(default {DEFAULT_THRESHOLD}: measured, see README)")
+                        f"(default {DEFAULT_THRESHOLD}: measured, see docs/near-duplicates.md)")
     p.add_argument("--grid", type=int, default=DEFAULT_GRID,
                    help=f"pool the last feature map over GRID x GRID cells (default {DEFAULT_GRID}; "
                         "1: the penultimate layer)")

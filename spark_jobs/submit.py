@@ -9,8 +9,8 @@
     ... spark_jobs/submit.py build_index --imagenet-train ... --output gs://...
     ... spark_jobs/submit.py check-env          # which Python the executors run, and what it has
 
-Executors get their Python from the packed environment (venv-pack, see the
-README's "Running at scale") and this project's code from ``--py-files``;
+Executors get their Python from the packed environment (venv-pack, see
+docs/scale.md, "Spark cluster") and this project's code from ``--py-files``;
 the driver needs this project and pyspark installed (``pip install '.[spark]'
 pyspark``). ``check-env`` prints one JSON line per executor Python process
 (``session.python_facts``: host, interpreter, ``sys.prefix``, package

@@ -39,7 +39,7 @@ from spark_jobs import write_shards as W
 from spark_jobs.session import output_refusal
 from tests.helpers import free_ports, ROOT, reference_weights, write_weights
 
-#: Extras of the executors' environment here (the README's recipe adds gcs).
+#: Extras of the executors' environment here (docs/scale.md's recipe adds gcs).
 ENV_EXTRAS = "spark,s3"
 CACHE = os.environ.get("ADAPTIVE_TRANSFER_CACHE", os.path.expanduser("~/.cache/adaptive-transfer"))
 #: The heavy tests (this cluster, DeepSpeed nodes, Beam SDK workers: minutes on
@@ -290,7 +290,7 @@ def shared_inputs(source_data, tmp_path):
 
 
 def _submit(home, url, env_files, storage_env, *args, check=True):
-    """spark-submit as the README's recipe: the packed env, the code, Python's
+    """spark-submit as docs/scale.md's recipe: the packed env, the code, Python's
     memory, few shuffle partitions. Two settings are this loopback's own: the
     workers share a host name but not their disks, so no executor may read
     another's shuffle files from "its host's" disk; and the driver's scratch

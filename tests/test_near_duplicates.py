@@ -49,7 +49,7 @@ TRAIN_STEPS = 150
 #: besides its class's pattern, as photographs carry more than their class.
 #: Without them two images of a class differ only in a handful of scalars and a
 #: 1-pixel shift moves an image further than its nearest same-class neighbour
-#: (README "Near-duplicates"). Seed 0 is the held-out test; seeds 1-3 measured the default.
+#: (docs/near-duplicates.md). Seed 0 is the held-out test; seeds 1-3 measured the default.
 CLUTTERED = TargetSpec(layout="food101", branch="food", clutter=4)
 
 

@@ -165,10 +165,11 @@ def _draw_partition(r: DrawRound, storage: dict):
     return draw_partition
 
 
-def draw_classes(table: pa.Table, r: DrawRound, storage: dict) -> pa.Table | None:
+def draw_classes(table: pa.Table, r: DrawRound, storage: dict, part: int | None = None) -> pa.Table | None:
     """Draw a task's whole classes of one round: candidate rows (key, order,
     lsid) -> the selected (key, copies, weight), written as one Parquet file
-    under ``selection/_attempts`` (:func:`_write_part`), and the tally rows
+    under ``selection/_attempts`` (:func:`_write_part`; ``part``: the number
+    in its name, default the task's partition), and the tally rows
     (:data:`DRAWN_SCHEMA`; ``None``: no candidates). A class with fewer
     candidates than it selects (its bound fell short: below 1e-11 rare)
     draws nothing; the driver sees its total missing and draws it again from
@@ -186,18 +187,21 @@ def draw_classes(table: pa.Table, r: DrawRound, storage: dict) -> pa.Table | Non
         [table.column("key").take(pa.array(perm[picked])).combine_chunks(),
          pa.array(a.copies[picked].astype(np.int32), pa.int32()),
          pa.array(r.class_w[a.record_plan_index()[picked]], pa.float64())], schema=SELECTION_SCHEMA)
-    path = _write_part(selected, r, storage) if selected.num_rows else ""
+    path = _write_part(selected, r, storage, part) if selected.num_rows else ""
     inject_failure("draw")
     return _tallies(r.plan, a, path, selected.num_rows)
 
 
-def _write_part(selected: pa.Table, r: DrawRound, storage: dict) -> str:
-    """Write a task's selected rows to ``selection/_attempts/part-<name>-<partition>.parquet.<attempt>``."""
+def _write_part(selected: pa.Table, r: DrawRound, storage: dict, part: int | None = None) -> str:
+    """Write a task's selected rows to ``selection/_attempts/part-<name>-<part>.parquet.<attempt>``
+    (``part``: default the task's partition)."""
     from pyspark import TaskContext
 
-    ctx = TaskContext.get()
-    part = f"part-{r.name}-{ctx.partitionId() if ctx else 0:05d}.parquet"
-    path = sio.join(r.selection, ATTEMPTS_DIR, f"{part}.{task_attempt_id()}")
+    if part is None:
+        ctx = TaskContext.get()
+        part = ctx.partitionId() if ctx else 0
+    name = f"part-{r.name}-{part:05d}.parquet"
+    path = sio.join(r.selection, ATTEMPTS_DIR, f"{name}.{task_attempt_id()}")
     sio.apply_storage_config(storage)
     fs, p = sio.filesystem(path)
     fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)

@@ -56,7 +56,7 @@ from ..session import StageTimer, require_reachable_outputs
 from . import checks, report
 from .draw import DrawRound, Drawing, Drawn, first_round, settle, short_classes
 from .job import STAGE, ResampleJob, excluded_keys, read_index, read_source_index
-from .many_draw import commit_many, draw_many, marked_index, shared_partitions
+from .many_draw import commit_many, draw_many, marked_index
 from .weights import Weighting, label_weights_for, weigh_label_sets
 
 __all__ = ["TargetResult", "run_many"]
@@ -145,14 +145,21 @@ def run_many(spark, jobs: Sequence[ResampleJob]) -> list[TargetResult]:
     except (ValueError, FileNotFoundError) as e:
         return [TargetResult(job, error=str(e)) for job in jobs]
     results: list[TargetResult | None] = [None] * len(jobs)
+    checked = []
+    for pos, job in enumerate(jobs):  # every target's inputs checked before any output is touched
+        prepared = _prepare(spark, pos, job, listing)
+        if isinstance(prepared, TargetResult):
+            results[pos] = prepared
+        else:
+            checked.append(prepared)
     with contextlib.ExitStack() as locks:
         targets = []
-        for pos, job in enumerate(jobs):
-            opened = _open(spark, pos, job, listing, locks)
-            if isinstance(opened, TargetResult):
-                results[pos] = opened
+        for tg in checked:
+            begun = _begin(tg, locks)
+            if begun is not None:
+                results[tg.pos] = begun
             else:
-                targets.append(opened)
+                targets.append(tg)
         try:
             _build(spark, index_df, targets, t0)
         finally:
@@ -176,13 +183,11 @@ def _check_jobs(jobs: list[ResampleJob]) -> None:
         raise ValueError(f"two targets would write {twice[0]}; give each target its own --output")
 
 
-def _open(spark, pos: int, job: ResampleJob, listing: str, locks: contextlib.ExitStack) -> "_Target | TargetResult":
-    """Check the target's own inputs (as ``run`` does), then its output: a
-    :class:`TargetResult` where it is reused or refused, else the target
-    with its build begun (the output's lock held)."""
+def _prepare(spark, pos: int, job: ResampleJob, listing: str) -> "_Target | TargetResult":
+    """Check the target's own inputs and settings, as ``run`` does: the
+    target, or a :class:`TargetResult` saying why it is refused."""
     try:
         require_reachable_outputs(spark, {"--output": job.output, "--label-sets": job.label_sets}, job.shared_output)
-        output = StageOutput(job.output, STAGE)
         for flag, path in (("--weights", job.weights), ("--labels", job.labels), ("--exclude", job.exclude)):
             if path:
                 require_finished_input(path, flag)
@@ -193,16 +198,26 @@ def _open(spark, pos: int, job: ResampleJob, listing: str, locks: contextlib.Exi
             excluded_keys(spark, job.exclude)
         if job.label_sets:
             LS.check_label_sets_path(job.label_sets)
-        tg = _Target(pos, job, weighting, job.input_fingerprints(listing), output)
-        locks.enter_context(output.lock())
-        if output.check(job.overwrite, tg.fingerprint):
-            print(output.skip_line(), file=sys.stderr)
-            stats = json.loads(sio.read_bytes(sio.join(job.output, "stats.json")))
-            return TargetResult(job, {**stats, "reused": True})
-        tg.work = output.begin(tg.fingerprint)
-        return tg
+        return _Target(pos, job, weighting, job.input_fingerprints(listing), StageOutput(job.output, STAGE))
     except (ValueError, FileNotFoundError) as e:
         return TargetResult(job, error=str(e))
+
+
+def _begin(tg: _Target, locks: contextlib.ExitStack) -> TargetResult | None:
+    """Take the target's output (its lock held until ``locks`` close): a
+    :class:`TargetResult` where it is reused (the skip line on stderr) or
+    refused (made from another fingerprint, or busy), else ``None`` with its
+    build begun."""
+    try:
+        locks.enter_context(tg.output.lock())
+        if tg.output.check(tg.job.overwrite, tg.fingerprint):
+            print(tg.output.skip_line(), file=sys.stderr)
+            stats = json.loads(sio.read_bytes(sio.join(tg.job.output, "stats.json")))
+            return TargetResult(tg.job, {**stats, "reused": True})
+        tg.work = tg.output.begin(tg.fingerprint)
+        return None
+    except (ValueError, FileNotFoundError) as e:
+        return TargetResult(tg.job, error=str(e))
 
 
 def _result(tg: _Target) -> TargetResult:
@@ -305,9 +320,7 @@ def _draw_all(spark, marked, planned: list[_Target], stages: StageTimer) -> None
     by_pos = {tg.pos: tg for tg in planned}
     for tg in planned:
         sio.remove_tree(tg.selection)
-    rows_per_partition = min(tg.job.rows_per_partition for tg in planned)
-    partitions = shared_partitions(spark, sum(tg.expected for tg in planned), rows_per_partition)
-    first = _pass(spark, marked, {tg.pos: tg.round for tg in planned}, by_pos, partitions)
+    first = _pass(spark, marked, {tg.pos: tg.round for tg in planned}, by_pos)
     stages.lap("draw")
     redo: dict[int, DrawRound] = {}
     for pos, drawn in first.items():
@@ -319,7 +332,7 @@ def _draw_all(spark, marked, planned: list[_Target], stages: StageTimer) -> None
             if short:
                 redo[pos] = tg.round.redraw(np.array(short, np.int64))
     if redo:
-        again = _pass(spark, marked, redo, by_pos, sum(r.partitions for r in redo.values()))
+        again = _pass(spark, marked, redo, by_pos)
         for pos, drawn in again.items():
             with _failing(by_pos[pos]):
                 by_pos[pos].drawn.add(_taken(spark, by_pos[pos], drawn))
@@ -334,11 +347,10 @@ def _draw_all(spark, marked, planned: list[_Target], stages: StageTimer) -> None
                 tg.recount = True
 
 
-def _pass(spark, marked, rounds: dict[int, DrawRound], by_pos: dict[int, _Target],
-          partitions: int) -> dict[int, Drawn | ValueError]:
+def _pass(spark, marked, rounds: dict[int, DrawRound], by_pos: dict[int, _Target]) -> dict[int, Drawn | ValueError]:
     """One drawing pass over the index for ``rounds`` (target -> round)."""
     seeds = {pos: by_pos[pos].job.seed for pos in rounds}
-    return commit_many(draw_many(spark, marked, rounds, seeds, partitions).collect(), rounds)
+    return commit_many(draw_many(spark, marked, rounds, seeds).collect(), rounds)
 
 
 def _taken(spark, tg: _Target, drawn: Drawn | ValueError) -> Drawn:

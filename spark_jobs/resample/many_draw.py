@@ -9,16 +9,20 @@ seed of the targets drawn. One broadcast join gives each record's class
 its candidate bounds, one per target (a list of K longs, null where the
 target draws nothing from the class); a record leaves its scan task once
 per target whose bound it is under and that does not exclude it, as the
-row (key, lsid, target, order). One shuffle by (target, class) puts each
-target's whole classes in one task, which draws them exactly as the
-single-target job does (:func:`draw.draw_classes`, with that target's
-round: its plan, seed and selection directory) and returns tally rows
-tagged with the target. :func:`commit_many` splits the tallies by target
+row (key, lsid, target, part, order), ``part`` being the drawing task the
+single-target job gives the class. One shuffle by (target, part) puts each
+such group whole in one task, which draws it exactly as the single-target
+job's task ``part`` does (:func:`draw.draw_classes`, with that target's
+round: its plan, seed and selection directory), into the same file, and
+returns tally rows tagged with the target: each target's selection is the
+single-target job's file for file, whatever task drew each group. :func:`commit_many` splits the tallies by target
 and commits each target's files as the single-target job does.
 
 Costs for K targets: one read of the index's key and label columns per
 pass; per record, one hash per distinct seed and K comparisons; rows
-shuffled: the targets' candidates (about the sum of their sizes); the
+shuffled: the targets' candidates (about the sum of their sizes); a
+drawing task holds its groups' candidates (about ``rows_per_partition``
+each; a task may hold a few groups where the hash puts them together); the
 driver ships K candidate-bound vectors (one long per target and drawn
 class) and collects tally rows per target and drawn class.
 """
@@ -36,7 +40,6 @@ import pyarrow as pa
 from schemas import io as sio
 
 from .. import label_sets as LS
-from ..session import inject_failure
 from .draw import DRAWN_SCHEMA, DrawRound, Drawn, commit_drawn, draw_classes
 
 __all__ = ["MANY_DRAWN_SCHEMA", "marked_index", "bounds_table", "draw_many", "commit_many", "shared_partitions"]
@@ -90,8 +93,11 @@ def bounds_table(rounds: Mapping[int, DrawRound]) -> tuple[pa.Table, list[int]]:
 
 
 def _candidates(marked_df, rounds: Mapping[int, DrawRound], seeds: Mapping[int, int], bounds_df, targets):
-    """marked index -> (key, lsid, target, order): one row per record and
-    target whose candidate bound it is under and that keeps it."""
+    """marked index -> (key, lsid, target, part, order): one row per record
+    and target whose candidate bound it is under and that keeps it; ``part``
+    is the drawing task the single-target job gives the record's class
+    (Spark's hash partitioning of ``lsid`` into the target's round's
+    ``partitions``: ``pmod(murmur3(lsid), partitions)``)."""
     from pyspark.sql import functions as F
 
     distinct = sorted(set(seeds[t] for t in targets))
@@ -109,50 +115,59 @@ def _candidates(marked_df, rounds: Mapping[int, DrawRound], seeds: Mapping[int, 
 
     tests = [kept(j, t) for j, t in enumerate(targets)]
     picked = F.array(*[F.when(test, F.struct(F.lit(t).cast("int").alias("target"),
+                                             F.pmod(F.hash("lsid"), F.lit(rounds[t].partitions)).alias("part"),
                                              F.col(order_of[seeds[t]]).alias("order")))
                        for test, t in zip(tests, targets)])
     return (joined.where(functools.reduce(operator.or_, tests))
             .select("key", "lsid", F.explode(F.filter(picked, lambda c: c.isNotNull())).alias("c"))
-            .select("key", "lsid", "c.target", "c.order"))
+            .select("key", "lsid", "c.target", "c.part", "c.order"))
 
 
-def shared_partitions(spark, expected: int, rows_per_partition: int) -> int:
-    """Drawing tasks for ``expected`` candidates of all targets together:
-    whole waves of the cluster's cores, ``rows_per_partition`` each at most."""
+def shared_partitions(spark, rounds: Mapping[int, DrawRound]) -> int:
+    """Drawing tasks of one pass: at least one per (target, part) group
+    (each target's round's ``partitions``, as its single-target job runs it),
+    in whole waves of the cluster's cores. A performance knob only: each
+    group is drawn alone whatever task holds it."""
     cores = max(1, spark.sparkContext.defaultParallelism)
-    return cores * math.ceil(max(1, math.ceil(expected / rows_per_partition)) / cores)
+    groups = sum(r.partitions for r in rounds.values())
+    return cores * math.ceil(max(1, groups) / cores)
 
 
-def draw_many(spark, marked_df, rounds: Mapping[int, DrawRound], seeds: Mapping[int, int], partitions: int):
+def draw_many(spark, marked_df, rounds: Mapping[int, DrawRound], seeds: Mapping[int, int],
+              partitions: int | None = None):
     """One pass over the index drawing every round of ``rounds`` (target ->
-    its round; ``seeds``: target -> seed of its order hash): the tasks write
-    each target's ``part-<name>-*`` files under its round's selection and
-    return tally rows (:data:`MANY_DRAWN_SCHEMA`); see :func:`commit_many`."""
+    its round; ``seeds``: target -> seed of its order hash) in
+    ``partitions`` tasks (default :func:`shared_partitions`): each (target,
+    part) group of candidates is drawn as the single-target job's task
+    ``part`` draws it, into the same ``part-<name>-<part>`` file under the
+    target's selection; the tasks return tally rows
+    (:data:`MANY_DRAWN_SCHEMA`); see :func:`commit_many`."""
     table, targets = bounds_table(rounds)
     bounds_df = spark.createDataFrame(table)
+    partitions = partitions or shared_partitions(spark, rounds)
     return (_candidates(marked_df, rounds, seeds, bounds_df, targets)
-            .repartition(partitions, "target", "lsid")
+            .repartition(partitions, "target", "part")
             .mapInArrow(_draw_many_partition(dict(rounds), sio.storage_config()), MANY_DRAWN_SCHEMA))
 
 
 def _draw_many_partition(rounds: dict[int, DrawRound], storage: dict):
-    """mapInArrow over whole (target, class) groups: each target's candidates
-    drawn with its own round (:func:`draw.draw_classes`), the tallies tagged
-    with the target."""
+    """mapInArrow over whole (target, part) groups: each drawn alone with its
+    target's round (:func:`draw.draw_classes`, named by its part), the
+    tallies tagged with the target."""
 
     def draw_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         collected = list(batches)
         if not collected:
             return
         table = pa.Table.from_batches(collected)
-        target = table.column("target").to_numpy()
+        group = np.stack([table.column("target").to_numpy().astype(np.int64),
+                          table.column("part").to_numpy().astype(np.int64)], axis=1)
         out = []
-        for t in np.unique(target).tolist():
-            part = table.filter(pa.array(target == t)).select(["key", "order", "lsid"])
-            tallies = draw_classes(part, rounds[t], storage)
+        for t, part in np.unique(group, axis=0).tolist():
+            rows = table.filter(pa.array((group[:, 0] == t) & (group[:, 1] == part)))
+            tallies = draw_classes(rows.select(["key", "order", "lsid"]), rounds[t], storage, part=part)
             if tallies is not None:
                 out.append(tallies.add_column(0, "target", pa.array(np.full(tallies.num_rows, t, np.int32))))
-        inject_failure("draw")
         for tallies in out:
             yield from tallies.to_batches()
     return draw_partition

@@ -9,13 +9,11 @@ import dataclasses
 import json
 import os
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from schemas import io as sio
-from schemas.stage_output import fingerprint_of
 from spark_jobs import resample as R
 from tests.helpers import reference_weights, run_module, write_weights
 
@@ -36,11 +34,26 @@ def targets(tmp_path_factory, source_data):
 
 
 def _jobs(source, weights, exclude, out, **kw):
-    """K=3 targets that differ in weights, matcher, seed and exclusions."""
-    settings = {"a": dict(matcher="same", seed=1), "b": dict(matcher="elastic", seed=2, exclude=exclude),
-                "c": dict(matcher="same", draw="systematic", seed=1)}
+    """K=3 targets: a and c differ only in their weights (as the command
+    line's targets do), b also in matcher, seed and exclusions."""
+    settings = {"a": dict(seed=1), "b": dict(matcher="elastic", seed=2, exclude=exclude), "c": dict(seed=1)}
     return [R.ResampleJob(index=source.index_path, weights=weights[n], size=600, target=n,
                           output=os.path.join(out, n), **settings[n], **kw) for n in NAMES]
+
+
+@pytest.fixture(scope="module")
+def alone(spark, targets, tmp_path_factory):
+    """A target's single-target run (made once per module): job -> its output's files."""
+    root = tmp_path_factory.mktemp("alone")
+    made: dict[tuple, dict[str, bytes]] = {}
+
+    def files_of(job: R.ResampleJob) -> dict[str, bytes]:
+        key = (job.target, job.rows_per_partition)
+        if key not in made:
+            R.run(spark, dataclasses.replace(job, output=str(root / f"{job.target}-{job.rows_per_partition}")))
+            made[key] = _files(str(root / f"{job.target}-{job.rows_per_partition}"))
+        return made[key]
+    return files_of
 
 
 def _files(output: str) -> dict[str, bytes]:
@@ -61,24 +74,20 @@ def _files(output: str) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("rows_per_partition", [R.DEFAULT_ROWS_PER_PARTITION, 90])
-def test_each_target_equals_its_single_target_run_file_for_file(spark, targets, tmp_path, rows_per_partition):
+def test_each_target_equals_its_single_target_run_file_for_file(spark, targets, alone, tmp_path,
+                                                                rows_per_partition):
     source, weights, exclude = targets
     many = _jobs(source, weights, exclude, str(tmp_path / "many"), rows_per_partition=rows_per_partition)
     results = R.run_many(spark, many)
     assert [r.error for r in results] == [None, None, None]
     for job, result in zip(many, results):
-        alone = dataclasses.replace(job, output=str(tmp_path / "alone" / job.target))
-        stats = R.run(spark, alone)
-        assert stats["job"]["partitions"] == result.stats["job"]["partitions"]
-        assert fingerprint_of(job.output) == fingerprint_of(alone.output)
-        files, expected = _files(job.output), _files(alone.output)
+        files, expected = _files(job.output), alone(job)
         assert sorted(files) == sorted(expected)
         assert files == expected, job.target
         parts = [n for n in files if n.startswith("selection/")]
-        if rows_per_partition == 90:  # several drawing tasks per target
-            assert len(parts) > 1
+        assert len(parts) > 1 and result.stats["total_copies"] == 600  # several drawing tasks per target
     # A single-target run reuses what the many-target run made (one fingerprint).
-    assert R.run(spark, dataclasses.replace(many[0], output=many[0].output))["reused"] is True
+    assert R.run(spark, many[1])["reused"] is True
 
 
 def test_one_targets_bad_weights_leave_the_others_and_a_rerun_reuses_them(spark, targets, tmp_path, capsys):
@@ -115,7 +124,7 @@ def test_targets_that_share_an_output_or_not_an_index_are_refused(spark, targets
     assert not os.path.exists(tmp_path / "out")
 
 
-def test_command_line_many_targets_with_task_retries(spark, targets, tmp_path):
+def test_command_line_many_targets_with_task_retries(targets, alone, tmp_path):
     """``--weights NAME=PATH`` repeated, outputs at OUTPUT/NAME; every first
     task attempt fails (retried): each target as its single-target run."""
     source, weights, exclude = targets
@@ -127,8 +136,6 @@ def test_command_line_many_targets_with_task_retries(spark, targets, tmp_path):
     assert "injected failure" in proc.stderr
     assert "resample: a: 600 samples" in proc.stdout and "resample: c: 600 samples" in proc.stdout
     assert sorted(os.listdir(out)) == ["a", "c"]
-    for name in ("a", "c"):
-        alone = R.ResampleJob(index=source.index_path, weights=weights[name], size=600, seed=1, target=name,
-                              rows_per_partition=90, output=str(tmp_path / "alone" / name))
-        R.run(spark, alone)
-        assert _files(os.path.join(out, name)) == _files(alone.output)
+    for job in _jobs(source, weights, exclude, out, rows_per_partition=90):
+        if job.target != "b":
+            assert _files(job.output) == alone(job)

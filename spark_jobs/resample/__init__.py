@@ -45,11 +45,11 @@ from ..label_sets import distinct_label_sets
 from .cli import build_parser, job_from_args, main
 from .draw import DrawRound, Drawing, Drawn, candidate_bounds, draw, keyed, write_drawn
 from .job import DEFAULT_ROWS_PER_PARTITION, STAGE, ResampleJob, read_index, run
-from .many import TargetResult, run_many
+from .many import ManyResampleJob, TargetResult, run_many
 from .report import LabelSets, label_distributions, plot_label_stats, total_variation
 from .weights import Weighting, label_weights_for, weigh_label_sets
 
-__all__ = ["ResampleJob", "STAGE", "DEFAULT_ROWS_PER_PARTITION", "run", "run_many", "TargetResult", "read_index",
+__all__ = ["ResampleJob", "STAGE", "DEFAULT_ROWS_PER_PARTITION", "run", "run_many", "ManyResampleJob", "TargetResult", "read_index",
            "main", "build_parser",
            "job_from_args", "Weighting", "label_weights_for", "weigh_label_sets", "LabelSets",
            "distinct_label_sets", "keyed", "candidate_bounds", "DrawRound", "draw", "Drawn", "write_drawn",

@@ -143,10 +143,16 @@ def excluded_keys(spark, exclude: str):
 def run(spark, job: ResampleJob) -> dict[str, Any]:
     """Run the job with ``spark``; return the stats written to stats.json
     (with ``"reused": True`` where a finished output made from the same
-    fingerprint was there: no work done).
+    fingerprint was there: no work done). A ``ManyResampleJob`` (many
+    targets, one pass) is run by ``many.run_many`` and returns its list of
+    ``TargetResult``.
 
     Every input is read and checked before the output is touched; the result
     is built aside and committed whole (``schemas.stage_output``)."""
+    if not isinstance(job, ResampleJob):
+        from .many import run_many
+
+        return run_many(spark, job)
     t0 = time.time()
     require_reachable_outputs(spark, {"--output": job.output, "--label-sets": job.label_sets}, job.shared_output)
     output = StageOutput(job.output, STAGE)

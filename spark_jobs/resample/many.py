@@ -39,11 +39,12 @@ and one drawing pass, as for one target).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -59,7 +60,44 @@ from .job import STAGE, ResampleJob, excluded_keys, read_index, read_source_inde
 from .many_draw import commit_many, draw_many, marked_index
 from .weights import Weighting, label_weights_for, weigh_label_sets
 
-__all__ = ["TargetResult", "run_many"]
+__all__ = ["ManyResampleJob", "TargetResult", "run_many"]
+
+
+@dataclass(frozen=True)
+class ManyResampleJob:
+    """Many targets' resampling runs over one index, drawn in one pass: one
+    :class:`ResampleJob` per target (each with its own weights, settings,
+    seed and ``output``). Raises ``ValueError`` where there is no job, two
+    indexes, or two jobs with one output."""
+
+    jobs: tuple[ResampleJob, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "jobs", tuple(self.jobs))
+        _check_jobs(list(self.jobs))
+
+    @classmethod
+    def for_targets(cls, base: ResampleJob, weights: Mapping[str, str],
+                    exclude: Mapping[str, str] | None = None) -> "ManyResampleJob":
+        """The command line's jobs: ``base``'s settings for each target of
+        ``weights`` (name -> weights file), named by it (``target``), with its
+        output at ``base.output/<name>`` and its exclusions from ``exclude``
+        (name -> file; default ``base.exclude``)."""
+        exclude = dict(exclude or {})
+        unknown = sorted(set(exclude) - set(weights))
+        if unknown:
+            raise ValueError(f"--exclude names {', '.join(unknown)}, not a target of --weights NAME=PATH")
+        return cls(tuple(dataclasses.replace(base, weights=path, target=name, output=sio.join(base.output, name),
+                                             exclude=exclude.get(name, base.exclude))
+                         for name, path in weights.items()))
+
+    @property
+    def index(self) -> str:
+        return self.jobs[0].index
+
+    def fingerprint(self) -> dict[str, dict[str, Any]]:
+        """Each target's fingerprint, by its output (each is reused or rebuilt on its own)."""
+        return {job.output: job.fingerprint() for job in self.jobs}
 
 
 @dataclass(frozen=True)
@@ -124,17 +162,18 @@ def _failing(target: _Target) -> Iterator[None]:
         target.error = str(e)
 
 
-def run_many(spark, jobs: Sequence[ResampleJob]) -> list[TargetResult]:
-    """Run every job of ``jobs`` (one per target, all over one ``index``,
-    each with its own ``output``) with ``spark``, reading the index as one
-    job does; return one :class:`TargetResult` per job, in order.
+def run_many(spark, jobs: "ManyResampleJob | Sequence[ResampleJob]") -> list[TargetResult]:
+    """Run every job of ``jobs`` (a :class:`ManyResampleJob`, or its jobs:
+    one per target, all over one ``index``, each with its own ``output``)
+    with ``spark``, reading the index as one job does; return one
+    :class:`TargetResult` per job, in order.
 
     A job whose output is finished from its fingerprint is reused (the skip
     line on stderr) and not drawn; a job whose input is bad fails alone.
     Raises ``ValueError`` where ``jobs`` is empty, names two indexes or one
     output twice; an error of the engine itself (not bad input) aborts
     every unfinished output and is raised."""
-    jobs = list(jobs)
+    jobs = list(jobs.jobs if isinstance(jobs, ManyResampleJob) else jobs)
     _check_jobs(jobs)
     t0 = time.time()
     try:

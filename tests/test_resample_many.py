@@ -73,12 +73,13 @@ def _files(output: str) -> dict[str, bytes]:
     return out
 
 
-@pytest.mark.parametrize("rows_per_partition", [R.DEFAULT_ROWS_PER_PARTITION, 90])
-def test_each_target_equals_its_single_target_run_file_for_file(spark, targets, alone, tmp_path,
-                                                                rows_per_partition):
+@pytest.mark.parametrize("draw_tasks", [None, 3])
+def test_each_target_equals_its_single_target_run_file_for_file(spark, targets, alone, tmp_path, draw_tasks):
+    """Whatever the shared pass's number of tasks (default: one per target's
+    drawing task, here 12; or 3, each drawing several targets' groups)."""
     source, weights, exclude = targets
-    many = _jobs(source, weights, exclude, str(tmp_path / "many"), rows_per_partition=rows_per_partition)
-    results = R.run_many(spark, many)
+    many = _jobs(source, weights, exclude, str(tmp_path / "many"), rows_per_partition=90)
+    results = R.run(spark, R.ManyResampleJob(tuple(many), draw_tasks=draw_tasks))
     assert [r.error for r in results] == [None, None, None]
     for job, result in zip(many, results):
         files, expected = _files(job.output), alone(job)

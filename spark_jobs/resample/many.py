@@ -71,6 +71,10 @@ class ManyResampleJob:
     indexes, or two jobs with one output."""
 
     jobs: tuple[ResampleJob, ...]
+    #: Tasks of the shared drawing pass (default: one per target's drawing
+    #: task, in whole waves of cores). A performance knob: each target's
+    #: selection is the same whatever it is.
+    draw_tasks: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "jobs", tuple(self.jobs))
@@ -173,6 +177,7 @@ def run_many(spark, jobs: "ManyResampleJob | Sequence[ResampleJob]") -> list[Tar
     Raises ``ValueError`` where ``jobs`` is empty, names two indexes or one
     output twice; an error of the engine itself (not bad input) aborts
     every unfinished output and is raised."""
+    draw_tasks = jobs.draw_tasks if isinstance(jobs, ManyResampleJob) else None
     jobs = list(jobs.jobs if isinstance(jobs, ManyResampleJob) else jobs)
     _check_jobs(jobs)
     t0 = time.time()
@@ -200,7 +205,7 @@ def run_many(spark, jobs: "ManyResampleJob | Sequence[ResampleJob]") -> list[Tar
             else:
                 targets.append(tg)
         try:
-            _build(spark, index_df, targets, t0)
+            _build(spark, index_df, targets, t0, draw_tasks)
         finally:
             for tg in targets:
                 if tg.work is not None:  # not committed: a failed target, or the engine failed
@@ -265,7 +270,7 @@ def _result(tg: _Target) -> TargetResult:
     return TargetResult(tg.job, tg.stats)
 
 
-def _build(spark, index_df, targets: list[_Target], t0: float) -> None:
+def _build(spark, index_df, targets: list[_Target], t0: float, draw_tasks: int | None) -> None:
     """Count, plan, draw, check and report every target; commit each that
     succeeds (the others are aborted by the caller)."""
     if not targets:
@@ -280,7 +285,7 @@ def _build(spark, index_df, targets: list[_Target], t0: float) -> None:
             with _failing(tg):
                 _weigh_and_plan(spark, tg)
         stages.lap("plan")
-        _draw_all(spark, marked, [tg for tg in _ok(live) if tg.round is not None], stages)
+        _draw_all(spark, marked, [tg for tg in _ok(live) if tg.round is not None], stages, draw_tasks)
         live, fresh = [tg for tg in _ok(live) if tg.recount], True
         for tg in live:
             tg.recount, tg.round, tg.drawn, tg.drawing = False, None, None, None
@@ -350,7 +355,7 @@ def _weigh_and_plan(spark, tg: _Target) -> None:
     tg.round, tg.expected = first_round(spark, tg.job, tg.weighted, tg.selection)
 
 
-def _draw_all(spark, marked, planned: list[_Target], stages: StageTimer) -> None:
+def _draw_all(spark, marked, planned: list[_Target], stages: StageTimer, draw_tasks: int | None) -> None:
     """One drawing pass for every planned target (and one more for the
     classes whose bound fell short, where any did); then each target's
     totals checked (:func:`draw.settle`)."""
@@ -359,7 +364,7 @@ def _draw_all(spark, marked, planned: list[_Target], stages: StageTimer) -> None
     by_pos = {tg.pos: tg for tg in planned}
     for tg in planned:
         sio.remove_tree(tg.selection)
-    first = _pass(spark, marked, {tg.pos: tg.round for tg in planned}, by_pos)
+    first = _pass(spark, marked, {tg.pos: tg.round for tg in planned}, by_pos, draw_tasks)
     stages.lap("draw")
     redo: dict[int, DrawRound] = {}
     for pos, drawn in first.items():
@@ -371,7 +376,7 @@ def _draw_all(spark, marked, planned: list[_Target], stages: StageTimer) -> None
             if short:
                 redo[pos] = tg.round.redraw(np.array(short, np.int64))
     if redo:
-        again = _pass(spark, marked, redo, by_pos)
+        again = _pass(spark, marked, redo, by_pos, draw_tasks)
         for pos, drawn in again.items():
             with _failing(by_pos[pos]):
                 by_pos[pos].drawn.add(_taken(spark, by_pos[pos], drawn))
@@ -386,10 +391,11 @@ def _draw_all(spark, marked, planned: list[_Target], stages: StageTimer) -> None
                 tg.recount = True
 
 
-def _pass(spark, marked, rounds: dict[int, DrawRound], by_pos: dict[int, _Target]) -> dict[int, Drawn | ValueError]:
+def _pass(spark, marked, rounds: dict[int, DrawRound], by_pos: dict[int, _Target],
+          draw_tasks: int | None) -> dict[int, Drawn | ValueError]:
     """One drawing pass over the index for ``rounds`` (target -> round)."""
     seeds = {pos: by_pos[pos].job.seed for pos in rounds}
-    return commit_many(draw_many(spark, marked, rounds, seeds).collect(), rounds)
+    return commit_many(draw_many(spark, marked, rounds, seeds, draw_tasks).collect(), rounds)
 
 
 def _taken(spark, tg: _Target, drawn: Drawn | ValueError) -> Drawn:

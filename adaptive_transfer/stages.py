@@ -136,13 +136,25 @@ def resample_many(jobs, engines: Engines) -> list:
     the others are finished."""
     from spark_jobs import resample as R
 
-    jobs = [refreshed(job, R.STAGE, f"resample {job.target or job.output} {job.size:,} ({job.scheme}, "
-                                    f"{job.matcher})", engines) for job in jobs]
+    jobs = [refreshed(_resolved(job), R.STAGE, f"resample {job.target or job.output} {job.size:,} ({job.scheme}, "
+                                               f"{job.matcher})", engines) for job in jobs]
     results = R.run(engines.spark(), R.ManyResampleJob(tuple(jobs)))
     failed = [f"{r.job.target or r.job.output}: {r.error}" for r in results if not r.ok]
     if failed:
         raise ValueError(f"resample: {len(failed)} of {len(results)} targets failed: " + "; ".join(failed))
     return results
+
+
+def _resolved(job):
+    """A ``ResampleJob`` with the target and temperature it leaves open taken
+    from its weights table, as the job records them in its fingerprint
+    (unchanged where the weights are bad: the run names them)."""
+    from spark_jobs.resample.weights import label_weights_for
+
+    try:
+        return label_weights_for(job).resolve(job)
+    except (ValueError, FileNotFoundError, OSError):
+        return job
 
 
 def shards(job, engines: Engines):

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from adaptive_transfer import stages
 from schemas import io as sio
 from spark_jobs import resample as R
 from tests.helpers import reference_weights, run_module, write_weights
@@ -107,12 +108,17 @@ def test_one_targets_bad_weights_leave_the_others_and_a_rerun_reuses_them(spark,
     assert "bad.parquet" in second[1].error
     assert _files(jobs[1].output) == b_files  # b's finished result is as it was
     assert "a is complete" in capsys.readouterr().err.replace(os.path.join(str(tmp_path / "out"), ""), "")
-    # A rerun with every input good rebuilds only what is missing or changed.
+    # A rerun with every input good (as the composed commands run it) rebuilds nothing.
     jobs[1] = dataclasses.replace(jobs[1], weights=weights["b"], overwrite=False)
     jobs[2] = dataclasses.replace(jobs[2], overwrite=False)
-    third = R.run_many(spark, jobs)
-    assert [r.reused for r in third] == [True, True, True]
-    assert third[1].stats["total_copies"] == 600
+    engines = stages.Engines(log=(lines := []).append)
+    third = stages.resample_many(jobs, engines)
+    assert [(r.reused, r.error) for r in third] == [(True, None)] * 3
+    assert (engines.reused, engines.built) == (3, 0)
+    assert third[1].stats["total_copies"] == 600 and all("reusing" in line for line in lines)
+    # Bad weights through the composed call: the others reused, the failure named.
+    with pytest.raises(ValueError, match=r"1 of 3 targets failed: b: .*bad.parquet"):
+        stages.resample_many([jobs[0], dataclasses.replace(jobs[1], weights=bad), jobs[2]], engines)
 
 
 def test_targets_that_share_an_output_or_not_an_index_are_refused(spark, targets, tmp_path):

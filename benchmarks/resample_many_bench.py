@@ -10,7 +10,9 @@ targets' weights (one seed each), in ONE SparkSession: K single-target runs
 (``resample.run``, one after another) and one many-target run
 (``resample.ManyResampleJob``), each from scratch (no stored label-set
 table). Per K: wall seconds, the input bytes of the stages run (Spark's task
-metrics: the index's Parquet row groups, and the small inputs), and whether every target's selection is the same file for
+metrics; under Spark 4 / Hadoop 3.4 on a local file system they count
+far fewer bytes than the column chunks read, so compare them across runs,
+not with the index's size), and whether every target's selection is the same file for
 file. Prints one JSON line per K; nothing is asserted.
 """
 

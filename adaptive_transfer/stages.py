@@ -28,7 +28,7 @@ from schemas.fingerprint import code_digest
 from schemas.stage_output import StageOutput, fingerprint_of
 
 __all__ = ["Engines", "SetPlan", "BuiltSet", "plan_set", "build_set", "weights", "near_duplicates", "weights_many",
-           "near_duplicates_many", "resample",
+           "near_duplicates_many", "resample", "resample_many",
            "shards", "verify", "pretrain", "finetune", "evaluate", "generated", "refreshed"]
 
 
@@ -157,6 +157,24 @@ def resample(job, engines: Engines) -> dict:
 
     job = refreshed(job, R.STAGE, f"resample {job.size:,} ({job.scheme}, {job.matcher})", engines)
     return R.run(engines.spark(), job)
+
+
+def resample_many(jobs, engines: Engines) -> list:
+    """Many targets' selections from one pass over their shared index
+    (Spark): ``ResampleJob`` per target -> a ``TargetResult`` per target, in
+    order. Each target's output is reused, built or rebuilt on its own by the
+    composed commands' policy (:func:`refreshed`); a target whose input is
+    bad fails alone: raises ``ValueError`` naming every failed target once
+    the others are finished."""
+    from spark_jobs import resample as R
+
+    jobs = [refreshed(job, R.STAGE, f"resample {job.target or job.output} {job.size:,} ({job.scheme}, "
+                                     f"{job.matcher})", engines) for job in jobs]
+    results = R.run(engines.spark(), R.ManyResampleJob(tuple(jobs)))
+    failed = [f"{r.job.target or r.job.output}: {r.error}" for r in results if not r.ok]
+    if failed:
+        raise ValueError(f"resample: {len(failed)} of {len(results)} targets failed: " + "; ".join(failed))
+    return results
 
 
 def shards(job, engines: Engines):

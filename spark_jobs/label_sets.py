@@ -38,7 +38,8 @@ import pyarrow.parquet as pq
 from schemas import LABEL_SETS_SCHEMA, read_metadata, with_metadata
 from schemas import io as sio
 
-__all__ = ["labels_column", "LabelSetCount", "count_label_sets", "distinct_label_sets", "duplicate_key",
+__all__ = ["labels_column", "LabelSetCount", "count_label_sets", "count_label_sets_excluding", "subtract_label_sets",
+           "distinct_label_sets", "duplicate_key",
            "check_label_sets_path", "read_label_sets", "write_label_sets"]
 
 #: Recorded in the table's metadata: what wrote it (a file without it is not replaced).
@@ -75,13 +76,62 @@ def count_label_sets(index_df) -> LabelSetCount:
     a few rows per task leave it), the keys read once and their 64-bit
     hashes (8 bytes a record) grouped by value across tasks, where
     :func:`_shared_hashes` finds the repeated ones with numpy."""
+    table = distinct_label_sets(index_df)
+    return LabelSetCount(table, *_key_check(index_df))
+
+
+def _key_check(index_df) -> tuple[int, int | None]:
+    """How many key hashes more than one record of ``index_df`` has, and the smallest of them."""
     from pyspark.sql import functions as F
 
-    table = distinct_label_sets(index_df)
     hashes = index_df.select(F.xxhash64(F.col("key").cast("string")).alias("h"))
     found = hashes.repartition("h").mapInArrow(_shared_hashes, "groups long, smallest long").collect()
     smallest = [r["smallest"] for r in found if r["smallest"] is not None]
-    return LabelSetCount(table, sum(r["groups"] for r in found), min(smallest) if smallest else None)
+    return sum(r["groups"] for r in found), (min(smallest) if smallest else None)
+
+
+def count_label_sets_excluding(marked_df) -> tuple[LabelSetCount, dict[int, pa.Table]]:
+    """The label-set tables of many targets' views of one index, from one
+    count: ``marked_df`` is the index (key, labels) with ``excluded``, the
+    targets (ints) whose exclusions hold the record's key (null: none).
+
+    Returns the index's own count (its table and key check, as
+    :func:`count_label_sets`) and, per target that excludes any record, the
+    table of the records it keeps (:func:`subtract_label_sets`): the labels
+    and exclusions are grouped once (one row per label list and set of
+    excluding targets), whatever the number of targets; the driver holds
+    per-label-set rows per target, never per-record data."""
+    from pyspark.sql import functions as F
+
+    rows = (marked_df.groupBy(labels_column().alias("labels"), F.col("excluded"))
+            .agg(F.count(F.lit(1)).alias("n"))
+            .select(F.xxhash64("labels").alias("lsid"), "labels", "excluded", "n").collect())
+    base, per_target = subtract_label_sets([(r["lsid"], r["labels"], r["excluded"], r["n"]) for r in rows])
+    return LabelSetCount(base, *_key_check(marked_df)), per_target
+
+
+def subtract_label_sets(rows) -> tuple[pa.Table, dict[int, pa.Table]]:
+    """From rows ``(lsid, labels, excluded, n)`` (``n`` records with that
+    label list whose key the targets in ``excluded`` exclude; ``None`` or
+    empty: none does): the whole table, and per target named in
+    ``excluded``, the table less the records it excludes (label sets left
+    with no record dropped), each sorted by lsid like
+    :func:`distinct_label_sets`."""
+    base: dict[tuple, list] = {}
+    minus: dict[int, dict[tuple, int]] = {}
+    for lsid, labels, excluded, n in rows:
+        key = tuple(labels or ())
+        entry = base.setdefault(key, [lsid, list(key), 0])
+        entry[2] += int(n)
+        for t in excluded or ():
+            minus.setdefault(int(t), {}).setdefault(key, 0)
+            minus[int(t)][key] += int(n)
+
+    def table(drop: dict[tuple, int]) -> pa.Table:
+        kept = [{"lsid": lsid, "labels": labels, "n": n - drop.get(k, 0)}
+                for k, (lsid, labels, n) in base.items() if n - drop.get(k, 0) > 0]
+        return _label_set_table(sorted(kept, key=lambda r: r["lsid"]))
+    return table({}), {t: table(drop) for t, drop in sorted(minus.items())}
 
 
 def _shared_hashes(batches):

@@ -31,6 +31,16 @@ The label-set table can be kept between runs (``--label-sets``): it depends
 on the index alone, so every run over one index (targets, sizes, schemes)
 can skip that full scan (``spark_jobs.label_sets``).
 
+Many targets over one index, in one pass (docs/design.md, "Many
+targets")::
+
+    python -m spark_jobs.resample --index PATH --weights food101=W1.parquet \\
+      --weights cars=W2.parquet [--exclude cars=KEYS.parquet] --size 80M ... --output DIR
+
+writes each target's output at ``DIR/NAME``, the one a single-target run
+with ``--target NAME --weights W --output DIR/NAME`` writes, file for file
+(:class:`ManyResampleJob`, :mod:`.many`, :mod:`.many_draw`).
+
 The modules, by responsibility: :mod:`.job` (the typed job, its input
 checks and :func:`run` through the output protocol), :mod:`.weights` (label
 and label-set weights for the scheme), :mod:`.draw` (the Spark plan and the
@@ -42,13 +52,14 @@ stats.json and the plot) and :mod:`.cli` (the command line).
 from __future__ import annotations
 
 from ..label_sets import distinct_label_sets
-from .cli import build_parser, job_from_args, main
+from .cli import build_parser, job_from_args, jobs_from_args, main
 from .draw import DrawRound, Drawing, Drawn, candidate_bounds, draw, keyed, write_drawn
 from .job import DEFAULT_ROWS_PER_PARTITION, STAGE, ResampleJob, read_index, run
+from .many import ManyResampleJob, TargetResult, run_many
 from .report import LabelSets, label_distributions, plot_label_stats, total_variation
 from .weights import Weighting, label_weights_for, weigh_label_sets
 
-__all__ = ["ResampleJob", "STAGE", "DEFAULT_ROWS_PER_PARTITION", "run", "read_index", "main", "build_parser",
-           "job_from_args", "Weighting", "label_weights_for", "weigh_label_sets", "LabelSets",
+__all__ = ["ResampleJob", "STAGE", "DEFAULT_ROWS_PER_PARTITION", "run", "run_many", "ManyResampleJob",
+           "TargetResult", "read_index", "main", "build_parser", "job_from_args", "jobs_from_args", "Weighting", "label_weights_for", "weigh_label_sets", "LabelSets",
            "distinct_label_sets", "keyed", "candidate_bounds", "DrawRound", "draw", "Drawn", "write_drawn",
            "Drawing", "label_distributions", "total_variation", "plot_label_stats"]

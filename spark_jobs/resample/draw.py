@@ -35,8 +35,9 @@ from . import checks
 if TYPE_CHECKING:
     from .job import ResampleJob
 
-__all__ = ["keyed", "candidate_bounds", "DRAWN_SCHEMA", "ATTEMPTS_DIR", "DrawRound", "draw", "Drawn",
-           "write_drawn", "Drawing", "plan_and_draw"]
+__all__ = ["keyed", "candidate_bounds", "DRAWN_SCHEMA", "ATTEMPTS_DIR", "DrawRound", "draw", "draw_classes",
+           "Drawn", "write_drawn", "commit_drawn", "Drawing", "first_round", "unmet", "short_classes", "settle",
+           "plan_and_draw"]
 
 #: What a drawing task returns (it writes its selected rows itself), one row
 #: per fact, by ``kind``: ``file`` (``name``: the temporary path of the file it
@@ -151,43 +152,56 @@ class _Keys:
 def _draw_partition(r: DrawRound, storage: dict):
     """mapInArrow over whole classes: candidate (key, order, lsid) -> the
     selected (key, copies, weight), written as one Parquet file under
-    ``selection/_attempts`` (:func:`_write_part`), and tally rows. A class
-    with fewer candidates than it selects (its bound fell short: below 1e-11
-    rare) draws nothing; the driver sees its total missing and draws it again
-    from all its records. Keys that two records of one class share are
-    reported, and the task draws nothing."""
+    ``selection/_attempts`` (:func:`_write_part`), and tally rows
+    (:func:`draw_classes`)."""
 
     def draw_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         collected = list(batches)
         if not collected:
             return
-        table = pa.Table.from_batches(collected)
-        lsid = table.column("lsid").to_numpy()
-        perm, duplicates = S.canonical_order(lsid, table.column("order").to_numpy(), _Keys(table.column("key")))
-        if duplicates:
-            yield from _tally_table(("duplicate", {"name": duplicates})).to_batches()
-            return
-        if perm.size == 0:
-            return
-        a = S.assign_copies(r.plan, lsid[perm], r.whole())
-        picked = a.copies > 0
-        selected = pa.Table.from_arrays(
-            [table.column("key").take(pa.array(perm[picked])).combine_chunks(),
-             pa.array(a.copies[picked].astype(np.int32), pa.int32()),
-             pa.array(r.class_w[a.record_plan_index()[picked]], pa.float64())], schema=SELECTION_SCHEMA)
-        path = _write_part(selected, r, storage) if selected.num_rows else ""
-        inject_failure("draw")
-        yield from _tallies(r.plan, a, path, selected.num_rows).to_batches()
+        tallies = draw_classes(pa.Table.from_batches(collected), r, storage)
+        if tallies is not None:
+            yield from tallies.to_batches()
     return draw_partition
 
 
-def _write_part(selected: pa.Table, r: DrawRound, storage: dict) -> str:
-    """Write a task's selected rows to ``selection/_attempts/part-<name>-<partition>.parquet.<attempt>``."""
+def draw_classes(table: pa.Table, r: DrawRound, storage: dict, part: int | None = None) -> pa.Table | None:
+    """Draw a task's whole classes of one round: candidate rows (key, order,
+    lsid) -> the selected (key, copies, weight), written as one Parquet file
+    under ``selection/_attempts`` (:func:`_write_part`; ``part``: the number
+    in its name, default the task's partition), and the tally rows
+    (:data:`DRAWN_SCHEMA`; ``None``: no candidates). A class with fewer
+    candidates than it selects (its bound fell short: below 1e-11 rare)
+    draws nothing; the driver sees its total missing and draws it again from
+    all its records. Keys that two records of one class share are reported,
+    and nothing is drawn."""
+    lsid = table.column("lsid").to_numpy()
+    perm, duplicates = S.canonical_order(lsid, table.column("order").to_numpy(), _Keys(table.column("key")))
+    if duplicates:
+        return _tally_table(("duplicate", {"name": duplicates}))
+    if perm.size == 0:
+        return None
+    a = S.assign_copies(r.plan, lsid[perm], r.whole())
+    picked = a.copies > 0
+    selected = pa.Table.from_arrays(
+        [table.column("key").take(pa.array(perm[picked])).combine_chunks(),
+         pa.array(a.copies[picked].astype(np.int32), pa.int32()),
+         pa.array(r.class_w[a.record_plan_index()[picked]], pa.float64())], schema=SELECTION_SCHEMA)
+    path = _write_part(selected, r, storage, part) if selected.num_rows else ""
+    inject_failure("draw")
+    return _tallies(r.plan, a, path, selected.num_rows)
+
+
+def _write_part(selected: pa.Table, r: DrawRound, storage: dict, part: int | None = None) -> str:
+    """Write a task's selected rows to ``selection/_attempts/part-<name>-<part>.parquet.<attempt>``
+    (``part``: default the task's partition)."""
     from pyspark import TaskContext
 
-    ctx = TaskContext.get()
-    part = f"part-{r.name}-{ctx.partitionId() if ctx else 0:05d}.parquet"
-    path = sio.join(r.selection, ATTEMPTS_DIR, f"{part}.{task_attempt_id()}")
+    if part is None:
+        ctx = TaskContext.get()
+        part = ctx.partitionId() if ctx else 0
+    name = f"part-{r.name}-{part:05d}.parquet"
+    path = sio.join(r.selection, ATTEMPTS_DIR, f"{name}.{task_attempt_id()}")
     sio.apply_storage_config(storage)
     fs, p = sio.filesystem(path)
     fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
@@ -254,7 +268,15 @@ def write_drawn(drawn, selection: str, fresh: bool = True) -> Drawn:
     ``selection`` first (else add to it: the redraw of short classes)."""
     if fresh:
         sio.remove_tree(selection)
-    tallies, files = _read_tallies(drawn.collect())
+    return commit_drawn(drawn.collect(), selection)
+
+
+def commit_drawn(rows, selection: str) -> Drawn:
+    """The driver's side of a draw into ``selection``, from the tally rows
+    of its successful task attempts (:data:`DRAWN_SCHEMA`): rename the files
+    they wrote into ``selection``, remove what failed attempts left, check
+    the rows written against the tallies; return the tallies."""
+    tallies, files = _read_tallies(rows)
     written = 0
     for temp in sorted(files):
         final = sio.join(selection, temp.rsplit("/", 1)[-1].rsplit(".", 1)[0])
@@ -332,29 +354,31 @@ def _draw_round(spark, job: "ResampleJob", keyed_df, r: DrawRound, fresh: bool) 
     return drawn
 
 
-def _unmet(plan: S.ClassPlan, drawn: Drawn) -> list[int]:
+def unmet(plan: S.ClassPlan, drawn: Drawn) -> list[int]:
     """Classes whose drawn copies are not what the plan gave them."""
     return sorted(c for c, k in zip(plan.class_ids.tolist(), plan.counts.tolist())
                   if k and drawn.per_set.get(c, 0) != k)
 
 
-def plan_and_draw(spark, job: "ResampleJob", keyed_df, weighted_sets: pa.Table, selection: str,
-                  stages: StageTimer, stored: bool) -> Drawing | None:
-    """Plan the classes' copies from the label-set table, draw them into
-    ``selection`` and check the totals. Where a class's records disagree
-    with the table: ``None`` if the table was ``stored`` (read from
-    ``--label-sets``: count again), else an error (the index changed)."""
-    r, expected = first_round(spark, job, weighted_sets, selection)
-    stages.lap("plan")
-    drawn = _draw_round(spark, job, keyed_df, r, fresh=True)
-    stages.lap("draw")
-    short = _unmet(r.plan, drawn)
-    if short and not drawn.disagree:  # a class's bound fell short: draw it again from all its records
-        if any(drawn.per_set.get(c, 0) for c in short):
-            raise ValueError("internal error: a class that fell short drew copies")
-        drawn.add(_draw_round(spark, job, keyed_df, r.redraw(np.array(short, np.int64)), fresh=False))
-        stages.lap("redraw")
-    missing = _unmet(r.plan, drawn)
+def short_classes(r: DrawRound, drawn: Drawn) -> list[int]:
+    """The classes of round ``r`` to draw again from all their records:
+    those whose candidate bound fell short (none where a class's records
+    disagreed with the count: the table is wrong, not the bound)."""
+    short = unmet(r.plan, drawn)
+    if not short or drawn.disagree:
+        return []
+    if any(drawn.per_set.get(c, 0) for c in short):
+        raise ValueError("internal error: a class that fell short drew copies")
+    return short
+
+
+def settle(job: "ResampleJob", r: DrawRound, drawn: Drawn, weighted_sets: pa.Table, expected: int,
+           redrawn: int, stored: bool) -> Drawing | None:
+    """Check the totals of the draws of ``r`` (and its redraw of
+    ``redrawn`` classes). Where a class's records disagree with the table:
+    ``None`` if the table was ``stored`` (read from ``--label-sets``: count
+    again), else an error (the index changed)."""
+    missing = unmet(r.plan, drawn)
     if drawn.disagree or missing:
         # Classes with more records than counted, or none where the count says some: other data.
         if stored:
@@ -366,4 +390,20 @@ def plan_and_draw(spark, job: "ResampleJob", keyed_df, weighted_sets: pa.Table, 
                          f"counted: did {job.index} change during the job?")
     if drawn.total != job.size:
         raise ValueError(f"internal error: drew {drawn.total} copies, expected {job.size} split as planned")
-    return Drawing(r.plan, drawn, r.partitions, expected, len(short))
+    return Drawing(r.plan, drawn, r.partitions, expected, redrawn)
+
+
+def plan_and_draw(spark, job: "ResampleJob", keyed_df, weighted_sets: pa.Table, selection: str,
+                  stages: StageTimer, stored: bool) -> Drawing | None:
+    """Plan the classes' copies from the label-set table, draw them into
+    ``selection`` and check the totals (:func:`settle`: ``None`` where a
+    ``stored`` table disagrees with the records)."""
+    r, expected = first_round(spark, job, weighted_sets, selection)
+    stages.lap("plan")
+    drawn = _draw_round(spark, job, keyed_df, r, fresh=True)
+    stages.lap("draw")
+    short = short_classes(r, drawn)
+    if short:  # a class's bound fell short: draw it again from all its records
+        drawn.add(_draw_round(spark, job, keyed_df, r.redraw(np.array(short, np.int64)), fresh=False))
+        stages.lap("redraw")
+    return settle(job, r, drawn, weighted_sets, expected, len(short), stored)

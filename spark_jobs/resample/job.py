@@ -25,7 +25,8 @@ from . import checks, report
 from .draw import keyed, plan_and_draw
 from .weights import Weighting, label_weights_for, weigh_label_sets
 
-__all__ = ["ResampleJob", "STAGE", "DEFAULT_ROWS_PER_PARTITION", "read_index", "run"]
+__all__ = ["ResampleJob", "STAGE", "DEFAULT_ROWS_PER_PARTITION", "read_index", "read_source_index",
+           "excluded_keys", "run"]
 
 #: The output protocol's name for this stage (``schemas.stage_output``).
 STAGE = "resample"
@@ -85,10 +86,11 @@ class ResampleJob:
                               aggregation=self.aggregate, scheme=self.scheme,
                               subset_labels=tuple(self.subset_labels), top_k=self.top_k)
 
-    def input_fingerprints(self) -> dict[str, str]:
+    def input_fingerprints(self, index_listing: str | None = None) -> dict[str, str]:
         """The inputs' fingerprints: the index's listing (file names and
-        sizes), the content of the weights, vocabulary and exclusions."""
-        out = {"index": sio.listing_fingerprint(self.index)}
+        sizes; ``index_listing`` where it was taken already), the content of
+        the weights, vocabulary and exclusions."""
+        out = {"index": index_listing if index_listing is not None else sio.listing_fingerprint(self.index)}
         for name in ("weights", "labels", "exclude"):
             path = getattr(self, name)
             if path:
@@ -112,27 +114,45 @@ def read_index(spark, job: ResampleJob):
     sio.require_readable(job.index, "--index")
     if job.exclude:
         sio.require_readable(job.exclude, "--exclude")
-    index_df = spark.read.parquet(job.index)
+    index_df = read_source_index(spark, job.index)
+    if job.exclude:
+        index_df = index_df.join(excluded_keys(spark, job.exclude).distinct(), on="key", how="left_anti")
+    return index_df
+
+
+def read_source_index(spark, index: str):
+    """The source index as a DataFrame, refused (``SchemaError`` naming it)
+    without its ``key`` and ``labels`` columns."""
+    index_df = spark.read.parquet(index)
     names = set(index_df.columns)
     if "key" not in names or "labels" not in names:
-        raise SchemaError(f"source index has no 'key'/'labels' column (columns: {sorted(names)})",
-                          file=job.index)
-    if job.exclude:
-        excluded = spark.read.parquet(job.exclude)
-        if "key" not in excluded.columns:
-            raise SchemaError(f"--exclude needs a 'key' column (columns: {sorted(excluded.columns)})",
-                              file=job.exclude)
-        index_df = index_df.join(excluded.select("key").distinct(), on="key", how="left_anti")
+        raise SchemaError(f"source index has no 'key'/'labels' column (columns: {sorted(names)})", file=index)
     return index_df
+
+
+def excluded_keys(spark, exclude: str):
+    """The ``key`` column of an ``--exclude`` file, refused (``SchemaError``
+    naming it) where there is none."""
+    sio.require_readable(exclude, "--exclude")
+    excluded = spark.read.parquet(exclude)
+    if "key" not in excluded.columns:
+        raise SchemaError(f"--exclude needs a 'key' column (columns: {sorted(excluded.columns)})", file=exclude)
+    return excluded.select("key")
 
 
 def run(spark, job: ResampleJob) -> dict[str, Any]:
     """Run the job with ``spark``; return the stats written to stats.json
     (with ``"reused": True`` where a finished output made from the same
-    fingerprint was there: no work done).
+    fingerprint was there: no work done). A ``ManyResampleJob`` (many
+    targets, one pass) is run by ``many.run_many`` and returns its list of
+    ``TargetResult``.
 
     Every input is read and checked before the output is touched; the result
     is built aside and committed whole (``schemas.stage_output``)."""
+    if not isinstance(job, ResampleJob):
+        from .many import run_many
+
+        return run_many(spark, job)
     t0 = time.time()
     require_reachable_outputs(spark, {"--output": job.output, "--label-sets": job.label_sets}, job.shared_output)
     output = StageOutput(job.output, STAGE)

@@ -265,7 +265,7 @@ def run(job: WeightsJob, pipeline_args: Sequence[str] | PipelineOptions = ()) ->
     # their options (--s3_endpoint_url, credentials, GCP project) apply from here.
     FileSystems.set_options(options)
     plan = check_inputs(job)
-    reused = output.run(lambda work: run_pipeline(options, lambda p: build_pipeline(p, plan, work)),
+    reused = output.run(lambda work: run_pipeline(options, lambda p: build_pipeline(p, plan, work), STAGE),
                         fingerprint=plan.fingerprint(), overwrite=job.overwrite)
     summary = json.loads(sio.read_bytes(sio.join(output.path, "summary.json")))
     return {**summary, "reused": True} if reused else summary

@@ -363,7 +363,7 @@ def run(job: NearDuplicatesJob, pipeline_args: Sequence[str] | PipelineOptions =
     def build(work: str) -> None:
         store = plan.store.build(plan.config.store_fingerprint) if writes_store else contextlib.nullcontext()
         with store as store_work:
-            run_pipeline(options, lambda p: build_pipeline(p, plan, work, store_work))
+            run_pipeline(options, lambda p: build_pipeline(p, plan, work, store_work), STAGE)
 
     reused = output.run(build, fingerprint=plan.fingerprint(), overwrite=job.overwrite)
     summary = json.loads(sio.read_bytes(sio.join(output.path, "summary.json")))

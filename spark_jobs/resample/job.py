@@ -20,6 +20,7 @@ from schemas.stage_output import StageOutput, require_finished_input
 
 from .. import label_sets as LS
 from .. import sampling as S
+from ..progress import spark_progress
 from ..session import StageTimer, require_reachable_outputs
 from . import checks, report
 from .draw import keyed, plan_and_draw
@@ -152,7 +153,9 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
     def build(work: str) -> None:
         stats.update(_resample_into(spark, job, weighting, index_df, inputs, work, t0))
 
-    if output.run(build, fingerprint=job.fingerprint(inputs), overwrite=job.overwrite):
+    with spark_progress(spark, STAGE):
+        reused = output.run(build, fingerprint=job.fingerprint(inputs), overwrite=job.overwrite)
+    if reused:
         return {**json.loads(sio.read_bytes(sio.join(job.output, "stats.json"))), "reused": True}
     return stats
 

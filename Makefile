@@ -10,7 +10,10 @@
 #                        5 seeds, intervals (~1 h on 2 cores; EXPERIMENT_OUT=experiment_out,
 #                        QUICK=1 for one tiny seed, SEEDS=0,1,2 to choose; finished stages are reused)
 #   make install         only set up .venv (idempotent; a stamp file skips it when
-#                        setup.py and this Makefile are unchanged)
+#                        setup.py, the lock and this Makefile are unchanged)
+#   make lock            resolve setup.py's requirements once, in a fresh venv, into the lock
+#                        (LOCK, every package at one version, torch excepted; scripts/lock.py):
+#                        run it after changing a requirement in setup.py, and commit the lock
 #
 # Variables:
 #   PYTHON=python3       interpreter that creates the venv (>= 3.10)
@@ -19,7 +22,12 @@
 #                        CPU build these machines hold on disk. On a GPU machine
 #                        choose your own, e.g. TORCH="torch==2.5.1"; TORCH= keeps
 #                        whatever torch the venv already has.
-#   PYTEST_ARGS=         extra arguments for pytest (e.g. -k resample -x)
+#   LOCK=requirements/constraints.txt
+#                        the versions `make install` installs (pip -c): pip resolves nothing,
+#                        so it never backtracks. LOCK= resolves setup.py's ranges afresh (e.g.
+#                        with a TORCH= whose own pins differ from the lock's).
+#   PYTEST_ARGS=         extra arguments for pytest (e.g. -k resample -x; -n 2: both cores,
+#                        pytest-xdist)
 #
 #   make resample TARGET=food101 SIZE=80M [SOURCE=jft MATCHER=same|elastic
 #        DRAW=multinomial|systematic SEED=0 RUNNER=DirectRunner SPARK_MASTER=local[*]
@@ -45,6 +53,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+LOCK ?= requirements/constraints.txt
+LOCK_DIR := build/lock
 PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
@@ -70,20 +80,34 @@ SPARK_ENV_DIR ?= build/spark-env
 SPARK_ENV_EXTRAS ?= spark,gcs,s3
 SPARK_ENV_PYTHON_PREFIX ?=
 
-.PHONY: install test test-cluster demo experiment resample real-data gpu-bundle spark-env clean distclean
+.PHONY: install lock test test-cluster demo experiment resample real-data gpu-bundle spark-env clean distclean
 
 install: $(STAMP)
 
-$(STAMP): setup.py Makefile
+$(STAMP): setup.py Makefile $(LOCK)
 	@command -v java >/dev/null 2>&1 || echo "warning: no 'java' on PATH; Spark needs Java 17 (apt-get install openjdk-17-jre-headless)"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet setuptools wheel packaging $(if $(strip $(TORCH)),"$(TORCH)")
+	$(BIN)/python -m pip install --quiet $(if $(LOCK),-c $(LOCK)) setuptools wheel packaging \
+	  $(if $(strip $(TORCH)),"$(TORCH)")
 	@# DeepSpeed builds against the torch installed above: no build isolation,
 	@# or pip would fetch a second (CUDA) torch into a build environment.
-	$(BIN)/python -m pip install --quiet --no-build-isolation -e ".[test]"
+	$(BIN)/python -m pip install --quiet $(if $(LOCK),-c $(LOCK)) --no-build-isolation -e ".[test]"
 	$(BIN)/python -c "import schemas, beam_pipelines, spark_jobs, trainer"
 	$(BIN)/python -m trainer.ops build  # DeepSpeed's CPU op, built once here rather than by a training run
 	@touch $@
+
+# One resolution in a fresh venv: what torch's install brings (pip freeze) and what
+# `pip install -e .[test]` would add to it (pip's --report), torch itself left out.
+lock:
+	rm -rf $(LOCK_DIR) && mkdir -p $(LOCK_DIR) $(dir $(LOCK))
+	$(PYTHON) -m venv $(LOCK_DIR)/venv
+	$(LOCK_DIR)/venv/bin/python -m pip install --quiet setuptools wheel packaging \
+	  $(if $(strip $(TORCH)),"$(TORCH)")
+	$(LOCK_DIR)/venv/bin/python -m pip install --quiet --no-build-isolation --dry-run \
+	  --report $(LOCK_DIR)/report.json -e ".[test]"
+	$(LOCK_DIR)/venv/bin/python -m pip freeze --all --exclude-editable > $(LOCK_DIR)/freeze.txt
+	$(LOCK_DIR)/venv/bin/python scripts/lock.py $(LOCK_DIR)/report.json $(LOCK_DIR)/freeze.txt $(LOCK)
+	rm -rf $(LOCK_DIR)
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

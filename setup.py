@@ -32,12 +32,20 @@ STAGES = {
 }
 #: fsspec's filesystems (every stage's own reads and writes); boto3: Beam's S3
 #: filesystem (target images on Beam workers). Beam's GCS one: `dataflow`.
-#: The lower bounds matter: with boto3 unpinned, pip otherwise falls back to
-#: s3fs 0.4 (before aiobotocore), whose session refuses fsspec's options.
-OBJECT_STORES = {"gcs": ["gcsfs>=2023.6"], "s3": ["s3fs>=2023.6", "boto3"]}
+#: boto3 must match the botocore that s3fs's aiobotocore pins. Neither s3fs
+#: (since 2024) nor aiobotocore 3 offers a `boto3` extra that would say so, and
+#: an open boto3 range makes pip backtrack through every newer boto3 and then
+#: older moto and s3fs releases (minutes): hence the upper bound, aiobotocore
+#: 3.10's botocore range (<1.43.118; raise both together, then `make lock`).
+#: `make install` installs the versions of one resolution,
+#: requirements/constraints.txt. The lower bounds matter: with boto3 unbounded
+#: pip once fell back to s3fs 0.4 (before aiobotocore), whose session refuses
+#: fsspec's options.
+OBJECT_STORES = {"gcs": ["gcsfs>=2023.6"], "s3": ["s3fs>=2023.6", "boto3>=1.26,<1.43.118"]}
 ALL = sorted({r for reqs in (*STAGES.values(), *OBJECT_STORES.values()) for r in reqs})
 TEST_TOOLS = ["pytest>=7.4", "pytest-timeout>=2.2", "pytest-benchmark>=4", "moto[server]>=5",
-              "venv-pack>=0.2"]  # tests/test_cluster.py builds the Spark executors' packed env
+              "venv-pack>=0.2",  # tests/test_cluster.py builds the Spark executors' packed env
+              "pytest-xdist>=3.5"]  # pytest -n 2: the suite on both cores
 
 setup(
     name="adaptive-transfer",

@@ -25,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import sys
+import time
 from typing import Callable, Iterator, Sequence
 
 import apache_beam as beam
@@ -93,12 +95,25 @@ def new_pipeline(args: Sequence[str] | PipelineOptions = ()) -> beam.Pipeline:
     return beam.Pipeline(runner=in_process_runner(options), options=options)
 
 
-def run_pipeline(options: PipelineOptions, build: Callable[[beam.Pipeline], None]):
+def run_pipeline(options: PipelineOptions, build: Callable[[beam.Pipeline], None], label: str | None = None):
     """``build(p)`` adds the transforms to a :func:`new_pipeline`, which then
     runs to the end; Beam's log of a step's bad-data error is held back.
+    ``label`` (a stage's name): say on stderr that the pipeline runs, and
+    its counts per step at the end (:mod:`beam_pipelines.progress`).
     Returns the pipeline's result (its metrics: :func:`counters`)."""
+    from schemas.progress import progress_interval
+
+    from .progress import report_counts
+
+    says = label is not None and progress_interval() > 0
+    if says:
+        runner = options.view_as(StandardOptions).runner or "DirectRunner"
+        print(f"{label}: running the Beam pipeline ({runner})", file=sys.stderr, flush=True)
+    started = time.monotonic()
     with _quiet_data_errors(), new_pipeline(options) as p:
         build(p)
+    if says:
+        report_counts(label, p.result, time.monotonic() - started)
     return p.result
 
 

@@ -458,7 +458,7 @@ def _build(options: PipelineOptions, plans: Sequence[WeightsPlan]):
     def build(works: dict[int, str]) -> dict[str, int]:
         order = sorted(works)
         result = run_pipeline(options, lambda p: build_targets_pipeline(p, [plans[i] for i in order],
-                                                                        [works[i] for i in order]))
+                                                                        [works[i] for i in order]), STAGE)
         return counters(result)
     return build
 

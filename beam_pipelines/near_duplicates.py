@@ -566,7 +566,7 @@ def _build(options: PipelineOptions, plans: Sequence[DedupPlan]):
         store_work = first.store.begin(first.config.store_fingerprint) if writes_store else None
         try:
             result = run_pipeline(options, lambda p: build_targets_pipeline(
-                p, [plans[i] for i in order], [works[i] for i in order], store_work))
+                p, [plans[i] for i in order], [works[i] for i in order], store_work), STAGE)
         except BaseException:
             if store_work is not None:
                 first.store.abort(store_work)

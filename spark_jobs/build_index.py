@@ -34,6 +34,7 @@ from schemas.fingerprint import code_digest, digest
 from schemas.stage_output import StageOutput
 from schemas.shard_format import IMAGE_SUFFIXES
 
+from .progress import spark_progress
 from .session import add_spark_arguments, require_reachable_outputs, run_cli
 
 __all__ = ["BuildIndexJob", "read_hierarchy", "build_vocabulary", "list_training_images", "run", "build_parser",
@@ -172,8 +173,10 @@ def run(spark, job: BuildIndexJob) -> dict:
     summary = {"examples": rows.num_rows, "classes": len(leaves), "labels": vocab.num_rows,
                "inline_images": job.inline_images, "train_root": job.train_root}
     fingerprint = job.fingerprint([(key, size) for key, _, _, size in found])
-    if out.run(lambda work: _write_index(spark, job, rows, vocab, summary, work), fingerprint=fingerprint,
-               overwrite=job.overwrite):
+    with spark_progress(spark, "build_index"):
+        reused = out.run(lambda work: _write_index(spark, job, rows, vocab, summary, work),
+                         fingerprint=fingerprint, overwrite=job.overwrite)
+    if reused:
         return {**json.loads(sio.read_bytes(sio.join(job.output, "summary.json"))), "reused": True}
     return summary
 

@@ -29,6 +29,7 @@ from typing import Sequence
 from schemas import Manifest
 from schemas import io as sio
 from schemas.cli import ArgumentParser
+from schemas.progress import eta_seconds, format_duration, format_rate
 from schemas.shard_format import (IMAGE_EXTENSIONS, SHARD_NAME_RE, decode_problem, extension_matches, image_problem,
                                   parse_sample_key, read_tar_samples, shard_name)
 from schemas.stage_output import is_complete
@@ -196,7 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.monotonic()
 
     def progress(done, total, samples):
-        print(f"verify: {done}/{total} shards, {samples} samples, {time.monotonic() - start:.0f} s",
+        elapsed = time.monotonic() - start
+        print(f"verify: {done}/{total} shards, {samples} samples, {elapsed:.0f} s, "
+              f"{format_rate(samples, elapsed, 'samples')}, ETA {format_duration(eta_seconds(done, total, elapsed))}",
               file=sys.stderr, flush=True)
 
     report = verify(args.directory, decode=args.decode, workers=args.workers,

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import urllib.request
 
 import pytest
+
+# Progress lines (schemas.progress) are quiet in tests and in the commands they
+# run, unless asked: ADAPTIVE_TRANSFER_PROGRESS=5 pytest ... shows them.
+os.environ.setdefault("ADAPTIVE_TRANSFER_PROGRESS", "0")
 
 from adaptive_transfer.synthetic import SourceSpec, TargetSpec, generate_source, generate_target
 from tests.helpers import free_port

@@ -15,7 +15,6 @@ import hashlib
 import io
 import json
 import os
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -165,19 +164,17 @@ def test_cli_main_prints_the_original_message_of_an_error_in_a_loader_worker(tmp
 def test_pretrain_on_shards_whose_samples_all_fail_to_decode_exits_1_naming_them(tmp_path):
     manifest = _shard_dir(tmp_path / "shards", 2, 16, lambda i: True)
     urls = shard_urls(manifest)
-    t0 = time.monotonic()
+    # A hang (the bug this guards) ends in run_module's timeout; no wall time is asserted.
     proc = run_module("trainer.pretrain", *_pretrain_args(manifest, _labels(tmp_path / "labels.parquet"),
                                                           tmp_path / "out", "--num-workers", "2",
                                                           "--max-consecutive-corrupt", "5"),
                       check=False, timeout=400)
-    elapsed = time.monotonic() - t0
     assert proc.returncode == 1, proc.stderr[-4000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("pretrain: error:")]
     assert len(errors) == 1, proc.stderr[-4000:]
     assert "5 consecutive samples could not be decoded" in errors[0]
     assert any(u in errors[0] for u in urls), errors[0]
     assert "Original Traceback" not in proc.stderr
-    assert elapsed < 400
     assert not os.path.exists(tmp_path / "out" / "metrics.json")
 
 

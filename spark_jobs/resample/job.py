@@ -20,6 +20,7 @@ from schemas.stage_output import StageOutput, require_finished_input
 
 from .. import label_sets as LS
 from .. import sampling as S
+from ..progress import spark_progress
 from ..session import StageTimer, require_reachable_outputs
 from . import checks, report
 from .draw import keyed, plan_and_draw
@@ -174,7 +175,9 @@ def run(spark, job: ResampleJob) -> dict[str, Any]:
 
     # the job as given (as the composed commands see it before running it): the
     # weights' content, in the inputs, already pins what resolve() took from it
-    if output.run(build, fingerprint=given.fingerprint(inputs), overwrite=job.overwrite):
+    with spark_progress(spark, STAGE):
+        reused = output.run(build, fingerprint=given.fingerprint(inputs), overwrite=job.overwrite)
+    if reused:
         return {**json.loads(sio.read_bytes(sio.join(job.output, "stats.json"))), "reused": True}
     return stats
 

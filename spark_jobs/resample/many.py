@@ -53,6 +53,7 @@ from schemas import io as sio
 from schemas.stage_output import StageOutput, require_finished_input
 
 from .. import label_sets as LS
+from ..progress import spark_progress
 from ..session import StageTimer, require_reachable_outputs
 from . import checks, report
 from .draw import DrawRound, Drawing, Drawn, first_round, settle, short_classes
@@ -207,7 +208,8 @@ def run_many(spark, jobs: "ManyResampleJob | Sequence[ResampleJob]") -> list[Tar
             else:
                 targets.append(tg)
         try:
-            _build(spark, index_df, targets, t0, draw_tasks)
+            with spark_progress(spark, STAGE):
+                _build(spark, index_df, targets, t0, draw_tasks)
         finally:
             for tg in targets:
                 if tg.work is not None:  # not committed: a failed target, or the engine failed

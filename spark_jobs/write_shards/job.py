@@ -19,6 +19,7 @@ from schemas import io as sio
 from schemas.fingerprint import code_digest
 from schemas.stage_output import StageOutput, fingerprint_of, require_complete, require_finished_input
 
+from ..progress import spark_progress
 from ..reencode import REENCODE_QUALITY
 from ..session import StageTimer, read_parquet_columns, read_parquet_through_fsspec, require_reachable_outputs
 from .context import ShardContext, ShardInputs
@@ -222,8 +223,9 @@ def run(spark, job: ShardJob) -> Manifest:
     ctx = ShardContext(spark=spark, job=job, inputs=inputs, spill=spill, started=started, stages=stages)
     built: list[Manifest] = []
     try:
-        reused = StageOutput(job.output, STAGE).run(lambda work: built.append(build_shards(ctx, work)),
-                                                             fingerprint=job.fingerprint(), overwrite=job.overwrite)
+        with spark_progress(spark, STAGE):
+            reused = StageOutput(job.output, STAGE).run(lambda work: built.append(build_shards(ctx, work)),
+                                                        fingerprint=job.fingerprint(), overwrite=job.overwrite)
     except OSError as e:
         report = no_space(e, job.output)
         if report is None:

@@ -68,7 +68,7 @@ def test_plan_covers_every_target_and_arm_and_shares_target_free_sets():
     assert len(set(P.FULL.figure3_sizes)) >= 3 and set(P.FULL.figure3_sizes) <= sizes
     assert len(P.FULL.seeds) >= 5 and len(P.FULL.targets) >= 3
     # every arm has the same pre-training size; elastic below the source size (so it differs from 'entire')
-    assert {r.init.size for r in main if r.init} == {P.FULL.size} and P.FULL.size < P.FULL.source.num_examples
+    assert {r.init.size for r in main if r.init} == {P.FULL.size} and P.FULL.size < P.FULL.world.source.num_examples
 
 
 # -- the composed commands' reuse (adaptive_transfer.stages) ---------------------------------
@@ -197,7 +197,7 @@ def test_quick_mode_end_to_end_and_rerun_reuses(tmp_path):
     main = [r for r in runs if not r["figure3"]]
     assert {(r["target"], r["arm"]) for r in main} == {(t.name, a) for t in P.QUICK.targets for a, _ in P.ARMS}
     assert {r["size"] for r in runs if r["figure3"]} | {P.QUICK.size} == set(P.QUICK.figure3_sizes)
-    n = P.QUICK.num_classes * P.QUICK.test_per_class
+    n = P.QUICK.world.num_classes * P.QUICK.world.test_per_class
     assert all(r["test_images"] == n for r in runs)
     for r in runs:
         # top-1 is a count of the n test images; every class has as many test images, so the

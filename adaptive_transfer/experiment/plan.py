@@ -121,10 +121,12 @@ QUICK = replace(
     finetune_steps=6, finetune_batch=16, samples_per_shard=100)
 
 #: ``make experiment DATA=real``: the real images (make real-data), two data draws of 5 seeds each,
-#: near-duplicates removed; the generated run's sizes and steps (pre-registered:
-#: docs/experiments/2026-12-06-real-plan.md).
+#: near-duplicates removed; pre-registered in docs/experiments/2026-12-06-real-plan.md. Sized for a
+#: shared 2-core machine: half the generated run's pre-training and generalist steps, 60 fine-tuning
+#: steps, no Figure 3 size sweep (its one size is the main table's).
 REAL = ExperimentConfig(seeds=(0, 1, 2, 3, 4), world=RealWorld(), targets=REAL_TARGETS, draws=(0, 1), dedup=True,
-                        figure3_target="animal", top_k=15)
+                        figure3_target="animal", figure3_sizes=(4000,), top_k=15, generalist_steps=600,
+                        pretrain_steps=150, finetune_steps=60)
 
 #: ``--data real --quick``: one draw, one seed, a small source (60 per leaf), tiny steps.
 REAL_QUICK = replace(

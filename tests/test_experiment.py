@@ -3,6 +3,7 @@ summary's verdicts, and the quick mode end to end through the real stages."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -277,3 +278,77 @@ def _check_quick_summary(summary: dict, runs: list[dict]) -> None:
         assert point["unique_examples"] == r["unique_examples"]
     assert [c["verdicts"] for c in summary["claims"]] == [
         {t: "not measured (one seed: no interval)" for t in targets}] * 4
+
+
+# -- the pre-registered tests (stats.paired_t_test, holm, directional_decisions) ----------------
+
+
+def test_paired_t_test_against_a_null_and_without_spread():
+    from adaptive_transfer.experiment.stats import paired_t_test
+
+    r = paired_t_test([1.0, 2.0, 3.0])
+    # mean 2, sd 1, t = 2 / (1 / sqrt 3), 2 df: two-sided p 0.0742 (tables)
+    assert (r["n"], r["df"], r["mean"]) == (3, 2, 2.0) and r["t"] == pytest.approx(3 ** 0.5 * 2)
+    assert r["p"] == pytest.approx(0.0742, abs=5e-4)
+    # against the competitive margin: the same differences, null -1
+    assert paired_t_test([1.0, 2.0, 3.0], null=-1.0)["t"] == pytest.approx(3 * 3 ** 0.5)
+    assert paired_t_test([0.5, 0.5], null=0.5)["p"] == 1.0 and paired_t_test([0.5, 0.5])["p"] == 0.0
+    with pytest.raises(ValueError):
+        paired_t_test([1.0])
+
+
+def test_holm_step_down_and_directions():
+    from adaptive_transfer.experiment.stats import directional_decisions, holm
+
+    # sorted 0.01, 0.03, 0.04 scaled by 3, 2, 1 = 0.03, 0.06, 0.04 -> monotone 0.03, 0.06, 0.06
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0]) and holm([]) == []
+    with pytest.raises(ValueError):
+        holm([0.1, 1.5])
+    tests = [{"mean": 2.0, "null": 0.0, "p": 0.001}, {"mean": -3.0, "null": -1.0, "p": 0.004},
+             {"mean": 1.0, "null": 0.0, "p": 0.06}]
+    out = directional_decisions(tests)
+    # adjusted 0.003, 0.008, 0.06: the first two rejected, each in the direction of mean - null
+    assert [d["decision"] for d in out] == ["above", "below", "none"]
+    assert [d["p_holm"] for d in out] == pytest.approx([0.003, 0.008, 0.06])
+
+
+PRE_NOT_SHOWN = "not shown (Holm-adjusted p >= 0.05)"
+
+
+def test_preregistered_verdicts_and_units_over_draws():
+    held = summarize_results(_per_seed({"adaptive": UP, "topk-uniform": UP,
+                                        "adaptive-topk": [a + 0.05 for a in UP]}), ["t"])
+    assert [c["preregistered"] for c in held["claims"]] == [{"t": "held"}] * 4
+    assert len(held["preregistered_tests"]) == 5 and "by_draw" not in held
+    lost = summarize_results(_per_seed({"entire": UP, "hand-picked": UP, "reversed": UP,
+                                        "class-balanced": MIXED}), ["t"])
+    assert [c["preregistered"]["t"] for c in lost["claims"]] == ["falsified"] * 3 + [PRE_NOT_SHOWN]
+    # competitive: 0.5 points below hand-picked on every seed (with spread) is above the -1 margin
+    near = [h - 0.005 + 0.001 * (s % 2) for s, h in enumerate([0.80] * 5)]
+    close = summarize_results(_per_seed({"adaptive": near}), ["t"])
+    test = next(x for x in close["preregistered_tests"] if x["comparison"] == "adaptive - hand-picked")
+    assert test["null"] == -1.0 and test["decision"] == "above" and close["claims"][1]["preregistered"] == {"t": "held"}
+    # two draws: a unit is a (draw, seed); the per-draw differences are kept for the replication
+    two = [dict(r, draw=d) for d in (0, 1) for r in _per_seed({"adaptive": UP})]
+    s = summarize_results(two, ["t"])
+    d = s["paired"]["t"]["adaptive - entire"]
+    assert d["n"] == 10 and d["seeds"][:2] == ["d0-s0", "d0-s1"] and set(s["by_draw"]) == {"0", "1"}
+    assert s["by_draw"]["1"]["t"]["adaptive - entire"]["differences"] == pytest.approx([5, 6, 5, 6, 5])
+
+
+def test_real_configs_and_weights_keys():
+    from adaptive_transfer.experiment.worlds import MissingData
+
+    assert P.configs("generated", False) is P.FULL and P.configs("generated", True) is P.QUICK
+    real = P.configs("real", False, cache="/nowhere")
+    assert real.world.cache == "/nowhere" and real.draws == (0, 1) and len(real.seeds) >= 5 and real.dedup
+    assert {t.branch for t in real.targets} == {t.wrong_branch for t in real.targets}  # each root once each way
+    with pytest.raises(MissingData, match="make real-data"):
+        real.world.require_data()
+    with pytest.raises(ValueError, match="--data"):
+        P.configs("imagenet", False)
+    with pytest.raises(ValueError, match="one draw"):
+        dataclasses.replace(P.FULL, draws=(0, 1))
+    assert P.WeightsSpec("food").key == "food" and P.WeightsSpec("food", oracle=True).key == "food-oracle"
+    assert P.WeightsSpec("food", temperature=1.0, generalist_steps=300).key == "food-T1-g300"

@@ -352,3 +352,47 @@ def test_real_configs_and_weights_keys():
         dataclasses.replace(P.FULL, draws=(0, 1))
     assert P.WeightsSpec("food").key == "food" and P.WeightsSpec("food", oracle=True).key == "food-oracle"
     assert P.WeightsSpec("food", temperature=1.0, generalist_steps=300).key == "food-T1-g300"
+
+
+def test_hypothesis_runs_are_variants_apart_from_the_main_table():
+    runs = P.hypothesis_runs(P.QUICK, 2, P.HYPOTHESES)
+    assert {r.condition for r in runs} == {"oracle", "leaves", "T1", "T4", f"g{P.QUICK.generalist_steps // 4}"}
+    main = {s.slug for s in P.unique_sets(P.finetune_runs(P.QUICK, 2))}
+    assert not main & {r.init.slug for r in runs}  # never reuses (or overwrites) a main-table set
+    leaves = [r for r in runs if r.condition == "leaves"]
+    assert {(r.target, r.arm, r.init.leaves_of, r.init.scheme) for r in leaves} == {
+        (t.name, "hand-picked", t.name, "subset") for t in P.QUICK.targets}
+    oracle = [r.init.weights for r in runs if r.condition == "oracle"]
+    assert oracle and all(w.oracle and w.key.endswith("-oracle") for w in oracle)
+    with pytest.raises(ValueError, match="unknown hypotheses"):
+        P.hypothesis_runs(P.QUICK, 0, ("size",))
+
+
+def test_report_writes_every_section_from_records(tmp_path):
+    from adaptive_transfer.experiment.report import write_report
+
+    records = [dict(r, draw=d, condition="", max_copies=3) for d in (0, 1) for r in _per_seed({"adaptive": UP})]
+    records += [dict(r, draw=d, arm="hand-picked", condition="leaves", max_copies=2)
+                for d in (0, 1) for r in _per_seed({}) if r["arm"] == "hand-picked"]
+    g = {"entropy_bits": 3.0, "uniform_entropy_bits": 5.0, "mass_on_target_leaves": 0.5, "target_leaves": 4,
+         "labels": 32, "top_labels": [["x", 0.2]]}
+    dedup = {"targets": {"t": {"threshold": 0.9, "source_examples_compared": 100, "excluded": 3,
+                               "excluded_by_split": {}, "target_images": 50, "target_images_with_duplicates": 2}},
+             "excluded_union": 3}
+    meta = {"command": "c", "commit": "x", "finished": "now", "machine": "m", "minutes": 1.0,
+            "stages": {"built": 1, "reused": 0}, "labels": 32, "setup": ["Source: s."],
+            "config": {"targets": [{"name": "t", "analogue": "a", "branch": "b"}], "world": {"kind": "real"},
+                       "draws": [0, 1], "seeds": [0, 1, 2, 3, 4], "size": 100, "pretrain_steps": 1,
+                       "pretrain_batch": 1, "finetune_steps": 1, "finetune_batch": 1, "top_k": 2,
+                       "generalist_steps": 1},
+            "generalist": {"0": {"t": g}, "1": {"t": g}}, "near_duplicates": {"0": dedup, "1": {}},
+            "data": {"0": {"duplicates_dropped": 7, "source_examples": 100}}}
+    summary = write_report(str(tmp_path), records, meta)
+    text = (tmp_path / "report.md").read_text()
+    for needle in ("real data", "Near-duplicates", "| 0 | union |", "Pre-registered: t: **held**", "Holm p",
+                   "Replication over data draws", "hand-picked (leaves)", "7 exact duplicate"):
+        assert needle in text, needle
+    assert summary["arms"]["t"]["hand-picked"]["top1"]["n"] == 10  # the variant is kept out of the main arm
+    assert summary["hypotheses"]["t"]["hand-picked (leaves)"]["max_copies"] == 2
+    assert json.loads((tmp_path / "results.json").read_text())["summary"]["claims"] == json.loads(
+        json.dumps(summary["claims"]))

@@ -41,7 +41,7 @@ from typing import Sequence
 
 from schemas.cli import ArgumentParser
 
-from .plan import configs
+from .plan import configs, finetune_runs, hypothesis_runs
 
 __all__ = ["main", "build_parser"]
 
@@ -67,6 +67,11 @@ def build_parser() -> ArgumentParser:
                    help="generated data (default) or the real images of `make real-data`")
     p.add_argument("--draws", type=_seeds,
                    help="comma-separated data draws of the real images (default 0,1; 0 with --quick)")
+    p.add_argument("--hypotheses", type=_names, default=(),
+                   help="comma-separated extra runs testing the generated result's explanations: "
+                        "oracle, leaves, temperature, generalist (adaptive_transfer.experiment.plan.HYPOTHESES)")
+    p.add_argument("--source-size", type=int,
+                   help="generated data: examples in the source (default 12,000; 1,500 with --quick)")
     p.add_argument("--real-data", help="where `make real-data` put the images (default data/real)")
     p.add_argument("--master", default=None, help="Spark master (default local[*])")
     p.add_argument("--torch-threads", type=int,
@@ -74,6 +79,10 @@ def build_parser() -> ArgumentParser:
                         "the cores, e.g. two processes with disjoint --seeds under one --output")
     p.add_aliases({"--out": "--output", "--spark-master": "--master"})
     return p
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
 def _seeds(text: str) -> tuple[int, ...]:
@@ -91,6 +100,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = replace(config, seeds=args.seeds)
         if args.draws:
             config = replace(config, draws=args.draws)
+        if args.source_size:
+            if config.world.kind != "generated":
+                raise ValueError("--source-size is for generated data")
+            config = replace(config, world=replace(config.world, source=replace(config.world.source,
+                                                                                 num_examples=args.source_size)))
+        hypotheses = tuple(args.hypotheses)
+        hypothesis_runs(config, config.seeds[0], hypotheses)  # names checked before anything runs
         if args.data == "real":
             config.world.require_data()
     except ValueError as e:
@@ -115,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for draw in config.draws:
             out = args.output if config.world.kind == "generated" else os.path.join(args.output, f"draw-{draw}")
             exp = Experiment(config, out, engines, draw)
-            records += exp.run()
+            records += exp.run(lambda seed: finetune_runs(config, seed) + hypothesis_runs(config, seed, hypotheses))
             generalist[str(draw)] = {t.name: exp.generalist_facts(t.name) for t in config.targets}
             data[str(draw)], dedup[str(draw)] = exp.world.facts, exp.dedup_facts()
         labels = generalist[str(config.draws[0])][config.targets[0].name]["labels"]
@@ -128,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = {"command": " ".join(["python -m adaptive_transfer.experiment", *(argv if argv is not None else
                                                                               sys.argv[1:])]),
             "commit": _commit(), "config": config.to_json(), "generalist": generalist, "labels": labels,
-            "setup": config.world.describe(), "data": data, "near_duplicates": dedup,
+            "setup": config.world.describe(), "hypotheses": list(hypotheses), "data": data, "near_duplicates": dedup,
             "finished": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "minutes": (time.time() - t0) / 60, "stages": built,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"}

@@ -20,7 +20,7 @@ from .worlds import GeneratedWorld, RealWorld, TargetPlan, World
 
 __all__ = ["TargetPlan", "ExperimentConfig", "FULL", "QUICK", "REAL", "REAL_QUICK", "configs", "WeightsSpec",
            "PretrainSet", "FinetuneRun", "ARMS", "TEMPERATURE", "pretrain_sets", "figure3_sets", "finetune_runs",
-           "unique_sets"]
+           "unique_sets", "HYPOTHESES", "hypothesis_runs"]
 
 #: The softmax temperature of P_t (the paper's 2.0).
 TEMPERATURE = 2.0
@@ -295,3 +295,35 @@ def finetune_runs(config: ExperimentConfig, seed: int) -> list[FinetuneRun]:
 def unique_sets(runs: list[FinetuneRun]) -> list[PretrainSet]:
     """The distinct pre-training sets the runs need, in first-use order."""
     return list(dict.fromkeys(r.init for r in runs if r.init))
+
+
+#: The generated result's explanations, each a set of extra runs (``--hypotheses``), per target:
+#: ``oracle``: adaptive (same, elastic) with P_t uniform over the target's true source leaves;
+#: ``leaves``: the hand-picked subset restricted to those leaves; ``temperature``: adaptive with
+#: P_t at temperature 1 and 4; ``generalist``: adaptive with weights from a generalist of a quarter
+#: of the steps. The largest number of copies of one example is in every run's record; the source
+#: size is the world's (``--source-size``).
+HYPOTHESES = ("oracle", "leaves", "temperature", "generalist")
+
+
+def hypothesis_runs(config: ExperimentConfig, seed: int, which: tuple[str, ...]) -> list[FinetuneRun]:
+    """The extra fine-tuning runs of the hypotheses ``which`` (see :data:`HYPOTHESES`) for one seed."""
+    unknown = sorted(set(which) - set(HYPOTHESES))
+    if unknown:
+        raise ValueError(f"unknown hypotheses {unknown}; choose from {list(HYPOTHESES)}")
+    size, runs = config.size, []
+    variants = {"oracle": [("oracle", None)], "temperature": [("T1", 1.0), ("T4", 4.0)],
+                "generalist": [(f"g{max(1, config.generalist_steps // 4)}", max(1, config.generalist_steps // 4))]}
+    for t in config.targets:
+        for h in which:
+            if h == "leaves":
+                leaves = PretrainSet(f"leaves-{t.name}", seed, size, "subset", leaves_of=t.name)
+                runs.append(FinetuneRun(t.name, "hand-picked", seed, leaves, condition="leaves"))
+                continue
+            for condition, value in variants[h]:
+                w = WeightsSpec(t.name, oracle=h == "oracle",
+                                temperature=value if h == "temperature" else TEMPERATURE,
+                                generalist_steps=value if h == "generalist" else None)
+                for arm, s in adaptive_sets(t.name, seed, size, w, suffix=f"-{condition}").items():
+                    runs.append(FinetuneRun(t.name, arm, seed, s, condition=condition))
+    return runs

@@ -77,6 +77,23 @@ def _pct(records: Sequence[dict], metric: str = "top1") -> dict:
     return {_unit(r, multi): 100.0 * r[metric] for r in records}
 
 
+def _hypotheses(records: Sequence[dict], by_arm: dict) -> dict:
+    """The hypotheses' runs of one target by ``arm (condition)``: top-1, unique
+    examples, largest copies of one example, share on the target's leaves, and
+    the paired differences with the main table's adaptive and hand-picked arms."""
+    out = {}
+    for key in dict.fromkeys((r["arm"], r["condition"]) for r in records):
+        rs = [r for r in records if (r["arm"], r["condition"]) == key]
+        pct = _pct(rs)
+        out[f"{key[0]} ({key[1]})"] = {
+            "top1": summarize(pct.values()), "unique_examples": _mean(r["unique_examples"] for r in rs),
+            "max_copies": max(r.get("max_copies", 0) for r in rs),
+            "share_on_target_leaves": _mean(r["share_on_target_leaves"] for r in rs),
+            "minus": {arm: paired_difference(pct, by_arm[arm]) for arm in ("adaptive", "hand-picked")
+                      if arm in by_arm and set(pct) & set(by_arm[arm])}}
+    return out
+
+
 def preregistered_verdicts(paired: dict, targets: Sequence[str], alpha: float = ALPHA) -> dict:
     """The pre-registered decisions: each test of :data:`PREREGISTERED` on
     each target a paired t-test against its null, Holm-adjusted over the
@@ -133,7 +150,7 @@ def summarize_results(records: Sequence[dict], targets: Sequence[str]) -> dict:
     paired differences; Figure 3 by matcher and size; the claims' verdicts."""
     out: dict = {"arms": {}, "paired": {}, "figure3": {}, "claims": []}
     for t in targets:
-        main = [r for r in records if r["target"] == t and not r["figure3"]]
+        main = [r for r in records if r["target"] == t and not r["figure3"] and not r.get("condition")]
         arms = {}
         for arm, _ in ARMS:
             rs = [r for r in main if r["arm"] == arm]
@@ -143,13 +160,18 @@ def summarize_results(records: Sequence[dict], targets: Sequence[str]) -> dict:
             n = rs[0]["test_images"]
             arms[arm] = {"top1": top1, "mean_per_class": summarize(_pct(rs, "mean_per_class").values()),
                          "unique_examples": _mean(r["unique_examples"] for r in rs),
+                         "max_copies": max((r.get("max_copies", 0) for r in rs), default=0),
                          "share_on_target_leaves": _mean(r["share_on_target_leaves"] for r in rs),
                          "test_images": n, "binomial_sd": 100.0 * binomial_sd(top1["mean"] / 100.0, n)}
         out["arms"][t] = arms
         by_arm = {arm: _pct([r for r in main if r["arm"] == arm]) for arm in arms}
         out["paired"][t] = {name: paired_difference(by_arm[a], by_arm[b]) for name, a, b in COMPARISONS
                             if a in by_arm and b in by_arm}
-        sweep = [r for r in records if r["target"] == t and r["arm"] in ("adaptive", "elastic")]
+        hyp = [r for r in records if r["target"] == t and r.get("condition")]
+        if hyp:
+            out.setdefault("hypotheses", {})[t] = _hypotheses(hyp, by_arm)
+        sweep = [r for r in records if r["target"] == t and r["arm"] in ("adaptive", "elastic")
+                 and not r.get("condition")]
         fig = {}
         for r in sweep:
             fig.setdefault(r["arm"], {}).setdefault(r["size"], []).append(r)
@@ -333,6 +355,23 @@ def write_report(out_dir: str, records: Sequence[dict], meta: dict) -> dict:
             d = summary["paired"][t].get(name)
             cells.append("—" if d is None else f"{d['mean']:+.1f} {_fmt_ci(d)} ({d['wins']}/{d['n']})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for t, rows in summary.get("hypotheses", {}).items():
+        lines += ["", f"## Hypotheses ({t}): variants of the arms", "",
+                  "| Arm (variant) | Top-1 | Unique | Max copies | On the target's leaves | minus adaptive | "
+                  "minus hand-picked |", "|---|---:|---:|---:|---:|---:|---:|"]
+        base = summary["arms"][t]
+        for arm in ("adaptive", "elastic", "hand-picked"):
+            if arm in base:
+                a = base[arm]
+                share = "—" if a["share_on_target_leaves"] is None else f"{100 * a['share_on_target_leaves']:.0f}%"
+                lines.append(f"| {arm} (main) | {_fmt_summary(a['top1'])} | {a['unique_examples']:,.0f} | "
+                             f"{a['max_copies']} | {share} | | |")
+        for name, h in rows.items():
+            share = "—" if h["share_on_target_leaves"] is None else f"{100 * h['share_on_target_leaves']:.0f}%"
+            minus = [("—" if arm not in h["minus"] else f"{h['minus'][arm]['mean']:+.1f} {_fmt_ci(h['minus'][arm])}")
+                     for arm in ("adaptive", "hand-picked")]
+            lines.append(f"| {name} | {_fmt_summary(h['top1'])} | {h['unique_examples']:,.0f} | {h['max_copies']} | "
+                         f"{share} | {minus[0]} | {minus[1]} |")
     for t, curves in summary["figure3"].items():
         lines += ["", f"## Figure 3: same vs elastic matcher by size (target {t})", "",
                   "| Size | Same: top-1 | Same: unique | Elastic: top-1 | Elastic: unique |",

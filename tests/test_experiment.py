@@ -396,3 +396,17 @@ def test_report_writes_every_section_from_records(tmp_path):
     assert summary["hypotheses"]["t"]["hand-picked (leaves)"]["max_copies"] == 2
     assert json.loads((tmp_path / "results.json").read_text())["summary"]["claims"] == json.loads(
         json.dumps(summary["claims"]))
+
+
+def test_sets_are_built_in_the_preregistered_priority():
+    runs = P.finetune_runs(P.FULL, 0) + P.hypothesis_runs(P.FULL, 0, ("leaves",))
+    order = P.by_priority(runs)
+    assert set(order) == {r.init for r in runs if r.init} and len(order) == len(set(order))
+    first_arm = {}
+    for r in runs:
+        if r.init is not None and not r.condition and not r.figure3:
+            first_arm.setdefault(r.init, min((P.PRIORITY.index(x.arm) for x in runs
+                                              if x.init == r.init and not x.condition), default=99))
+    ranks = [first_arm.get(s, 99) for s in order]
+    assert ranks == sorted(ranks) and order[0].name == "entire"
+    assert order[-1].leaves_of is not None or any(r.figure3 for r in runs if r.init == order[-1])

@@ -72,6 +72,9 @@ def build_parser() -> ArgumentParser:
                         "oracle, leaves, temperature, generalist (adaptive_transfer.experiment.plan.HYPOTHESES)")
     p.add_argument("--source-size", type=int,
                    help="generated data: examples in the source (default 12,000; 1,500 with --quick)")
+    p.add_argument("--finished-only", action="store_true",
+                   help="build nothing past the data: report the fine-tuning runs already finished under "
+                        "--output (a run stopped part way)")
     p.add_argument("--real-data", help="where `make real-data` put the images (default data/real)")
     p.add_argument("--master", default=None, help="Spark master (default local[*])")
     p.add_argument("--torch-threads", type=int,
@@ -131,7 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for draw in config.draws:
             out = args.output if config.world.kind == "generated" else os.path.join(args.output, f"draw-{draw}")
             exp = Experiment(config, out, engines, draw)
-            records += exp.run(lambda seed: finetune_runs(config, seed) + hypothesis_runs(config, seed, hypotheses))
+            records += exp.run(lambda seed: finetune_runs(config, seed) + hypothesis_runs(config, seed, hypotheses),
+                               finished_only=args.finished_only)
             generalist[str(draw)] = {t.name: exp.generalist_facts(t.name) for t in config.targets}
             data[str(draw)], dedup[str(draw)] = exp.world.facts, exp.dedup_facts()
         labels = generalist[str(config.draws[0])][config.targets[0].name]["labels"]
@@ -144,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = {"command": " ".join(["python -m adaptive_transfer.experiment", *(argv if argv is not None else
                                                                               sys.argv[1:])]),
             "commit": _commit(), "config": config.to_json(), "generalist": generalist, "labels": labels,
-            "setup": config.world.describe(), "hypotheses": list(hypotheses), "data": data, "near_duplicates": dedup,
+            "setup": config.world.describe(), "hypotheses": list(hypotheses), "finished_only": args.finished_only, "data": data, "near_duplicates": dedup,
             "finished": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "minutes": (time.time() - t0) / 60, "stages": built,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"}

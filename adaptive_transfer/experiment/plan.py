@@ -20,7 +20,7 @@ from .worlds import GeneratedWorld, RealWorld, TargetPlan, World
 
 __all__ = ["TargetPlan", "ExperimentConfig", "FULL", "QUICK", "REAL", "REAL_QUICK", "configs", "WeightsSpec",
            "PretrainSet", "FinetuneRun", "ARMS", "TEMPERATURE", "pretrain_sets", "figure3_sets", "finetune_runs",
-           "unique_sets", "HYPOTHESES", "hypothesis_runs"]
+           "unique_sets", "PRIORITY", "by_priority", "HYPOTHESES", "hypothesis_runs"]
 
 #: The softmax temperature of P_t (the paper's 2.0).
 TEMPERATURE = 2.0
@@ -290,6 +290,25 @@ def finetune_runs(config: ExperimentConfig, seed: int) -> list[FinetuneRun]:
             arm = "adaptive" if s.matcher == "same" else "elastic"
             runs.append(FinetuneRun(config.figure3_target, arm, seed, s, figure3=True))
     return runs
+
+
+#: The order in which a seed's pre-training sets are built (by the first arm that uses them): the
+#: pre-registered comparisons' arms first (docs/experiments/2026-12-06-real-plan.md).
+PRIORITY = ("entire", "adaptive", "hand-picked", "class-balanced", "adaptive-topk", "topk-uniform", "reversed",
+            "wrong-domain", "elastic")
+
+
+def by_priority(runs: list[FinetuneRun]) -> list[PretrainSet]:
+    """The distinct pre-training sets of ``runs`` ordered by :data:`PRIORITY`
+    of the arms that use them (main-table runs before variants and Figure 3's;
+    ties in first-use order)."""
+    rank: dict[PretrainSet, tuple] = {}
+    for i, r in enumerate(runs):
+        if r.init is None:
+            continue
+        key = (bool(r.condition) or r.figure3, PRIORITY.index(r.arm) if r.arm in PRIORITY else len(PRIORITY), i)
+        rank[r.init] = min(rank.get(r.init, key), key)
+    return sorted(rank, key=rank.__getitem__)
 
 
 def unique_sets(runs: list[FinetuneRun]) -> list[PretrainSet]:

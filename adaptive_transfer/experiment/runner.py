@@ -32,7 +32,7 @@ from schemas import io as sio
 
 from .. import stages
 from ..demo_data import generalist_set
-from .plan import ExperimentConfig, FinetuneRun, PretrainSet, WeightsSpec, finetune_runs, unique_sets
+from .plan import ExperimentConfig, FinetuneRun, PretrainSet, WeightsSpec, by_priority, finetune_runs
 from .worlds import WorldData
 
 __all__ = ["Experiment"]
@@ -209,7 +209,7 @@ class Experiment:
 
         c = self.config
         target = c.target(run.target)
-        path = os.path.join(self.out, f"seed-{run.seed}", "finetune", run.target, run.slug)
+        path = self.finetune_dir(run)
         init = os.path.join(self.set_dir(run.init), "pretrain", "generalist.pt") if run.init else "none"
         job = FinetuneJob(target_layout=target.layout, target_root=self.target_root(target.name), init=init,
                           output=path, arch="small", steps=c.finetune_steps, batch_size=c.finetune_batch,
@@ -271,19 +271,45 @@ class Experiment:
 
     # -- the whole plan --------------------------------------------------------------
     def run(self, plan: Callable[[int], Sequence[FinetuneRun]] | None = None,
-            seeds: Sequence[int] | None = None) -> list[dict]:
+            seeds: Sequence[int] | None = None, finished_only: bool = False) -> list[dict]:
         """Every seed's sets and runs (``plan(seed)``, default the main
-        table's); one record per fine-tuning run."""
+        table's); one record per fine-tuning run. Per seed, random
+        initialisation first, then each set in :func:`.plan.by_priority`'s
+        order with its fine-tuning runs right after it (a run stopped part
+        way has whole arms, the pre-registered comparisons' first).
+        ``finished_only``: build nothing past the data; record the runs
+        whose fine-tuning finished (the report of a run stopped part way)."""
         plan = plan or (lambda seed: finetune_runs(self.config, seed))
         self.prepare_data()
         records = []
         for seed in seeds if seeds is not None else self.config.seeds:
-            runs = list(plan(seed))
-            for s in unique_sets(runs):
-                self.build_set(s)
-            for r in runs:
-                records.append(self.record(r, self.finetune(r)))
+            runs, built = list(plan(seed)), set()
+            for s in [None] + by_priority(runs):
+                for r in (r for r in runs if r.init == s):
+                    if finished_only:
+                        metrics = self.finished_metrics(r)
+                        if metrics is not None:
+                            records.append(self.record(r, metrics))
+                        continue
+                    if s is not None and s not in built:
+                        self.build_set(s)
+                        built.add(s)
+                    records.append(self.record(r, self.finetune(r)))
         return records
+
+    def finetune_dir(self, run: FinetuneRun) -> str:
+        return os.path.join(self.out, f"seed-{run.seed}", "finetune", run.target, run.slug)
+
+    def finished_metrics(self, run: FinetuneRun) -> dict | None:
+        """The metrics of a fine-tuning run that finished (None otherwise)."""
+        from schemas.stage_output import StageOutput
+        from trainer.finetune import STAGE
+
+        path = self.finetune_dir(run)
+        if not StageOutput(path, STAGE).is_complete():
+            return None
+        with open(os.path.join(path, "metrics.json")) as fh:
+            return json.load(fh)
 
     def record(self, r: FinetuneRun, metrics: dict) -> dict:
         """One run's record: what it was and what it measured."""

@@ -122,11 +122,11 @@ QUICK = replace(
 
 #: ``make experiment DATA=real``: the real images (make real-data), two data draws of 5 seeds each,
 #: near-duplicates removed; pre-registered in docs/experiments/2026-12-06-real-plan.md. Sized for a
-#: shared 2-core machine: half the generated run's pre-training and generalist steps, 60 fine-tuning
-#: steps, no Figure 3 size sweep (its one size is the main table's).
+#: shared 2-core machine under a load of about 20 (plan amendment 2): 200 generalist steps, 100
+#: pre-training and 60 fine-tuning steps, no Figure 3 size sweep (its one size is the main table's).
 REAL = ExperimentConfig(seeds=(0, 1, 2, 3, 4), world=RealWorld(), targets=REAL_TARGETS, draws=(0, 1), dedup=True,
-                        figure3_target="animal", figure3_sizes=(4000,), top_k=15, generalist_steps=600,
-                        pretrain_steps=150, finetune_steps=60)
+                        figure3_target="animal", figure3_sizes=(4000,), top_k=15, generalist_steps=200,
+                        pretrain_steps=100, finetune_steps=60)
 
 #: ``--data real --quick``: one draw, one seed, a small source (60 per leaf), tiny steps.
 REAL_QUICK = replace(

@@ -273,10 +273,10 @@ class Experiment:
     def run(self, plan: Callable[[int], Sequence[FinetuneRun]] | None = None,
             seeds: Sequence[int] | None = None, finished_only: bool = False) -> list[dict]:
         """Every seed's sets and runs (``plan(seed)``, default the main
-        table's); one record per fine-tuning run. Per seed, random
-        initialisation first, then each set in :func:`.plan.by_priority`'s
-        order with its fine-tuning runs right after it (a run stopped part
-        way has whole arms, the pre-registered comparisons' first).
+        table's); one record per fine-tuning run. Per seed, each set in
+        :func:`.plan.by_priority`'s order with its fine-tuning runs right
+        after it, random initialisation last (a run stopped part way has
+        whole arms, the pre-registered comparisons' first).
         ``finished_only``: build nothing past the data; record the runs
         whose fine-tuning finished (the report of a run stopped part way)."""
         plan = plan or (lambda seed: finetune_runs(self.config, seed))
@@ -284,7 +284,7 @@ class Experiment:
         records = []
         for seed in seeds if seeds is not None else self.config.seeds:
             runs, built = list(plan(seed)), set()
-            for s in [None] + by_priority(runs):
+            for s in by_priority(runs) + [None]:
                 for r in (r for r in runs if r.init == s):
                     if finished_only:
                         metrics = self.finished_metrics(r)

@@ -258,6 +258,11 @@ def _by_draw(generalist: dict, targets: Sequence[str]) -> dict:
     return {"0": generalist} if set(targets) <= set(generalist) else generalist
 
 
+def _split_counts(x) -> str:
+    """A count, or counts by split (``train 40, test 1200``)."""
+    return ", ".join(f"{k} {v}" for k, v in x.items()) if isinstance(x, dict) else str(x)
+
+
 def _dedup_lines(meta: dict) -> list[str]:
     """The near-duplicate stage's summary per draw and target (nothing where it did not run)."""
     found = {d: f for d, f in meta.get("near_duplicates", {}).items() if f}
@@ -267,12 +272,14 @@ def _dedup_lines(meta: dict) -> list[str]:
              "The pipeline's near-duplicate stage (Beam, the generalist's embeddings) compared every target's "
              "train and test images with the source; every source example it matched is excluded from every "
              "pre-training set.", "",
-             "| Draw | Target | Threshold | Source compared | Target images | With a near-duplicate | Excluded |",
+             "| Draw | Target | Threshold | Source compared | Target images | With a near-duplicate | "
+             "Source excluded, by the split that matched |",
              "|---:|---|---:|---:|---:|---:|---:|"]
     for draw, f in found.items():
         for t, x in f["targets"].items():
             lines.append(f"| {draw} | {t} | {x['threshold']} | {x['source_examples_compared']} | "
-                         f"{x['target_images']} | {x['target_images_with_duplicates']} | {x['excluded']} |")
+                         f"{_split_counts(x['target_images'])} | {_split_counts(x['target_images_with_duplicates'])} | "
+                         f"{_split_counts(x['excluded_by_split']) or x['excluded']} ({x['excluded']} distinct) |")
         data = meta.get("data", {}).get(draw, {})
         lines.append(f"| {draw} | union | | | | | {f['excluded_union']} |")
         if data.get("duplicates_dropped") is not None:

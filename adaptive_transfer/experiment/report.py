@@ -218,6 +218,10 @@ def _plots(summary: dict, out_dir: str) -> list[str]:
     fig, axes = plt.subplots(1, len(targets), figsize=(5 * len(targets), 4.2), squeeze=False)
     for ax, t in zip(axes[0], targets):
         arms = list(summary["arms"][t])
+        if not arms:
+            ax.set_title(f"target: {t} (no run finished)")
+            ax.set_axis_off()
+            continue
         means = [summary["arms"][t][a]["top1"]["mean"] for a in arms]
         errs = [0 if summary["arms"][t][a]["top1"]["ci95"] is None else
                 summary["arms"][t][a]["top1"]["ci95"][1] - summary["arms"][t][a]["top1"]["mean"] for a in arms]
@@ -351,7 +355,10 @@ def write_report(out_dir: str, records: Sequence[dict], meta: dict) -> dict:
             ci = "—" if a["top1"]["ci95"] is None else f"{a['top1']['ci95'][0]:.1f} – {a['top1']['ci95'][1]:.1f}"
             lines.append(f"| {arm} | {_fmt_summary(a['top1'])} | {ci} | {_fmt_summary(a['mean_per_class'])} | "
                          f"{a['unique_examples']:,.0f} | {share} |")
-        a0 = next(iter(summary["arms"][t].values()))
+        a0 = next(iter(summary["arms"][t].values()), None)
+        if a0 is None:
+            lines.append("\nNo fine-tuning run of this target finished.")
+            continue
         lines.append(f"\n{a0['test_images']:,} test images: the test set's binomial noise alone is about "
                      f"±{a0['binomial_sd']:.2f} points at {a0['top1']['mean']:.0f}%.")
     lines += ["", "## Paired differences (points of top-1): mean [95% interval] (seeds where the first is ahead)",

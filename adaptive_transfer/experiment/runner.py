@@ -118,6 +118,28 @@ class Experiment:
         for t in c.targets:
             self.weights(WeightsSpec(t.name))
 
+    def finished_data(self) -> None:
+        """The data, generalist, near-duplicates and default weights of a run
+        that made them, read from their finished outputs (no engine started):
+        for ``finished_only``. Raises ``ValueError`` naming what is missing."""
+        from schemas.stage_output import is_complete
+
+        c = self.config
+        self.world = c.world.prepare(self.data, c.targets, self.draw, self.engines)
+        outputs = {("generalist", c.generalist_steps): os.path.join(self.generalist_dir(), "pretrain")}
+        outputs.update({("weights", t.name): self.weights_dir(t.name) for t in c.targets})
+        dedup = {t.name: os.path.join(self.data, "dedup", t.name) for t in c.targets} if c.dedup else {}
+        for path in [*outputs.values(), *dedup.values()]:
+            if not is_complete(path):
+                raise ValueError(f"{path} is not finished: run without --finished-only first")
+        self._made[("generalist", c.generalist_steps)] = os.path.join(outputs[("generalist", c.generalist_steps)],
+                                                                       "generalist.pt")
+        self._made.update({("weights", t.name): os.path.join(self.weights_dir(t.name), "weights.parquet")
+                           for t in c.targets})
+        for t, path in dedup.items():
+            with open(os.path.join(path, "summary.json")) as fh:
+                self.dedup[t] = json.load(fh)
+
     def remove_near_duplicates(self) -> None:
         """Near-duplicates of each target's train and test images (Beam, the
         generalist's embeddings, stored once for every target), and their union."""
@@ -280,7 +302,7 @@ class Experiment:
         ``finished_only``: build nothing past the data; record the runs
         whose fine-tuning finished (the report of a run stopped part way)."""
         plan = plan or (lambda seed: finetune_runs(self.config, seed))
-        self.prepare_data()
+        self.finished_data() if finished_only else self.prepare_data()
         records = []
         for seed in seeds if seeds is not None else self.config.seeds:
             runs, built = list(plan(seed)), set()

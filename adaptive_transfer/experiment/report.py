@@ -401,7 +401,7 @@ def write_report(out_dir: str, records: Sequence[dict], meta: dict) -> dict:
               "Interval rule (the generated run's): as stated per claim. Pre-registered rule: the tests below, "
               "Holm-adjusted.", ""]
     for c in summary["claims"]:
-        verdicts = "; ".join(f"{t}: **{v}**" for t, v in c["verdicts"].items())
+        verdicts = "; ".join(f"{t}: **{v}**" for t, v in c["verdicts"].items()) or "not measured"
         pre = "; ".join(f"{t}: **{v}**" for t, v in c.get("preregistered", {}).items()) or "not measured"
         lines.append(f"- **{c['claim']}.** Falsified if {c['falsified_if']}. Interval rule: {verdicts}. "
                      f"Pre-registered: {pre}.")

@@ -6,9 +6,10 @@
 #                        DeepSpeed nodes with their own disks, Beam SDK workers in their own env;
 #                        root and unshare for the Spark workers); .ci/run runs both
 #   make demo            set up .venv and run the whole pipeline on generated data (one seed, ~3 min)
-#   make experiment      the paper's findings on generated data: 3 targets, 9 arms, Figure 3's sizes,
+#   make experiment      the paper's findings on generated data: 3 targets, 10 arms, Figure 3's sizes,
 #                        5 seeds, intervals (~1 h on 2 cores; EXPERIMENT_OUT=experiment_out,
-#                        QUICK=1 for one tiny seed, SEEDS=0,1,2 to choose; finished stages are reused)
+#                        QUICK=1 for one tiny seed, SEEDS=0,1,2 to choose; finished stages are reused);
+#                        DATA=real: the same on the real images of `make real-data` (DRAWS=0,1)
 #   make install         only set up .venv (idempotent; a stamp file skips it when
 #                        setup.py, the lock and this Makefile are unchanged)
 #   make lock            resolve setup.py's requirements once, in a fresh venv, into the lock
@@ -118,9 +119,14 @@ test-cluster: install
 demo: install
 	$(BIN)/python -m adaptive_transfer.demo --output $(DEMO_OUT)
 
+DATA ?= generated
+# DATA=real: the real images of `make real-data` (REAL_DATA); DRAWS: their data draws (default 0,1).
 experiment: install
+	@if [ "$(DATA)" = real ] && [ ! -d "$(REAL_DATA)/fashion-mnist" ]; then \
+	  echo "make experiment DATA=real: no real images under $(REAL_DATA); run \`make real-data\` first"; exit 2; fi
 	$(BIN)/python -m adaptive_transfer.experiment --output $(EXPERIMENT_OUT) $(if $(QUICK),--quick) \
-	  $(if $(SEEDS),--seeds $(SEEDS))
+	  $(if $(SEEDS),--seeds $(SEEDS)) --data $(DATA) $(if $(filter real,$(DATA)),--real-data $(REAL_DATA)) \
+	  $(if $(DRAWS),--draws $(DRAWS))
 
 resample: install
 	@test -n "$(SIZE)" || { echo "make resample: set SIZE (e.g. SIZE=80M; SIZE=5000 for TARGET=demo)"; exit 2; }

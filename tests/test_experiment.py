@@ -3,6 +3,7 @@ summary's verdicts, and the quick mode end to end through the real stages."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -68,7 +69,7 @@ def test_plan_covers_every_target_and_arm_and_shares_target_free_sets():
     assert len(set(P.FULL.figure3_sizes)) >= 3 and set(P.FULL.figure3_sizes) <= sizes
     assert len(P.FULL.seeds) >= 5 and len(P.FULL.targets) >= 3
     # every arm has the same pre-training size; elastic below the source size (so it differs from 'entire')
-    assert {r.init.size for r in main if r.init} == {P.FULL.size} and P.FULL.size < P.FULL.source.num_examples
+    assert {r.init.size for r in main if r.init} == {P.FULL.size} and P.FULL.size < P.FULL.world.source.num_examples
 
 
 # -- the composed commands' reuse (adaptive_transfer.stages) ---------------------------------
@@ -197,7 +198,7 @@ def test_quick_mode_end_to_end_and_rerun_reuses(tmp_path):
     main = [r for r in runs if not r["figure3"]]
     assert {(r["target"], r["arm"]) for r in main} == {(t.name, a) for t in P.QUICK.targets for a, _ in P.ARMS}
     assert {r["size"] for r in runs if r["figure3"]} | {P.QUICK.size} == set(P.QUICK.figure3_sizes)
-    n = P.QUICK.num_classes * P.QUICK.test_per_class
+    n = P.QUICK.world.num_classes * P.QUICK.world.test_per_class
     assert all(r["test_images"] == n for r in runs)
     for r in runs:
         # top-1 is a count of the n test images; every class has as many test images, so the
@@ -277,3 +278,135 @@ def _check_quick_summary(summary: dict, runs: list[dict]) -> None:
         assert point["unique_examples"] == r["unique_examples"]
     assert [c["verdicts"] for c in summary["claims"]] == [
         {t: "not measured (one seed: no interval)" for t in targets}] * 4
+
+
+# -- the pre-registered tests (stats.paired_t_test, holm, directional_decisions) ----------------
+
+
+def test_paired_t_test_against_a_null_and_without_spread():
+    from adaptive_transfer.experiment.stats import paired_t_test
+
+    r = paired_t_test([1.0, 2.0, 3.0])
+    # mean 2, sd 1, t = 2 / (1 / sqrt 3), 2 df: two-sided p 0.0742 (tables)
+    assert (r["n"], r["df"], r["mean"]) == (3, 2, 2.0) and r["t"] == pytest.approx(3 ** 0.5 * 2)
+    assert r["p"] == pytest.approx(0.0742, abs=5e-4)
+    # against the competitive margin: the same differences, null -1
+    assert paired_t_test([1.0, 2.0, 3.0], null=-1.0)["t"] == pytest.approx(3 * 3 ** 0.5)
+    assert paired_t_test([0.5, 0.5], null=0.5)["p"] == 1.0 and paired_t_test([0.5, 0.5])["p"] == 0.0
+    with pytest.raises(ValueError):
+        paired_t_test([1.0])
+
+
+def test_holm_step_down_and_directions():
+    from adaptive_transfer.experiment.stats import directional_decisions, holm
+
+    # sorted 0.01, 0.03, 0.04 scaled by 3, 2, 1 = 0.03, 0.06, 0.04 -> monotone 0.03, 0.06, 0.06
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0]) and holm([]) == []
+    with pytest.raises(ValueError):
+        holm([0.1, 1.5])
+    tests = [{"mean": 2.0, "null": 0.0, "p": 0.001}, {"mean": -3.0, "null": -1.0, "p": 0.004},
+             {"mean": 1.0, "null": 0.0, "p": 0.06}]
+    out = directional_decisions(tests)
+    # adjusted 0.003, 0.008, 0.06: the first two rejected, each in the direction of mean - null
+    assert [d["decision"] for d in out] == ["above", "below", "none"]
+    assert [d["p_holm"] for d in out] == pytest.approx([0.003, 0.008, 0.06])
+
+
+PRE_NOT_SHOWN = "not shown (Holm-adjusted p >= 0.05)"
+
+
+def test_preregistered_verdicts_and_units_over_draws():
+    held = summarize_results(_per_seed({"adaptive": UP, "topk-uniform": UP,
+                                        "adaptive-topk": [a + 0.05 for a in UP]}), ["t"])
+    assert [c["preregistered"] for c in held["claims"]] == [{"t": "held"}] * 4
+    assert len(held["preregistered_tests"]) == 5 and "by_draw" not in held
+    lost = summarize_results(_per_seed({"entire": UP, "hand-picked": UP, "reversed": UP,
+                                        "class-balanced": MIXED}), ["t"])
+    assert [c["preregistered"]["t"] for c in lost["claims"]] == ["falsified"] * 3 + [PRE_NOT_SHOWN]
+    # competitive: 0.5 points below hand-picked on every seed (with spread) is above the -1 margin
+    near = [h - 0.005 + 0.001 * (s % 2) for s, h in enumerate([0.80] * 5)]
+    close = summarize_results(_per_seed({"adaptive": near}), ["t"])
+    test = next(x for x in close["preregistered_tests"] if x["comparison"] == "adaptive - hand-picked")
+    assert test["null"] == -1.0 and test["decision"] == "above" and close["claims"][1]["preregistered"] == {"t": "held"}
+    # two draws: a unit is a (draw, seed); the per-draw differences are kept for the replication
+    two = [dict(r, draw=d) for d in (0, 1) for r in _per_seed({"adaptive": UP})]
+    s = summarize_results(two, ["t"])
+    d = s["paired"]["t"]["adaptive - entire"]
+    assert d["n"] == 10 and d["seeds"][:2] == ["d0-s0", "d0-s1"] and set(s["by_draw"]) == {"0", "1"}
+    assert s["by_draw"]["1"]["t"]["adaptive - entire"]["differences"] == pytest.approx([5, 6, 5, 6, 5])
+
+
+def test_real_configs_and_weights_keys():
+    from adaptive_transfer.experiment.worlds import MissingData
+
+    assert P.configs("generated", False) is P.FULL and P.configs("generated", True) is P.QUICK
+    real = P.configs("real", False, cache="/nowhere")
+    assert real.world.cache == "/nowhere" and real.draws == (0, 1) and len(real.seeds) >= 5 and real.dedup
+    assert {t.branch for t in real.targets} == {t.wrong_branch for t in real.targets}  # each root once each way
+    with pytest.raises(MissingData, match="make real-data"):
+        real.world.require_data()
+    with pytest.raises(ValueError, match="--data"):
+        P.configs("imagenet", False)
+    with pytest.raises(ValueError, match="one draw"):
+        dataclasses.replace(P.FULL, draws=(0, 1))
+    assert P.WeightsSpec("food").key == "food" and P.WeightsSpec("food", oracle=True).key == "food-oracle"
+    assert P.WeightsSpec("food", temperature=1.0, generalist_steps=300).key == "food-T1-g300"
+
+
+def test_hypothesis_runs_are_variants_apart_from_the_main_table():
+    runs = P.hypothesis_runs(P.QUICK, 2, P.HYPOTHESES)
+    assert {r.condition for r in runs} == {"oracle", "leaves", "T1", "T4", f"g{P.QUICK.generalist_steps // 4}"}
+    main = {s.slug for s in P.unique_sets(P.finetune_runs(P.QUICK, 2))}
+    assert not main & {r.init.slug for r in runs}  # never reuses (or overwrites) a main-table set
+    leaves = [r for r in runs if r.condition == "leaves"]
+    assert {(r.target, r.arm, r.init.leaves_of, r.init.scheme) for r in leaves} == {
+        (t.name, "hand-picked", t.name, "subset") for t in P.QUICK.targets}
+    oracle = [r.init.weights for r in runs if r.condition == "oracle"]
+    assert oracle and all(w.oracle and w.key.endswith("-oracle") for w in oracle)
+    with pytest.raises(ValueError, match="unknown hypotheses"):
+        P.hypothesis_runs(P.QUICK, 0, ("size",))
+
+
+def test_report_writes_every_section_from_records(tmp_path):
+    from adaptive_transfer.experiment.report import write_report
+
+    records = [dict(r, draw=d, condition="", max_copies=3) for d in (0, 1) for r in _per_seed({"adaptive": UP})]
+    records += [dict(r, draw=d, arm="hand-picked", condition="leaves", max_copies=2)
+                for d in (0, 1) for r in _per_seed({}) if r["arm"] == "hand-picked"]
+    g = {"entropy_bits": 3.0, "uniform_entropy_bits": 5.0, "mass_on_target_leaves": 0.5, "target_leaves": 4,
+         "labels": 32, "top_labels": [["x", 0.2]]}
+    dedup = {"targets": {"t": {"threshold": 0.9, "source_examples_compared": 100, "excluded": 3,
+                               "excluded_by_split": {}, "target_images": 50, "target_images_with_duplicates": 2}},
+             "excluded_union": 3}
+    meta = {"command": "c", "commit": "x", "finished": "now", "machine": "m", "minutes": 1.0,
+            "stages": {"built": 1, "reused": 0}, "labels": 32, "setup": ["Source: s."],
+            "config": {"targets": [{"name": "t", "analogue": "a", "branch": "b"}], "world": {"kind": "real"},
+                       "draws": [0, 1], "seeds": [0, 1, 2, 3, 4], "size": 100, "pretrain_steps": 1,
+                       "pretrain_batch": 1, "finetune_steps": 1, "finetune_batch": 1, "top_k": 2,
+                       "generalist_steps": 1},
+            "generalist": {"0": {"t": g}, "1": {"t": g}}, "near_duplicates": {"0": dedup, "1": {}},
+            "data": {"0": {"duplicates_dropped": 7, "source_examples": 100}}}
+    summary = write_report(str(tmp_path), records, meta)
+    text = (tmp_path / "report.md").read_text()
+    for needle in ("real data", "Near-duplicates", "| 0 | union |", "Pre-registered: t: **held**", "Holm p",
+                   "Replication over data draws", "hand-picked (leaves)", "7 exact duplicate"):
+        assert needle in text, needle
+    assert summary["arms"]["t"]["hand-picked"]["top1"]["n"] == 10  # the variant is kept out of the main arm
+    assert summary["hypotheses"]["t"]["hand-picked (leaves)"]["max_copies"] == 2
+    assert json.loads((tmp_path / "results.json").read_text())["summary"]["claims"] == json.loads(
+        json.dumps(summary["claims"]))
+
+
+def test_sets_are_built_in_the_preregistered_priority():
+    runs = P.finetune_runs(P.FULL, 0) + P.hypothesis_runs(P.FULL, 0, ("leaves",))
+    order = P.by_priority(runs)
+    assert set(order) == {r.init for r in runs if r.init} and len(order) == len(set(order))
+    first_arm = {}
+    for r in runs:
+        if r.init is not None and not r.condition and not r.figure3:
+            first_arm.setdefault(r.init, min((P.PRIORITY.index(x.arm) for x in runs
+                                              if x.init == r.init and not x.condition), default=99))
+    ranks = [first_arm.get(s, 99) for s in order]
+    assert ranks == sorted(ranks) and order[0].name == "entire"
+    assert order[-1].leaves_of is not None or any(r.figure3 for r in runs if r.init == order[-1])

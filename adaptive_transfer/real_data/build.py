@@ -52,7 +52,8 @@ from .fetch import DEFAULT_CACHE
 from .split import Pool, RealSpec, Split, make_pool, plan_split
 from .taxonomy import make_vocabulary, leaf_ids
 
-__all__ = ["STAGE", "BuildJob", "RealData", "encode_png", "build_from_sets", "package_inputs", "run", "main"]
+__all__ = ["STAGE", "BuildJob", "RealData", "encode_png", "write_draw", "draw_settings", "build_from_sets",
+           "package_inputs", "run", "main"]
 
 STAGE = "real-data"
 
@@ -159,31 +160,55 @@ def _build(work: str, pool: Pool, split: Split, vocab: pa.Table, spec: RealSpec,
         fh.write(sio.json_text(record, indent=1))
 
 
+def _planned(sets: tuple[ImageSet, ...], spec: RealSpec) -> tuple[Pool, Split, pa.Table]:
+    vocab = make_vocabulary()
+    hierarchy = Hierarchy(vocab)
+    ids = leaf_ids(vocab)
+    pool = make_pool(sets, ids)
+    return pool, plan_split(pool, spec, ids, hierarchy.parent_of), vocab
+
+
+def _described(split: Split, spec: RealSpec, where: str) -> str:
+    return (f"{STAGE}: {len(split.source)} source examples, "
+            + ", ".join(f"target {t.name}: {len(t.classes)} classes, {len(split.targets[t.name]['train'])} train / "
+                        f"{len(split.targets[t.name]['test'])} test" for t in spec.targets)
+            + f"; {len(split.duplicates)} duplicate images dropped; written to {where}")
+
+
+def write_draw(work: str, sets: tuple[ImageSet, ...], spec: RealSpec, inputs: dict) -> str:
+    """Split ``sets`` by ``spec`` and write the draw into the directory
+    ``work`` (no output protocol: for a caller that holds one, e.g.
+    ``adaptive_transfer.stages.generated`` with :func:`draw_settings` and
+    this module's code). Returns the one-line description."""
+    pool, split, vocab = _planned(sets, spec)
+    _build(work, pool, split, vocab, spec, inputs)
+    return _described(split, spec, work)
+
+
 def build_from_sets(output: str, sets: tuple[ImageSet, ...], spec: RealSpec, inputs: dict,
                     overwrite: bool = False, log=print) -> RealData:
     """Split ``sets`` by ``spec`` and write the draw to ``output`` (the
     stage's protocol: validated and planned before the output is touched,
     built aside, reused when made from the same spec, ``inputs`` (a
     description of what ``sets`` were read from) and code)."""
-    vocab = make_vocabulary()
-    hierarchy = Hierarchy(vocab)
-    ids = leaf_ids(vocab)
-    pool = make_pool(sets, ids)
-    split = plan_split(pool, spec, ids, hierarchy.parent_of)
-    fingerprint = _fingerprint(spec, inputs)
+    pool, split, vocab = _planned(sets, spec)
     out = StageOutput(output, STAGE)
-    reused = out.run(lambda work: _build(work, pool, split, vocab, spec, inputs), fingerprint=fingerprint,
-                     overwrite=overwrite)
+    reused = out.run(lambda work: _build(work, pool, split, vocab, spec, inputs),
+                     fingerprint=_fingerprint(spec, inputs), overwrite=overwrite)
     if not reused:
-        log(f"{STAGE}: {len(split.source)} source examples, "
-            + ", ".join(f"target {t.name}: {len(t.classes)} classes, {len(split.targets[t.name]['train'])} train / "
-                        f"{len(split.targets[t.name]['test'])} test" for t in spec.targets)
-            + f"; {len(split.duplicates)} duplicate images dropped; written to {out.path}")
+        log(_described(split, spec, out.path))
     return _located(out.path, spec, reused)
 
 
+def draw_settings(spec: RealSpec, inputs: dict | None = None) -> dict:
+    """What a draw is made from, less the code: the spec and the input
+    packages (default :func:`package_inputs`). With ``code_digest`` of this
+    module it is the stage's fingerprint."""
+    return {"spec": asdict(spec), "inputs": package_inputs() if inputs is None else inputs}
+
+
 def _fingerprint(spec: RealSpec, inputs: dict) -> dict:
-    return {"spec": asdict(spec), "inputs": inputs, "code": code_digest("adaptive_transfer.real_data.build")}
+    return {**draw_settings(spec, inputs), "code": code_digest("adaptive_transfer.real_data.build")}
 
 
 def _located(root: str, spec: RealSpec, reused: bool) -> RealData:

@@ -2,7 +2,7 @@
 
 ::
 
-    python -m adaptive_transfer.resample --target food101 --size 80M [--source jft]
+    python -m adaptive_transfer.resample --target food101[,stanford_cars,...] --size 80M [--source jft]
       [--matcher same|elastic] [--draw multinomial|systematic] [--seed 0]
       [--runner DirectRunner] [--master local[*]] [--output out]
       [--target-root PATH] [--checkpoint generalist.pt] [--samples-per-shard 10000]
@@ -21,6 +21,16 @@ Layout under ``--output`` (a local path or URL)::
     <target>/<size>-<matcher>[-<draw>]-<key>/
         resample/                            selection, stats.json, label_stats.png
         shards/                              shard-*.tar, manifest.json, _SUCCESS
+
+Several targets (``--target food101,stanford_cars,birdsnap``; ``make
+resample TARGET=a,b,c``) are built together, each where its own run would
+put it: one Beam run for every target's weights (the source's labels
+counted once), one for the near-duplicates (the source's embeddings read
+once), one Spark scan of the index for every selection and one fetch pass
+for every target's shards (each selected image read once). Each target's
+outputs are identical to its single-target run's and follow the output
+protocol on their own: a target that fails leaves the others' finished
+results, and a rerun builds only what is missing.
 
 ``<key>`` names a directory by its inputs (listings of the index and target,
 the vocabulary, the generalist) and options, so runs with other settings sit
@@ -57,7 +67,9 @@ __all__ = ["build_parser", "TargetRun", "plan", "run", "main"]
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m adaptive_transfer.resample", description=__doc__)
-    p.add_argument("--target", required=True, help="a configs/targets name (food101, ...) or a YAML path")
+    p.add_argument("--target", required=True, type=_targets,
+                   help="a configs/targets name (food101, ...) or a YAML path; several, comma-separated, "
+                        "are built in one pass over the source")
     p.add_argument("--size", required=True, type=_size, help="pre-training set size: 80M, 2M, 1.5B, ...")
     p.add_argument("--source", default=None, help="a configs/sources name (default jft; demo for --target demo)")
     p.add_argument("--matcher", choices=["same", "elastic"], default="same")
@@ -85,6 +97,13 @@ def build_parser() -> ArgumentParser:
                    help="near-duplicate similarity threshold (default: beam_pipelines.near_duplicates')")
     p.add_aliases({"--out": "--output", "--spark-master": "--master", "--model": "--checkpoint"})
     return p
+
+
+def _targets(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",")))
+    if not names or any(not n for n in names):
+        raise _ArgumentTypeError(f"give target names separated by commas, got {text!r}")
+    return names
 
 
 def _size(text: str) -> int:
@@ -161,14 +180,16 @@ def _dedup_job(args, target: TargetConfig, inputs: _Inputs, allowed):
                              output=sio.join(args.output, "dedup", f"{target.name}-{key[:12]}")), key
 
 
-def plan(args, engines: stages.Engines) -> TargetRun:
-    """Resolve configs and fingerprints into the run's typed jobs (the
-    demo's data are generated here on first use; no stage runs)."""
+def plan(args, engines: stages.Engines, name: str | None = None) -> TargetRun:
+    """Resolve configs and fingerprints into target ``name``'s typed jobs
+    (default: the only one of ``--target``; the demo's data are generated
+    here on first use; no stage runs)."""
     from beam_pipelines.importance_weights import WeightsJob
     from spark_jobs.resample import ResampleJob
 
-    target = load_target(args.target, args.target_root)
-    source_name = args.source or ("demo" if args.target == "demo" else "jft")
+    name = name or _only(args.target)
+    target = load_target(name, args.target_root)
+    source_name = args.source or ("demo" if name == "demo" else "jft")
     source = load_source(source_name)
     inputs = _inputs(args, target, source, engines)
     weights_key = digest({"inputs": inputs.keys, "layout": target.layout, "split": target.train_split,
@@ -199,12 +220,23 @@ def plan(args, engines: stages.Engines) -> TargetRun:
     return TargetRun(target, source_name, weights, dedup, chain)
 
 
+def _only(names) -> str:
+    names = (names,) if isinstance(names, str) else tuple(names)
+    if len(names) != 1:
+        raise ValueError(f"one target expected here, got {list(names)}")
+    return names[0]
+
+
 def run(args, engines: stages.Engines | None = None) -> dict:
-    """Run every stage of ``args``' target not already built; return the summary."""
+    """Run every stage of ``args``' target not already built; return the
+    summary (several targets: ``{"targets": [summary, ...]}``)."""
     engines = engines or stages.Engines(master=args.master, beam_args=("--runner", args.runner, *args.beam_arg))
+    names = (args.target,) if isinstance(args.target, str) else tuple(args.target)
+    if len(names) > 1:
+        return {"targets": run_many(args, names, engines)}
     log = engines.log
     t0 = time.time()
-    p = plan(args, engines)
+    p = plan(args, engines, names[0])
     weights = stages.weights(p.weights, engines)
     excluded = 0
     if p.dedup is None:
@@ -220,6 +252,32 @@ def run(args, engines: stages.Engines | None = None) -> dict:
     return summary
 
 
+def run_many(args, names: Sequence[str], engines: stages.Engines) -> list[dict]:
+    """Every stage of several targets, each stage once for all of them (one
+    pass over the source); each target's outputs where its own run puts
+    them. Returns each target's summary, in order."""
+    if args.target_root:
+        raise ValueError("--target-root names one target's images; with several targets each config's root is "
+                         "used (or give each target its own YAML)")
+    if "demo" in names:
+        raise ValueError("--target demo builds alone; give it without other targets")
+    t0 = time.time()
+    plans = [plan(args, engines, n) for n in names]
+    engines.log(f"{len(plans)} targets, one pass over the source per stage: " + ", ".join(names))
+    weights = stages.weights_many([p.weights for p in plans], engines)
+    excluded = [0] * len(plans)
+    if args.dedup:
+        found = stages.near_duplicates_many([p.dedup for p in plans], engines)
+        excluded = [f["excluded"] for f in found]
+    else:
+        engines.log("near-duplicates: off (--no-dedup): the source may hold copies of target images")
+    built = stages.build_sets([p.set for p in plans], engines)
+    summaries = [_summary(p, b, w, x, time.time() - t0) for p, b, w, x in zip(plans, built, weights, excluded)]
+    for summary in summaries:
+        _describe(summary, engines.log)
+    return summaries
+
+
 def _summary(p: TargetRun, built: stages.BuiltSet, weights: dict, excluded: int, seconds: float) -> dict:
     manifest = built.manifest
     return {"target": p.target.name, "source": p.source, "shards": built.manifest_path,
@@ -232,6 +290,7 @@ def _summary(p: TargetRun, built: stages.BuiltSet, weights: dict, excluded: int,
 
 def _describe(summary: dict, log: Callable[[str], None]) -> None:
     log("")
+    log(f"target:   {summary['target']}")
     log(f"shards:   {summary['shards']}")
     log(f"samples:  {summary['samples']:,} in {summary['shard_files']} shards, "
         f"{summary['unique_examples']:,} unique examples (total variation {summary['total_variation']:.4f})")

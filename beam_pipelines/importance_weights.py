@@ -103,6 +103,12 @@ class WeightsJob:
         """The name recorded in the outputs."""
         return self.target or (self.target_root or self.target_histogram or "target").rstrip("/").rsplit("/", 1)[-1]
 
+    def fingerprint(self) -> dict:
+        """What this job's result is made from (the one reuse rule; reads the
+        inputs as :func:`check_inputs` does, through Beam's filesystems with
+        their default options)."""
+        return check_inputs(self).fingerprint()
+
     def check(self) -> None:
         """Raise ``ValueError`` for settings out of range (no input is read)."""
         if not self.temperature > 0:

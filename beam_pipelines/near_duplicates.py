@@ -128,6 +128,12 @@ class NearDuplicatesJob:
     batch_size: int = 64
     overwrite: bool = False
 
+    def fingerprint(self) -> dict:
+        """What this job's result is made from (the one reuse rule; reads the
+        inputs as :func:`check_inputs` does, through Beam's filesystems with
+        their default options)."""
+        return check_inputs(self).fingerprint()
+
     def check(self) -> None:
         """Raise ``ValueError`` for settings out of range (no input is read)."""
         if not -1.0 <= self.threshold <= 1.0:

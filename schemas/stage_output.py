@@ -101,6 +101,12 @@ def stage_of(path: str) -> str | None:
     return stage if isinstance(stage, str) else None
 
 
+def _files_below(fs, root: str) -> list[str]:
+    """Paths (relative to ``root``, ``/``-separated) of every file below it."""
+    root = root.rstrip("/")
+    return sorted(p[len(root) + 1:] for p in fs.find(root) if p.startswith(root + "/"))
+
+
 def _entries(path: str) -> list[str] | None:
     """Names in directory ``path``; ``None`` where nothing is there. Raises
     ``ValueError`` where ``path`` is a file."""
@@ -457,16 +463,20 @@ class StageOutput:
         self._finish_copy_in(work)
 
     def _finish_copy_in(self, work: str) -> None:
+        """Copy every file of ``work`` to the same relative path under
+        ``path`` (file by file: a recursive copy onto an existing directory
+        would nest it), remove the files the new result does not hold, then
+        the marker and ``_SUCCESS``."""
         fs, final = sio.filesystem(self.path)
         sio.remove_tree(sio.join(self.path, SUCCESS))  # no longer a result, from now on
         src = sio.filesystem(work)[1]
-        keep = _entries(work) or []
-        for name in keep:
-            if name not in (SUCCESS, MARKER):
-                fs.copy(f"{src}/{name}", f"{final}/{name}", recursive=True)
-        for name in _entries(self.path) or []:
-            if name not in keep and name not in _OWN:
-                sio.remove_tree(sio.join(self.path, name))  # what the new result does not hold
+        new = {f: f"{src}/{f}" for f in _files_below(fs, src) if f not in (SUCCESS, MARKER)}
+        if new:
+            names = sorted(new)
+            fs.copy([new[f] for f in names], [f"{final}/{f}" for f in names])
+        for f in _files_below(fs, final):
+            if f not in new and f not in _OWN:
+                fs.rm_file(f"{final}/{f}")  # what the new result does not hold
         fs.copy(f"{src}/{MARKER}", f"{final}/{MARKER}")
         fs.copy(f"{src}/{SUCCESS}", f"{final}/{SUCCESS}")
         sio.remove_tree(sio.join(self.path, _COMMITTING))

@@ -589,7 +589,8 @@ def test_output_and_label_set_table_on_object_storage(spark, multi_label, tmp_pa
     fs = s3_server
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("bucket/resample/run1"))
     assert names == ["_STAGE", "_SUCCESS", "label_stats.parquet", "label_stats.png", "selection", "stats.json"]
-    assert all(p.rsplit("/", 1)[-1].startswith("part-draw-") for p in fs.ls("bucket/resample/run1/selection"))
+    parts = [p.rsplit("/", 1)[-1] for p in fs.ls("bucket/resample/run1/selection")]
+    assert parts and all(p.startswith("part-draw-") for p in parts), parts
     remote = sio.read_parquet(out + "/selection")
     assert dict(zip(remote.column("key").to_pylist(), remote.column("copies").to_pylist())) == \
         selection_of(local.output)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -43,7 +44,10 @@ from .spill import no_space
 from .spill_policy import choose_spill, no_space_message, spill_directory
 from .write import TEMPORARY
 
-__all__ = ["ManyShardJob", "ManyShards", "build_many", "run", "main", "build_parser"]
+__all__ = ["ManyShardJob", "ManyShards", "build_many", "run", "main", "build_parser", "WRITE_THREADS"]
+
+#: Targets whose write passes run at once (threads submitting Spark jobs).
+WRITE_THREADS = 4
 
 #: ``ShardJob`` fields every target shares (all but the target's own selection and output).
 _SHARED = [f.name for f in dataclasses.fields(ShardJob) if f.name not in ("selection", "output")]
@@ -145,7 +149,8 @@ def _finish(p: _Pending, done, t: int, result: ManyShards, spill_in_work: bool) 
     """Target ``t``'s shards written into its work directory, its manifest
     written and the output committed (``spill_in_work``: the spill lies in
     this work directory, removed by the caller first: commit later, with
-    :func:`_commit`); a failure aborts this target only."""
+    :func:`_commit`); a failure aborts this target only. Runs in a thread
+    of its own (``result`` takes one key per target)."""
     try:
         tally, written = write_target(p.ctx, done.plans[t], done.facts[t], done.counts[t], p.work)
         p.ctx.stages.lap("write")
@@ -198,8 +203,11 @@ def build_many(spark, job: ManyShardJob) -> ManyShards:
                 for p in pending:
                     _abort(p, e, result)
                 raise
-            for t in [*range(1, len(pending)), 0]:
-                _finish(pending[t], done, t, result, spill_in_work=t == 0)
+            # The targets' write passes run side by side (Spark runs the jobs of several threads
+            # at once): a target's per-job fixed cost overlaps the others' work.
+            with ThreadPoolExecutor(max_workers=min(len(pending), WRITE_THREADS)) as pool:
+                list(pool.map(lambda t: _finish(pending[t], done, t, result, spill_in_work=t == 0),
+                              range(len(pending))))
     finally:
         restore_confs()
     if holder.written is not None and holder.name not in result.failures:

@@ -28,7 +28,7 @@ from schemas.fingerprint import code_digest
 from schemas.stage_output import StageOutput, fingerprint_of
 
 __all__ = ["Engines", "SetPlan", "BuiltSet", "plan_set", "build_set", "weights", "near_duplicates", "resample",
-           "shards", "verify", "pretrain", "finetune", "evaluate", "generated", "refreshed"]
+           "shards", "shards_many", "verify", "pretrain", "finetune", "evaluate", "generated", "refreshed"]
 
 
 @dataclass
@@ -132,6 +132,23 @@ def shards(job, engines: Engines):
 
     job = refreshed(job, W.STAGE, "shards", engines)
     return W.run(engines.spark(), job)
+
+
+def shards_many(job, engines: Engines) -> dict:
+    """Every target's shards in one fetch pass (Spark): ``ManyShardJob`` ->
+    each target's ``Manifest`` by name (raises ``ValueError`` naming the
+    targets that failed, after the others are committed). A target finished
+    from another fingerprint is rebuilt (saying why); one finished from the
+    same is reused."""
+    from spark_jobs.write_shards import many as M
+
+    redo = set() if job.overwrite is True else set(job.overwrite or ())
+    for (name, _), single in zip(job.targets, job.jobs()):
+        if refreshed(single, M.STAGE, f"shards {name}", engines).overwrite:
+            redo.add(name)
+    if job.overwrite is not True:
+        job = dataclasses.replace(job, overwrite=frozenset(redo))
+    return M.run(engines.spark(), job)
 
 
 def verify(directory: str, engines: Engines):

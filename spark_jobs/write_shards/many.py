@@ -27,7 +27,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Collection, Sequence
 
 from schemas import Manifest
 from schemas import io as sio
@@ -57,8 +57,10 @@ _SHARED = [f.name for f in dataclasses.fields(ShardJob) if f.name not in ("selec
 class ManyShardJob:
     """Shards of several targets over one ``index``: ``targets`` are
     ``(name, selection)`` pairs (a selection: a resampler output or its
-    ``selection/``); target ``name`` is written to ``output/name``. Every
-    other field is :class:`ShardJob`'s, the same for every target."""
+    ``selection/``); target ``name`` is written to ``output/name``.
+    ``overwrite``: every target's finished output is redone (True) or only
+    those of the names given (a collection of names). Every other field is
+    :class:`ShardJob`'s, the same for every target."""
 
     targets: Sequence[tuple[str, str]]
     index: str
@@ -66,7 +68,7 @@ class ManyShardJob:
     samples_per_shard: int = 10000
     prefix: str = "shard"
     seed: int = 0
-    overwrite: bool = False
+    overwrite: bool | Collection[str] = False
     max_bad_fraction: float = 0.001
     spill_dir: str | None = None
     run_bytes: int = ShardJob.run_bytes
@@ -93,8 +95,10 @@ class ManyShardJob:
 
     def jobs(self) -> list[ShardJob]:
         """Each target's single-target job (its output ``output/name``)."""
-        shared = {name: getattr(self, name) for name in _SHARED}
-        return [ShardJob(selection=sel, output=sio.join(self.output, name), **shared) for name, sel in self.targets]
+        shared = {name: getattr(self, name) for name in _SHARED if name != "overwrite"}
+        return [ShardJob(selection=sel, output=sio.join(self.output, name), **shared,
+                         overwrite=self.overwrite if isinstance(self.overwrite, bool) else name in self.overwrite)
+                for name, sel in self.targets]
 
     def fingerprint(self) -> dict:
         """Each target's :meth:`ShardJob.fingerprint`, by name."""

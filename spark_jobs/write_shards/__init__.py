@@ -51,8 +51,12 @@ through the output protocol), ``cli.py`` (the command line), ``footers.py``
 (facts from Parquet footers), ``spill_policy.py`` (where the spill goes, and
 why), ``context.py`` (what a run carries to its passes), ``passes.py`` (the
 Spark plan: fetch, checks, write), ``manifest.py``; the tasks ``fetch.py``
-and ``write.py``, ``spill.py`` (spill files, ranged reads) and
-``placement.py`` (pure numpy).
+and ``write.py``, ``source.py`` (reading the selected images out of the
+index, counted), ``tallies.py`` (the fetch tasks' tallies, summed in Spark
+where they are many), ``spill.py`` (spill files, ranged reads) and
+``placement.py`` (pure numpy). ``many.py`` (:class:`many.ManyShardJob`,
+``python -m spark_jobs.write_shards.many``): several targets' shards from
+one fetch pass, each byte-identical to its single-target run's.
 """
 
 from .cli import build_parser, main

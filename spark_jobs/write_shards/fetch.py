@@ -306,10 +306,15 @@ class _Chunk:
     table: pa.Table
     bounds: np.ndarray
     groups: np.ndarray
+    targets: np.ndarray  # each row's target
+    first_group: np.ndarray  # each example's first group, then the number of groups
 
-    @property
-    def first_group(self) -> np.ndarray:
-        return np.searchsorted(self.groups, self.bounds).astype(np.int64)
+    @classmethod
+    def of(cls, table: pa.Table) -> "_Chunk":
+        bounds = examples_of(table)
+        groups = groups_of(table, bounds)
+        return cls(table=table, bounds=bounds, groups=groups, targets=targets_of(table),
+                   first_group=np.searchsorted(groups, bounds).astype(np.int64))
 
 
 def _take(task: FetchTask, chunk: _Chunk, batch: tuple, tally: _Tally, gathered: _Gathered) -> None:
@@ -324,7 +329,7 @@ def _take(task: FetchTask, chunk: _Chunk, batch: tuple, tally: _Tally, gathered:
     if task.reencode is not None:
         items, views, changed = reencoded(items, views, *task.reencode)
     exts, reasons = verdicts(items, views, task.decode)
-    targets, first_group = targets_of(table), chunk.first_group
+    targets, first_group = chunk.targets, chunk.first_group
     ok = np.array([e is not None for e in exts], bool)
     keys = table.column("key")
     for i in np.flatnonzero(~ok).tolist():
@@ -360,8 +365,8 @@ def _fetch_chunks(task: FetchTask, tables: Iterator[pa.Table], out: _Output) -> 
     gathered = _Gathered()
     lone = len(task.layout.bits) == 1
     for table in tables:
-        bounds = examples_of(table)
-        chunk = _Chunk(table=table, bounds=bounds, groups=groups_of(table, bounds))
+        chunk = _Chunk.of(table)
+        bounds = chunk.bounds
         dup = duplicated(table, chunk.groups)
         tally.bad.extend((key, DUPLICATE, 0, t) for key, t in dup)
         tally.refused = tally.refused or (lone and bool(dup))

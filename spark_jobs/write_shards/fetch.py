@@ -2,20 +2,20 @@
 it, append the good ones to the task's spill files and emit a row per copy
 (where its image is), never the image bytes themselves.
 
-A fetch pass serves one or more targets (``run_many``): each copy row names
+A fetch pass serves one or more targets (``many.py``): each copy row names
 its ``target`` (0 .. K-1), and an image selected by several targets is read,
 checked and spilled once. A fetch task's input: copy rows (``key, copy, h,
 weight, target, labels, file, row, uri``) sorted by (file, row, key, target,
 copy), a contiguous range of the index's files. It writes its good copies'
 rows (``ROWS_ARROW``: ``key, copy, h, labels, weight, ext``, where the image
-is: ``length`` bytes at ``offset`` of spill file ``path``, the image's
-``copies`` over every target, and the ``target``) to a rows file beside its
+is: ``length`` bytes at ``offset`` of spill file ``path``, the
+example's ``copies`` in that target, and the ``target``) to a rows file beside its
 spill, and returns ``FETCHED_SCHEMA`` rows: one *task row* (that file, its
 bad examples with their target and reason, its peak resident memory, per
 target the image bytes spilled and what was re-encoded, the images and
 index bytes it read) and *tally rows*: per target, its good copies per
 bucket as dense blocks of ``TALLY_BLOCK`` buckets (blocks of zeros left
-out). :func:`combine_fetched` sums the tally rows in Spark, so the driver
+out). ``tallies.combine_in_spark`` sums the tally rows in Spark, so the driver
 receives one block per target and block, whatever the number of tasks.
 """
 

@@ -7,6 +7,7 @@ Each subcommand is the stage's own command line (the same parser and
     adaptive-transfer dedup        ...   # beam_pipelines.near_duplicates
     adaptive-transfer resample     ...   # spark_jobs.resample
     adaptive-transfer shards       ...   # spark_jobs.write_shards
+    adaptive-transfer shards-many  ...   # spark_jobs.write_shards.many (several targets, one pass)
     adaptive-transfer verify       ...   # spark_jobs.verify
     adaptive-transfer pretrain     ...   # trainer.pretrain
     adaptive-transfer finetune     ...   # trainer.finetune
@@ -36,6 +37,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dedup": ("beam_pipelines.near_duplicates", "near-duplicates of the target's images in the source (Beam)"),
     "resample": ("spark_jobs.resample", "draw the pre-training set from the source index (Spark)"),
     "shards": ("spark_jobs.write_shards", "write the selection as WebDataset shards with a manifest (Spark)"),
+    "shards-many": ("spark_jobs.write_shards.many",
+                    "every target's shards in one pass over the index, OUTPUT/<target> each (Spark)"),
     "verify": ("spark_jobs.verify", "check shards against their manifest"),
     "pretrain": ("trainer.pretrain", "pre-train on shards (DeepSpeed)"),
     "finetune": ("trainer.finetune", "fine-tune on the target with a new head (DeepSpeed)"),

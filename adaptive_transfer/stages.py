@@ -27,9 +27,9 @@ from schemas import io as sio
 from schemas.fingerprint import code_digest
 from schemas.stage_output import StageOutput, fingerprint_of
 
-__all__ = ["Engines", "SetPlan", "BuiltSet", "plan_set", "build_set", "weights", "near_duplicates", "weights_many",
-           "near_duplicates_many", "resample", "resample_many",
-           "shards", "verify", "pretrain", "finetune", "evaluate", "generated", "refreshed"]
+__all__ = ["Engines", "SetPlan", "BuiltSet", "plan_set", "build_set", "build_sets", "weights", "near_duplicates",
+           "weights_many", "near_duplicates_many", "resample", "resample_many", "shards", "shards_many", "verify",
+           "pretrain", "finetune", "evaluate", "generated", "refreshed"]
 
 
 @dataclass
@@ -185,6 +185,23 @@ def shards(job, engines: Engines):
     return W.run(engines.spark(), job)
 
 
+def shards_many(job, engines: Engines) -> dict:
+    """Every target's shards in one fetch pass (Spark): ``ManyShardJob`` ->
+    each target's ``Manifest`` by name (raises ``ValueError`` naming the
+    targets that failed, after the others are committed). A target finished
+    from another fingerprint is rebuilt (saying why); one finished from the
+    same is reused."""
+    from spark_jobs.write_shards import many as M
+
+    redo = set() if job.overwrite is True else set(job.overwrite or ())
+    for (name, _), single in zip(job.targets, job.jobs()):
+        if refreshed(single, M.STAGE, f"shards {name}", engines).overwrite:
+            redo.add(name)
+    if job.overwrite is not True:
+        job = dataclasses.replace(job, overwrite=frozenset(redo))
+    return M.run(engines.spark(), job)
+
+
 def verify(directory: str, engines: Engines):
     """Every shard against its manifest; raises ``ValueError`` naming the
     first problems. Returns the report."""
@@ -294,3 +311,35 @@ def build_set(plan: SetPlan, engines: Engines) -> BuiltSet:
     verify(plan.shards.output, engines)
     metrics = pretrain(plan.pretrain, engines) if plan.pretrain is not None else None
     return BuiltSet(plan, stats, manifest, metrics)
+
+
+def build_sets(plans: Sequence[SetPlan], engines: Engines) -> list[BuiltSet]:
+    """The chain of :func:`build_set` for several sets over one index, each
+    stage once for all of them: one scan of the index draws every selection
+    (:func:`resample_many`), one fetch pass writes every set's shards
+    (:func:`shards_many`), then each is verified and pre-trained. Each
+    set's outputs are those its own :func:`build_set` makes."""
+    from spark_jobs.write_shards.many import ManyShardJob
+
+    plans = list(plans)
+    if len(plans) == 1:
+        return [build_set(plans[0], engines)]
+    names = [f"set{i}" for i in range(len(plans))]
+    drawn = resample_many([p.resample for p in plans], engines)
+    first = plans[0].shards
+    common = {f.name: getattr(first, f.name) for f in dataclasses.fields(ManyShardJob)
+              if f.name not in ("targets", "index", "output", "outputs", "overwrite") and hasattr(first, f.name)}
+    for p in plans[1:]:
+        differs = sorted(k for k, v in common.items() if getattr(p.shards, k) != v)
+        if differs or p.shards.index != first.index:
+            raise ValueError(f"sets built together share their shard settings; {p.root} differs in "
+                             f"{differs or ['index']}")
+    job = ManyShardJob(targets=[(n, p.resample.output) for n, p in zip(names, plans)], index=first.index,
+                       outputs={n: p.shards.output for n, p in zip(names, plans)}, **common)
+    manifests = shards_many(job, engines)
+    built = []
+    for name, p, d in zip(names, plans, drawn):
+        verify(p.shards.output, engines)
+        metrics = pretrain(p.pretrain, engines) if p.pretrain is not None else None
+        built.append(BuiltSet(p, d.stats, manifests[name], metrics))
+    return built

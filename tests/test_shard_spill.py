@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -16,6 +17,7 @@ from spark_jobs import write_shards as W
 from spark_jobs.write_shards import fetch as F
 from spark_jobs.write_shards import spill_policy as SP
 from spark_jobs.write_shards.spill import spread_name
+from spark_jobs.write_shards.tallies import TASK_ROW, per_target
 
 GiB = 1 << 30
 
@@ -87,9 +89,10 @@ def _fetch_rows(index_dir, copy_rows: pa.Table, spill_dir: str, chunk_rows: int)
     bad examples, tally)``."""
     task = F.FetchTask(column="image", bits=4, storage={}, spill_dir=spill_dir, spill_file_bytes=20_000,
                        sort_bytes=30_000, chunk_rows=chunk_rows)
-    out = list(F.fetch_partition(task)(iter(copy_rows.to_batches(max_chunksize=16))))
-    assert len(out) == 1
-    result = out[0].to_pylist()[0]
+    out = pa.Table.from_batches(list(F.fetch_partition(task)(iter(copy_rows.to_batches(max_chunksize=16)))))
+    task_rows = out.filter(pc.equal(out.column("target"), TASK_ROW))
+    assert task_rows.num_rows == 1
+    result = task_rows.to_pylist()[0]
     got = {}
     for row in pa.ipc.open_file(result["rows_path"]).read_all().to_pylist():
         with open(row["path"], "rb") as fh:
@@ -97,7 +100,9 @@ def _fetch_rows(index_dir, copy_rows: pa.Table, spill_dir: str, chunk_rows: int)
             image = fh.read(row["length"])
         got[(row["key"], row["copy"])] = (image, row["labels"], row["ext"], row["copies"], row["h"])
     bad = sorted(zip(result["bad_keys"], result["bad_reasons"], result["bad_copies"]))
-    return got, bad, list(zip(result["buckets"], result["counts"]))
+    per_bucket = per_target(task.layout, out.filter(pc.not_equal(out.column("target"), TASK_ROW)))[0]
+    assert set(result["bad_targets"]) <= {0}
+    return got, bad, [(int(b), int(per_bucket[b])) for b in np.flatnonzero(per_bucket)]
 
 
 def test_fetch_in_small_chunks_gives_the_same_rows(tmp_path):

@@ -190,7 +190,36 @@ def test_make_resample_orchestration_reuses_finished_stages(source_data, food_ta
     args.dedup = False
     plain = AR.plan(args, engines)
     assert plain.dedup is None and plain.set.resample.output != third["resample"]
+
+    # TARGET=mytarget,swapped: one pass per stage for both, each target's outputs identical to its own run's.
+    (configs / "targets" / "swapped.yaml").write_text(
+        f"name: swapped\nlayout: food101\nroot: {food_target.root}\nsplits: {{train: test, test: train}}\n")
+    both = AR.build_parser().parse_args(["--target", "mytarget,swapped", "--source", "mysource", "--size", "900",
+                                         "--matcher", "elastic", "--output", str(tmp_path / "both"),
+                                         "--samples-per-shard", "400", "--master", "local[2]"])
+    many = AR.run(both, engines)["targets"]
+    assert [m["target"] for m in many] == ["mytarget", "swapped"] and all(m["samples"] == 900 for m in many)
+    assert _tar_digests(many[0]["shards"]) == _tar_digests(first["shards"])
+    assert _selection(many[0]["resample"]) == _selection(first["resample"])
+    assert _selection(many[1]["resample"]) != _selection(first["resample"])  # the other target's own weights
+    assert many[1]["shards"].startswith(str(tmp_path / "both" / "swapped") + "/")
+    built = engines.built
+    assert [m["shards"] for m in AR.run(both, engines)["targets"]] == [m["shards"] for m in many]
+    assert engines.built == built  # the rerun reuses every stage of both targets
     engines.stop()
+
+
+def _tar_digests(manifest_path: str) -> dict:
+    import hashlib
+
+    folder = os.path.dirname(manifest_path)
+    return {f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest()
+            for f in sorted(os.listdir(folder)) if f.endswith(".tar")}
+
+
+def _selection(resample_dir: str) -> list:
+    table = pq.read_table(sio.join(resample_dir, "selection")).sort_by("key")
+    return list(zip(table.column("key").to_pylist(), table.column("copies").to_pylist()))
 
 
 def _identities(paths) -> dict:

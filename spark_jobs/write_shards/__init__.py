@@ -24,8 +24,10 @@ position // samples-per-shard is its shard. Nothing sorts the images:
    order of their first copy's placement hash (so where the job is small a
    writer's images lie together: fewer reads, whole ranges to release);
    its copies' rows (where each image is) go to a rows file, and it
-   returns one row: that file, its tally of good copies per bucket, its bad
-   examples with the reasons, its figures;
+   returns a row (that file, its bad examples with the reasons, its
+   figures) and its tally of good copies per bucket as dense blocks
+   (``tallies.py``: summed in Spark where tasks x buckets are many, so the
+   driver's memory does not grow with the tasks);
 2. **plan** (``placement.py``): the exact tallies give every bucket its
    first position; writer ``w`` takes whole shards, positions ``[w *
    per_writer, (w + 1) * per_writer)``;
@@ -51,8 +53,12 @@ through the output protocol), ``cli.py`` (the command line), ``footers.py``
 (facts from Parquet footers), ``spill_policy.py`` (where the spill goes, and
 why), ``context.py`` (what a run carries to its passes), ``passes.py`` (the
 Spark plan: fetch, checks, write), ``manifest.py``; the tasks ``fetch.py``
-and ``write.py``, ``spill.py`` (spill files, ranged reads) and
-``placement.py`` (pure numpy).
+and ``write.py``, ``source.py`` (reading the selected images out of the
+index, counted), ``tallies.py`` (the fetch tasks' tallies, summed in Spark
+where they are many), ``spill.py`` (spill files, ranged reads) and
+``placement.py`` (pure numpy). ``many.py`` (:class:`many.ManyShardJob`,
+``python -m spark_jobs.write_shards.many``): several targets' shards from
+one fetch pass, each byte-identical to its single-target run's.
 """
 
 from .cli import build_parser, main

@@ -2,14 +2,21 @@
 it, append the good ones to the task's spill files and emit a row per copy
 (where its image is), never the image bytes themselves.
 
-A fetch task's input: copy rows (``key, copy, h, weight, labels, file, row,
-uri``) sorted by (file, row, key, copy), a contiguous range of the index's
-files. It writes its good copies' rows (``ROWS_ARROW``: ``key, copy, h,
-labels, weight, ext``, where the image is: ``length`` bytes at ``offset``
-of spill file ``path``, and the example's ``copies``) to a rows file beside its spill, and
-returns one ``FETCHED_SCHEMA`` row: that file, its tally of good copies per
-bucket, its bad examples with the reasons, its peak resident memory, the
-image bytes it spilled and what it re-encoded.
+A fetch pass serves one or more targets (``many.py``): each copy row names
+its ``target`` (0 .. K-1), and an image selected by several targets is read,
+checked and spilled once. A fetch task's input: copy rows (``key, copy, h,
+weight, target, labels, file, row, uri``) sorted by (file, row, key, target,
+copy), a contiguous range of the index's files. It writes its good copies'
+rows (``ROWS_ARROW``: ``key, copy, h, labels, weight, ext``, where the image
+is: ``length`` bytes at ``offset`` of spill file ``path``, the
+example's ``copies`` in that target, and the ``target``) to a rows file beside its
+spill, and returns ``FETCHED_SCHEMA`` rows: one *task row* (that file, its
+bad examples with their target and reason, its peak resident memory, per
+target the image bytes spilled and what was re-encoded, the images and
+index bytes it read) and *tally rows*: per target, its good copies per
+bucket as dense blocks of ``TALLY_BLOCK`` buckets (blocks of zeros left
+out). ``tallies.combine_in_spark`` sums the tally rows in Spark, so the driver
+receives one block per target and block, whatever the number of tasks.
 """
 
 from __future__ import annotations
@@ -21,60 +28,64 @@ from typing import Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from schemas import io as sio
 from schemas.shard_format import decode_problem, image_extension, image_problem
 
 from ..reencode import reencode_image
 from ..session import inject_failure, task_attempt_id
-from .placement import bucket_of, concat_ranges, runs_of
-from .spill import PAGE, SpillWriter, no_space, peak_rss, reset_peak_rss, spread_name, with_retries, without_gc
+from .placement import concat_ranges
+from .source import IMAGE_BATCH_ROWS, NOT_IN_INDEX, ReadCounts, binary_views, fetched
+from .spill import PAGE, SpillWriter, no_space, peak_rss, reset_peak_rss, spread_name, without_gc
+from .tallies import TASK_ROW, TallyLayout, tally_batch
 
 __all__ = ["FetchTask", "fetch_partition", "FETCHED_SCHEMA", "ROWS_ARROW", "DUPLICATE", "NOT_IN_INDEX",
-           "IMAGE_BATCH_ROWS", "CHUNK_ROWS", "binary_views", "verdicts", "example_chunks"]
+           "IMAGE_BATCH_ROWS", "CHUNK_ROWS", "fetched_arrow_schema", "groups_of", "targets_of", "binary_views", "verdicts", "example_chunks"]
 
-#: Arrow batch size while images travel through Python (bytes, not rows, matter).
-IMAGE_BATCH_ROWS = 256
 #: Image bytes a fetch task gathers, then spills in the order of their placement hash.
 SORT_BYTES = 64 << 20
 #: Copy rows a fetch task holds at a time (~100 bytes each, besides its images).
 CHUNK_ROWS = 1 << 18
 #: The ``reason`` of a key the selection holds in more than one row (not a bad image).
 DUPLICATE = "in more than one selection row"
-#: The ``reason`` of a selected key the index does not hold.
-NOT_IN_INDEX = "not in the source index"
 
-#: A fetch task's row; ``error``: why it stopped (a write found no room), else null.
-FETCHED_SCHEMA = ("rows_path string, copies long, buckets array<int>, counts array<long>, "
+#: A fetch task's rows: one task row (``target`` = ``TASK_ROW``: its rows file, bad examples
+#: with their target, figures; per target ``target_bytes`` the image bytes it selected and
+#: ``reencoded`` (images, bytes before, after; K x 3, flat); the index images and bytes read;
+#: ``error``: why it stopped, a write that found no room, else null) and tally rows
+#: (``target, block, counts``: ``tallies.tally_batch``).
+FETCHED_SCHEMA = ("target int, block int, counts array<long>, rows_path string, copies long, "
                   "bad_keys array<string>, bad_reasons array<string>, bad_copies array<long>, "
-                  "task_rss long, task_spilled long, reencoded array<long>, error string")
+                  "bad_targets array<int>, task_rss long, task_spilled long, target_bytes array<long>, "
+                  "reencoded array<long>, read_images long, read_bytes long, error string")
 
-#: A good copy's row: the sample's fields and where its image is in the spill.
+#: A good copy's row: the sample's fields, where its image is in the spill, the
+#: copies of its example in its target and the target.
 ROWS_ARROW = pa.schema([("key", pa.string()), ("copy", pa.int32()), ("h", pa.int64()),
                         ("labels", pa.list_(pa.int32())), ("weight", pa.float64()), ("ext", pa.string()),
                         ("path", pa.string()), ("offset", pa.int64()), ("length", pa.int64()),
-                        ("copies", pa.int32())])
+                        ("copies", pa.int32()), ("target", pa.int32())])
 
 
 @dataclass(frozen=True)
 class FetchTask:
     """What every fetch task is given (the unit a test builds by hand).
 
-    ``bits``: bits of the placement hash that name its bucket; ``column``:
-    ``"image"`` (bytes in the index) or ``"uri"``; ``storage``:
-    fsspec options (``schemas.io.storage_config``); ``spill_dir``: where the
-    spill files go; ``spill_file_bytes``: a new spill file past this;
-    ``uri_prefixes``: where uris may be read (schemas.uri_policy);
-    ``reencode``: ``(max_side, quality)`` or None; ``decode``: fully decode
-    every image (``--decode-check``), not only check its structure;
-    ``sort_bytes``: images gathered before they are spilled in placement
-    order (memory; default ``SORT_BYTES``); ``chunk_rows``: copy rows a task
-    holds at a time (:func:`example_chunks`; default ``CHUNK_ROWS``).
+    ``bits``: bits of the placement hash that name a bucket, per target (an
+    int: one target); ``column``: ``"image"`` (bytes in the index) or
+    ``"uri"``; ``storage``: fsspec options (``schemas.io.storage_config``);
+    ``spill_dir``: where the spill files go; ``spill_file_bytes``: a new
+    spill file past this; ``uri_prefixes``: where uris may be read
+    (schemas.uri_policy); ``reencode``: ``(max_side, quality)`` or None;
+    ``decode``: fully decode every image (``--decode-check``), not only
+    check its structure; ``sort_bytes``: images gathered before they are
+    spilled in placement order (memory; default ``SORT_BYTES``);
+    ``chunk_rows``: copy rows a task holds at a time
+    (:func:`example_chunks`; default ``CHUNK_ROWS``).
     """
 
     column: str
-    bits: int
+    bits: int | tuple
     storage: dict
     spill_dir: str
     spill_file_bytes: int
@@ -84,16 +95,10 @@ class FetchTask:
     sort_bytes: int = SORT_BYTES
     chunk_rows: int = CHUNK_ROWS
 
-
-def binary_views(array: pa.Array) -> list:
-    """Zero-copy ``memoryview`` of each value of a binary Arrow array (a null
-    value gives whatever its offsets span, normally nothing)."""
-    if not len(array):
-        return []
-    data = memoryview(array.buffers()[2]) if array.buffers()[2] is not None else memoryview(b"")
-    width = np.int64 if array.type == pa.large_binary() else np.int32
-    bounds = np.frombuffer(array.buffers()[1], width)[array.offset:array.offset + len(array) + 1].tolist()
-    return [data[a:b] for a, b in zip(bounds, bounds[1:])]
+    @property
+    def layout(self) -> TallyLayout:
+        """The targets' buckets (:class:`tallies.TallyLayout`)."""
+        return TallyLayout(tuple(self.bits) if isinstance(self.bits, (tuple, list)) else (int(self.bits),))
 
 
 def verdicts(items: Sequence, views: Sequence, decode: bool = False) -> tuple[list, list]:
@@ -129,13 +134,32 @@ def examples_of(table: pa.Table) -> np.ndarray:
     return np.concatenate([[0], change, [n]]).astype(np.int64)
 
 
-def duplicated(table: pa.Table, bounds: np.ndarray) -> list[str]:
-    """Keys of the examples whose copy rows are not exactly 0, 1, ..., c-1:
-    the selection holds their key in more than one row."""
-    counts = np.diff(bounds)
-    expected = np.arange(table.num_rows) - np.repeat(bounds[:-1], counts)
-    wrong = np.repeat(np.arange(counts.size), counts)[table.column("copy").to_numpy() != expected]
-    return sorted(set(table.column("key").take(pa.array(bounds[:-1][np.unique(wrong)])).to_pylist()))
+def targets_of(table: pa.Table) -> np.ndarray:
+    """Each copy row's target (int64; 0 for rows without a ``target`` column)."""
+    if "target" not in table.column_names:
+        return np.zeros(table.num_rows, np.int64)
+    return pc.fill_null(table.column("target"), 0).to_numpy().astype(np.int64)
+
+
+def groups_of(table: pa.Table, bounds: np.ndarray) -> np.ndarray:
+    """Start of each (example, target) group of copy rows sorted by (file,
+    row, key, target, copy), plus the end: the example starts and where the
+    target changes within an example."""
+    targets = targets_of(table)
+    change = np.flatnonzero(targets[1:] != targets[:-1]) + 1
+    return np.union1d(bounds, change).astype(np.int64)
+
+
+def duplicated(table: pa.Table, groups: np.ndarray) -> list[tuple[str, int]]:
+    """``(key, target)`` of the groups (:func:`groups_of`) whose copy rows are
+    not exactly 0, 1, ..., c-1: that target's selection holds the key in
+    more than one row."""
+    counts = np.diff(groups)
+    expected = np.arange(table.num_rows) - np.repeat(groups[:-1], counts)
+    wrong = np.unique(np.repeat(np.arange(counts.size), counts)[table.column("copy").to_numpy() != expected])
+    at = groups[:-1][wrong]
+    keys = table.column("key").take(pa.array(at)).to_pylist()
+    return sorted(set(zip(keys, targets_of(table)[at].tolist())))
 
 
 def example_chunks(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:
@@ -164,136 +188,13 @@ def example_chunks(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.
         yield pa.Table.from_batches(pending).combine_chunks()
 
 
-def _read_inline(path: str, rows: np.ndarray) -> Iterator[tuple[np.ndarray, pa.Array]]:
-    """``(positions into rows, image cells as an Arrow array)`` of one Parquet
-    file, row group by row group in file order (sequential reads, only the
-    groups needed; a transient error reopens the file and retries)."""
-    fs, p = sio.filesystem(path)
-    state: dict = {}
-
-    def opened() -> pq.ParquetFile:
-        try:
-            if "file" not in state:
-                state["handle"] = fs.open(p, "rb")
-                state["file"] = pq.ParquetFile(state["handle"])
-            return state["file"]
-        except Exception:
-            _close(state)
-            raise
-
-    def group(g: int) -> pa.ChunkedArray:
-        def attempt():
-            try:
-                return opened().read_row_group(g, columns=["image"]).column("image")
-            except Exception:
-                _close(state)
-                raise
-        return with_retries(attempt)
-
-    try:
-        pf = with_retries(opened)
-        bounds = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
-        group_of = np.searchsorted(bounds, rows, side="right") - 1
-        order = np.argsort(rows, kind="stable")
-        for g in np.unique(group_of):
-            members = order[group_of[order] == g]
-            col = group(int(g))
-            wanted = rows[members] - bounds[g]
-            if wanted.size == len(col) and np.array_equal(wanted, np.arange(wanted.size)):
-                images = col.combine_chunks()  # the whole group, in order: no copy
-            else:
-                images = col.take(pa.array(wanted)).combine_chunks()
-            for s in range(0, len(members), IMAGE_BATCH_ROWS):
-                yield members[s:s + IMAGE_BATCH_ROWS], images.slice(s, IMAGE_BATCH_ROWS)
-    finally:
-        _close(state)
-
-
-def _close(state: dict) -> None:
-    handle = state.pop("handle", None)
-    state.pop("file", None)
-    if handle is not None:
-        try:
-            handle.close()
-        except Exception:  # noqa: BLE001 - closing a broken handle
-            pass
-
-
-def fetched(table: pa.Table, bounds: np.ndarray, column: str,
-            uri_prefixes: Sequence[str] = ()) -> Iterator[tuple[np.ndarray, list, pa.Array]]:
-    """Read the images of copy rows sorted by (file, row, key, copy)
-    (examples start at ``bounds``), once per example and in source order (per
-    file, by row, only the row groups needed; per ``uri``, sorted), as
-    ``(examples, items, images)`` batches (first the examples the index
-    lacks, with ``NOT_IN_INDEX``): ``examples`` index the examples, ``items``
-    say why an image could not be read (a string) or anything else when
-    ``images`` (an Arrow binary array) holds its bytes. A ``uri`` is read only
-    when it lies under one of ``uri_prefixes`` (schemas.uri_policy), and then
-    in the normal form checked; one outside is a bad example, the policy's
-    verdict its reason. Transient read errors are retried
-    (:func:`spill.with_retries`) before an image is counted unreadable."""
-    first = bounds[:-1]
-    file_col = table.column("file").take(pa.array(first))
-    missing = pc.is_null(file_col).to_numpy(zero_copy_only=False)
-    for s in range(0, int(missing.sum()), IMAGE_BATCH_ROWS):
-        examples = np.flatnonzero(missing)[s:s + IMAGE_BATCH_ROWS]
-        yield examples, [NOT_IN_INDEX] * len(examples), pa.nulls(len(examples), pa.binary())
-    present = np.flatnonzero(~missing)
-    if column == "image":
-        yield from _inline_batches(table, first, present, file_col.take(pa.array(present)))
-    else:
-        yield from _uri_batches(table.column("uri").take(pa.array(first)), present, uri_prefixes)
-
-
-def _inline_batches(table: pa.Table, first: np.ndarray, present: np.ndarray,
-                    files: pa.ChunkedArray) -> Iterator[tuple[np.ndarray, list, pa.Array]]:
-    """:func:`fetched`'s batches of an inline index: the ``present``
-    examples (their first rows at ``first[present]``, in ``files``, sorted by
-    file), file by file, by row."""
-    codes = pc.dictionary_encode(files).combine_chunks().indices.to_numpy(zero_copy_only=False)
-    rows = pc.fill_null(table.column("row"), -1).to_numpy()[first][present]
-    for start, end in zip(*runs_of(codes)):  # the examples of one file (sorted by file)
-        for examples, images in _read_inline(files[int(start)].as_py(), rows[start:end]):
-            items = pc.is_null(images).to_pylist()
-            yield present[examples + start], [None if null else True for null in items], images
-
-
-def _uri_batches(column: pa.ChunkedArray, present: np.ndarray,
-                 uri_prefixes: Sequence[str]) -> Iterator[tuple[np.ndarray, list, pa.Array]]:
-    """:func:`fetched`'s batches of a ``uri`` index: the ``present`` examples
-    (``column``: each example's uri) by uri, each read only where the policy
-    allows it."""
-    from schemas.uri_policy import check_uris, read_target
-
-    by_uri = pc.sort_indices(pa.table({"uri": pc.fill_null(column.take(pa.array(present)), ""),
-                                       "at": pa.array(present)}),
-                             sort_keys=[("uri", "ascending"), ("at", "ascending")])
-    order = present[by_uri.to_numpy()].tolist()  # by uri (none first), then position
-    uris = column.to_pylist()
-    for s in range(0, len(order), IMAGE_BATCH_ROWS):
-        chunk = order[s:s + IMAGE_BATCH_ROWS]
-        images = []
-        for i, verdict in zip(chunk, check_uris(uri_prefixes, [uris[i] for i in chunk])):
-            try:
-                if not uris[i]:
-                    raise ValueError("no uri")
-                if verdict.reason is not None:  # not fetched: a bad example, like an unreadable one
-                    images.append(verdict.reason)
-                    continue
-                images.append(with_retries(lambda target=verdict.target: read_target(target, uri_prefixes)))
-            except Exception as e:  # noqa: BLE001 - a missing image is counted, not fatal
-                images.append(f"unreadable uri {uris[i]!r}: {type(e).__name__}: {e}"[:300])
-        data = pa.array([x if isinstance(x, bytes) else None for x in images], pa.binary())
-        yield np.asarray(chunk, np.int64), [x if isinstance(x, str) else True for x in images], data
-
-
-def reencoded(items: list, views: list, max_side: int, quality: int, totals: np.ndarray) -> tuple[list, list]:
-    """``(items, views)`` of a fetched batch with every image whose longer
-    side exceeds ``max_side`` replaced by :func:`spark_jobs.reencode.reencode_image`, the
-    others left as they are, bytes and all. An image whose size cannot be
-    read or that cannot be decoded gets the reason as its item (a bad
-    example). Adds (images re-encoded, bytes before, after) to ``totals``."""
-    items, views = list(items), list(views)
+def reencoded(items: list, views: list, max_side: int, quality: int) -> tuple[list, list, list]:
+    """``(items, views, changed)`` of a fetched batch with every image whose
+    longer side exceeds ``max_side`` replaced by :func:`spark_jobs.reencode.reencode_image`, the
+    others left as they are, bytes and all; ``changed``: ``(i, bytes before,
+    after)`` of each image re-encoded. An image whose size cannot be read or
+    that cannot be decoded gets the reason as its item (a bad example)."""
+    items, views, changed = list(items), list(views), []
     for i, item in enumerate(items):
         if item is None or isinstance(item, str):
             continue  # already bad
@@ -303,9 +204,9 @@ def reencoded(items: list, views: list, max_side: int, quality: int, totals: np.
             items[i] = f"cannot be re-encoded for --max-side {max_side}: {type(e).__name__}: {e}"[:300]
             continue
         if data is not None:
-            totals += (1, len(views[i]), len(data))
+            changed.append((i, len(views[i]), len(data)))
             views[i] = memoryview(data)
-    return items, views
+    return items, views, changed
 
 
 class _Gathered:
@@ -320,8 +221,9 @@ class _Gathered:
         self.parts: list = []
         self.bytes = 0
 
-    def add(self, views: list, carried: pa.Table, ext: pa.Array, owner: np.ndarray, copies: np.ndarray) -> None:
-        self.parts.append((carried, ext, owner + len(self.views), copies))
+    def add(self, views: list, carried: pa.Table, ext: pa.Array, owner: np.ndarray, copies: np.ndarray,
+            targets: np.ndarray) -> None:
+        self.parts.append((carried, ext, owner + len(self.views), copies, targets))
         self.views += views
         self.bytes += sum(len(v) for v in views)
 
@@ -337,25 +239,36 @@ class _Gathered:
         offsets = np.empty(len(self.views), np.int64)
         offsets[order] = placed
         lengths = np.fromiter((len(v) for v in self.views), np.int64, len(self.views))
-        for carried, ext, own, copies in self.parts:
+        for carried, ext, own, copies, targets in self.parts:
             out.write_batch(pa.RecordBatch.from_arrays(
                 [*(c.combine_chunks() for c in carried.columns), ext, pa.array([path] * len(own), pa.string()),
                  pa.array(offsets[own], pa.int64()), pa.array(lengths[own], pa.int64()),
-                 pa.array(copies, pa.int32())], schema=ROWS_ARROW))
+                 pa.array(copies, pa.int32()), pa.array(targets, pa.int32())], schema=ROWS_ARROW))
         self.views, self.parts, self.bytes = [], [], 0
 
 
 @dataclass
 class _Tally:
-    """What a fetch task counts as it goes: good copies per bucket, the
-    images re-encoded (images, bytes before, after), the bad examples
-    ``(key, reason, copies)``, and whether a key was in two selection rows
-    (the driver then refuses the selection, so nothing more is read)."""
+    """What a fetch task counts as it goes: good copies per bucket of every
+    target (``layout``'s flat vector), per target the image bytes it
+    selected and the images re-encoded (images, bytes before, after), the
+    bad examples ``(key, reason, copies, target)``, what was read from the
+    index, and whether a key was in two selection rows of a lone target (the
+    driver then refuses the selection, so nothing more is read)."""
 
-    buckets: np.ndarray
-    reencoded: np.ndarray = field(default_factory=lambda: np.zeros(3, np.int64))
+    layout: TallyLayout
+    flat: np.ndarray = None
+    target_bytes: np.ndarray = None
+    reencoded: np.ndarray = None
     bad: list = field(default_factory=list)
+    reads: ReadCounts = field(default_factory=ReadCounts)
     refused: bool = False
+
+    def __post_init__(self) -> None:
+        k = len(self.layout.bits)
+        self.flat = np.zeros(self.layout.size, np.int64)
+        self.target_bytes = np.zeros(k, np.int64)
+        self.reencoded = np.zeros((k, 3), np.int64)
 
 
 class _Output:
@@ -385,48 +298,82 @@ class _Output:
                 pass
 
 
-def _take(task: FetchTask, table: pa.Table, bounds: np.ndarray, batch: tuple, tally: _Tally,
-          gathered: _Gathered) -> None:
-    """One fetched batch ``(examples, items, images)`` of ``table`` (examples
-    start at ``bounds``): re-encoded where asked, checked; the bad examples
-    tallied with their reason, the good ones' images and copy rows gathered
-    and their copies counted per bucket."""
+@dataclass(frozen=True)
+class _Chunk:
+    """A table of whole examples' copy rows with its ``bounds`` (example
+    starts), ``groups`` (:func:`groups_of`) and each example's first group."""
+
+    table: pa.Table
+    bounds: np.ndarray
+    groups: np.ndarray
+    targets: np.ndarray  # each row's target
+    first_group: np.ndarray  # each example's first group, then the number of groups
+
+    @classmethod
+    def of(cls, table: pa.Table) -> "_Chunk":
+        bounds = examples_of(table)
+        groups = groups_of(table, bounds)
+        return cls(table=table, bounds=bounds, groups=groups, targets=targets_of(table),
+                   first_group=np.searchsorted(groups, bounds).astype(np.int64))
+
+
+def _take(task: FetchTask, chunk: _Chunk, batch: tuple, tally: _Tally, gathered: _Gathered) -> None:
+    """One fetched batch ``(examples, items, images)`` of a chunk:
+    re-encoded where asked, checked; the bad examples tallied per target with
+    their reason, the good ones' images and copy rows gathered and their
+    copies counted per bucket of their target."""
     examples, items, images = batch
+    table, bounds, groups = chunk.table, chunk.bounds, chunk.groups
     views = binary_views(images)
+    changed = []
     if task.reencode is not None:
-        items, views = reencoded(items, views, *task.reencode, tally.reencoded)
+        items, views, changed = reencoded(items, views, *task.reencode)
     exts, reasons = verdicts(items, views, task.decode)
-    counts = bounds[examples + 1] - bounds[examples]
+    targets, first_group = chunk.targets, chunk.first_group
     ok = np.array([e is not None for e in exts], bool)
     keys = table.column("key")
     for i in np.flatnonzero(~ok).tolist():
-        tally.bad.append((keys[int(bounds[examples[i]])].as_py(), reasons[i], int(counts[i])))
+        e = examples[i]
+        for g in range(first_group[e], first_group[e + 1]):
+            tally.bad.append((keys[int(bounds[e])].as_py(), reasons[i], int(groups[g + 1] - groups[g]),
+                              int(targets[groups[g]])))
+    for i, before, after in changed:  # per target that selected the image
+        gs = np.arange(first_group[examples[i]], first_group[examples[i] + 1])
+        np.add.at(tally.reencoded, targets[groups[gs]], np.array([1, before, after], np.int64))
     good = np.flatnonzero(ok)
     if not good.size:
         return
-    rows = concat_ranges(bounds[examples[good]], counts[good])
-    owner = np.repeat(np.arange(good.size), counts[good])
+    counts = bounds[examples[good] + 1] - bounds[examples[good]]
+    rows = concat_ranges(bounds[examples[good]], counts)
+    owner = np.repeat(np.arange(good.size), counts)
+    group = np.searchsorted(groups, rows, side="right") - 1
     carried = table.select(["key", "copy", "h", "labels", "weight"]).take(pa.array(rows))
     ext = pa.array([exts[i] for i in good.tolist()], pa.string()).take(pa.array(owner))
-    gathered.add([views[i] for i in good.tolist()], carried, ext, owner, counts[good][owner])
-    tally.buckets += np.bincount(bucket_of(carried.column("h").to_numpy(), task.bits), minlength=tally.buckets.size)
+    gathered.add([views[i] for i in good.tolist()], carried, ext, owner, np.diff(groups)[group], targets[rows])
+    lengths = np.fromiter((len(views[i]) for i in good.tolist()), np.int64, good.size)
+    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])  # each good (example, target) once
+    np.add.at(tally.target_bytes, targets[rows[starts]], lengths[owner[starts]])
+    flat = task.layout.flat(targets[rows], carried.column("h").to_numpy())
+    tally.flat += np.bincount(flat, minlength=tally.flat.size)
 
 
 def _fetch_chunks(task: FetchTask, tables: Iterator[pa.Table], out: _Output) -> _Tally:
     """Read, check and spill the images of a task's copy rows (tables of
     whole examples, :func:`example_chunks`), ``task.sort_bytes`` of images
     at a time, in the order of their placement hash; returns the tally."""
-    tally = _Tally(buckets=np.zeros(1 << task.bits, np.int64))
+    tally = _Tally(layout=task.layout)
     gathered = _Gathered()
+    lone = len(task.layout.bits) == 1
     for table in tables:
-        bounds = examples_of(table)
-        dup = duplicated(table, bounds)
-        tally.bad.extend((key, DUPLICATE, 0) for key in dup)
-        tally.refused = tally.refused or bool(dup)
+        chunk = _Chunk.of(table)
+        bounds = chunk.bounds
+        dup = duplicated(table, chunk.groups)
+        tally.bad.extend((key, DUPLICATE, 0, t) for key, t in dup)
+        tally.refused = tally.refused or (lone and bool(dup))
         if tally.refused:
             continue
-        for batch in fetched(table, bounds, task.column, task.uri_prefixes):
-            _take(task, table, bounds, batch, tally, gathered)
+        for batch in fetched(table, bounds, task.column, task.uri_prefixes, tally.reads):
+            _take(task, chunk, batch, tally, gathered)
             if gathered.bytes >= task.sort_bytes:
                 gathered.flush(out.spill, out.rows)
     if not tally.refused:  # refused: no more (earlier chunks' spill goes with the job's)
@@ -434,31 +381,44 @@ def _fetch_chunks(task: FetchTask, tables: Iterator[pa.Table], out: _Output) -> 
     return tally
 
 
-#: A fetch task's row (``FETCHED_SCHEMA``) in Arrow.
-_FETCHED_ARROW = pa.schema([("rows_path", pa.string()), ("copies", pa.int64()), ("buckets", pa.list_(pa.int32())),
-                            ("counts", pa.list_(pa.int64())), ("bad_keys", pa.list_(pa.string())),
-                            ("bad_reasons", pa.list_(pa.string())), ("bad_copies", pa.list_(pa.int64())),
-                            ("task_rss", pa.int64()), ("task_spilled", pa.int64()),
-                            ("reencoded", pa.list_(pa.int64())), ("error", pa.string())])
+#: ``FETCHED_SCHEMA`` in Arrow.
+_FETCHED_ARROW = pa.schema([
+    ("target", pa.int32()), ("block", pa.int32()), ("counts", pa.list_(pa.int64())), ("rows_path", pa.string()),
+    ("copies", pa.int64()), ("bad_keys", pa.list_(pa.string())), ("bad_reasons", pa.list_(pa.string())),
+    ("bad_copies", pa.list_(pa.int64())), ("bad_targets", pa.list_(pa.int32())), ("task_rss", pa.int64()),
+    ("task_spilled", pa.int64()), ("target_bytes", pa.list_(pa.int64())), ("reencoded", pa.list_(pa.int64())),
+    ("read_images", pa.int64()), ("read_bytes", pa.int64()), ("error", pa.string())])
 
 
-def _fetched_row(out: _Output, tally: _Tally) -> pa.RecordBatch:
-    used = np.flatnonzero(tally.buckets)
+def fetched_arrow_schema() -> pa.Schema:
+    """``FETCHED_SCHEMA`` in Arrow."""
+    return _FETCHED_ARROW
+
+
+def _task_row(schema: pa.Schema, **values) -> pa.RecordBatch:
+    """A fetch task's own row (``target`` = ``TASK_ROW``), the fields not given null."""
+    values = {"target": TASK_ROW, "block": 0, **values}
+    return pa.RecordBatch.from_pylist([values], schema=schema)
+
+
+def _fetched_rows(out: _Output, tally: _Tally, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
     bad = tally.bad
-    return pa.RecordBatch.from_pylist(
-        [{"rows_path": out.rows_path, "copies": int(tally.buckets.sum()), "buckets": used.tolist(),
-          "counts": tally.buckets[used].tolist(), "bad_keys": [b[0] for b in bad],
-          "bad_reasons": [b[1] for b in bad], "bad_copies": [b[2] for b in bad], "task_rss": peak_rss(),
-          "task_spilled": out.spill.written, "reencoded": tally.reencoded.tolist(), "error": None}],
-        schema=_FETCHED_ARROW)
+    yield _task_row(schema, rows_path=out.rows_path, copies=int(tally.flat.sum()),
+                    bad_keys=[b[0] for b in bad], bad_reasons=[b[1] for b in bad], bad_copies=[b[2] for b in bad],
+                    bad_targets=[b[3] for b in bad], task_rss=peak_rss(), task_spilled=out.spill.written,
+                    target_bytes=tally.target_bytes.tolist(), reencoded=tally.reencoded.ravel().tolist(),
+                    read_images=tally.reads.images, read_bytes=tally.reads.bytes)
+    yield tally_batch(tally.layout, tally.flat, schema)
 
 
 def fetch_partition(task: FetchTask):
     """mapInArrow, the fetch pass (module doc): copy rows of a contiguous
-    range of index files -> one ``FETCHED_SCHEMA`` row. The spill and rows
-    files are unique to the attempt; only those of a successful attempt are
-    reported. A write that finds no room (``spill.no_space``) is reported in
-    the row's ``error`` (the driver stops the job with it), not raised."""
+    range of index files -> ``FETCHED_SCHEMA`` rows (a task row, tally
+    rows). The spill and rows files are unique to the attempt; only those
+    of a successful attempt are reported. A write that finds no room
+    (``spill.no_space``) is reported in the task row's ``error`` (the
+    driver stops the job with it), not raised."""
+    schema = fetched_arrow_schema()
 
     @without_gc
     def fetch(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -479,9 +439,9 @@ def fetch_partition(task: FetchTask):
                 raise
             if out is not None:
                 out.abandon()
-            yield pa.RecordBatch.from_pylist([{"error": report}], schema=_FETCHED_ARROW)
+            yield _task_row(schema, error=report)
             return
         inject_failure("spill")  # after the spill is written: it must be ignored
-        yield _fetched_row(out, tally)
+        yield from _fetched_rows(out, tally, schema)
 
     return fetch

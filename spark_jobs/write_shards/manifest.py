@@ -108,6 +108,7 @@ def write_manifest(ctx: ShardContext, work: str, plan: PassPlan, facts: FetchFac
                "tasks": {"fetch": plan.fetch_tasks, "writers": written.writers,
                          "shards_per_writer": written.per_writer // job.samples_per_shard,
                          "fetch_peak_rss_max": max(facts.fetch_rss or [0]), **writer_figures(by_shard)},
+               "index_read": facts.index_read,
                "seconds": round(time.time() - ctx.started, 2), "timings": ctx.stages.timings})
     sio.write_bytes_atomic(sio.join(work, "manifest.json"), manifest.to_json())
     return manifest

@@ -22,13 +22,15 @@ from schemas import io as sio
 
 from ..session import observed_metrics, set_confs
 from .context import ShardContext
-from .fetch import DUPLICATE, FETCHED_SCHEMA, IMAGE_BATCH_ROWS, FetchTask, fetch_partition
+from .fetch import DUPLICATE, FETCHED_SCHEMA, IMAGE_BATCH_ROWS, FetchTask, fetch_partition, fetched_arrow_schema
 from .manifest import write_manifest
-from .placement import bucket_bits, bucket_starts, bucket_writers, contiguous_groups, partition_keys, shards_per_writer
+from .placement import bucket_bits, bucket_writers, contiguous_groups, partition_keys, shards_per_writer
 from .spill_policy import no_space_message, spill_directory
+from .tallies import TASK_ROW, combine_in_spark, per_target, sums_on_driver
 from .write import ROUTED_SCHEMA, TEMPORARY, WRITTEN_SCHEMA, RouteTask, WriteTask, route_partition, write_partition
 
-__all__ = ["build_shards", "PassPlan", "FetchFacts", "Tally", "Written", "spark_file_path", "FETCH_TASKS_PER_CORE",
+__all__ = ["build_shards", "fetch_pass", "write_target", "fetch_tasks_of", "pass_confs", "PassPlan", "FetchFacts",
+           "Fetched", "Tally", "Written", "spark_file_path", "FETCH_TASKS_PER_CORE",
            "WRITERS_PER_CORE", "BROADCAST_INDEX_ROWS", "BROADCAST_INDEX_FILES"]
 
 #: Fetch tasks per core; each reads a contiguous range of the index's files.
@@ -44,24 +46,40 @@ BROADCAST_INDEX_FILES = 256
 
 @dataclass(frozen=True)
 class PassPlan:
-    """How the passes are cut: ``spill_dir`` (this run's spill), ``bits``
-    (bits of the placement hash that name a bucket) and ``fetch_tasks``."""
+    """How one target's passes are cut: ``spill_dir`` (the fetch pass's
+    spill), ``bits`` (bits of the placement hash that name a bucket),
+    ``fetch_tasks``, ``target`` (its number in the fetch pass) and
+    ``release`` (writers may release the spill's pages: a lone target)."""
 
     spill_dir: str
     bits: int
     fetch_tasks: int
+    target: int = 0
+    release: bool = True
 
 
 @dataclass
 class FetchFacts:
-    """What the fetch pass found (on the driver: per bucket, per bad example, per task)."""
+    """What the fetch pass found for one target (on the driver: per bucket, per bad example, per task)."""
 
     starts: np.ndarray  # each bucket's first position, then the total
     bad: list  # (key, reason, copies), by key
     reencoded: np.ndarray  # images, bytes before, after
-    spilled: int  # image bytes in the spill
+    spilled: int  # image bytes in the spill (several targets: the bytes of this target's images)
     fetch_rss: list  # peak resident memory of each fetch task, bytes
     rows_paths: list  # each fetch task's rows file
+    index_read: dict  # what the whole fetch pass read from the index: images, bytes
+
+
+@dataclass
+class Fetched:
+    """The fetch pass over one or more targets: each target's
+    :class:`PassPlan`, :class:`FetchFacts` and selection counts (``rows,
+    copies, min_copies``)."""
+
+    plans: list
+    facts: list
+    counts: list
 
 
 @dataclass(frozen=True)
@@ -93,39 +111,49 @@ def spark_file_path(uri: str) -> str:
     return f"{scheme}:/{rest}" if sep and "/" not in scheme else uri
 
 
+def fetch_tasks_of(ctx: ShardContext) -> int:
+    """Fetch tasks: ``--fetch-tasks`` or ``FETCH_TASKS_PER_CORE`` per core, at most one per index file."""
+    return max(1, min(len(ctx.inputs.files),
+                      ctx.job.fetch_tasks or FETCH_TASKS_PER_CORE * ctx.spark.sparkContext.defaultParallelism))
+
+
+def pass_confs(spark, tasks: int):
+    """Set the confs of the passes; returns the function that restores them.
+    Arrow batches of images; the index is scanned for keys and labels only,
+    so split it by count (one split per fetch task), not by file bytes that
+    are mostly the images this scan skips."""
+    return set_confs(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(IMAGE_BATCH_ROWS),
+                             "spark.sql.files.maxPartitionBytes": str(1 << 50),
+                             "spark.sql.files.minPartitionNum": str(tasks)})
+
+
 def build_shards(ctx: ShardContext, work: str) -> Manifest:
     """Fetch, spill (where ``ctx.spill`` says) and write the shards and the
     manifest into ``work``; returns the manifest."""
-    job, spark = ctx.job, ctx.spark
     if ctx.spill.note:
         print(ctx.spill.note, file=sys.stderr)
-    selected = ctx.inputs.selected
-    tasks = max(1, min(len(ctx.inputs.files),
-                       job.fetch_tasks or FETCH_TASKS_PER_CORE * spark.sparkContext.defaultParallelism))
-    # Arrow batches of images; the index is scanned for keys and labels only,
-    # so split it by count (one split per fetch task), not by file bytes that
-    # are mostly the images this scan skips.
-    restore_confs = set_confs(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(IMAGE_BATCH_ROWS),
-                                      "spark.sql.files.maxPartitionBytes": str(1 << 50),
-                                      "spark.sql.files.minPartitionNum": str(tasks)})
+    tasks = fetch_tasks_of(ctx)
+    restore_confs = pass_confs(ctx.spark, tasks)
     try:
-        with spill_directory(ctx.spill.location, job.spill_dir, work) as spill_dir:
-            plan = PassPlan(spill_dir=spill_dir, fetch_tasks=tasks,
-                            bits=bucket_bits(selected.copies if selected is not None else 0, job.samples_per_shard))
-            fetched, observed, measures = _fetch(ctx, plan)
-            _refuse_errors(ctx, fetched.column("error").to_pylist(), plan)
-            facts = _fetch_facts(fetched, plan.bits)
-            # No metrics come back when nothing was selected: then count directly.
-            tally = _check_fetched(ctx, facts, observed_metrics(observed)
-                                   or ctx.inputs.selection.agg(*measures).first())
-            ctx.stages.lap("fetch")
-            written = _write(ctx, plan, work, facts, tally.total)
-            _refuse_errors(ctx, written.rows.column("error").to_pylist(), plan)
-            ctx.stages.lap("write")
+        with spill_directory(ctx.spill.location, ctx.job.spill_dir, work) as spill_dir:
+            done = fetch_pass([ctx], spill_dir, tasks)
+            plan, facts = done.plans[0], done.facts[0]
+            tally, written = write_target(ctx, plan, facts, done.counts[0], work)
     finally:
         restore_confs()
     sio.remove_tree(sio.join(work, TEMPORARY))
     return write_manifest(ctx, work, plan, facts, tally, written)
+
+
+def write_target(ctx: ShardContext, plan: PassPlan, facts: FetchFacts, counts, work: str) -> tuple[Tally, Written]:
+    """One target after the fetch pass: its tallies and bad examples checked
+    against its selection, its shards written into ``work``."""
+    tally = _check_fetched(ctx, facts, counts)
+    ctx.stages.lap("fetch")
+    written = _write(ctx, plan, work, facts, tally.total)
+    _refuse_errors(ctx, written.rows.column("error").to_pylist(), plan)
+    ctx.stages.lap("write")
+    return tally, written
 
 
 def _refuse_errors(ctx: ShardContext, errors: list, plan: PassPlan) -> None:
@@ -137,57 +165,88 @@ def _refuse_errors(ctx: ShardContext, errors: list, plan: PassPlan) -> None:
         raise ValueError(no_space_message(reported[0], ctx.job, ctx.spill.location if in_spill else "output"))
 
 
-def _fetch(ctx: ShardContext, plan: PassPlan):
-    """The fetch pass: its ``FETCHED_SCHEMA`` rows (an Arrow table, a row per
-    fetch task), the Observation of the selection's facts and its measures."""
+def _copies(ctx: ShardContext, target: int, observed, measures):
+    """A target's copy rows ``key, weight, copy, h, target`` (its selection observed)."""
+    from pyspark.sql import functions as F
+
+    asked = F.coalesce(F.col("copies"), F.lit(0))
+    return (ctx.inputs.selection.observe(observed, *measures)
+            .where(asked > 0)
+            .select("key", "weight", F.explode(F.sequence(F.lit(0), F.col("copies") - 1)).alias("copy"))
+            .withColumn("h", F.xxhash64(F.col("key"), F.col("copy"), F.lit(ctx.job.seed).cast("long")))
+            .withColumn("target", F.lit(target).cast("int")))
+
+
+def fetch_pass(ctxs: list, spill_dir: str, tasks: int) -> Fetched:
+    """The fetch pass of one or more targets over the same index (``ctxs``,
+    their inputs checked): each selected image read and spilled once,
+    however many targets selected it; the tasks' tally rows summed
+    (``tallies``); each target's facts and selection counts."""
     from pyspark.sql import Observation
     from pyspark.sql import functions as F
 
-    job, files = ctx.job, ctx.inputs.files
+    first, spark = ctxs[0], ctxs[0].spark
+    files = first.inputs.files
     # Each fetch task takes a contiguous range of about as many files as the
     # others (rows of a file the table misses, if any, are spread by hash).
-    task_keys = np.asarray(partition_keys(plan.fetch_tasks))[contiguous_groups(len(files), plan.fetch_tasks)].tolist()
+    task_keys = np.asarray(partition_keys(tasks))[contiguous_groups(len(files), tasks)].tolist()
     # From Arrow: a local relation, which needs no Spark job (a list of rows would).
-    task_of_file = ctx.spark.createDataFrame(pa.table({
+    task_of_file = spark.createDataFrame(pa.table({
         "file": pa.array([spark_file_path(f) for f in files], pa.string()),
         "task": pa.array(task_keys, pa.int32())}))
-    observed = Observation("selection")
     asked = F.coalesce(F.col("copies"), F.lit(0))
     measures = [F.count(F.lit(1)).alias("rows"),
                 F.sum(F.greatest(asked, F.lit(0)).cast("long")).alias("copies"), F.min(asked).alias("min_copies")]
-    copies = (ctx.inputs.selection.observe(observed, *measures)
-              .where(asked > 0)
-              .select("key", "weight", F.explode(F.sequence(F.lit(0), F.col("copies") - 1)).alias("copy"))
-              .withColumn("h", F.xxhash64(F.col("key"), F.col("copy"), F.lit(job.seed).cast("long"))))
-    task = FetchTask(column=ctx.inputs.column, bits=plan.bits, storage=sio.storage_config(),
-                     spill_dir=plan.spill_dir, spill_file_bytes=job.run_bytes, uri_prefixes=tuple(job.uri_prefixes),
-                     reencode=job.reencode, decode=job.decode_check)
-    small = ctx.inputs.index_rows is not None and ctx.inputs.index_rows <= BROADCAST_INDEX_ROWS
-    located = ctx.inputs.located
+    observed = [Observation(f"selection{t}") for t in range(len(ctxs))]
+    copies = _copies(first, 0, observed[0], measures)
+    for t, ctx in enumerate(ctxs[1:], 1):
+        copies = copies.unionByName(_copies(ctx, t, observed[t], measures))
+    bits = tuple(bucket_bits(c.inputs.selected.copies if c.inputs.selected is not None else 0,
+                             c.job.samples_per_shard) for c in ctxs)
+    job = first.job
+    task = FetchTask(column=first.inputs.column, bits=bits, storage=sio.storage_config(), spill_dir=spill_dir,
+                     spill_file_bytes=job.run_bytes, uri_prefixes=tuple(job.uri_prefixes), reencode=job.reencode,
+                     decode=job.decode_check)
+    small = first.inputs.index_rows is not None and first.inputs.index_rows <= BROADCAST_INDEX_ROWS
+    located = first.inputs.located
     fetched = (copies.join(F.broadcast(located) if small else located, on="key", how="left")
                .join(F.broadcast(task_of_file), on="file", how="left")
-               .repartition(plan.fetch_tasks, F.coalesce(F.col("task"), F.hash("file")))
-               .drop("task").sortWithinPartitions("file", "row", "key", "copy")
-               .mapInArrow(fetch_partition(task), FETCHED_SCHEMA)
-               .toArrow())  # a row per fetch task: small
-    return fetched, observed, measures
+               .repartition(tasks, F.coalesce(F.col("task"), F.hash("file")))
+               .drop("task").sortWithinPartitions("file", "row", "key", "target", "copy")
+               .mapInArrow(fetch_partition(task), FETCHED_SCHEMA))
+    if not sums_on_driver(tasks, task.layout):  # tasks x buckets too many for the driver: sum in Spark
+        fetched = combine_in_spark(fetched, fetched_arrow_schema(), FETCHED_SCHEMA)
+    rows = fetched.toArrow()  # task rows, and a row per target and block of buckets
+    is_task = pc.equal(rows.column("target"), TASK_ROW)
+    task_rows = rows.filter(is_task)
+    for ctx in ctxs:
+        _refuse_errors(ctx, task_rows.column("error").to_pylist(), PassPlan(spill_dir, 0, tasks))
+    per_bucket = per_target(task.layout, rows.filter(pc.invert(is_task)))
+    plans = [PassPlan(spill_dir=spill_dir, bits=b, fetch_tasks=tasks, target=t, release=len(ctxs) == 1)
+             for t, b in enumerate(bits)]
+    facts = [_fetch_facts(task_rows, per_bucket[t], t, len(ctxs)) for t in range(len(ctxs))]
+    counts = [observed_metrics(o) or c.inputs.selection.agg(*measures).first() for o, c in zip(observed, ctxs)]
+    return Fetched(plans=plans, facts=facts, counts=counts)
 
 
-def _fetch_facts(fetched: pa.Table, bits: int) -> FetchFacts:
-    """Tallies per bucket, the bad examples and the tasks' figures, from the
-    fetch tasks' rows."""
-    buckets = pc.list_flatten(fetched.column("buckets")).to_numpy(zero_copy_only=False)
-    counts = pc.list_flatten(fetched.column("counts")).to_numpy(zero_copy_only=False)
-    bad = sorted(zip(pc.list_flatten(fetched.column("bad_keys")).to_pylist(),
-                     pc.list_flatten(fetched.column("bad_reasons")).to_pylist(),
-                     pc.list_flatten(fetched.column("bad_copies")).to_pylist()))
+def _fetch_facts(task_rows: pa.Table, per_bucket: np.ndarray, target: int, targets: int) -> FetchFacts:
+    """One target's tallies per bucket, bad examples and the tasks' figures,
+    from the fetch tasks' rows."""
+    mine = pc.equal(pc.list_flatten(task_rows.column("bad_targets")), target).to_numpy(zero_copy_only=False)
+    bad = sorted(zip(*(np.asarray(pc.list_flatten(task_rows.column(c)).to_pylist(), object)[mine].tolist()
+                       for c in ("bad_keys", "bad_reasons", "bad_copies"))))
     reencoded = np.zeros(3, np.int64)
-    for r in fetched.column("reencoded").to_pylist():
-        reencoded += np.asarray(r, np.int64)
-    return FetchFacts(starts=bucket_starts(buckets, counts, bits), bad=bad, reencoded=reencoded,
-                      spilled=int(pc.sum(fetched.column("task_spilled")).as_py() or 0),
-                      fetch_rss=fetched.column("task_rss").to_pylist(),
-                      rows_paths=fetched.column("rows_path").to_pylist())
+    for r in task_rows.column("reencoded").to_pylist():
+        reencoded += np.asarray(r, np.int64).reshape(targets, 3)[target]
+    if targets == 1:
+        spilled = int(pc.sum(task_rows.column("task_spilled")).as_py() or 0)
+    else:
+        spilled = int(sum(r[target] for r in task_rows.column("target_bytes").to_pylist()))
+    return FetchFacts(starts=np.concatenate([[0], np.cumsum(per_bucket)]).astype(np.int64), bad=bad,
+                      reencoded=reencoded, spilled=spilled, fetch_rss=task_rows.column("task_rss").to_pylist(),
+                      rows_paths=task_rows.column("rows_path").to_pylist(),
+                      index_read={"images": int(pc.sum(task_rows.column("read_images")).as_py() or 0),
+                                  "bytes": int(pc.sum(task_rows.column("read_bytes")).as_py() or 0)})
 
 
 def _check_fetched(ctx: ShardContext, facts: FetchFacts, counts) -> Tally:
@@ -236,12 +295,12 @@ def _write(ctx: ShardContext, plan: PassPlan, work: str, facts: FetchFacts, tota
     writers = math.ceil(total / per_writer)
     first, last = bucket_writers(facts.starts, per_writer)
     route = RouteTask(bits=plan.bits, first=first, last=last, keys=np.asarray(partition_keys(writers), np.int64),
-                      storage=sio.storage_config())
+                      storage=sio.storage_config(), target=plan.target)
     # Release written images' spill pages where the spill is local and no
     # other attempt of a writer can still read it: local mode (a failed
     # attempt has stopped; on a cluster one on a lost executor may still run)
-    # without speculative attempts.
-    release = (sc.master.startswith("local") and sio.is_local(plan.spill_dir)
+    # without speculative attempts; one target (several share the spill's images).
+    release = (plan.release and sc.master.startswith("local") and sio.is_local(plan.spill_dir)
                and sc.getConf().get("spark.speculation", "false").lower() != "true")
     task = WriteTask(output=work, prefix=job.prefix, samples_per_shard=job.samples_per_shard, total=total,
                      per_writer=per_writer, starts=facts.starts, bits=plan.bits, storage=sio.storage_config(),

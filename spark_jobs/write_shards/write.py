@@ -47,13 +47,15 @@ class RouteTask:
     """What every routing task is given: the fetch tasks' rows files are read
     and each row sent to the writers that need its bucket (``first[b] ..
     last[b]`` for bucket ``b``; none where ``first > last``); ``keys[w]``
-    sends a row to writer ``w``'s partition (``placement.partition_keys``)."""
+    sends a row to writer ``w``'s partition (``placement.partition_keys``);
+    only the rows of ``target`` are routed (a fetch pass may serve several)."""
 
     bits: int
     first: np.ndarray
     last: np.ndarray
     keys: np.ndarray
     storage: dict
+    target: int = 0
 
 
 def route_partition(task: RouteTask):
@@ -70,6 +72,8 @@ def route_partition(task: RouteTask):
                     reader = pa.ipc.open_file(fh)
                     for i in range(reader.num_record_batches):
                         rows = reader.get_batch(i)
+                        mine = pc.equal(rows.column("target"), task.target)
+                        rows = (rows if pc.all(mine).as_py() else rows.filter(mine)).drop_columns(["target"])
                         if not rows.num_rows:
                             continue
                         b = bucket_of(rows.column("h").to_numpy(), task.bits)

@@ -69,3 +69,18 @@ def free_ports(n: int) -> list:
     finally:
         for s in sockets:
             s.close()
+
+
+def random_generalist(path: str, labels_path: str) -> str:
+    """A randomly initialised (seed 0) small generalist over the vocabulary
+    at ``labels_path``, saved at ``path``."""
+    import torch
+
+    from trainer.models import build_model, save_generalist
+    from trainer.transforms import PreprocessSpec
+
+    vocab = sio.read_parquet(labels_path)
+    torch.manual_seed(0)
+    save_generalist(path, build_model("small", vocab.num_rows), "small", vocab.column("label_id").to_pylist(),
+                    PreprocessSpec(32), vocab)
+    return path

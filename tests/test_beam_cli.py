@@ -16,16 +16,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from beam_pipelines import importance_weights as IW
 from beam_pipelines import near_duplicates as ND
 from beam_pipelines.execution import error_line, in_process_runner, pipeline_options
 from schemas import io as sio
 from schemas.targets import list_target
-from tests.helpers import run_module
-from trainer.models import build_model, save_generalist
-from trainer.transforms import PreprocessSpec
+from tests.helpers import random_generalist, run_module
 
 STAGES = {"importance_weights": IW, "near_duplicates": ND}
 
@@ -33,12 +30,7 @@ STAGES = {"importance_weights": IW, "near_duplicates": ND}
 @pytest.fixture(scope="module")
 def generalist(tmp_path_factory, source_data):
     """A randomly initialised small generalist over the source vocabulary."""
-    path = str(tmp_path_factory.mktemp("model") / "generalist.pt")
-    vocab = sio.read_parquet(source_data.labels_path)
-    torch.manual_seed(0)
-    save_generalist(path, build_model("small", vocab.num_rows), "small", vocab.column("label_id").to_pylist(),
-                    PreprocessSpec(32), vocab)
-    return path
+    return random_generalist(str(tmp_path_factory.mktemp("model") / "generalist.pt"), source_data.labels_path)
 
 
 @pytest.fixture(scope="module")

@@ -12,18 +12,15 @@ import shutil
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from adaptive_transfer import stages
 from adaptive_transfer.synthetic import TargetSpec, generate_target
 from beam_pipelines import importance_weights as IW
 from beam_pipelines import near_duplicates as ND
 from beam_pipelines.many_targets import target_groups
-from schemas import io as sio
 from schemas.stage_output import SUCCESS
 from schemas.targets import list_target
-from trainer.models import build_model, save_generalist
-from trainer.transforms import PreprocessSpec
+from tests.helpers import random_generalist
 
 BEAM = ["--runner", "DirectRunner"]
 #: The files each stage writes whose bytes depend on nothing but the result
@@ -36,12 +33,7 @@ SAME_BYTES = {"importance_weights": ("label_counts.parquet", "target_histogram.p
 @pytest.fixture(scope="module")
 def generalist(tmp_path_factory, source_data):
     """A randomly initialised small generalist over the source vocabulary."""
-    path = str(tmp_path_factory.mktemp("model") / "generalist.pt")
-    vocab = sio.read_parquet(source_data.labels_path)
-    torch.manual_seed(0)
-    save_generalist(path, build_model("small", vocab.num_rows), "small", vocab.column("label_id").to_pylist(),
-                    PreprocessSpec(32), vocab)
-    return path
+    return random_generalist(str(tmp_path_factory.mktemp("model") / "generalist.pt"), source_data.labels_path)
 
 
 def small_target(root, name: str, branch: str, layout: str, seed: int):

@@ -65,18 +65,24 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m spark_jobs.write_shards",
                        description="Write WebDataset shards from a resampler selection.")
     p.add_argument("--selection", required=True, help="resampler output dir or its selection/ dir")
-    p.add_argument("--index", required=True, help="the source index the resampler read")
     p.add_argument("--output", required=True)
+    add_shard_arguments(p, "a complete output", "fail")
+    return p
+
+
+def add_shard_arguments(p: ArgumentParser, redone: str, fails: str) -> None:
+    """The options one target's and many targets' shard writers share:
+    ``redone`` says what ``--overwrite`` redoes, ``fails`` who fails on bad images."""
+    p.add_argument("--index", required=True, help="the source index the resampler read")
     p.add_argument("--samples-per-shard", type=int, default=10000)
     p.add_argument("--prefix", default="shard")
     p.add_argument("--seed", type=int, default=0, help="placement of copies across shards")
-    p.add_argument("--overwrite", action="store_true", help="redo a complete output")
+    p.add_argument("--overwrite", action="store_true", help=f"redo {redone}")
     p.add_argument("--max-bad-fraction", type=float, default=0.001,
-                   help="fail when more selected examples than this have no usable image")
+                   help=f"{fails} when more selected examples than this have no usable image")
     _add_spill_arguments(p)
     _add_image_arguments(p)
     add_spark_arguments(p)
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -34,8 +34,8 @@ from schemas import io as sio
 from schemas.cli import ArgumentParser
 from schemas.stage_output import StageOutput
 
-from ..session import StageTimer, add_spark_arguments, require_reachable_outputs, run_cli
-from .cli import _add_image_arguments, _add_spill_arguments
+from ..session import StageTimer, require_reachable_outputs, run_cli
+from .cli import add_shard_arguments
 from .context import ShardContext
 from .job import STAGE, ShardJob, check_inputs
 from .manifest import write_manifest
@@ -248,17 +248,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--selection", action="append", required=True,
                    help="one per --target, in the same order (a resampler output dir or its selection/), "
                         "or one directory holding NAME/ for every --target")
-    p.add_argument("--index", required=True, help="the source index the resampler read")
     p.add_argument("--output", required=True, help="the root: target NAME's shards go to OUTPUT/NAME")
-    p.add_argument("--samples-per-shard", type=int, default=10000)
-    p.add_argument("--prefix", default="shard")
-    p.add_argument("--seed", type=int, default=0, help="placement of copies across shards")
-    p.add_argument("--overwrite", action="store_true", help="redo complete outputs")
-    p.add_argument("--max-bad-fraction", type=float, default=0.001,
-                   help="a target fails when more of its selected examples than this have no usable image")
-    _add_spill_arguments(p)
-    _add_image_arguments(p)
-    add_spark_arguments(p)
+    add_shard_arguments(p, "complete outputs", "a target fails")
     return p
 
 

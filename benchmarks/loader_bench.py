@@ -57,9 +57,6 @@ import io
 import json
 import math
 import os
-import re
-import subprocess
-import sys
 import tarfile
 import time
 

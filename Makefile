@@ -27,8 +27,9 @@
 #                        the versions `make install` installs (pip -c): pip resolves nothing,
 #                        so it never backtracks. LOCK= resolves setup.py's ranges afresh (e.g.
 #                        with a TORCH= whose own pins differ from the lock's).
-#   PYTEST_ARGS=         extra arguments for pytest (e.g. -k resample -x; -n 2: both cores,
-#                        pytest-xdist)
+#   PYTEST_ARGS=         extra arguments for pytest (e.g. -k resample -x)
+#   TEST_WORKERS=2       make test's pytest-xdist workers (most tests wait on a JVM or a
+#                        subprocess; 0 runs them in this process, one at a time)
 #
 #   make resample TARGET=food101 SIZE=80M [SOURCE=jft MATCHER=same|elastic
 #        DRAW=multinomial|systematic SEED=0 RUNNER=DirectRunner SPARK_MASTER=local[*]
@@ -110,8 +111,10 @@ lock:
 	$(LOCK_DIR)/venv/bin/python scripts/lock.py $(LOCK_DIR)/report.json $(LOCK_DIR)/freeze.txt $(LOCK)
 	rm -rf $(LOCK_DIR)
 
+TEST_WORKERS ?= 2
+
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS)) $(PYTEST_ARGS)
 
 test-cluster: install
 	ADAPTIVE_TRANSFER_CLUSTER_TESTS=1 $(BIN)/python -m pytest $(wildcard tests/test_cluster*.py) $(PYTEST_ARGS)

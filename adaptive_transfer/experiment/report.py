@@ -304,8 +304,20 @@ def write_report(out_dir: str, records: Sequence[dict], meta: dict) -> dict:
         fh.write(sio.json_text(results, indent=1))
     os.replace(tmp, os.path.join(out_dir, "results.json"))
     plots = _plots(summary, out_dir)
+    lines = _header_lines(meta) + _dedup_lines(meta) + _generalist_lines(meta, targets)
+    lines += _arm_lines(summary, targets) + _paired_lines(summary, targets) + _hypothesis_lines(summary)
+    lines += _figure3_lines(summary) + _claim_lines(summary, targets)
+    lines += ["", "Plots: " + ", ".join(f"[{p}]({p})" for p in plots) + ". Every per-seed number is in "
+              "`results.json` (`runs`); `summary` is recomputed from them by "
+              "`adaptive_transfer.experiment.report.summarize_results`.", ""]
+    with open(os.path.join(out_dir, "report.md"), "w") as fh:
+        fh.write("\n".join(lines))
+    return summary
+
+
+def _header_lines(meta: dict) -> list[str]:
+    """The title, the run's provenance and its setup."""
     cfg = meta["config"]
-    names = dict(ARMS)
     seeds = cfg["seeds"]
     target_list = ", ".join(f"`{t['name']}` ({t['analogue']}; branch {t['branch']})" for t in cfg["targets"])
     world = cfg["world"]["kind"]
@@ -330,8 +342,12 @@ def write_report(out_dir: str, records: Sequence[dict], meta: dict) -> dict:
         "- Intervals: 95% Student-t over units. Paired differences are per unit (same seed, draw and target).",
         f"- Pre-registered tests: paired t-tests, Holm over the whole family at {ALPHA}; \"competitive\" = "
         f"adaptive - hand-picked significantly above -{MARGIN:g} point.", ""]
-    lines += _dedup_lines(meta)
-    lines += ["## The generalist's P_t", "",
+    return lines
+
+
+def _generalist_lines(meta: dict, targets: Sequence[str]) -> list[str]:
+    """The generalist's P_t per draw and target."""
+    lines = ["## The generalist's P_t", "",
               "| Draw | Target | Entropy (bits) | Uniform (bits) | Mass on the target's true leaves | Top labels |",
               "|---:|---|---:|---:|---:|---|"]
     for draw, per_target in _by_draw(meta["generalist"], targets).items():
@@ -340,7 +356,13 @@ def write_report(out_dir: str, records: Sequence[dict], meta: dict) -> dict:
             top = ", ".join(f"{n} {p:.2f}" for n, p in g["top_labels"])
             lines.append(f"| {draw} | {t} | {g['entropy_bits']:.2f} | {g['uniform_entropy_bits']:.2f} | "
                          f"{g['mass_on_target_leaves']:.2f} ({g['target_leaves']} leaves) | {top} |")
-    lines += ["", "## Target top-1 (%) by pre-training set: mean ± std over seeds", "",
+    return lines
+
+
+def _arm_lines(summary: dict, targets: Sequence[str]) -> list[str]:
+    """Top-1 by pre-training set, and each target's arms."""
+    names = dict(ARMS)
+    lines = ["", "## Target top-1 (%) by pre-training set: mean ± std over seeds", "",
               "| Pre-training set | " + " | ".join(targets) + " |", "|---|" + "---:|" * len(targets)]
     for arm, _ in ARMS:
         cells = [_fmt_summary(summary["arms"][t][arm]["top1"]) if arm in summary["arms"][t] else "—"
@@ -361,7 +383,12 @@ def write_report(out_dir: str, records: Sequence[dict], meta: dict) -> dict:
             continue
         lines.append(f"\n{a0['test_images']:,} test images: the test set's binomial noise alone is about "
                      f"±{a0['binomial_sd']:.2f} points at {a0['top1']['mean']:.0f}%.")
-    lines += ["", "## Paired differences (points of top-1): mean [95% interval] (seeds where the first is ahead)",
+    return lines
+
+
+def _paired_lines(summary: dict, targets: Sequence[str]) -> list[str]:
+    """The paired differences table."""
+    lines = ["", "## Paired differences (points of top-1): mean [95% interval] (seeds where the first is ahead)",
               "", "| Difference | " + " | ".join(targets) + " |", "|---|" + "---:|" * len(targets)]
     for name, _, _ in COMPARISONS:
         cells = []
@@ -369,6 +396,12 @@ def write_report(out_dir: str, records: Sequence[dict], meta: dict) -> dict:
             d = summary["paired"][t].get(name)
             cells.append("—" if d is None else f"{d['mean']:+.1f} {_fmt_ci(d)} ({d['wins']}/{d['n']})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _hypothesis_lines(summary: dict) -> list[str]:
+    """The hypotheses' variants of the arms, per target."""
+    lines: list[str] = []
     for t, rows in summary.get("hypotheses", {}).items():
         lines += ["", f"## Hypotheses ({t}): variants of the arms", "",
                   "| Arm (variant) | Top-1 | Unique | Max copies | On the target's leaves | minus adaptive | "
@@ -386,6 +419,12 @@ def write_report(out_dir: str, records: Sequence[dict], meta: dict) -> dict:
                      for arm in ("adaptive", "hand-picked")]
             lines.append(f"| {name} | {_fmt_summary(h['top1'])} | {h['unique_examples']:,.0f} | {h['max_copies']} | "
                          f"{share} | {minus[0]} | {minus[1]} |")
+    return lines
+
+
+def _figure3_lines(summary: dict) -> list[str]:
+    """Figure 3: same vs elastic matcher by size."""
+    lines: list[str] = []
     for t, curves in summary["figure3"].items():
         lines += ["", f"## Figure 3: same vs elastic matcher by size (target {t})", "",
                   "| Size | Same: top-1 | Same: unique | Elastic: top-1 | Elastic: unique |",
@@ -397,7 +436,12 @@ def write_report(out_dir: str, records: Sequence[dict], meta: dict) -> dict:
                 c = curves.get(arm, {}).get(size)
                 row += ["—", "—"] if c is None else [_fmt_summary(c["top1"]), f"{c['unique_examples']:,.0f}"]
             lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "## The claims, what would falsify them, and whether they held", "",
+    return lines
+
+
+def _claim_lines(summary: dict, targets: Sequence[str]) -> list[str]:
+    """The claims, their falsifiers and verdicts, the pre-registered tests and the replication over draws."""
+    lines = ["", "## The claims, what would falsify them, and whether they held", "",
               "Interval rule (the generated run's): as stated per claim. Pre-registered rule: the tests below, "
               "Holm-adjusted.", ""]
     for c in summary["claims"]:
@@ -419,9 +463,4 @@ def write_report(out_dir: str, records: Sequence[dict], meta: dict) -> dict:
                 cells = [("—" if paired[t].get(name) is None else
                           f"{paired[t][name]['mean']:+.1f} {_fmt_ci(paired[t][name])}") for t in targets]
                 lines.append(f"| {draw} | {name} | " + " | ".join(cells) + " |")
-    lines += ["", "Plots: " + ", ".join(f"[{p}]({p})" for p in plots) + ". Every per-seed number is in "
-              "`results.json` (`runs`); `summary` is recomputed from them by "
-              "`adaptive_transfer.experiment.report.summarize_results`.", ""]
-    with open(os.path.join(out_dir, "report.md"), "w") as fh:
-        fh.write("\n".join(lines))
-    return summary
+    return lines

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -410,3 +412,30 @@ def test_sets_are_built_in_the_preregistered_priority():
     ranks = [first_arm.get(s, 99) for s in order]
     assert ranks == sorted(ranks) and order[0].name == "entire"
     assert order[-1].leaves_of is not None or any(r.figure3 for r in runs if r.init == order[-1])
+
+
+def _same_numbers(stored, recomputed, path="summary") -> list[str]:
+    """Where ``recomputed`` differs from ``stored`` (every key ``stored``
+    holds; floats to 1e-9)."""
+    if isinstance(stored, dict):
+        if not isinstance(recomputed, dict):
+            return [path]
+        return [d for k in stored for d in _same_numbers(stored[k], recomputed.get(k), f"{path}/{k}")]
+    if isinstance(stored, list):
+        if not isinstance(recomputed, list) or len(stored) != len(recomputed):
+            return [path]
+        return [d for i, (a, b) in enumerate(zip(stored, recomputed)) for d in _same_numbers(a, b, f"{path}[{i}]")]
+    if isinstance(stored, float) and isinstance(recomputed, (int, float)):
+        return [] if math.isclose(stored, recomputed, rel_tol=1e-9, abs_tol=1e-9) else [path]
+    return [] if stored == recomputed else [path]
+
+
+@pytest.mark.parametrize("run", sorted(p.name for p in (Path(ROOT) / "docs" / "experiments").iterdir()
+                                       if (p / "results.json").exists()))
+def test_a_committed_runs_summary_recomputes_from_its_per_unit_runs(run):
+    """The figures in docs come from committed data: each committed run's
+    summary is what summarize_results makes of its per-unit records."""
+    results = json.loads((Path(ROOT) / "docs" / "experiments" / run / "results.json").read_text())
+    targets = [t["name"] for t in results["config"]["targets"]]
+    recomputed = json.loads(json.dumps(summarize_results(results["runs"], targets)))
+    assert results["runs"] and _same_numbers(results["summary"], recomputed) == []

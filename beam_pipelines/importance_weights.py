@@ -65,7 +65,6 @@ from typing import Any, Sequence
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from schemas import SchemaError, read_metadata, validate_histogram, validate_vocabulary
@@ -75,10 +74,10 @@ from schemas.fingerprint import code_digest, digest
 from schemas.stage_output import MARKER, SUCCESS, StageOutput, require_finished_input
 from schemas.targets import list_target
 
-from .execution import DATA_ERRORS, counters, error_line, pipeline_options, run_pipeline
+from .execution import DATA_ERRORS, counters, error_line, run_pipeline
 from .label_counts import CountSourceLabels, match_files
 from .many_targets import OutputSpec, PerTargetFlag, TargetsRun, failure_note, report, run_outputs, target_groups
-from .target_histogram import KeyedTargetHistogram, inference_settings
+from .target_histogram import KeyedTargetHistogram, inference_settings, stage_options
 from .unreadable import FirstUnreadable, Unreadable
 from .weights_outputs import Measured, WeightsConfig, write_outputs
 
@@ -444,15 +443,6 @@ def build_pipeline(p: beam.Pipeline, plan: WeightsPlan, work: str) -> None:
     build_targets_pipeline(p, [plan], [work])
 
 
-def _options(pipeline_args: Sequence[str] | PipelineOptions) -> PipelineOptions:
-    options = pipeline_options(pipeline_args)
-    inference_settings(options)  # bad inference options fail before the output is touched
-    # The inputs are listed through Beam's filesystems before the pipeline exists:
-    # their options (--s3_endpoint_url, credentials, GCP project) apply from here.
-    FileSystems.set_options(options)
-    return options
-
-
 def _build(options: PipelineOptions, plans: Sequence[WeightsPlan]):
     """``build(works)`` for :func:`~beam_pipelines.many_targets.run_outputs`: one pipeline for the targets to build."""
     def build(works: dict[int, str]) -> dict[str, int]:
@@ -470,7 +460,7 @@ def run(job: WeightsJob, pipeline_args: Sequence[str] | PipelineOptions = ()) ->
     no work done). Every input is checked before the output is touched; the
     outputs are built aside and committed whole (``schemas.stage_output``)."""
     output = StageOutput(job.output, STAGE)
-    options = _options(pipeline_args)
+    options = stage_options(pipeline_args)
     plan = check_inputs(job)
     spec = OutputSpec(job.target_name, output, plan.fingerprint(), job.overwrite)
     (outcome,) = run_outputs([spec], _build(options, [plan]), catch=()).outcomes
@@ -489,7 +479,7 @@ def run_targets(job: MultiWeightsJob, pipeline_args: Sequence[str] | PipelineOpt
     (index, vocabulary, generalist, settings) raises before any output is
     touched. Returns each target's outcome (summary, reused, error) in the
     order given, and the pipeline's counters."""
-    options = _options(pipeline_args)
+    options = stage_options(pipeline_args)
     job.check()
     plans = check_targets(job)
     specs = [OutputSpec(j.target_name, StageOutput(j.output, STAGE), plan.fingerprint(), j.overwrite)

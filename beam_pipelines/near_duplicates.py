@@ -84,14 +84,14 @@ from schemas.stage_output import MARKER, SUCCESS, StageOutput
 from schemas.targets import list_target
 
 from .embeddings import STORE_FORMAT_VERSION, EmbedSource, EmbedTarget, ReadStore, WriteStore, concat_rows, open_store
-from .execution import DATA_ERRORS, counters, error_line, pipeline_options, run_pipeline
+from .execution import DATA_ERRORS, counters, error_line, run_pipeline
 from .label_counts import LabelCounts, SumLabelCounts, match_files
 from .matching import EXCLUDE_SCHEMA, NEAR_PAIRS, BestMatch, Matches, candidates, exclusion_table
 from .many_targets import OutputSpec, PerTargetFlag, TargetsRun, failure_note, read_failure, report, run_outputs, \
     target_groups
 from .near_duplicates_outputs import EXCLUDE_PARTS, DedupConfig, DedupMeasured, describe_store, write_outputs
 from .similarity import HISTOGRAM_BINS, similarity_histogram
-from .target_histogram import inference_settings
+from .target_histogram import inference_settings, stage_options
 from .unreadable import CountUnreadable
 
 __all__ = ["STAGE", "DEFAULT_THRESHOLD", "DEFAULT_GRID", "COMPARE_ROWS", "OUTPUT_FILES", "EXCLUDE_SCHEMA",
@@ -546,13 +546,6 @@ def build_pipeline(p: beam.Pipeline, plan: DedupPlan, work: str, store_work: str
     build_targets_pipeline(p, [plan], [work], store_work)
 
 
-def _options(pipeline_args: Sequence[str] | PipelineOptions) -> PipelineOptions:
-    options = pipeline_options(pipeline_args)
-    inference_settings(options)  # bad inference options fail before the output is touched
-    FileSystems.set_options(options)
-    return options
-
-
 def _build(options: PipelineOptions, plans: Sequence[DedupPlan]):
     """``build(works)`` for :func:`~beam_pipelines.many_targets.run_outputs`:
     one pipeline for the targets to build. A store to write is built beside
@@ -585,7 +578,7 @@ def run(job: NearDuplicatesJob, pipeline_args: Sequence[str] | PipelineOptions =
     no work done). Every input, the embeddings store included, is checked
     before an output is touched; both outputs are built aside and committed
     whole, the store first (good on its own); a failure aborts both."""
-    options = _options(pipeline_args)
+    options = stage_options(pipeline_args)
     plan = check_inputs(job)
     spec = OutputSpec(job.target_name, StageOutput(job.output, STAGE), plan.fingerprint(), job.overwrite)
     (outcome,) = run_outputs([spec], _build(options, [plan]), catch=()).outcomes
@@ -606,7 +599,7 @@ def run_targets(job: MultiNearDuplicatesJob, pipeline_args: Sequence[str] | Pipe
     vocabulary, generalist, store, settings) raises before any output is
     touched. Returns each target's outcome in the order given, and the
     pipeline's counters."""
-    options = _options(pipeline_args)
+    options = stage_options(pipeline_args)
     plans = check_targets(job)
     specs = [OutputSpec(j.target_name, StageOutput(j.output, STAGE), plan.fingerprint(), j.overwrite)
              if isinstance(plan, DedupPlan) else OutputSpec(j.target_name, StageOutput(j.output, STAGE), error=plan)

@@ -120,6 +120,19 @@ def inference_settings(options: PipelineOptions) -> dict:
             "model_copies": view.model_copies}
 
 
+def stage_options(pipeline_args: "Sequence[str] | PipelineOptions") -> PipelineOptions:
+    """Beam's options for a stage's run: parsed (:func:`~beam_pipelines.execution.pipeline_options`),
+    the inference options checked before any output is touched, and set on
+    Beam's filesystems, through which the inputs are listed before the
+    pipeline exists (``--s3_endpoint_url``, credentials, GCP project)."""
+    from .execution import pipeline_options
+
+    options = pipeline_options(pipeline_args)
+    inference_settings(options)
+    FileSystems.set_options(options)
+    return options
+
+
 class GeneralistModelHandler(PytorchModelHandlerTensor):
     """PyTorch handler whose loader is :func:`trainer.models.load_generalist`
     (``weights_only=True``): the model is built on the worker from the

@@ -4,7 +4,10 @@
 daemon thread that reads ``sc.statusTracker()`` (the active stages' completed
 and total tasks) every ``poll`` seconds and prints one line when
 :class:`schemas.progress.Throttle` says one is due (every
-``ADAPTIVE_TRANSFER_PROGRESS`` seconds, default 30, or on a change of stage)::
+``ADAPTIVE_TRANSFER_PROGRESS`` seconds, default 30, or on a change of stage)
+for the stages that have run at least a sixth of the interval (5 s by
+default: a stage over sooner prints nothing of its own, the closing line
+counts it)::
 
     resample: stage 12 (parquet at job.py:201): 340/1200 tasks (28%), 5.2 tasks/s, ETA 2m45s
 
@@ -48,6 +51,7 @@ class SparkProgress:
     interval: float
     poll: float
     stream: TextIO = sys.stderr
+    grace: float | None = None
     stages: dict[int, StageProgress] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _t0: float = field(default_factory=time.monotonic)
@@ -69,14 +73,21 @@ class SparkProgress:
         return progress_line(f"{self.label}: stage {stage.stage_id} ({stage.name})", stage.done,
                              stage.total, now - stage.first_seen, "tasks")
 
+    def worth_a_line(self, active: list[StageProgress], now: float) -> list[StageProgress]:
+        """The active stages that have run at least ``grace`` seconds (default a
+        sixth of the interval): a stage that ends sooner gets no line of its own."""
+        grace = self.interval / 6 if self.grace is None else self.grace
+        return [s for s in active if now - s.first_seen >= grace]
+
     def run(self) -> None:
         throttle = Throttle(self.interval)
         while not self._stop.wait(self.poll):
             try:
-                active = self.snapshot()
+                snapshot = self.snapshot()
             except Exception:  # noqa: BLE001 - the context stopped under us: progress is not the job
                 return
             now = time.monotonic()
+            active = self.worth_a_line(snapshot, now)
             if active and throttle.due(now, tuple(s.stage_id for s in active)):
                 for stage in active:
                     print(self.line(stage, now), file=self.stream, flush=True)

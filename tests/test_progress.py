@@ -66,6 +66,21 @@ def test_a_spark_job_prints_progress_lines(spark, capsys):
     assert captured.out == ""  # stderr only
 
 
+def test_stages_shorter_than_the_grace_print_only_the_closing_line(spark, capsys):
+    """No "0/N tasks, ETA ?" line for each stage that is over in a moment: a
+    stage gets a line once it has run a sixth of the interval (here 10 s)."""
+    from spark_jobs.progress import spark_progress
+
+    import time
+
+    with spark_progress(spark, "brief", interval=60.0) as poller:  # polls every second
+        spark.sparkContext.parallelize(range(2), 2).map(lambda x: time.sleep(2.5) or x).count()
+    lines = capsys.readouterr().err.splitlines()
+    assert poller.stages and poller.grace is None
+    assert not [ln for ln in lines if ln.startswith("brief: stage ")], lines
+    assert lines and lines[-1].startswith("brief: Spark ran "), lines
+
+
 def test_spark_progress_is_silent_with_the_interval_zero(spark, capsys):
     from spark_jobs.progress import spark_progress
 

@@ -22,7 +22,6 @@ Nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import shutil
 import threading
@@ -32,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from benchmarks.shards_scale import jpeg_pool
 from schemas import io as sio
 
 TARGETS = 8
@@ -39,14 +39,8 @@ TARGETS = 8
 
 def make_inputs(work: str, examples: int, files: int, share: float, seed: int = 0) -> tuple[str, list]:
     """The index and ``TARGETS`` selections (bare Parquet directories)."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
-    pool = []
-    for _ in range(512):  # distinct small JPEGs, reused across keys
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
-        pool.append(buf.getvalue())
+    pool = jpeg_pool(rng, 512, 40)
     index = os.path.join(work, "index")
     shutil.rmtree(index, ignore_errors=True)
     os.makedirs(index)

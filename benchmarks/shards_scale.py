@@ -50,17 +50,24 @@ WRITERS_PER_SCALE = 13
 LABELS = 50
 
 
+def jpeg_pool(rng: np.random.Generator, count: int, side: int) -> list[bytes]:
+    """``count`` distinct small JPEGs of random ``side`` x ``side`` RGB pixels
+    (quality 90), for a benchmark index to reuse across its keys."""
+    from PIL import Image
+
+    pool = []
+    for _ in range(count):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+        pool.append(buf.getvalue())
+    return pool
+
+
 def make_inputs(work: str, scale: int, samples_per_shard: int, seed: int = 0) -> tuple[str, str, int]:
     """An index of ``64 * scale`` files and a selection of ``13 * scale *
     samples_per_shard`` copies (1 or 2 per example, labels Zipf-like over 50)."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
-    pool = []
-    for i in range(256):  # distinct small JPEGs, reused across keys
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
-        pool.append(buf.getvalue())
+    pool = jpeg_pool(rng, 256, 28)
     files = FETCH_PER_SCALE * scale
     copies_total = WRITERS_PER_SCALE * scale * samples_per_shard
     copies = np.where(np.arange(copies_total) % 3 == 0, 2, 1)

@@ -103,14 +103,18 @@ class Throttle:
     _last: float | None = None
     _key: object = None
 
+    @property
+    def gap(self) -> float:
+        """Seconds a change must wait after the last line (``min_gap``, or a sixth of the interval)."""
+        return self.interval / 6 if self.min_gap is None else self.min_gap
+
     def due(self, now: float, key: object = None) -> bool:
         """Whether a line is due at ``now`` (seconds, any monotonic clock); a
         ``True`` answer counts as the line printed."""
         if self.interval <= 0:
             return False
-        gap = self.interval / 6 if self.min_gap is None else self.min_gap
         since = None if self._last is None else now - self._last
-        if since is None or since >= self.interval or (key != self._key and since >= gap):
+        if since is None or since >= self.interval or (key != self._key and since >= self.gap):
             self._last, self._key = now, key
             return True
         return False

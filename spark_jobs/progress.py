@@ -73,10 +73,11 @@ class SparkProgress:
         return progress_line(f"{self.label}: stage {stage.stage_id} ({stage.name})", stage.done,
                              stage.total, now - stage.first_seen, "tasks")
 
-    def worth_a_line(self, active: list[StageProgress], now: float) -> list[StageProgress]:
-        """The active stages that have run at least ``grace`` seconds (default a
-        sixth of the interval): a stage that ends sooner gets no line of its own."""
-        grace = self.interval / 6 if self.grace is None else self.grace
+    def worth_a_line(self, active: list[StageProgress], now: float, throttle: Throttle) -> list[StageProgress]:
+        """The active stages that have run at least ``grace`` seconds (default the
+        throttle's gap, a sixth of the interval): a stage that ends sooner gets
+        no line of its own."""
+        grace = throttle.gap if self.grace is None else self.grace
         return [s for s in active if now - s.first_seen >= grace]
 
     def run(self) -> None:
@@ -87,7 +88,7 @@ class SparkProgress:
             except Exception:  # noqa: BLE001 - the context stopped under us: progress is not the job
                 return
             now = time.monotonic()
-            active = self.worth_a_line(snapshot, now)
+            active = self.worth_a_line(snapshot, now, throttle)
             if active and throttle.due(now, tuple(s.stage_id for s in active)):
                 for stage in active:
                     print(self.line(stage, now), file=self.stream, flush=True)
